@@ -1,0 +1,14 @@
+"""flexbatch: high-throughput batch generation with LLMs on hardware that cannot hold them."""
+from .config import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name):
+    # Importing the API pulls in torch and transformers; do it only when asked.
+    if name == "LLM":
+        from .api import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,181 @@
+"""The public entry point: `LLM` loads a model and generates or scores batches of prompts.
+
+    from flexbatch import LLM, SamplingParams
+    llm = LLM()                                  # the default model (SmolLM2-135M-Instruct)
+    outs = llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=16))
+    print(outs[0].text)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import SamplingParams, parse_dtype
+from .default_model import default_model_path
+from .engine.generation import Completion, Request, generate_batch
+from .engine.runner import InMemoryRunner
+from .errors import ConfigError
+from .hardware import default_dtype, pick_device
+from .models import get_family
+from .progress import TokenProgress
+from .weights import load_weights, open_model
+
+Prompt = str | Sequence[int]
+Message = dict  # {"role": ..., "content": ...}
+
+
+@dataclass
+class RequestOutput:
+    """One request's result. `token_ids` include a final EOS/stop token if one ended it;
+    `text` excludes special tokens and anything from a stop string on."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class ScoreOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # log p(token_i | tokens before it), for i = 1 .. n-1
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+
+class LLM:
+    """A model loaded for batch generation.
+
+    model: a Hugging Face folder, a .gguf file, a folder written by `flexbatch convert`, or
+    None for the default model. dtype: "auto" (bf16 where the CPU or GPU runs it fast, else
+    fp32), "float32", "bfloat16" or "float16". batch_size: sequences generated together.
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
+                 device: str = "auto", batch_size: int = 32):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        opened = open_model(default_model_path() if model is None else model)
+        self.model_path = opened.path
+        self.config = opened.config
+        self.family = get_family(self.config)
+        self.device = pick_device(device)
+        self.dtype = parse_dtype(dtype) or default_dtype(self.device)
+        self.batch_size = batch_size
+        self.tokenizer = opened.load_tokenizer()
+        weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
+        self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
+        self.eos_ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.pad_id = next((i for i in (self.config.pad_token_id, *sorted(self.eos_ids)) if i is not None), 0)
+
+    # ---- inputs -------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.model_path} has no tokenizer files; pass token ids instead of text.")
+        return self.tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self._require_tokenizer()(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def apply_chat_template(self, messages: list[Message]) -> str:
+        tok = self._require_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError(f"the tokenizer of {self.model_path} has no chat template; send plain prompts.")
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        limit = self.config.max_position_embeddings
+        if num_prompt_tokens + params.max_new_tokens > limit:
+            raise ConfigError(
+                f"prompt of {num_prompt_tokens} tokens + max_new_tokens {params.max_new_tokens} exceeds "
+                f"the model's context of {limit} tokens; shorten the prompt or lower max_new_tokens."
+            )
+        if num_prompt_tokens == 0:
+            raise ConfigError("empty prompt: a prompt needs at least one token.")
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids). `params` is one for all or one each."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompt_ids = [self.encode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        return self.generate_ids(prompt_ids, params, progress=progress, prompt_texts=texts)
+
+    def chat(self, conversations: list[Message] | Sequence[list[Message]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             progress: bool = False) -> list[RequestOutput]:
+        """Generate replies to conversations, formatted with the tokenizer's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.apply_chat_template(c) for c in conversations], params, progress)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params=None, progress: bool = False,
+                     prompt_texts: list[str | None] | None = None) -> list[RequestOutput]:
+        params_list = _broadcast_params(params, len(prompt_ids))
+        requests = [Request(ids, p) for ids, p in zip(prompt_ids, params_list)]
+        for r in requests:
+            self.check_length(len(r.token_ids), r.params)
+        completions = self._run_batches(requests, progress)
+        texts = prompt_texts or [None] * len(requests)
+        return [RequestOutput(t, r.token_ids, c.text, c.token_ids, c.finish_reason, c.logprobs)
+                for t, r, c in zip(texts, requests, completions)]
+
+    def _run_batches(self, requests: list[Request], progress: bool) -> list[Completion]:
+        # Similar lengths share a batch, so little compute goes to padding.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].token_ids))
+        results: list[Completion | None] = [None] * len(requests)
+        bar = TokenProgress(total=len(requests), enabled=progress)
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s:s + self.batch_size]
+            done = generate_batch(self.runner, [requests[i] for i in chunk], self.tokenizer,
+                                  self.eos_ids, self.pad_id, on_step=bar.add_tokens)
+            for i, c in zip(chunk, done):
+                results[i] = c
+            bar.add_requests(len(chunk))
+        bar.close()
+        return results
+
+    # ---- scoring ------------------------------------------------------------------------
+    def score(self, texts: Sequence[Prompt]) -> list[ScoreOutput]:
+        """Per-token log-probabilities of each text (or token id list) under the model."""
+        from .engine.generation import left_pad
+
+        ids = [self.encode(t) for t in texts]
+        outputs = []
+        for s in range(0, len(ids), self.batch_size):
+            chunk = [Request(x, SamplingParams()) for x in ids[s:s + self.batch_size]]
+            width = max(len(r.token_ids) for r in chunk)
+            padded, key_valid = left_pad(chunk, width, self.pad_id)
+            self.runner.begin(len(chunk), width)
+            try:
+                logprobs = self.runner.score(padded, key_valid)
+            finally:
+                self.runner.end()
+            for b, r in enumerate(chunk):
+                n = len(r.token_ids)
+                outputs.append(ScoreOutput(r.token_ids, logprobs[b, width - n:].tolist()))
+        return outputs
+
+
+def _broadcast_params(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ConfigError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt.")
+    return params

@@ -1,0 +1,1 @@
+"""Command line: parse arguments, build settings, call the API."""

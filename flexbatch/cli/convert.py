@@ -1,0 +1,31 @@
+"""`flexbatch convert SRC DST`: write a model into flexbatch's store (one file per tensor)."""
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a HF folder or GGUF file into flexbatch's store",
+                       description="Convert a model into flexbatch's store: one file per tensor plus an "
+                                   "index with shapes, dtypes and checksums. Offloading streams from it.")
+    p.add_argument("src", help="HF model folder or .gguf file")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast floating-point tensors (default: keep the source's dtype; GGUF "
+                        "quantized tensors become float32)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..config import parse_dtype
+    from ..weights.source import open_model
+    from ..weights.store import write_store
+
+    model = open_model(args.src)
+    names = model.source.names()
+    with tqdm(total=len(names), desc="converting", unit="tensor", file=sys.stderr) as bar:
+        dst = write_store(model, args.dst, parse_dtype(args.dtype), progress=lambda name, n: bar.update(1))
+    print(f"wrote {len(names)} tensors of {model.config.model_type} model to {dst}", file=sys.stderr)
+    return 0

@@ -1,0 +1,65 @@
+"""`flexbatch generate`: generate continuations for prompts given on the command line or in a file."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from ..errors import ConfigError
+from .common import add_model_args, add_sampling_args, sampling_params
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text for one or more prompts",
+                       description="Generate continuations for prompts (greedy by default).")
+    add_model_args(p)
+    p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", "-f", help="a text file with one prompt per line")
+    p.add_argument("--chat", action="store_true",
+                   help="treat each prompt as a user message and apply the model's chat template")
+    add_sampling_args(p)
+    p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities (with --json)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences generated together (default 32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    p.set_defaults(run=run)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --prompts-file {args.prompts_file}: {e}") from e
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    return prompts
+
+
+def run(args) -> int:
+    from ..api import LLM
+
+    prompts = read_prompts(args)
+    params = sampling_params(args)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+    start = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, progress=True)
+    else:
+        outputs = llm.generate(prompts, params, progress=True)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            record = {"prompt": prompt, "text": out.text, "finish_reason": out.finish_reason,
+                      "num_prompt_tokens": len(out.prompt_token_ids), "token_ids": out.token_ids}
+            if out.logprobs is not None:
+                record["logprobs"] = out.logprobs
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(f"### {prompt}\n{out.text}\n")
+    tokens = sum(len(o.token_ids) for o in outputs)
+    print(f"{len(outputs)} prompts, {tokens} generated tokens in {elapsed:.1f}s "
+          f"({tokens / max(elapsed, 1e-9):.1f} tokens/s), model {llm.model_path.name}, dtype "
+          f"{str(llm.dtype).removeprefix('torch.')}", file=sys.stderr)
+    return 0

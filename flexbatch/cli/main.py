@@ -1,0 +1,40 @@
+"""`flexbatch <command>`: the entry point of the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import FlexbatchError
+from . import convert, generate
+
+COMMANDS = [generate, convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexbatch",
+        description="High-throughput batch generation with LLMs on hardware that cannot hold them.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"flexbatch {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except FlexbatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Execution: the only package that knows both model compute and where tensors live."""

@@ -1,0 +1,69 @@
+"""Runs a model's forward steps over a batch with a KV cache, all weights in memory.
+
+A runner owns the KV cache of the batch it is generating. The generation loop only calls
+`begin`, `step` and `end`, so offloading runners can replace this one without changing it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import ops
+from ..models.family import Family
+from ..models.ops import StepContext
+from ..models.spec import ModelConfig
+from ..weights.loader import ModelWeights
+
+HEAD_CHUNK = 256  # positions per head matmul when scoring, to bound the [B, S, V] logits
+
+
+def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
+                 dtype: torch.dtype, device: torch.device) -> StepContext:
+    ctx = StepContext(
+        positions=ops.positions_from_mask(key_valid, start).to(device),
+        start=start,
+        attn_mask=ops.attention_mask(key_valid, start, dtype, cfg.sliding_window).to(device),
+    )
+    family.prepare_step(cfg, ctx, dtype)
+    return ctx
+
+
+class InMemoryRunner:
+    def __init__(self, cfg: ModelConfig, family: Family, weights: ModelWeights,
+                 dtype: torch.dtype, device: torch.device):
+        self.cfg, self.family, self.weights = cfg, family, weights
+        self.dtype, self.device = dtype, device
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def begin(self, batch_size: int, capacity: int) -> None:
+        shape = (batch_size, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
+        self._cache = [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                        torch.empty(shape, dtype=self.dtype, device=self.device))
+                       for _ in range(self.cfg.num_layers)]
+
+    def end(self) -> None:
+        self._cache = []
+
+    def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
+        ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device)
+        h = self.family.embed(self.cfg, self.weights.globals, input_ids.to(self.device), ctx)
+        for layer_weights, (k_cache, v_cache) in zip(self.weights.layers, self._cache):
+            h = self.family.layer(self.cfg, layer_weights, h, ctx, k_cache, v_cache)
+        return h
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
+        """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
+        h = self._hidden(input_ids, key_valid, start)
+        return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """Log-probability [B, S-1] of each token given the tokens before it (one prefill)."""
+        h = self._hidden(input_ids, key_valid, 0)[:, :-1]
+        targets = input_ids[:, 1:].to(self.device)
+        out = [torch.empty(targets.shape[0], 0)]
+        for s in range(0, targets.shape[1], HEAD_CHUNK):
+            logits = self.family.head(self.cfg, self.weights.globals, h[:, s:s + HEAD_CHUNK])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            out.append(logprobs.gather(-1, targets[:, s:s + HEAD_CHUNK].unsqueeze(-1)).squeeze(-1))
+        return torch.cat(out, dim=1).cpu()

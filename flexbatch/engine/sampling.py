@@ -1,0 +1,52 @@
+"""Choosing the next token of each sequence from its logits, per-request parameters."""
+from __future__ import annotations
+
+import torch
+
+from ..config import SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order Hugging Face applies them). logits: [V]."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= 1 - params.top_p
+        remove_sorted[-1] = False  # always keep the most likely token
+        remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Holds one random generator per sampled request, so a seeded request draws the same
+    tokens whatever else shares its batch."""
+
+    def __init__(self, params: list[SamplingParams]):
+        self.params = params
+        self.generators: list[torch.Generator | None] = []
+        for p in params:
+            if p.greedy:
+                self.generators.append(None)
+                continue
+            g = torch.Generator()
+            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.generators.append(g)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] fp32 -> next token ids [B] int64."""
+        tokens = logits.argmax(dim=-1)
+        for b, (p, g) in enumerate(zip(self.params, self.generators)):
+            if g is not None:
+                probs = filter_logits(logits[b], p).softmax(-1)
+                tokens[b] = torch.multinomial(probs, 1, generator=g)[0]
+        return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the unmodified distribution. logits [B, V], tokens [B] -> [B]."""
+    return torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,46 @@
+"""The interface every model family implements, and the registry that finds one by config."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .ops import StepContext
+from .spec import ModelConfig, WeightSpec
+
+Weights = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Pure functions that define one model family.
+
+    Global weights use their full checkpoint names (e.g. `model.embed_tokens.weight`); layer
+    weights use names relative to the layer prefix (e.g. `self_attn.q_proj.weight`), so the
+    same `layer` function serves every layer.
+    """
+
+    name: str
+    global_specs: Callable[[ModelConfig], list[WeightSpec]]
+    layer_specs: Callable[[ModelConfig], list[WeightSpec]]
+    layer_prefix: Callable[[int], str]
+    # embed(cfg, weights, input_ids [B, S], ctx) -> hidden [B, S, C]
+    embed: Callable[[ModelConfig, Weights, torch.Tensor, StepContext], torch.Tensor]
+    # layer(cfg, layer_weights, hidden, ctx, k_cache, v_cache) -> hidden
+    layer: Callable[..., torch.Tensor]
+    # head(cfg, weights, hidden [B, S, C]) -> logits [B, S, V] in fp32
+    head: Callable[[ModelConfig, Weights, torch.Tensor], torch.Tensor]
+    # Fill family-specific parts of the step context (rotary tables); may be a no-op.
+    prepare_step: Callable[[ModelConfig, StepContext, torch.dtype], None]
+    # Checkpoint names that may be absent because they are tied to another tensor.
+    tied_aliases: Callable[[ModelConfig], dict[str, str]]
+
+
+FAMILY_MODULES = {"opt": "opt", "llama": "llama"}
+
+
+def get_family(cfg: ModelConfig) -> Family:
+    module = importlib.import_module(f".{FAMILY_MODULES[cfg.family]}", __package__)
+    return module.FAMILY

@@ -1,0 +1,151 @@
+"""GGUF files (llama.cpp's format): metadata to a HF-style config, tensors dequantized by the
+`gguf` package and renamed to Hugging Face names."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelFormatError, WeightFileError
+from ..models.spec import config_from_hf_dict
+from .source import OpenedModel
+
+SUPPORTED_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    m = LAYER_PATTERN.match(gguf_name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
+    """A Hugging Face config.json equivalent of the GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelFormatError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}."
+        )
+    if "rope_freqs.weight" in tensor_names:
+        raise ModelFormatError(
+            "this GGUF stores Llama 3.1 rope frequency factors, which flexbatch does not read yet; "
+            "convert the model from its Hugging Face folder instead."
+        )
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    heads = _field(reader, f"{arch}.attention.head_count")
+    config = {
+        "model_type": SUPPORTED_ARCHS[arch],
+        "vocab_size": _field(reader, f"{arch}.vocab_size", len(tokens)),
+        "hidden_size": _field(reader, f"{arch}.embedding_length"),
+        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _field(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", heads),
+        "max_position_embeddings": _field(reader, f"{arch}.context_length", 4096),
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "architectures": [f"{arch.capitalize()}ForCausalLM"],
+    }
+    key_length = _field(reader, f"{arch}.attention.key_length")
+    if key_length:
+        config["head_dim"] = key_length
+    if _field(reader, f"{arch}.rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
+    return config
+
+
+def unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs -> HF's half split)."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as a numpy array in numpy (row-major) shape; F16/BF16 kept as is."""
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    kind = tensor.tensor_type
+    if kind == GGMLQuantizationType.F32:
+        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+    if kind == GGMLQuantizationType.F16:
+        return np.asarray(tensor.data).view(np.float16).reshape(shape)
+    return quants.dequantize(tensor.data, kind).reshape(shape)
+
+
+class GGUFSource:
+    def __init__(self, reader, config: dict[str, Any]):
+        self._tensors = {}
+        for t in reader.tensors:
+            name = hf_name(t.name)
+            if name is not None:
+                self._tensors[name] = t
+        # llama.cpp permutes q/k rows for the llama architecture only.
+        self._rotary_heads = {}
+        if config["model_type"] in ("llama", "mistral"):
+            self._rotary_heads = {"q_proj": config["num_attention_heads"],
+                                  "k_proj": config["num_key_value_heads"]}
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            array = dequantize(self._tensors[name])
+        except Exception as e:
+            raise WeightFileError(f"cannot dequantize GGUF tensor for {name}: {e}") from e
+        tensor = torch.from_numpy(np.array(array, copy=True, order="C"))
+        for proj, heads in self._rotary_heads.items():
+            if f"self_attn.{proj}." in name:
+                tensor = unpermute_rotary(tensor, heads).contiguous()
+        return tensor
+
+
+def open_gguf(path: Path) -> OpenedModel:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise WeightFileError(f"cannot read GGUF file {path}: {e}. The file is truncated or not GGUF.") from e
+    names = {t.name for t in reader.tensors}
+    raw = gguf_config_dict(reader, names)
+    config = config_from_hf_dict(raw, source=str(path))
+    return OpenedModel(config, GGUFSource(reader, raw), path, "gguf", raw)

@@ -1,0 +1,86 @@
+"""Tiny random models built from configs with transformers, saved with save_pretrained.
+
+Each kind covers a distinct architecture path; tests compare flexbatch against the HF model
+object returned alongside the saved folder.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+COMMON_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, max_position_embeddings=512, eos_token_id=None,
+                    bos_token_id=None, pad_token_id=0)
+COMMON_OPT = dict(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=512, eos_token_id=None,
+                  bos_token_id=None, pad_token_id=1)
+
+
+def _configs():
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                   "rope_theta": 500000.0}
+    return {
+        "opt_pre_ln": OPTConfig(**COMMON_OPT, do_layer_norm_before=True),
+        # opt-350m's shape: post-LN, smaller word embeddings with project_in/project_out.
+        "opt_post_ln_proj": OPTConfig(**COMMON_OPT, do_layer_norm_before=False, word_embed_proj_dim=32),
+        "llama_gqa_tied_llama3": LlamaConfig(**COMMON_LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
+                                             rope_parameters=llama3_rope),
+        "llama_mha_bias": LlamaConfig(**COMMON_LLAMA, num_key_value_heads=4, attention_bias=True),
+        "mistral": MistralConfig(**COMMON_LLAMA, num_key_value_heads=2, sliding_window=4096),
+        "qwen2": Qwen2Config(**COMMON_LLAMA, num_key_value_heads=2, tie_word_embeddings=False),
+    }
+
+
+MODEL_KINDS = list(_configs())
+
+
+def build_hf_model(kind: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[kind], dtype=torch.float32)
+    with torch.no_grad():  # spread the weights so logits differ clearly between tokens
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(kind) -> (folder with config.json + safetensors, HF model object)."""
+    cache = {}
+
+    def make(kind: str):
+        if kind not in cache:
+            model = build_hf_model(kind)
+            folder = tmp_path_factory.mktemp(kind)
+            model.save_pretrained(folder)
+            cache[kind] = (folder, model)
+        return cache[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_model_store():
+    """The default model converted into the store (the same conversion the CLI does)."""
+    from flexbatch.default_model import default_model_path
+
+    return default_model_path(log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    from flexbatch.default_model import default_gguf_path
+
+    return default_gguf_path()
