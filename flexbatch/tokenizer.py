@@ -16,6 +16,8 @@ def load_tokenizer(path: Path, kind: str):
     # transformers logs noisy notices when building a tokenizer from GGUF; they are not errors.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if kind == "gguf":
+        if not _gguf_has_tokenizer(path):
+            return None
         try:
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:
@@ -26,3 +28,9 @@ def load_tokenizer(path: Path, kind: str):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise ModelFormatError(f"cannot load the tokenizer in {path}: {e}") from e
+
+
+def _gguf_has_tokenizer(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    return "tokenizer.ggml.tokens" in GGUFReader(str(path)).fields

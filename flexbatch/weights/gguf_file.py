@@ -79,6 +79,10 @@ def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
         "architectures": [f"{arch.capitalize()}ForCausalLM"],
     }
+    if "blk.0.attn_output.bias" in tensor_names:
+        config["attention_bias"] = True
+    if "blk.0.ffn_up.bias" in tensor_names:
+        config["mlp_bias"] = True
     key_length = _field(reader, f"{arch}.attention.key_length")
     if key_length:
         config["head_dim"] = key_length

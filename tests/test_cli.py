@@ -1,0 +1,48 @@
+"""The command line, run as a user would, in subprocesses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from flexbatch import LLM, SamplingParams
+
+
+def flexbatch(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "flexbatch", *args], capture_output=True, text=True, **kw)
+
+
+def test_help_lists_commands():
+    out = flexbatch("--help")
+    assert out.returncode == 0 and "generate" in out.stdout and "convert" in out.stdout
+    assert flexbatch("generate", "--help").returncode == 0
+
+
+def test_generate_json_matches_api(default_model_store, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nWater boils at\n")
+    out = flexbatch("generate", "--model", str(default_model_store), "--prompts-file", str(prompts),
+                    "--max-new-tokens", "8", "--dtype", "float32", "--json")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = LLM(default_model_store, dtype="float32").generate(
+        ["The capital of France is", "Water boils at"], SamplingParams(max_new_tokens=8))
+    assert [r["token_ids"] for r in records] == [e.token_ids for e in expected]
+    assert "tokens/s" in out.stderr
+
+
+def test_convert_then_generate(tiny_model, tmp_path):
+    folder, _ = tiny_model("llama_mha_bias")
+    dst = tmp_path / "converted"
+    out = flexbatch("convert", str(folder), str(dst))
+    assert out.returncode == 0, out.stderr
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert (LLM(dst, dtype="float32").generate([[1, 2, 3]], params)[0].token_ids
+            == LLM(folder, dtype="float32").generate([[1, 2, 3]], params)[0].token_ids)
+    again = flexbatch("convert", str(folder), str(dst))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_bad_model_path_is_a_clear_error():
+    out = flexbatch("generate", "--model", "/no/such/model", "--prompt", "hi")
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
