@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .config import SamplingParams, parse_dtype
+from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
 from .engine.generation import Completion, Request, generate_batch
 from .engine.runner import InMemoryRunner
@@ -56,10 +56,18 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, a folder written by `flexbatch convert`, or
     None for the default model. dtype: "auto" (bf16 where the CPU or GPU runs it fast, else
     fp32), "float32", "bfloat16" or "float16". batch_size: sequences generated together.
+
+    policy: where weights and KV cache live and how the block schedule runs (see `Policy`);
+    None keeps everything in memory. With a policy, a block of `policy.block_size` sequences
+    is generated at a time, layer weights stream from `offload_dir` (a temporary folder by
+    default), and `cpu_memory` / `gpu_memory` (bytes; default: what is free) bound what
+    the policy may use, checked before anything is allocated.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
-                 device: str = "auto", batch_size: int = 32):
+                 device: str = "auto", batch_size: int = 32, policy: Policy | None = None,
+                 offload_dir: str | Path | None = None, cpu_memory: int | None = None,
+                 gpu_memory: int | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         opened = open_model(default_model_path() if model is None else model)
@@ -69,13 +77,35 @@ class LLM:
         self.device = pick_device(device)
         self.dtype = parse_dtype(dtype) or default_dtype(self.device)
         self.batch_size = batch_size
+        self.policy = policy
         self.tokenizer = opened.load_tokenizer()
-        weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
-        self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
+        if policy is None:
+            weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
+            self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
+        else:
+            from .engine.executor import OffloadRunner
+            from .engine.memory import MemoryBudget
+
+            budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
+            self.runner = OffloadRunner(self.config, self.family, opened.source, policy, self.dtype,
+                                        self.device, offload_dir, budget)
+            self.batch_size = policy.block_size
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = next((i for i in (self.config.pad_token_id, *sorted(self.eos_ids)) if i is not None), 0)
+
+    def close(self) -> None:
+        """Release offload files and I/O threads (also done at interpreter exit)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ---- inputs -------------------------------------------------------------------------
     def _require_tokenizer(self):

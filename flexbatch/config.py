@@ -63,3 +63,70 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _fraction_pair(name: str, on_device: float, on_host: float) -> None:
+    _check(0 <= on_device <= 1 and 0 <= on_host <= 1,
+           f"{name} fractions must each be in [0, 1], got device={on_device}, host={on_host}")
+    _check(on_device + on_host <= 1 + 1e-9,
+           f"{name} fractions on device ({on_device}) and host ({on_host}) add up to more than 1; "
+           "the rest goes to disk")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where tensors live and how the block schedule runs (FlexGen's policy).
+
+    A block of `gpu_batch_size * num_gpu_batches` sequences advances one token at a time; each
+    layer's weights are loaded once per token and reused by every GPU batch. Fractions are of
+    bytes; what is not on the device or the host is on disk. On a CPU-only machine the device
+    and the host are the same memory.
+    """
+
+    gpu_batch_size: int = 8
+    num_gpu_batches: int = 1
+    weights_device: float = 1.0
+    weights_host: float = 0.0
+    cache_device: float = 1.0
+    cache_host: float = 0.0
+    act_device: float = 1.0
+    act_host: float = 0.0
+    overlap: bool = True
+    cpu_attention: bool = False
+    pin_weights: bool = True
+    compress_weight: bool = False
+    compress_cache: bool = False
+
+    def __post_init__(self):
+        _check(isinstance(self.gpu_batch_size, int) and self.gpu_batch_size >= 1,
+               f"gpu_batch_size must be an integer >= 1, got {self.gpu_batch_size!r}")
+        _check(isinstance(self.num_gpu_batches, int) and self.num_gpu_batches >= 1,
+               f"num_gpu_batches must be an integer >= 1, got {self.num_gpu_batches!r}")
+        _fraction_pair("weights", self.weights_device, self.weights_host)
+        _fraction_pair("cache", self.cache_device, self.cache_host)
+        _fraction_pair("activations", self.act_device, self.act_host)
+        _check(self.act_device in (0, 1) or self.act_host in (0, 1),
+               "activations live on one tier: set act_device or act_host to 1 (or both to 0 for disk)")
+        _check(not (self.compress_weight or self.compress_cache),
+               "compression is not available yet in this version of flexbatch")
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def weights_disk(self) -> float:
+        return max(0.0, 1.0 - self.weights_device - self.weights_host)
+
+    @property
+    def cache_disk(self) -> float:
+        return max(0.0, 1.0 - self.cache_device - self.cache_host)
+
+    @classmethod
+    def from_percent(cls, percent: list[float], **kwargs) -> "Policy":
+        """FlexGen's six numbers: weights GPU%, CPU%, cache GPU%, CPU%, activations GPU%, CPU%."""
+        _check(len(percent) == 6, f"--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu), got {len(percent)}")
+        _check(all(0 <= p <= 100 for p in percent), f"--percent values must be in [0, 100], got {percent}")
+        f = [p / 100 for p in percent]
+        return cls(weights_device=f[0], weights_host=f[1], cache_device=f[2], cache_host=f[3],
+                   act_device=f[4], act_host=f[5], **kwargs)

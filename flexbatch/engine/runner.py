@@ -59,11 +59,20 @@ class InMemoryRunner:
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
         """Log-probability [B, S-1] of each token given the tokens before it (one prefill)."""
-        h = self._hidden(input_ids, key_valid, 0)[:, :-1]
-        targets = input_ids[:, 1:].to(self.device)
-        out = [torch.empty(targets.shape[0], 0)]
-        for s in range(0, targets.shape[1], HEAD_CHUNK):
-            logits = self.family.head(self.cfg, self.weights.globals, h[:, s:s + HEAD_CHUNK])
-            logprobs = torch.log_softmax(logits, dim=-1)
-            out.append(logprobs.gather(-1, targets[:, s:s + HEAD_CHUNK].unsqueeze(-1)).squeeze(-1))
-        return torch.cat(out, dim=1).cpu()
+        h = self._hidden(input_ids, key_valid, 0)
+        return next_token_logprobs(self.cfg, self.family, self.weights.globals, h, input_ids.to(self.device))
+
+
+def next_token_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
+                        input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, i+1] | hidden[:, i]) for every position, [B, S-1], on the CPU.
+
+    The head runs over HEAD_CHUNK positions at a time so [B, S, V] logits never exist at once.
+    """
+    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+    out = [torch.empty(targets.shape[0], 0)]
+    for s in range(0, targets.shape[1], HEAD_CHUNK):
+        logits = family.head(cfg, global_weights, hidden[:, s:s + HEAD_CHUNK])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out.append(logprobs.gather(-1, targets[:, s:s + HEAD_CHUNK].unsqueeze(-1)).squeeze(-1).cpu())
+    return torch.cat(out, dim=1)

@@ -1,0 +1,172 @@
+"""The offloading runner: executes the block schedule with weights and KV cache on tiers.
+
+Implements the same begin/step/end interface as the in-memory runner, so the decoding loop
+does not change. Loads and stores run on a small thread pool (disk reads release the GIL);
+the main thread computes. A token step ends with a barrier on outstanding stores, so the
+next step's loads always see this step's cache rows.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..config import Policy
+from ..models.family import Family
+from ..models.spec import ModelConfig
+from ..storage.placement import split_sequences
+from ..storage.tiers import Tier
+from ..weights.source import TensorSource
+from .kv_cache import BufferPool, KVBlock
+from .memory import STAGING_BLOCKS, MemoryBudget, MemoryPlan, kv_bytes_per_token, working_bytes
+from .runner import make_context, next_token_logprobs
+from .schedule import Op, token_schedule
+from .weight_home import WeightHome
+
+FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_gpu_batches, "
+            "or raise the budget (--cpu-memory / --gpu-memory).")
+
+
+class _Done:
+    """A completed future, for the sequential mode."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+class OffloadRunner:
+    def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
+                 dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
+                 budget: MemoryBudget | None = None):
+        self.cfg, self.family, self.policy = cfg, family, policy
+        self.dtype, self.device = dtype, device
+        self.budget = budget or MemoryBudget.detect(device)
+        self.unified = device.type != "cuda"  # device and host are the same RAM
+        self._own_dir = offload_dir is None
+        self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
+        self._check_weights_fit()
+        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
+        self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
+        self.blocks: list[list[KVBlock]] = []
+        self.trace: list[Op] | None = None  # set to a list to record executed operations
+
+    # ---- memory ---------------------------------------------------------------------------
+    def _weight_plan(self) -> MemoryPlan:
+        plan = MemoryPlan()
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        sizes = {s.name: s.numel() * elt for s in self.family.global_specs(self.cfg)}
+        tied = set(self.family.tied_aliases(self.cfg))
+        plan.add(True, "embeddings and head", sum(v for k, v in sizes.items() if k not in tied))
+        layer_bytes = sum(s.numel() for s in self.family.layer_specs(self.cfg)) * elt * self.cfg.num_layers
+        plan.add(True, "weights", layer_bytes * self.policy.weights_device)
+        plan.add(False, "weights", layer_bytes * self.policy.weights_host)
+        if self.policy.weights_disk > 0:
+            per_layer = layer_bytes / self.cfg.num_layers
+            plan.add(False, "weight read buffers", 2 * per_layer * self.policy.weights_disk + 2 * 4096 * 32)
+        return plan
+
+    def _check_weights_fit(self) -> None:
+        self._weight_plan().check(self.budget, self.unified, FIT_HINT)
+
+    def _cache_plan(self, batch_size: int, capacity: int, prompt_width: int) -> MemoryPlan:
+        plan = self._weight_plan()
+        per_seq = kv_bytes_per_token(self.cfg, self.dtype) * capacity * self.cfg.num_layers
+        plan.add(True, "KV cache", per_seq * batch_size * self.policy.cache_device)
+        plan.add(False, "KV cache", per_seq * batch_size * self.policy.cache_host)
+        if self.policy.cache_disk > 0:
+            per_layer_batch = per_seq / self.cfg.num_layers * self.policy.gpu_batch_size
+            plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * self.policy.cache_disk)
+        plan.add(True, "activations and temporaries",
+                 working_bytes(self.cfg, self.policy, self.dtype, prompt_width, capacity))
+        return plan
+
+    # ---- batch lifecycle ------------------------------------------------------------------
+    def gpu_batches(self, batch_size: int) -> list[slice]:
+        gbs = self.policy.gpu_batch_size
+        return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
+
+    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
+        self._cache_plan(batch_size, capacity, prompt_width or capacity).check(self.budget, self.unified, FIT_HINT)
+        self.batches = self.gpu_batches(batch_size)
+        fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
+                     Tier.DISK: self.policy.cache_disk}
+        cache_dir = self.offload_dir / "cache"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
+        splits = [split_sequences(s[0], fractions) for s in shapes]
+        disk_rows = max(sp[Tier.DISK] for sp in splits)
+        self.pool = None
+        if disk_rows:
+            row = kv_bytes_per_token(self.cfg, self.dtype) // 2 * disk_rows
+            self.pool = BufferPool(row * capacity, 2 * STAGING_BLOCKS)
+        self.blocks = [[KVBlock(shape, sp[Tier.DEVICE] + sp[Tier.HOST], self.dtype, self.device,
+                                cache_dir / f"l{j}_b{k}", self.pool)
+                        for k, (shape, sp) in enumerate(zip(shapes, splits))]
+                       for j in range(self.cfg.num_layers)]
+
+    def end(self) -> None:
+        for layer in self.blocks:
+            for block in layer:
+                block.close()
+        self.blocks, self.pool = [], None
+        shutil.rmtree(self.offload_dir / "cache", ignore_errors=True)
+
+    def close(self) -> None:
+        self.end()
+        self.io.shutdown(wait=True)
+        self.home.close()
+        if self._own_dir:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+
+    # ---- one token step -------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
+        """Run the block schedule for one token step; return last-position logits [B, V]."""
+        hidden = self._hidden(input_ids, key_valid, start)
+        logits = [self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]
+        return torch.cat(logits).cpu()
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """Log-probability [B, S-1] of each token given the tokens before it (one prefill)."""
+        hidden = self._hidden(input_ids, key_valid, 0)
+        return torch.cat([next_token_logprobs(self.cfg, self.family, self.home.globals, h, input_ids[b])
+                          for b, h in zip(self.batches, hidden)])
+
+    def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
+        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device)
+                for b in self.batches]
+        hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
+                  for b, ctx in zip(self.batches, ctxs)]
+        self._run_schedule(hidden, ctxs, start, start + input_ids.shape[1])
+        return hidden
+
+    def _run_schedule(self, hidden, ctxs, start: int, end: int) -> None:
+        overlap = self.policy.overlap
+        submit = self.io.submit if overlap else (lambda fn, *a: _Done(fn(*a)))
+        weights: dict[int, Future] = {}
+        caches: dict[tuple[int, int], Future] = {}
+        stores: list = []
+        for op in token_schedule(self.cfg.num_layers, len(self.batches), overlap):
+            if self.trace is not None:
+                self.trace.append(op)
+            j, k = op.layer, op.batch
+            if op.kind == "load_weight":
+                weights[j] = submit(self.home.load, j)
+                weights.pop(j - 2, None)
+            elif op.kind == "load_cache":
+                caches[j, k] = submit(self.blocks[j][k].load, start)
+            elif op.kind == "compute":
+                k_cache, v_cache = caches.pop((j, k)).result()
+                hidden[k] = self.family.layer(self.cfg, weights[j].result(), hidden[k], ctxs[k], k_cache, v_cache)
+            else:  # store_cache
+                stores.append(submit(self.blocks[j][k].store, start, end))
+        for future in stores:
+            future.result()

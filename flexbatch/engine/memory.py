@@ -1,0 +1,89 @@
+"""Memory accounting: what a policy needs on each tier, checked before anything is allocated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Policy
+from ..errors import ConfigError
+from ..models.spec import ModelConfig
+
+GiB = 1 << 30
+STAGING_BLOCKS = 4  # disk KV blocks in flight: computing, loading next, two storing
+
+
+def available_host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def available_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return available_host_bytes()
+
+
+@dataclass
+class MemoryBudget:
+    """Bytes flexbatch may use on the compute device and in host RAM. On a CPU-only machine
+    both are the same RAM, and only `host_bytes` applies (to their sum)."""
+
+    device_bytes: int
+    host_bytes: int
+
+    @classmethod
+    def detect(cls, device: torch.device, device_bytes: int | None = None, host_bytes: int | None = None):
+        host = host_bytes if host_bytes is not None else available_host_bytes()
+        dev = device_bytes if device_bytes is not None else available_device_bytes(device)
+        return cls(dev, host)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per purpose on the device and the host."""
+
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+
+    def add(self, on_device: bool, what: str, nbytes: int) -> None:
+        target = self.device if on_device else self.host
+        target[what] = target.get(what, 0) + int(nbytes)
+
+    def check(self, budget: MemoryBudget, unified: bool, hint: str) -> None:
+        """Raise ConfigError naming the sizes if the plan exceeds the budget."""
+        tiers = [("memory", {**_merge(self.device, self.host)}, budget.host_bytes)] if unified else [
+            ("GPU memory", self.device, budget.device_bytes), ("host memory", self.host, budget.host_bytes)]
+        for label, parts, limit in tiers:
+            need = sum(parts.values())
+            if need > limit:
+                detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+                raise ConfigError(
+                    f"this policy needs {need / GiB:.2f} GiB of {label} ({detail}) but the budget is "
+                    f"{limit / GiB:.2f} GiB. {hint}"
+                )
+
+
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """K and V of one token of one sequence in one layer."""
+    return 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_width: int, capacity: int) -> int:
+    """Activations of the whole block and the temporaries of one GPU batch's layer compute."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    block, gbs = policy.block_size, policy.gpu_batch_size
+    hidden = block * prompt_width * cfg.hidden_size * elt
+    temporaries = gbs * prompt_width * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elt
+    scores = gbs * cfg.num_heads * prompt_width * capacity * 4
+    logits = block * cfg.vocab_size * 4 * 2
+    return hidden + temporaries + scores + logits

@@ -1,0 +1,75 @@
+"""Files on the disk tier, read and written with O_DIRECT so the page cache holds nothing
+we did not account for. Where the filesystem refuses O_DIRECT (tmpfs, some network mounts)
+we fall back to buffered I/O, drop the pages we touched, and say so once."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .aligned import align_down, align_up
+
+_warned_fallback = False
+
+
+def _open(path: Path, flags: int) -> tuple[int, bool]:
+    global _warned_fallback
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct), True
+        except OSError:
+            pass
+    if not _warned_fallback:
+        warnings.warn(f"O_DIRECT is not available for {path.parent}; using buffered I/O "
+                      "(the OS page cache may hold offloaded data).", RuntimeWarning, stacklevel=3)
+        _warned_fallback = True
+    return os.open(path, flags), False
+
+
+class DiskFile:
+    """One file of fixed size. Offsets and lengths given to it need not be aligned; it reads
+    and writes whole aligned blocks through the caller's page-aligned buffer."""
+
+    def __init__(self, path: Path, size: int, create: bool = True, readonly: bool = False):
+        self.path = Path(path)
+        self.size = size
+        flags = os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)
+        self.fd, self.direct = _open(self.path, flags)
+        if create and not readonly and os.fstat(self.fd).st_size < align_up(size):
+            os.ftruncate(self.fd, align_up(size))  # whole blocks, so aligned reads never run short
+
+    def read_into(self, buf: torch.Tensor, start: int, end: int) -> None:
+        """Fill buf[a:b] with file bytes [a, b), where [a, b) is [start, end) widened to blocks."""
+        lo, hi = align_down(start), min(align_up(end), buf.numel())
+        view = memoryview(buf.numpy())[lo:hi]
+        got = os.preadv(self.fd, [view], lo)
+        if got < min(end, self.size) - lo:
+            raise OSError(f"short read from {self.path}: {got} bytes at offset {lo}, wanted {end - lo}")
+        self._drop_cache(lo, hi)
+
+    def write_from(self, buf: torch.Tensor, start: int, end: int) -> None:
+        """Write buf[a:b] to file bytes [a, b) ([start, end) widened to blocks). The caller
+        guarantees buf holds correct bytes for the whole widened range."""
+        lo, hi = align_down(start), min(align_up(end), buf.numel())
+        view = memoryview(buf.numpy())[lo:hi]
+        written = os.pwritev(self.fd, [view], lo)
+        if written != hi - lo:
+            raise OSError(f"short write to {self.path}: {written} of {hi - lo} bytes")
+        self._drop_cache(lo, hi)
+
+    def _drop_cache(self, lo: int, hi: int) -> None:
+        if not self.direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
+
+

@@ -1,0 +1,141 @@
+"""Offloading: every policy yields exactly the tokens of the in-memory run, tensors live
+where the policy says, the schedule orders loads before use, and budgets are enforced."""
+from __future__ import annotations
+
+import pytest
+
+from flexbatch import LLM, SamplingParams
+from flexbatch.config import Policy
+from flexbatch.engine.schedule import Op
+from flexbatch.errors import ConfigError
+from flexbatch.storage.tiers import Tier
+
+PROMPTS = [[5, 6, 7], list(range(10, 31)), [200], [3, 1, 4, 1, 5, 9, 2, 6, 5], [77, 78], list(range(40, 52)), [9, 9]]
+PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+POLICIES = {
+    "all_in_memory": Policy(gpu_batch_size=4, num_gpu_batches=2),
+    "weights_on_disk": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0, weights_host=0),
+    "cache_on_disk": Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0, cache_host=0),
+    "all_on_disk_sequential": Policy(gpu_batch_size=2, num_gpu_batches=3, weights_device=0, weights_host=0,
+                                     cache_device=0, cache_host=0, overlap=False),
+    "mixed_30_70": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.3, weights_host=0,
+                          cache_device=0.3, cache_host=0.2),
+    "odd_block_three_batches": Policy(gpu_batch_size=3, num_gpu_batches=3, weights_device=0.1, weights_host=0.4,
+                                      cache_device=0.5, cache_host=0),
+    "one_sequence_batches": Policy(gpu_batch_size=1, num_gpu_batches=4, weights_device=0, weights_host=0.5,
+                                   cache_device=0, cache_host=0.0, overlap=True),
+}
+
+
+def in_memory_tokens(folder):
+    return [o.token_ids for o in LLM(folder, dtype="float32", batch_size=len(PROMPTS)).generate(PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("kind", ["opt_pre_ln", "llama_gqa_tied_llama3"])
+def test_offloaded_tokens_equal_in_memory(tiny_model, tmp_path, kind, policy_name):
+    folder, _ = tiny_model(kind)
+    with LLM(folder, dtype="float32", policy=POLICIES[policy_name], offload_dir=tmp_path) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    assert got == in_memory_tokens(folder)
+
+
+def test_default_model_offloaded_equals_in_memory(default_model_store, tmp_path):
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village,", "Hi"]
+    params = SamplingParams(max_new_tokens=12)
+    expected = [o.token_ids for o in LLM(default_model_store, dtype="float32").generate(prompts, params)]
+    for policy in (Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0,
+                          cache_device=0, cache_host=0),
+                   Policy(gpu_batch_size=3, num_gpu_batches=1, weights_device=0.3, weights_host=0.0,
+                          cache_device=0.4, cache_host=0, overlap=False)):
+        with LLM(default_model_store, dtype="float32", policy=policy, offload_dir=tmp_path / "o") as llm:
+            assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+
+
+def test_offloaded_score_equals_in_memory(tiny_model, tmp_path):
+    folder, _ = tiny_model("qwen2")
+    texts = [list(range(3, 30)), [9, 8, 7, 6]]
+    expected = [s.logprobs for s in LLM(folder, dtype="float32").score(texts)]
+    policy = Policy(gpu_batch_size=1, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0, cache_host=0)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        got = [s.logprobs for s in llm.score(texts)]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-6)
+
+
+@pytest.mark.parametrize("fractions", [(0.3, 0.0), (0.0, 0.5), (0.2, 0.3), (0.45, 0.45), (0.0, 0.0)])
+def test_weights_are_placed_by_fraction(tiny_model, tmp_path, fractions):
+    folder, _ = tiny_model("llama_mha_bias")
+    device, host = fractions
+    policy = Policy(weights_device=device, weights_host=host)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        home = llm.runner.home
+        spec_bytes = {s.name: s.numel() * 4 for s in llm.family.layer_specs(llm.config)}
+        total, largest = sum(spec_bytes.values()) * llm.config.num_layers, max(spec_bytes.values())
+        placed = home.tier_bytes()
+        for tier, share in ((Tier.DEVICE, device), (Tier.HOST, host), (Tier.DISK, 1 - device - host)):
+            assert abs(placed[tier] - share * total) <= largest
+        for j, tiers in enumerate(home.tiers):  # each tensor is where the placement says
+            on_disk = set(home.disk[j].entries) if home.disk[j] else set()
+            assert on_disk == {n for n, t in tiers.items() if t is Tier.DISK}
+            assert set(home.memory[j]) == {n for n, t in tiers.items() if t is not Tier.DISK}
+            if on_disk:
+                assert home.disk[j].file.path.stat().st_size >= sum(spec_bytes[n] for n in on_disk)
+
+
+def test_schedule_loads_before_use_and_modes_do_the_same_work(tiny_model, tmp_path):
+    folder, _ = tiny_model("opt_pre_ln")
+    traces = {}
+    for overlap in (True, False):
+        policy = Policy(gpu_batch_size=2, num_gpu_batches=3, weights_device=0, weights_host=0,
+                        cache_device=0, cache_host=0, overlap=overlap)
+        with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / str(overlap)) as llm:
+            llm.runner.trace = []
+            llm.generate(PROMPTS[:6], SamplingParams(max_new_tokens=3, ignore_eos=True))
+            traces[overlap] = llm.runner.trace
+    num_layers = 3
+    for trace in traces.values():
+        steps = [trace[i:i + len(trace) // 3] for i in range(0, len(trace), len(trace) // 3)]
+        assert len(steps) == 3
+        for ops in steps:
+            for n, op in enumerate(ops):
+                if op.kind == "compute":
+                    before = ops[:n]
+                    assert Op("load_weight", op.layer) in before
+                    assert Op("load_cache", op.layer, op.batch) in before
+                    assert Op("store_cache", op.layer, op.batch) in ops[n + 1:]
+            # one weight load per layer per token, reused by all three GPU batches
+            assert sum(op.kind == "load_weight" for op in ops) == num_layers
+            assert sum(op.kind == "compute" for op in ops) == num_layers * 3
+    assert sorted(map(repr, traces[True])) == sorted(map(repr, traces[False]))
+    assert traces[True] != traces[False]  # the overlapped order really differs
+
+
+def test_policy_that_cannot_fit_is_refused_before_allocation(tiny_model, tmp_path):
+    folder, _ = tiny_model("llama_mha_bias")
+    offload = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"needs .* GiB of memory \(.*weights.*\) but the budget is"):
+        LLM(folder, dtype="float32", policy=Policy(), cpu_memory=100_000, offload_dir=offload)
+    assert not offload.exists()
+    # Weights fit on disk, but a huge block's KV cache in memory does not.
+    policy = Policy(gpu_batch_size=64, num_gpu_batches=4, weights_device=0, weights_host=0)
+    with LLM(folder, dtype="float32", policy=policy, cpu_memory=40 << 20, offload_dir=offload) as llm:
+        with pytest.raises(ConfigError, match="KV cache"):
+            llm.generate([[1, 2, 3]] * 256, SamplingParams(max_new_tokens=200, ignore_eos=True))
+
+
+@pytest.mark.parametrize("bad", [dict(gpu_batch_size=0), dict(weights_device=0.7, weights_host=0.5),
+                                 dict(cache_device=-0.1), dict(num_gpu_batches=1.5)])
+def test_invalid_policies_name_the_field(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad)).split("_")[0]):
+        Policy(**bad)
+
+
+def test_percent_maps_like_flexgen():
+    p = Policy.from_percent([20, 30, 0, 100, 100, 0])
+    assert (p.weights_device, p.weights_host, p.weights_disk) == pytest.approx((0.2, 0.3, 0.5))
+    assert (p.cache_device, p.cache_host, p.cache_disk) == pytest.approx((0.0, 1.0, 0.0))
+    with pytest.raises(ConfigError, match="six numbers"):
+        Policy.from_percent([100, 0])
