@@ -46,3 +46,20 @@ def test_convert_then_generate(tiny_model, tmp_path):
 def test_bad_model_path_is_a_clear_error():
     out = flexbatch("generate", "--model", "/no/such/model", "--prompt", "hi")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_with_percent_policy_matches_in_memory(default_model_store, tmp_path):
+    base = ["generate", "--model", str(default_model_store), "-p", "The capital of France is", "-p", "Hi",
+            "--max-new-tokens", "6", "--dtype", "float32", "--json"]
+    plain = flexbatch(*base)
+    offloaded = flexbatch(*base, "--percent", "0", "0", "0", "0", "100", "0", "--gpu-batch-size", "1",
+                          "--num-gpu-batches", "2", "--offload-dir", str(tmp_path / "off"))
+    assert plain.returncode == 0 and offloaded.returncode == 0, offloaded.stderr
+    assert plain.stdout == offloaded.stdout
+    assert "policy: Policy(gpu_batch_size=1, num_gpu_batches=2" in offloaded.stderr
+
+
+def test_policy_that_does_not_fit_is_a_clear_cli_error(default_model_store):
+    out = flexbatch("generate", "--model", str(default_model_store), "-p", "x", "--percent", "100", "0", "100", "0",
+                    "100", "0", "--cpu-memory", "10MB")
+    assert out.returncode == 2 and "but the budget is" in out.stderr and "Traceback" not in out.stderr

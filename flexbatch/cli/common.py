@@ -31,3 +31,62 @@ def sampling_params(args):
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                           ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False))
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MB', '1.5G', '1000000' -> bytes."""
+    from ..errors import ConfigError
+
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+             "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+    s = text.strip().lower()
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        if unit not in units:
+            raise ValueError(unit)
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 4GiB, 512MB or 1000000") from None
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("offloading policy (omit all to keep the model in memory)")
+    g.add_argument("--percent", type=float, nargs=6, metavar="P",
+                   help="FlexGen's six numbers: weights GPU%% CPU%%, cache GPU%% CPU%%, activations GPU%% "
+                        "CPU%%; the rest of each goes to disk (on a CPU-only machine GPU means RAM too)")
+    g.add_argument("--gpu-batch-size", type=int, default=None, help="sequences per GPU batch")
+    g.add_argument("--num-gpu-batches", type=int, default=None, help="GPU batches per block")
+    g.add_argument("--no-overlap", action="store_true", help="run loads, compute and stores sequentially")
+    g.add_argument("--offload-dir", default=None, help="folder for disk-resident tensors (default: a temp folder)")
+    g.add_argument("--cpu-memory", type=parse_bytes, default=None, help="host memory budget, e.g. 8GiB (default: free RAM)")
+    g.add_argument("--gpu-memory", type=parse_bytes, default=None, help="GPU memory budget (default: free GPU memory)")
+    g.add_argument("--policy", dest="policy_file", default=None, help="a policy JSON file (fields of flexbatch.config.Policy)")
+
+
+def build_policy(args):
+    """A Policy from the flags, or None when no offloading flag was given."""
+    import json
+
+    from ..config import Policy
+    from ..errors import ConfigError
+
+    fields = {}
+    if args.policy_file:
+        try:
+            with open(args.policy_file) as f:
+                fields = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read --policy {args.policy_file}: {e}") from e
+    extra = {k: v for k, v in (("gpu_batch_size", args.gpu_batch_size), ("num_gpu_batches", args.num_gpu_batches))
+             if v is not None}
+    if args.no_overlap:
+        extra["overlap"] = False
+    if args.percent:
+        return Policy.from_percent(args.percent, **{**fields, **extra})
+    if fields or extra or args.offload_dir:
+        try:
+            return Policy(**{**fields, **extra})
+        except TypeError as e:
+            raise ConfigError(f"--policy {args.policy_file}: {e}") from e
+    return None

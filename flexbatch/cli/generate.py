@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import ConfigError
-from .common import add_model_args, add_sampling_args, sampling_params
+from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, sampling_params
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities (with --json)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences generated together (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    add_policy_args(p)
     p.set_defaults(run=run)
 
 
@@ -42,7 +43,11 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     params = sampling_params(args)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+    policy = build_policy(args)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
+              offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
+    if policy is not None:
+        print(f"policy: {policy}", file=sys.stderr)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, progress=True)
@@ -62,4 +67,5 @@ def run(args) -> int:
     print(f"{len(outputs)} prompts, {tokens} generated tokens in {elapsed:.1f}s "
           f"({tokens / max(elapsed, 1e-9):.1f} tokens/s), model {llm.model_path.name}, dtype "
           f"{str(llm.dtype).removeprefix('torch.')}", file=sys.stderr)
+    llm.close()
     return 0
