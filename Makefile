@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/flexbatch generate --prompts-file examples/prompts.txt --chat --max-new-tokens 48
+	$(VENV)/bin/flexbatch run examples/requests.jsonl -o results.jsonl
 
 test: setup
 	$(PY) -m pytest -q

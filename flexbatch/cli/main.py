@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import FlexbatchError
-from . import convert, generate
+from . import convert, generate, run
 
-COMMANDS = [generate, convert]
+COMMANDS = [run, generate, convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class OffloadRunner:
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.blocks: list[list[KVBlock]] = []
         self.trace: list[Op] | None = None  # set to a list to record executed operations
+        self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
+        self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
 
     # ---- memory ---------------------------------------------------------------------------
     def _weight_plan(self) -> MemoryPlan:
@@ -128,9 +131,12 @@ class OffloadRunner:
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
         """Run the block schedule for one token step; return last-position logits [B, V]."""
+        began = time.perf_counter()
         hidden = self._hidden(input_ids, key_valid, start)
         logits = [self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]
-        return torch.cat(logits).cpu()
+        out = torch.cat(logits).cpu()
+        self.step_seconds.append(time.perf_counter() - began)
+        return out
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -164,8 +170,11 @@ class OffloadRunner:
             elif op.kind == "load_cache":
                 caches[j, k] = submit(self.blocks[j][k].load, start)
             elif op.kind == "compute":
+                waited = time.perf_counter()
                 k_cache, v_cache = caches.pop((j, k)).result()
-                hidden[k] = self.family.layer(self.cfg, weights[j].result(), hidden[k], ctxs[k], k_cache, v_cache)
+                layer_weights = weights[j].result()
+                self.wait_seconds += time.perf_counter() - waited
+                hidden[k] = self.family.layer(self.cfg, layer_weights, hidden[k], ctxs[k], k_cache, v_cache)
             else:  # store_cache
                 stores.append(submit(self.blocks[j][k].store, start, end))
         for future in stores:

@@ -54,6 +54,7 @@ class WeightHome:
         slot_bytes = max((d.nbytes for d in self.disk if d is not None), default=0)
         self.slots = [aligned_bytes(slot_bytes) for _ in range(2)] if slot_bytes else []
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexbatch-read")
+        self.bytes_read = 0  # disk bytes read by `load`, for bandwidth reports
 
     def _place(self, policy: Policy) -> list[dict[str, Tier]]:
         specs = self.family.layer_specs(self.cfg)
@@ -119,6 +120,7 @@ class WeightHome:
             chunks = [(s, min(s + READ_CHUNK, disk.nbytes)) for s in range(0, disk.nbytes, READ_CHUNK)]
             for future in [self._readers.submit(disk.file.read_into, slot, a, b) for a, b in chunks]:
                 future.result()
+            self.bytes_read += disk.nbytes
             for name, (offset, shape) in disk.entries.items():
                 weights[name] = as_dtype(slot, self.dtype, shape, offset).to(self.device, non_blocking=True)
         return weights

@@ -1,0 +1,236 @@
+"""Offloading benchmark: flexbatch vs Hugging Face Accelerate disk offload, same prompts,
+same memory limit (page cache included), in one run.
+
+Each system runs in a child process inside a cgroup v1 memory group limited to --memory,
+after the page cache is dropped, so neither profits from the OS caching the model. Weights
+are random, in a published OPT shape (benchmarks/dummy_model.py). Metric (FlexGen's):
+generated tokens / (prefill time + decode time). The roofline is the time the hardware
+needs at least for the flexbatch policy: per step, the larger of the disk time (bytes read /
+measured O_DIRECT bandwidth) and the compute time (FLOPs / measured bf16 matmul FLOP/s).
+
+    sudo python benchmarks/offload_bench.py --shape opt-1.3b --memory 1.5GiB \\
+        --blocks 16x2,32x4 --hf-batches 4,16 --prompt-len 128 --gen-len 32
+
+The last line printed is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+# ---- children --------------------------------------------------------------------------
+def prompts(n: int, length: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(10, 50000, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def child_flexbatch(spec: dict) -> dict:
+    from flexbatch import LLM, SamplingParams
+    from flexbatch.config import Policy
+
+    policy = Policy(gpu_batch_size=spec["gbs"], num_gpu_batches=spec["ngb"], weights_device=0, weights_host=0,
+                    cache_device=1, cache_host=0)
+    with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
+             cpu_memory=spec["memory"]) as llm:
+        llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+        llm.runner.home.bytes_read, llm.runner.step_seconds, llm.runner.wait_seconds = 0, [], 0.0
+        outs = llm.generate(prompts(policy.block_size, spec["prompt_len"]),
+                            SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True))
+        steps = llm.runner.step_seconds
+        return {"prefill_s": steps[0], "decode_s": sum(steps[1:]), "tokens": sum(len(o.token_ids) for o in outs),
+                "batch": policy.block_size, "bytes_read": llm.runner.home.bytes_read,
+                "io_wait_s": llm.runner.wait_seconds}
+
+
+def child_hf(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], device_map="auto", max_memory={"cpu": int(spec["memory"] * 0.5)},
+        offload_folder=spec["offload_dir"], dtype=torch.bfloat16)
+    ids = torch.tensor(prompts(spec["batch"], spec["prompt_len"]))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=spec["gen_len"],
+                             min_new_tokens=spec["gen_len"], do_sample=False)
+        total = time.perf_counter() - start
+        start = time.perf_counter()  # the prefill alone, for the breakdown
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        prefill = min(time.perf_counter() - start, total)
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"prefill_s": prefill, "decode_s": total - prefill, "tokens": tokens, "batch": spec["batch"]}
+
+
+def run_child(kind: str, spec: dict, memory: int) -> dict:
+    """Run one measurement in a fresh process confined to `memory` bytes (page cache included)."""
+    group = CGROUP / f"flexbatch-bench-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(memory))
+    drop_page_cache()
+    cmd = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} {__file__} --child {kind} '{json.dumps(spec)}'"
+    began = time.perf_counter()
+    out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    peak = int((group / "memory.max_usage_in_bytes").read_text())
+    group.rmdir()
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)[-400:], "wall_s": wall, "peak_bytes": peak}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update(wall_s=wall, peak_bytes=peak)
+    result["throughput"] = result["tokens"] / (result["prefill_s"] + result["decode_s"])
+    return result
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    except OSError:
+        print("warning: cannot drop the page cache (not root?)", file=sys.stderr)
+
+
+# ---- hardware measurements for the roofline ------------------------------------------
+def disk_read_bandwidth(folder: Path, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of O_DIRECT reads in 4 MiB requests, 4 in flight (what flexbatch issues)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flexbatch.storage.aligned import aligned_bytes
+    from flexbatch.storage.disk import DiskFile
+
+    buf = aligned_bytes(nbytes)
+    buf.fill_(7)
+    f = DiskFile(folder / "bandwidth.probe", nbytes)
+    f.write_from(buf, 0, nbytes)
+    os.sync()
+    chunk = 4 << 20
+    with ThreadPoolExecutor(4) as pool:
+        start = time.perf_counter()
+        list(pool.map(lambda s: f.read_into(buf, s, s + chunk), range(0, nbytes, chunk)))
+        elapsed = time.perf_counter() - start
+    f.close()
+    (folder / "bandwidth.probe").unlink()
+    return nbytes / elapsed
+
+
+def matmul_flops(rows: int, hidden: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+    w = torch.randn(4 * hidden, hidden, dtype=torch.bfloat16)
+    F.linear(x, w)
+    start = time.perf_counter()
+    for _ in range(3):
+        F.linear(x, w)
+    return 3 * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
+
+
+def roofline(cfg: dict, batch: int, prompt_len: int, gen_len: int, bandwidth: float) -> dict:
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    layer_params = 12 * h * h + 9 * h
+    weight_bytes = 2 * layer_params * layers
+    io = weight_bytes / bandwidth
+    f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
+    f_decode = matmul_flops(batch, h)
+    head = 2 * cfg["vocab_size"] * h
+    prefill_flops = batch * prompt_len * (2 * layer_params * layers + 2 * prompt_len * h * layers) + batch * head
+    prefill = max(io, prefill_flops / f_prefill)
+    decode = 0.0
+    for i in range(1, gen_len):
+        ctx = prompt_len + i
+        flops = batch * (2 * layer_params * layers + 4 * ctx * h * layers + head)
+        decode += max(io, flops / f_decode)
+    return {"roofline_s": prefill + decode, "roofline_prefill_s": prefill, "roofline_decode_s": decode,
+            "io_s_per_step": io, "flops_prefill": f_prefill, "flops_decode": f_decode}
+
+
+# ---- driver ------------------------------------------------------------------------------
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="opt-1.3b")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flexbatch-bench"))
+    p.add_argument("--memory", default="1.5GiB", help="memory limit for each system, page cache included")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--blocks", default="16x2,32x2", help="flexbatch GPU batch size x number of GPU batches, comma separated")
+    p.add_argument("--hf-batches", default="4,16", help="HF Accelerate batch sizes (empty to skip)")
+    args = p.parse_args()
+    if args.child:
+        fn = child_flexbatch if args.child == "flexbatch" else child_hf
+        print(json.dumps(fn(json.loads(args.spec))))
+        return
+    from dummy_model import opt_config, write_dummy
+
+    from flexbatch.cli.common import parse_bytes
+
+    memory = parse_bytes(args.memory)
+    work = Path(args.workdir)
+    model = write_dummy(args.shape, work / args.shape)
+    cfg = opt_config(args.shape)
+    bandwidth = disk_read_bandwidth(work)
+    print(f"model {args.shape}: {sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GiB, "
+          f"memory limit {memory / 2**30:.2f} GiB, disk O_DIRECT read {bandwidth / 1e9:.2f} GB/s")
+    common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory}
+    results = {"flexbatch": [], "hf_accelerate": []}
+    for gbs, ngb in parse_blocks(args.blocks):
+        spec = {**common, "gbs": gbs, "ngb": ngb, "offload_dir": str(work / "flexbatch-offload")}
+        r = run_child("flexbatch", spec, memory)
+        if "error" not in r:
+            r.update(roofline(cfg, r["batch"], args.prompt_len, args.gen_len, bandwidth))
+            r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
+            r["disk_read_GBps"] = r["bytes_read"] / 1e9 / (r["prefill_s"] + r["decode_s"])
+        results["flexbatch"].append({"gbs": gbs, "ngb": ngb, **r})
+        print_row("flexbatch", f"{gbs}x{ngb}", r)
+    for batch in [int(b) for b in args.hf_batches.split(",") if b]:
+        spec = {**common, "batch": batch, "offload_dir": str(work / "hf-offload")}
+        r = run_child("hf", spec, memory)
+        results["hf_accelerate"].append({"batch": batch, **r})
+        print_row("hf_accelerate", str(batch), r)
+    best = {k: max((r.get("throughput", 0) for r in v), default=0) for k, v in results.items()}
+    summary = {"shape": args.shape, "memory_bytes": memory, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+               "disk_read_Bps": bandwidth, "best_throughput": best,
+               "ratio_flexbatch_over_hf": best["flexbatch"] / best["hf_accelerate"] if best["hf_accelerate"] else None,
+               "results": results}
+    print(f"best: flexbatch {best['flexbatch']:.3f} tok/s, HF Accelerate {best['hf_accelerate']:.3f} tok/s, "
+          f"ratio {summary['ratio_flexbatch_over_hf'] or float('nan'):.2f}x")
+    print(json.dumps(summary))
+
+
+def print_row(system: str, batch: str, r: dict) -> None:
+    if "error" in r:
+        print(f"{system:14s} batch {batch:>7s}: FAILED ({r['error']})")
+        return
+    extra = ""
+    if "roofline_fraction" in r:
+        extra = f", {r['disk_read_GBps']:.2f} GB/s read, {100 * r['roofline_fraction']:.0f}% of roofline"
+    print(f"{system:14s} batch {batch:>7s}: {r['throughput']:.3f} tok/s (prefill {r['prefill_s']:.1f}s, "
+          f"decode {r['decode_s']:.1f}s), peak {r['peak_bytes'] / 2**30:.2f} GiB{extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""`flexbatch run INPUT -o OUTPUT`: the durable batch job over a prompt file."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, sampling_params
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run a resumable batch job over a file of requests",
+        description="Generate for every request in INPUT and append one result line per request to "
+                    "OUTPUT. Rerun the same command after a crash: finished requests are skipped. "
+                    "Inputs: OpenAI Batch API JSONL (/v1/completions, /v1/chat/completions), JSONL "
+                    "with `prompt`, a text file with one prompt per line, or a CSV.")
+    p.add_argument("input", help="requests file (.jsonl, .txt or .csv)")
+    p.add_argument("-o", "--output", required=True, help="results file (JSONL), appended to")
+    p.add_argument("--format", default="auto", choices=["auto", "openai", "jsonl", "text", "csv"],
+                   help="input format (default: from the extension and the first line)")
+    p.add_argument("--column", default="prompt", help="CSV column holding the prompts (default: prompt)")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to plain prompts")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities by default")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per block without a policy (default 32)")
+    add_policy_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..api import LLM
+    from ..jobs.runner import run_job
+
+    defaults = sampling_params(args)
+    policy = build_policy(args)
+    with LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
+             offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory) as llm:
+        print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
+              f"block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}", file=sys.stderr)
+        summary = run_job(llm, args.input, args.output, fmt=args.format, column=args.column, defaults=defaults,
+                          chat=args.chat)
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    print(f"results: {args.output}", file=sys.stderr)
+    return 0

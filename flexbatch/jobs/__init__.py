@@ -1,0 +1,1 @@
+"""The batch-job runner: input formats, bucketing, durable resumable output."""

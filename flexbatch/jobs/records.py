@@ -1,0 +1,55 @@
+"""Output records: the OpenAI batch output format for batch inputs, a flat one otherwise.
+
+Record ids are derived from the request id, so a resumed job writes exactly the lines an
+uninterrupted one would (only `created` timestamps differ).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from .inputs import JobRequest
+
+NAMESPACE = uuid.UUID("6f1e1c2a-3b7d-4c5e-9a8b-0d2f4e6a8c1b")
+
+
+def _stable_id(prefix: str, request_id: str) -> str:
+    return f"{prefix}-{uuid.uuid5(NAMESPACE, request_id).hex}"
+
+
+def openai_record(req: JobRequest, model: str, output=None, error: str | None = None) -> dict:
+    request_id = _stable_id("flexbatch", req.id)
+    if error is not None:
+        return {"id": _stable_id("batch_req", req.id), "custom_id": req.id,
+                "response": {"status_code": 400, "request_id": request_id, "body": None},
+                "error": {"code": "invalid_request", "message": error}}
+    usage = {"prompt_tokens": len(output.prompt_token_ids), "completion_tokens": len(output.token_ids),
+             "total_tokens": len(output.prompt_token_ids) + len(output.token_ids)}
+    if req.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": output.text},
+                  "finish_reason": output.finish_reason,
+                  "logprobs": _chat_logprobs(output) if output.logprobs is not None else None}
+        body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion"}
+    else:
+        choice = {"index": 0, "text": output.text, "finish_reason": output.finish_reason,
+                  "logprobs": {"token_logprobs": output.logprobs, "tokens": output.token_ids}
+                  if output.logprobs is not None else None}
+        body = {"id": f"cmpl-{request_id}", "object": "text_completion"}
+    body.update(created=int(time.time()), model=model, choices=[choice], usage=usage)
+    return {"id": _stable_id("batch_req", req.id), "custom_id": req.id,
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def _chat_logprobs(output) -> dict:
+    return {"content": [{"token_id": t, "logprob": lp} for t, lp in zip(output.token_ids, output.logprobs)]}
+
+
+def simple_record(req: JobRequest, model: str, output=None, error: str | None = None) -> dict:
+    if error is not None:
+        return {"id": req.id, "error": error}
+    record = {"id": req.id, "text": output.text, "finish_reason": output.finish_reason,
+              "prompt_tokens": len(output.prompt_token_ids), "completion_tokens": len(output.token_ids)}
+    if output.logprobs is not None:
+        record["token_ids"] = output.token_ids
+        record["logprobs"] = output.logprobs
+    return record

@@ -1,0 +1,93 @@
+"""Group-wise asymmetric quantization (FlexGen's compression), as pure functions.
+
+A tensor is cut into groups of `group_size` consecutive elements along `group_dim`; each
+group keeps its minimum and its step (max - min) / (2^bits - 1), and every element becomes
+round((x - min) / step), an integer in [0, 2^bits - 1]. 4-bit values are packed two per
+byte (first of each pair in the high nibble). A dimension that is not a multiple of the
+group size is padded by repeating its last element, which does not change any group's range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 64
+    group_dim: int = 0
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ConfigError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.group_size < 2 or self.group_size % 2:
+            raise ConfigError(f"group_size must be an even number >= 2, got {self.group_size}")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed integer data plus per-group minimum and step, and what is needed to undo it."""
+
+    data: torch.Tensor  # uint8 [..., groups, packed group, ...]
+    minimum: torch.Tensor  # [..., groups, 1, ...] in the original float dtype
+    step: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    config: QuantConfig
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.minimum, self.step))
+
+
+def _grouped(x: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """x with group_dim split into (groups, group_size), padded by edge replication."""
+    dim = cfg.group_dim % x.dim()
+    size = x.shape[dim]
+    pad = (-size) % cfg.group_size
+    if pad:
+        edge = x.narrow(dim, size - 1, 1)
+        x = torch.cat([x, edge.expand(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim=dim)
+    groups = x.shape[dim] // cfg.group_size
+    return x.reshape(*x.shape[:dim], groups, cfg.group_size, *x.shape[dim + 1:])
+
+
+def quantize(x: torch.Tensor, cfg: QuantConfig = QuantConfig()) -> QuantizedTensor:
+    dim = cfg.group_dim % x.dim()
+    g = _grouped(x.float(), cfg)
+    inner = dim + 1  # the within-group axis
+    minimum = g.amin(dim=inner, keepdim=True)
+    step = (g.amax(dim=inner, keepdim=True) - minimum) / cfg.levels
+    safe_step = torch.where(step > 0, step, torch.ones_like(step))  # constant groups: all zeros
+    q = torch.clamp(torch.round((g - minimum) / safe_step), 0, cfg.levels).to(torch.uint8)
+    if cfg.bits == 4:
+        q = pack_nibbles(q, inner)
+    return QuantizedTensor(q, minimum.to(x.dtype), step.to(x.dtype), tuple(x.shape), x.dtype, cfg)
+
+
+def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    cfg = qt.config
+    dim = cfg.group_dim % len(qt.shape)
+    q = unpack_nibbles(qt.data, dim + 1) if cfg.bits == 4 else qt.data
+    x = q.to(torch.float32) * qt.step.float() + qt.minimum.float()
+    x = x.reshape(*x.shape[:dim], -1, *x.shape[dim + 2:])
+    x = x.narrow(dim, 0, qt.shape[dim])
+    return x.to(out_dtype or qt.dtype)
+
+
+def pack_nibbles(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """Two 4-bit values per byte along `dim` (even length): first in the high nibble."""
+    pairs = q.unflatten(dim, (-1, 2))
+    return (pairs.select(dim + 1, 0) << 4) | pairs.select(dim + 1, 1)
+
+
+def unpack_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    high, low = packed >> 4, packed & 0x0F
+    return torch.stack([high, low], dim=dim + 1).flatten(dim, dim + 1)

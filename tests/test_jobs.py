@@ -1,0 +1,180 @@
+"""The batch-job runner: formats, error records, crash and resume, the output lock."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flexbatch import LLM, SamplingParams
+from flexbatch.errors import ConfigError
+from flexbatch.jobs.output import OutputLock
+from flexbatch.jobs.runner import run_job
+
+PROMPTS = ["The capital of France is", "Water boils at", "def square(x):", "My favourite colour is",
+           "The moon is", "Once upon a time"]
+PARAMS = SamplingParams(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_store):
+    return LLM(default_model_store, dtype="float32", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def direct(llm):
+    return {p: o for p, o in zip(PROMPTS, llm.generate(PROMPTS, PARAMS))}
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_openai_batch_format_round_trip(llm, direct, tmp_path):
+    src = tmp_path / "batch.jsonl"
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "m", "prompt": p, "max_tokens": 6}} for i, p in enumerate(PROMPTS)]
+    lines.append({"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6}})
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    before = src.read_bytes()
+    summary = run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    records = {r["custom_id"]: r for r in read(tmp_path / "out.jsonl")}
+    assert src.read_bytes() == before and summary.completed == 7 and summary.errors == 0
+    assert set(records) == {x["custom_id"] for x in lines}
+    for i, p in enumerate(PROMPTS):
+        body = records[f"req-{i}"]["response"]["body"]
+        assert records[f"req-{i}"]["response"]["status_code"] == 200 and records[f"req-{i}"]["error"] is None
+        assert body["object"] == "text_completion" and body["choices"][0]["text"] == direct[p].text
+        assert body["usage"]["completion_tokens"] == len(direct[p].token_ids)
+        assert body["usage"]["prompt_tokens"] == len(direct[p].prompt_token_ids)
+    chat = records["chat-1"]["response"]["body"]
+    expected = llm.chat([{"role": "user", "content": "Say hi"}], PARAMS)[0]
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == expected.text
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text", "csv"])
+def test_plain_formats_round_trip(llm, direct, tmp_path, fmt):
+    if fmt == "jsonl":
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"id": f"x{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+        ids = [f"x{i}" for i in range(len(PROMPTS))]
+    elif fmt == "text":
+        src = tmp_path / "in.txt"
+        src.write_text("\n".join(PROMPTS) + "\n")
+        ids = [f"line-{i + 1}" for i in range(len(PROMPTS))]
+    else:
+        src = tmp_path / "in.csv"
+        src.write_text("id,prompt\n" + "".join(f'k{i},"{p}"\n' for i, p in enumerate(PROMPTS)))
+        ids = [f"k{i}" for i in range(len(PROMPTS))]
+    run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    records = {r["id"]: r for r in read(tmp_path / "out.jsonl")}
+    assert sorted(records) == sorted(ids)
+    for rid, p in zip(ids, PROMPTS):
+        assert records[rid]["text"] == direct[p].text
+        assert records[rid]["completion_tokens"] == len(direct[p].token_ids)
+
+
+def test_bad_lines_become_error_records(llm, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    good = {"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Hi", "max_tokens": 3}}
+    src.write_bytes(b"\n".join([
+        json.dumps(good).encode(),
+        b'{"custom_id": "torn", "method": "POST", ',
+        json.dumps({"custom_id": "nobody", "method": "POST", "url": "/v1/completions"}).encode(),
+        json.dumps({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {}}).encode(),
+        json.dumps({"custom_id": "long", "method": "POST", "url": "/v1/completions",
+                    "body": {"prompt": "word " * 9000, "max_tokens": 4}}).encode(),
+        json.dumps({"custom_id": "field", "method": "POST", "url": "/v1/completions",
+                    "body": {"prompt": "Hi", "logit_bias": {"1": 2}}}).encode(),
+        b'{"custom_id": "latin1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "caf\xe9"}}',
+        json.dumps(good).encode(),
+    ]) + b"\n")
+    summary = run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    records = read(tmp_path / "out.jsonl")
+    assert len(records) == 8 and summary.completed == 1 and summary.errors == 7
+    errors = {r["custom_id"]: r["error"]["message"] for r in records if r["error"]}
+    assert "not valid JSON" in errors["line-2"]
+    assert "missing field(s) body" in errors["nobody"]
+    assert "/v1/embeddings" in errors["emb"]
+    assert "exceeds the model's context" in errors["long"]
+    assert "logit_bias" in errors["field"]
+    assert "not valid UTF-8" in errors["line-7"]
+    assert "appears more than once" in errors["ok#line-8"]
+    assert all(r["response"]["status_code"] == 400 for r in records if r["error"])
+
+
+def test_empty_input_is_a_clear_error(llm, tmp_path):
+    src = tmp_path / "empty.txt"
+    src.write_text("\n\n")
+    with pytest.raises(ConfigError, match="no requests"):
+        run_job(llm, src, tmp_path / "out.jsonl", progress=False)
+
+
+def run_cli(src, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "flexbatch", "run", str(src), "-o", str(out), "--dtype", "float32",
+                             "--batch-size", "3", "--max-new-tokens", "12", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def comparable(path):
+    out = {}
+    for r in read(path):
+        out[r["id"]] = {k: v for k, v in r.items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def job_input(tmp_path_factory, default_model_store):
+    folder = tmp_path_factory.mktemp("job")
+    src = folder / "prompts.txt"
+    src.write_text("".join(f"Write one sentence about the number {i}.\n" for i in range(30)))
+    reference = folder / "reference.jsonl"
+    proc = run_cli(src, reference, "--model", str(default_model_store))
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    return src, reference
+
+
+def kill_when(proc, out, min_lines: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if out.exists() and out.read_text().count("\n") >= min_lines:
+            break
+        if proc.poll() is not None:
+            raise AssertionError("the job finished before it could be killed")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("point", ["before_first_block", "between_blocks", "during_a_write"])
+def test_kill_9_then_resume_gives_exactly_the_uninterrupted_results(job_input, default_model_store, tmp_path, point):
+    src, reference = job_input
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(src, out, "--model", str(default_model_store))
+    kill_when(proc, out, {"before_first_block": 0, "between_blocks": 3, "during_a_write": 6}[point])
+    if point == "during_a_write":  # what a write cut short leaves behind: half a line
+        with open(out, "ab") as f:
+            f.write(b'{"id": "line-99", "text": "half of a rec')
+    resumed = run_cli(src, out, "--model", str(default_model_store))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 30 and len({json.loads(x)["id"] for x in lines}) == 30
+    assert comparable(out) == comparable(reference)
+
+
+def test_second_concurrent_job_is_refused(job_input, default_model_store, tmp_path):
+    src, _ = job_input
+    out = tmp_path / "out.jsonl"
+    lock = OutputLock(out)
+    try:
+        proc = run_cli(src, out, "--model", str(default_model_store))
+        assert proc.wait(timeout=300) == 2
+        assert "another flexbatch job is writing" in proc.stderr.read()
+    finally:
+        lock.release()
+    assert not out.exists()
