@@ -61,5 +61,5 @@ def test_generate_with_percent_policy_matches_in_memory(default_model_store, tmp
 
 def test_policy_that_does_not_fit_is_a_clear_cli_error(default_model_store):
     out = flexbatch("generate", "--model", str(default_model_store), "-p", "x", "--percent", "100", "0", "100", "0",
-                    "100", "0", "--cpu-memory", "10MB")
+                    "100", "0", "--cpu-memory", "500MB")
     assert out.returncode == 2 and "but the budget is" in out.stderr and "Traceback" not in out.stderr

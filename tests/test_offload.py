@@ -6,6 +6,7 @@ import pytest
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
+from flexbatch.engine.memory import process_rss_bytes
 from flexbatch.engine.schedule import Op
 from flexbatch.errors import ConfigError
 from flexbatch.storage.tiers import Tier
@@ -117,13 +118,20 @@ def test_policy_that_cannot_fit_is_refused_before_allocation(tiny_model, tmp_pat
     folder, _ = tiny_model("llama_mha_bias")
     offload = tmp_path / "never"
     with pytest.raises(ConfigError, match=r"needs .* GiB of memory \(.*weights.*\) but the budget is"):
-        LLM(folder, dtype="float32", policy=Policy(), cpu_memory=100_000, offload_dir=offload)
+        LLM(folder, dtype="float32", policy=Policy(), cpu_memory=process_rss_bytes() + 100_000, offload_dir=offload)
     assert not offload.exists()
     # Weights fit on disk, but a huge block's KV cache in memory does not.
     policy = Policy(gpu_batch_size=64, num_gpu_batches=4, weights_device=0, weights_host=0)
-    with LLM(folder, dtype="float32", policy=policy, cpu_memory=40 << 20, offload_dir=offload) as llm:
+    with LLM(folder, dtype="float32", policy=policy, cpu_memory=process_rss_bytes() + (40 << 20),
+             offload_dir=offload) as llm:
         with pytest.raises(ConfigError, match="KV cache"):
             llm.generate([[1, 2, 3]] * 256, SamplingParams(max_new_tokens=200, ignore_eos=True))
+
+
+def test_budget_already_used_by_the_process_is_refused(tiny_model):
+    folder, _ = tiny_model("llama_mha_bias")
+    with pytest.raises(ConfigError, match="already used by the running process"):
+        LLM(folder, policy=Policy(), cpu_memory=1 << 20)
 
 
 @pytest.mark.parametrize("bad", [dict(gpu_batch_size=0), dict(weights_device=0.7, weights_host=0.5),

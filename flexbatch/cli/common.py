@@ -59,7 +59,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-batches", type=int, default=None, help="GPU batches per block")
     g.add_argument("--no-overlap", action="store_true", help="run loads, compute and stores sequentially")
     g.add_argument("--offload-dir", default=None, help="folder for disk-resident tensors (default: a temp folder)")
-    g.add_argument("--cpu-memory", type=parse_bytes, default=None, help="host memory budget, e.g. 8GiB (default: free RAM)")
+    g.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the whole process may use on the host, e.g. 8GiB (default: free RAM)")
     g.add_argument("--gpu-memory", type=parse_bytes, default=None, help="GPU memory budget (default: free GPU memory)")
     g.add_argument("--policy", dest="policy_file", default=None, help="a policy JSON file (fields of flexbatch.config.Policy)")
 

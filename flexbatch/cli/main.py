@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import FlexbatchError
-from . import convert, generate, run
+from . import convert, eval_ppl, generate, run
 
-COMMANDS = [run, generate, convert]
+COMMANDS = [run, generate, convert, eval_ppl]
 
 
 def build_parser() -> argparse.ArgumentParser:

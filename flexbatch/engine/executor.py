@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
+from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.placement import split_sequences
@@ -49,6 +50,9 @@ class OffloadRunner:
         self.dtype, self.device = dtype, device
         self.budget = budget or MemoryBudget.detect(device)
         self.unified = device.type != "cuda"  # device and host are the same RAM
+        if not self.unified and (policy.cache_host > 0 or policy.cpu_attention):
+            raise ConfigError("a KV cache in host RAM and CPU attention are not implemented for GPUs yet; "
+                              "put the cache on the GPU or on disk (cache_host=0, cpu_attention=False).")
         self._own_dir = offload_dir is None
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
         self._check_weights_fit()

