@@ -95,18 +95,23 @@ def _json_object(number: int, text: str) -> tuple[dict | None, str | None]:
     return obj, None
 
 
-def _read_openai(path: Path) -> Iterator[JobRequest]:
+def _read_json_lines(path: Path, fill) -> Iterator[JobRequest]:
+    """One request per JSON line; `fill(request, obj)` sets its fields and returns an error or None."""
     for number, text, error in _lines(path):
         request = JobRequest(id=f"line-{number}", line=number, error=error)
         obj, error = (None, error) if error else _json_object(number, text)
         if obj is not None:
-            request.id = str(obj.get("custom_id", request.id))
-            error = _fill_openai(request, obj)
+            error = fill(request, obj)
         request.error = error
         yield request
 
 
+def _read_openai(path: Path) -> Iterator[JobRequest]:
+    return _read_json_lines(path, _fill_openai)
+
+
 def _fill_openai(request: JobRequest, obj: dict) -> str | None:
+    request.id = str(obj.get("custom_id", request.id))
     missing = [k for k in ("custom_id", "method", "url", "body") if k not in obj]
     if missing:
         return f"missing field(s) {', '.join(missing)}; a batch line needs custom_id, method, url and body"
@@ -142,17 +147,14 @@ def _fill_prompt(request: JobRequest, body: dict) -> str | None:
 
 
 def _read_plain_jsonl(path: Path) -> Iterator[JobRequest]:
-    for number, text, error in _lines(path):
-        request = JobRequest(id=f"line-{number}", line=number, error=error)
-        obj, error = (None, error) if error else _json_object(number, text)
-        if obj is not None:
-            request.id = str(obj.pop("id", request.id))
-            if "prompt" not in obj and "messages" not in obj:
-                error = "missing field prompt (or messages)"
-            else:
-                error = _fill_prompt(request, obj)
-        request.error = error
-        yield request
+    return _read_json_lines(path, _fill_plain)
+
+
+def _fill_plain(request: JobRequest, obj: dict) -> str | None:
+    request.id = str(obj.pop("id", request.id))
+    if "prompt" not in obj and "messages" not in obj:
+        return "missing field prompt (or messages)"
+    return _fill_prompt(request, obj)
 
 
 def _read_text(path: Path) -> Iterator[JobRequest]:
