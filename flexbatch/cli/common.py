@@ -62,6 +62,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the whole process may use on the host, e.g. 8GiB (default: free RAM)")
     g.add_argument("--gpu-memory", type=parse_bytes, default=None, help="GPU memory budget (default: free GPU memory)")
     g.add_argument("--policy", dest="policy_file", default=None, help="a policy JSON file (fields of flexbatch.config.Policy)")
+    g.add_argument("--no-plan", action="store_true",
+                   help="without policy flags, keep everything in memory instead of asking the planner")
 
 
 def build_policy(args):

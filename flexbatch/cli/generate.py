@@ -25,6 +25,20 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def estimate_prompt_len(args, prompts: list[str]) -> int:
+    """Tokens in the longest prompt (chat template included), for the planner."""
+    from ..default_model import default_model_path
+    from ..weights.source import open_model
+
+    tokenizer = open_model(args.model or default_model_path()).load_tokenizer()
+    if tokenizer is None:
+        return max(len(p) for p in prompts)
+    if args.chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    return max(len(tokenizer(p)["input_ids"]) for p in prompts)
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -44,6 +58,11 @@ def run(args) -> int:
     prompts = read_prompts(args)
     params = sampling_params(args)
     policy = build_policy(args)
+    if policy is None and not args.no_plan:
+        from .plan import auto_policy
+
+        policy = auto_policy(args, prompt_len=estimate_prompt_len(args, prompts), gen_len=args.max_new_tokens,
+                             num_sequences=len(prompts))
     llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
               offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
     if policy is not None:

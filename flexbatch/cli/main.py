@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import FlexbatchError
-from . import convert, eval_ppl, generate, run
+from . import convert, eval_ppl, generate, plan, run
 
-COMMANDS = [run, generate, convert, eval_ppl]
+COMMANDS = [run, generate, convert, eval_ppl, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

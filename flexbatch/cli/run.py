@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, sampling_params
 
@@ -33,6 +34,11 @@ def run(args) -> int:
 
     defaults = sampling_params(args)
     policy = build_policy(args)
+    if policy is None and not args.no_plan:
+        from .plan import auto_policy
+
+        prompt_len, num_requests = estimate_workload(args)
+        policy = auto_policy(args, prompt_len, args.max_new_tokens, num_requests)
     with LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
              offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory) as llm:
         print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
@@ -43,3 +49,23 @@ def run(args) -> int:
         print(line, file=sys.stderr)
     print(f"results: {args.output}", file=sys.stderr)
     return 0
+
+
+def estimate_workload(args, sample: int = 512) -> tuple[int, int]:
+    """(longest prompt in tokens among the first `sample` requests, number of requests)."""
+    from ..default_model import default_model_path
+    from ..jobs.inputs import detect_format, read_requests
+    from ..weights.source import open_model
+
+    requests = [r for r in read_requests(args.input, detect_format(Path(args.input), args.format), args.column)
+                if not r.error]
+    tokenizer = open_model(args.model or default_model_path()).load_tokenizer()
+    lengths = [64]
+    for r in requests[:sample]:
+        if r.kind == "chat" or args.chat:
+            messages = r.messages or [{"role": "user", "content": r.prompt}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = r.prompt
+        lengths.append(len(tokenizer(text)["input_ids"]))
+    return max(lengths), max(len(requests), 1)

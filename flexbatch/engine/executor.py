@@ -23,7 +23,7 @@ from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .kv_cache import BufferPool, KVBlock
-from .memory import STAGING_BLOCKS, MemoryBudget, MemoryPlan, kv_bytes_per_token, working_bytes
+from .memory import STAGING_BLOCKS, MemoryBudget, kv_bytes_per_token, run_memory, weight_memory
 from .runner import make_context, next_token_logprobs
 from .schedule import Op, token_schedule
 from .weight_home import WeightHome
@@ -64,34 +64,8 @@ class OffloadRunner:
         self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
 
     # ---- memory ---------------------------------------------------------------------------
-    def _weight_plan(self) -> MemoryPlan:
-        plan = MemoryPlan()
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        sizes = {s.name: s.numel() * elt for s in self.family.global_specs(self.cfg)}
-        tied = set(self.family.tied_aliases(self.cfg))
-        plan.add(True, "embeddings and head", sum(v for k, v in sizes.items() if k not in tied))
-        layer_bytes = sum(s.numel() for s in self.family.layer_specs(self.cfg)) * elt * self.cfg.num_layers
-        plan.add(True, "weights", layer_bytes * self.policy.weights_device)
-        plan.add(False, "weights", layer_bytes * self.policy.weights_host)
-        if self.policy.weights_disk > 0:
-            per_layer = layer_bytes / self.cfg.num_layers
-            plan.add(False, "weight read buffers", 2 * per_layer * self.policy.weights_disk + 2 * 4096 * 32)
-        return plan
-
     def _check_weights_fit(self) -> None:
-        self._weight_plan().check(self.budget, self.unified, FIT_HINT)
-
-    def _cache_plan(self, batch_size: int, capacity: int, prompt_width: int) -> MemoryPlan:
-        plan = self._weight_plan()
-        per_seq = kv_bytes_per_token(self.cfg, self.dtype) * capacity * self.cfg.num_layers
-        plan.add(True, "KV cache", per_seq * batch_size * self.policy.cache_device)
-        plan.add(False, "KV cache", per_seq * batch_size * self.policy.cache_host)
-        if self.policy.cache_disk > 0:
-            per_layer_batch = per_seq / self.cfg.num_layers * self.policy.gpu_batch_size
-            plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * self.policy.cache_disk)
-        plan.add(True, "activations and temporaries",
-                 working_bytes(self.cfg, self.policy, self.dtype, prompt_width, capacity))
-        return plan
+        weight_memory(self.cfg, self.family, self.policy, self.dtype).check(self.budget, self.unified, FIT_HINT)
 
     # ---- batch lifecycle ------------------------------------------------------------------
     def gpu_batches(self, batch_size: int) -> list[slice]:
@@ -99,7 +73,8 @@ class OffloadRunner:
         return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
 
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
-        self._cache_plan(batch_size, capacity, prompt_width or capacity).check(self.budget, self.unified, FIT_HINT)
+        plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity, prompt_width or capacity)
+        plan.check(self.budget, self.unified, FIT_HINT)
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}

@@ -7,6 +7,7 @@ import torch
 
 from ..config import Policy
 from ..errors import ConfigError
+from ..models.family import Family
 from ..models.spec import ModelConfig
 
 GiB = 1 << 30
@@ -102,3 +103,44 @@ def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_w
     scores = gbs * cfg.num_heads * prompt_width * capacity * 4
     logits = block * cfg.vocab_size * 4 * 2
     return hidden + temporaries + scores + logits
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layer_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) -> int:
+    """Bytes of one transformer layer's weights."""
+    return sum(s.numel() for s in family.layer_specs(cfg)) * element_size(dtype)
+
+
+def global_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) -> int:
+    """Embeddings, final norm and head (a tied head counted once); always kept in memory."""
+    tied = set(family.tied_aliases(cfg))
+    return sum(s.numel() for s in family.global_specs(cfg) if s.name not in tied) * element_size(dtype)
+
+
+def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype) -> MemoryPlan:
+    """Memory the weights of `policy` need: resident fractions plus the two layer read slots."""
+    plan = MemoryPlan()
+    plan.add(True, "embeddings and head", global_weight_bytes(cfg, family, dtype))
+    per_layer = layer_weight_bytes(cfg, family, dtype)
+    plan.add(True, "weights", per_layer * cfg.num_layers * policy.weights_device)
+    plan.add(False, "weights", per_layer * cfg.num_layers * policy.weights_host)
+    if policy.weights_disk > 0:
+        plan.add(False, "weight read buffers", 2 * per_layer * policy.weights_disk + 2 * 4096 * 32)
+    return plan
+
+
+def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype, batch_size: int,
+               capacity: int, prompt_width: int) -> MemoryPlan:
+    """Everything a block of `batch_size` sequences of up to `capacity` tokens needs."""
+    plan = weight_memory(cfg, family, policy, dtype)
+    per_seq = kv_bytes_per_token(cfg, dtype) * capacity * cfg.num_layers
+    plan.add(True, "KV cache", per_seq * batch_size * policy.cache_device)
+    plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)
+    if policy.cache_disk > 0:
+        per_layer_batch = per_seq / cfg.num_layers * policy.gpu_batch_size
+        plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * policy.cache_disk)
+    plan.add(True, "activations and temporaries", working_bytes(cfg, policy, dtype, prompt_width, capacity))
+    return plan

@@ -1,0 +1,97 @@
+"""`flexbatch plan` and `flexbatch profile`: choose a policy, measure the machine."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+from .common import add_model_args, parse_bytes
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="choose an offloading policy for a workload",
+                       description="Predict the best policy (block size and where weights and KV cache live) "
+                                   "for a model and workload within a memory budget, with FlexGen's cost model.")
+    add_model_args(p)
+    p.add_argument("--prompt-len", type=int, required=True, help="prompt tokens per sequence")
+    p.add_argument("--gen-len", type=int, required=True, help="generated tokens per sequence")
+    p.add_argument("--num-sequences", type=int, default=None, help="cap the block size at this many sequences")
+    p.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the process may use (default: free RAM)")
+    p.add_argument("--offload-dir", default=None, help="where offloaded tensors would go (its disk is profiled)")
+    p.add_argument("--write-policy", metavar="FILE", help="write the chosen policy as JSON for --policy FILE")
+    p.set_defaults(run=run_plan)
+    q = sub.add_parser("profile", help="measure disk bandwidth and matmul throughput for the planner",
+                       description="Measure what the cost model needs (O_DIRECT disk read/write bandwidth, bf16 "
+                                   "and fp32 matmul FLOP/s by batch size) and cache it for later plans.")
+    q.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: the cache folder)")
+    q.add_argument("--force", action="store_true", help="measure again even if a cached profile matches")
+    q.set_defaults(run=run_profile)
+
+
+def run_profile(args) -> int:
+    from ..planner import hardware_profile
+
+    profile = hardware_profile(args.offload_dir, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(profile.to_json(), indent=1))
+    return 0
+
+
+def choose(cfg, family, dtype, device, work, cpu_memory, max_block, offload_dir):
+    """The planner's plan, with progress messages on stderr."""
+    from ..engine.memory import MemoryBudget
+    from ..planner import plan_policy
+
+    budget = MemoryBudget.detect(device, None, cpu_memory)
+    return plan_policy(cfg, family, dtype, device, work, budget, max_block, offload_dir,
+                       log=lambda m: print(m, file=sys.stderr))
+
+
+def describe(candidate) -> str:
+    p = candidate.policy
+    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}, weights {100 * p.weights_device:.1f}% in memory, "
+            f"KV cache {100 * p.cache_device:.1f}% in memory: {candidate.throughput:.2f} tok/s predicted "
+            f"(prefill {candidate.prefill_seconds:.1f}s + decode {candidate.decode_seconds:.1f}s per block), "
+            f"{candidate.memory_bytes / 2**30:.2f} GiB")
+
+
+def run_plan(args) -> int:
+    from ..config import parse_dtype
+    from ..default_model import default_model_path
+    from ..hardware import default_dtype, pick_device
+    from ..models import get_family
+    from ..planner import Workload
+    from ..weights.source import open_model
+
+    opened = open_model(args.model or default_model_path())
+    device = pick_device(args.device)
+    dtype = parse_dtype(args.dtype) or default_dtype(device)
+    plan = choose(opened.config, get_family(opened.config), dtype, device,
+                  Workload(args.prompt_len, args.gen_len), args.cpu_memory, args.num_sequences, args.offload_dir)
+    print(f"chosen:    {describe(plan.best)}")
+    for c in plan.runners_up:
+        print(f"runner-up: {describe(c)}")
+    print("memory of the chosen policy: " + ", ".join(
+        f"{k} {v / 2**30:.2f} GiB" for k, v in {**plan.best.memory.device, **plan.best.memory.host}.items() if v))
+    if args.write_policy:
+        with open(args.write_policy, "w") as f:
+            json.dump(asdict(plan.best.policy), f, indent=1)
+        print(f"policy written to {args.write_policy} (use it with --policy)", file=sys.stderr)
+    return 0
+
+
+def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
+    """The planner's policy for a command given no policy flags (printed on stderr)."""
+    from ..config import parse_dtype
+    from ..default_model import default_model_path
+    from ..hardware import default_dtype, pick_device
+    from ..models import get_family
+    from ..planner import Workload
+    from ..weights.source import open_model
+
+    opened = open_model(args.model or default_model_path())
+    device = pick_device(args.device)
+    dtype = parse_dtype(args.dtype) or default_dtype(device)
+    plan = choose(opened.config, get_family(opened.config), dtype, device, Workload(prompt_len, gen_len),
+                  args.cpu_memory, num_sequences, args.offload_dir)
+    print(f"planner: {describe(plan.best)}", file=sys.stderr)
+    return plan.best.policy

@@ -1,0 +1,36 @@
+"""Choosing a policy: hardware profile, cost model (FlexGen's), linear-program search.
+
+No torch.cuda is needed: the planner models a CPU-only machine (device and host are one RAM
+tier, plus disk). GPU placement is not modelled yet; give a policy explicitly there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..engine.memory import MemoryBudget
+from ..errors import ConfigError
+from ..models.family import Family
+from ..models.spec import ModelConfig
+from .cost_model import Workload
+from .hardware import HardwareProfile, load_or_measure
+from .search import Candidate, Plan, evaluate, search
+
+__all__ = ["Candidate", "HardwareProfile", "Plan", "Workload", "evaluate", "hardware_profile", "plan_policy", "search"]
+
+
+def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=lambda msg: None) -> HardwareProfile:
+    from ..default_model import cache_dir
+
+    folder = Path(offload_dir) if offload_dir else cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return load_or_measure(cache_dir() / "hardware.json", folder, force=force, log=log)
+
+
+def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: torch.device, work: Workload,
+                budget: MemoryBudget, max_block: int | None = None, offload_dir: Path | None = None,
+                log=lambda msg: None) -> Plan:
+    if device.type == "cuda":
+        raise ConfigError("the planner does not model GPUs yet; give a policy (--percent and batch sizes).")
+    return search(cfg, family, dtype, hardware_profile(offload_dir, log=log), work, budget, max_block)

@@ -1,0 +1,89 @@
+"""FlexGen's cost model (paper §4.3; the study's §5) for flexbatch's tiers on one machine.
+
+Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n new tokens:
+
+    T = L * T_pre + L * (n - 1) * T_gen                      (per-layer terms, L layers)
+    T_pre = max(io_pre, comp_pre)   (sum instead of max without overlap)
+    T_gen = max(io_gen, comp_gen)
+    io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
+    io_gen  = w_disk * W / R + c_disk * B * t * K / R + c_disk * B * K / Wr,   t = s + n / 2
+    comp_pre = B * s * 2 * P / F(gbs * s) + B * 2 * s^2 * C / F(gbs * s)
+    comp_gen = B * 2 * P / F(gbs) + B * 4 * t * C / F(gbs)
+
+W: one layer's weight bytes, P: its parameters, K: KV bytes per token per layer, C: hidden
+size, R / Wr: disk read / write bandwidth, F(rows): measured matmul FLOP/s at that many rows.
+Throughput = B * n / T. On a CPU-only machine the device and host tiers are the same RAM, so
+the placement variables are the memory fractions w_mem = 1 - w_disk and c_mem = 1 - c_disk.
+Every term is linear in (w_mem, c_mem) for a fixed (gbs, num_gpu_batches): the search solves
+a linear program over them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.memory import element_size, kv_bytes_per_token, layer_weight_bytes
+from ..models.family import Family
+from ..models.spec import ModelConfig
+from .hardware import HardwareProfile
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_len: int
+    gen_len: int
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per-layer time terms as `constant + slope_w * w_mem + slope_c * c_mem` (seconds)."""
+
+    io_pre: tuple[float, float, float]
+    io_gen: tuple[float, float, float]
+    comp_pre: float
+    comp_gen: float
+
+    @staticmethod
+    def value(term: tuple[float, float, float], w_mem: float, c_mem: float) -> float:
+        return term[0] + term[1] * w_mem + term[2] * c_mem
+
+
+def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile,
+                gpu_batch_size: int, num_gpu_batches: int, work: Workload) -> LayerCosts:
+    batch = gpu_batch_size * num_gpu_batches
+    s, n = work.prompt_len, work.gen_len
+    t = s + n / 2
+    weight = layer_weight_bytes(cfg, family, dtype)
+    params = weight / element_size(dtype)
+    kv = kv_bytes_per_token(cfg, dtype)
+    read, write = hw.disk_read_bps, hw.disk_write_bps
+    # w_disk = 1 - w_mem: a disk term a * w_disk is a - a * w_mem
+    weight_io = weight / read
+    cache_pre = batch * s * kv / write
+    cache_gen = batch * t * kv / read + batch * kv / write
+    f_pre = hw.flops(dtype, gpu_batch_size * s)
+    f_gen = hw.flops(dtype, gpu_batch_size)
+    hidden = cfg.hidden_size
+    return LayerCosts(
+        io_pre=(weight_io + cache_pre, -weight_io, -cache_pre),
+        io_gen=(weight_io + cache_gen, -weight_io, -cache_gen),
+        comp_pre=batch * s * 2 * params / f_pre + batch * 2 * s * s * hidden / f_pre,
+        comp_gen=batch * 2 * params / f_gen + batch * 4 * t * hidden / f_gen,
+    )
+
+
+def head_seconds(cfg: ModelConfig, dtype: torch.dtype, hw: HardwareProfile, gpu_batch_size: int,
+                 batch: int, gen_len: int) -> float:
+    """The output projection runs once per generated token of every sequence."""
+    flops = batch * gen_len * 2 * cfg.vocab_size * cfg.hidden_size
+    return flops / hw.flops(dtype, gpu_batch_size)
+
+
+def block_seconds(costs: LayerCosts, num_layers: int, gen_len: int, w_mem: float, c_mem: float,
+                  overlap: bool = True, head: float = 0.0) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one block at the given memory fractions."""
+    combine = max if overlap else (lambda a, b: a + b)
+    pre = combine(LayerCosts.value(costs.io_pre, w_mem, c_mem), costs.comp_pre)
+    gen = combine(LayerCosts.value(costs.io_gen, w_mem, c_mem), costs.comp_gen)
+    return num_layers * pre, num_layers * (gen_len - 1) * gen + head

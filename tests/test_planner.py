@@ -1,0 +1,119 @@
+"""The planner: cost model terms against hand computation, monotonicity in memory, every
+returned policy within the budget, infeasible budgets refused, and the plan's memory
+prediction holding for a real run (peak RSS in a subprocess)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from flexbatch.config import Policy
+from flexbatch.engine.memory import MemoryBudget, run_memory
+from flexbatch.errors import ConfigError
+from flexbatch.models import get_family
+from flexbatch.models.spec import config_from_hf_dict
+from flexbatch.planner import HardwareProfile, Workload, evaluate, search
+from flexbatch.planner.cost_model import layer_costs
+
+FLAT = {r: 1e12 for r in (1, 2048)}
+HW = HardwareProfile("test", disk_read_bps=1e9, disk_write_bps=5e8, memory_bytes=1 << 34,
+                     matmul_flops={"bfloat16": FLAT, "float32": FLAT})
+# an OPT-style model: hidden 1024, 8 layers
+CFG = config_from_hf_dict({"model_type": "opt", "vocab_size": 1000, "hidden_size": 1024, "ffn_dim": 4096,
+                           "num_hidden_layers": 8, "num_attention_heads": 16, "max_position_embeddings": 2048})
+FAMILY = get_family(CFG)
+WORK = Workload(prompt_len=100, gen_len=11)
+
+
+def test_layer_costs_by_hand():
+    costs = layer_costs(CFG, FAMILY, torch.bfloat16, HW, gpu_batch_size=4, num_gpu_batches=2, work=WORK)
+    # q, k, v, out (with biases), fc1, fc2 (with biases), two LayerNorms (weight + bias)
+    params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+    weight_bytes = 2 * params
+    kv = 2 * 16 * 64 * 2  # K and V, 16 heads x 64 dims, bf16
+    batch, s, t = 8, 100, 100 + 11 / 2
+    assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
+    assert costs.io_pre[1] == pytest.approx(-weight_bytes / 1e9)  # all weights in memory: no weight reads
+    assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
+    assert costs.comp_pre == pytest.approx(batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12)
+    assert costs.comp_gen == pytest.approx(batch * 2 * params / 1e12 + batch * 4 * t * 1024 / 1e12)
+
+
+def budget(gib: float) -> MemoryBudget:
+    return MemoryBudget(device_bytes=int(gib * 2**30), host_bytes=int(gib * 2**30))
+
+
+def test_more_memory_never_predicts_less_throughput():
+    throughputs = [search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(g)).best.throughput
+                   for g in (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(throughputs, throughputs[1:]))
+    assert throughputs[-1] > throughputs[0]
+
+
+@pytest.mark.parametrize("gib", [0.08, 0.3, 2.0])
+def test_every_returned_policy_fits_its_budget(gib):
+    plan = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(gib))
+    for c in [plan.best, *plan.runners_up]:
+        p = c.policy
+        memory = run_memory(CFG, FAMILY, p, torch.bfloat16, p.block_size, WORK.prompt_len + WORK.gen_len,
+                            WORK.prompt_len)
+        memory.check(budget(gib), unified=True, hint="")  # raises if over
+        assert c.throughput == pytest.approx(evaluate(CFG, FAMILY, torch.bfloat16, HW, p, WORK).throughput)
+
+
+def test_planner_prefers_memory_when_it_fits_and_disk_when_not():
+    roomy = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(8)).best.policy
+    tight = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(0.1)).best.policy
+    assert roomy.weights_device == pytest.approx(1.0, abs=1e-5)
+    assert tight.weights_device < 0.5
+
+
+def test_infeasible_budget_says_how_much_is_missing():
+    with pytest.raises(ConfigError, match=r"no policy fits.*GiB short"):
+        search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(0.001))
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import torch, transformers, safetensors
+    from flexbatch import LLM, SamplingParams
+    from flexbatch.config import Policy
+    folder, offload, policy = sys.argv[1], sys.argv[2], Policy(**json.loads(sys.argv[3]))
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+    torch.ones(1) @ torch.ones(1)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = status("VmRSS")
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=offload) as llm:
+        llm.generate([[5] * 60] * policy.block_size, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    print(json.dumps({"growth": status("VmHWM") - baseline}))
+""")
+
+
+def test_planned_policy_runs_within_its_predicted_memory(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    from flexbatch.weights.source import open_model
+
+    opened = open_model(tmp_path / "m")
+    work = Workload(prompt_len=60, gen_len=20)
+    limit = MemoryBudget(device_bytes=0, host_bytes=80 << 20)  # the model is 160 MiB in fp32
+    plan = search(opened.config, get_family(opened.config), torch.float32, HW, work, limit, max_block=16)
+    predicted = plan.best.memory_bytes
+    assert predicted <= limit.host_bytes and plan.best.policy.weights_device < 1
+    policy = json.dumps({k: v for k, v in vars(plan.best.policy).items()})
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "m"), str(tmp_path / "off"), policy],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    growth = json.loads(out.stdout.splitlines()[-1])["growth"]
+    assert growth <= predicted + (40 << 20), f"grew {growth / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB"
