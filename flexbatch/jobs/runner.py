@@ -87,6 +87,9 @@ def run_job(llm, input_path: str | Path, output_path: str | Path, fmt: str = "au
     input_path, output_path = Path(input_path), Path(output_path)
     if input_path.resolve() == output_path.resolve():
         raise ConfigError("the output file must differ from the input file (the input is never modified).")
+    if output_path.is_dir():
+        raise ConfigError(f"the output {output_path} is a folder; give a file name, e.g. {output_path}/results.jsonl")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     fmt = detect_format(input_path, fmt)
     requests = read_requests(input_path, fmt, column)
     if not requests:
