@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/flexbatch run examples/requests.jsonl -o results.jsonl
+	$(VENV)/bin/flexbatch run examples/requests.jsonl -o results.jsonl --show
 
 test: setup
 	$(PY) -m pytest -q

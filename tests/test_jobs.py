@@ -178,3 +178,14 @@ def test_second_concurrent_job_is_refused(job_input, default_model_store, tmp_pa
     finally:
         lock.release()
     assert not out.exists()
+
+
+def test_show_prints_each_result(default_model_store, tmp_path):
+    src = tmp_path / "two.txt"
+    src.write_text("The capital of France is\nWater boils at\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli(src, out, "--model", str(default_model_store), "--show")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    for record in read(out):
+        assert f"[{record['id']}] {record['text']}" in stdout

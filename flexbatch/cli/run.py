@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities by default")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per block without a policy (default 32)")
+    p.add_argument("--show", action="store_true", help="at the end, print every result's text (id: text)")
     add_policy_args(p)
     p.set_defaults(run=run)
 
@@ -48,7 +49,26 @@ def run(args) -> int:
     for line in summary.lines():
         print(line, file=sys.stderr)
     print(f"results: {args.output}", file=sys.stderr)
+    if args.show:
+        show_results(Path(args.output))
     return 0
+
+
+def show_results(output: Path) -> None:
+    """Print `id: text` for each line of a results file (either output format)."""
+    import json
+
+    for line in output.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        rid = record.get("custom_id", record.get("id"))
+        if record.get("error"):
+            error = record["error"]
+            print(f"[{rid}] ERROR: {error['message'] if isinstance(error, dict) else error}\n")
+            continue
+        body = record.get("response", {}).get("body") or {}
+        choice = (body.get("choices") or [{}])[0]
+        text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+        print(f"[{rid}] {record.get('text', text)}\n")
 
 
 def estimate_workload(args, sample: int = 512) -> tuple[int, int]:
