@@ -49,12 +49,12 @@ def budget(gib: float) -> MemoryBudget:
 
 def test_more_memory_never_predicts_less_throughput():
     throughputs = [search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(g)).best.throughput
-                   for g in (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)]
+                   for g in (0.15, 0.2, 0.4, 0.8, 1.6, 3.2)]
     assert all(b >= a * (1 - 1e-9) for a, b in zip(throughputs, throughputs[1:]))
     assert throughputs[-1] > throughputs[0]
 
 
-@pytest.mark.parametrize("gib", [0.08, 0.3, 2.0])
+@pytest.mark.parametrize("gib", [0.13, 0.3, 2.0])
 def test_every_returned_policy_fits_its_budget(gib):
     plan = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(gib))
     for c in [plan.best, *plan.runners_up]:
@@ -67,7 +67,7 @@ def test_every_returned_policy_fits_its_budget(gib):
 
 def test_planner_prefers_memory_when_it_fits_and_disk_when_not():
     roomy = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(8)).best.policy
-    tight = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(0.1)).best.policy
+    tight = search(CFG, FAMILY, torch.bfloat16, HW, WORK, budget(0.15)).best.policy
     assert roomy.weights_device == pytest.approx(1.0, abs=1e-5)
     assert tight.weights_device < 0.5
 
@@ -110,7 +110,7 @@ def test_planned_policy_runs_within_its_predicted_memory(tmp_path):
 
     opened = open_model(tmp_path / "m")
     work = Workload(prompt_len=60, gen_len=20)
-    limit = MemoryBudget(device_bytes=0, host_bytes=80 << 20)  # the model is 160 MiB in fp32
+    limit = MemoryBudget(device_bytes=0, host_bytes=128 << 20)  # the model is 160 MiB in fp32
     plan = search(opened.config, get_family(opened.config), torch.float32, HW, work, limit, max_block=16)
     predicted = plan.best.memory_bytes
     assert predicted <= limit.host_bytes and plan.best.policy.weights_device < 1
@@ -119,8 +119,8 @@ def test_planned_policy_runs_within_its_predicted_memory(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.splitlines()[-1])
-    # Generation's peak, counted from before loading, within the prediction plus a stated
-    # 48 MiB allowance (allocator retention after the conversion, torch's runtime growth).
+    # Generation's peak, counted from before loading, within the prediction (which includes
+    # the engine's stated runtime overhead) plus 8 MiB of measurement slack.
     growth = report["growth"]
-    assert growth <= predicted + (48 << 20), f"grew {growth / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB"
-    assert report["loading"] <= predicted + (48 << 20)
+    assert growth <= predicted + (8 << 20), f"grew {growth / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB"
+    assert report["loading"] <= predicted

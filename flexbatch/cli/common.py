@@ -92,3 +92,11 @@ def build_policy(args):
         except TypeError as e:
             raise ConfigError(f"--policy {args.policy_file}: {e}") from e
     return None
+
+
+def make_llm(args, policy):
+    """The LLM a command's model, dtype, device, batch and budget flags describe."""
+    from ..api import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
+               offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)

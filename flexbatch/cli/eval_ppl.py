@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from .common import add_model_args, add_policy_args, build_policy
+from .common import add_model_args, add_policy_args, build_policy, make_llm
 
 
 def add_parser(sub) -> None:
@@ -25,13 +25,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..api import LLM
     from ..evaluation import default_text_path, load_text, perplexity
 
     text = load_text(args.text or default_text_path(), args.max_chars)
     policy = build_policy(args)
-    with LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
-             offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory) as llm:
+    with make_llm(args, policy) as llm:
         start = time.perf_counter()
         result = perplexity(llm, text, args.chunk_len, args.num_chunks)
         seconds = time.perf_counter() - start

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import ConfigError
-from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, sampling_params
+from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
 
 
 def add_parser(sub) -> None:
@@ -53,7 +53,6 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from ..api import LLM
 
     prompts = read_prompts(args)
     params = sampling_params(args)
@@ -63,8 +62,7 @@ def run(args) -> int:
 
         policy = auto_policy(args, prompt_len=estimate_prompt_len(args, prompts), gen_len=args.max_new_tokens,
                              num_sequences=len(prompts))
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
-              offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
+    llm = make_llm(args, policy)
     if policy is not None:
         print(f"policy: {policy}", file=sys.stderr)
     start = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, sampling_params
+from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
 
 
 def add_parser(sub) -> None:
@@ -30,7 +30,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..api import LLM
     from ..jobs.runner import run_job
 
     defaults = sampling_params(args)
@@ -40,8 +39,7 @@ def run(args) -> int:
 
         prompt_len, num_requests = estimate_workload(args)
         policy = auto_policy(args, prompt_len, args.max_new_tokens, num_requests)
-    with LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
-             offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory) as llm:
+    with make_llm(args, policy) as llm:
         print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
               f"block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}", file=sys.stderr)
         summary = run_job(llm, args.input, args.output, fmt=args.format, column=args.column, defaults=defaults,

@@ -12,6 +12,9 @@ from ..models.spec import ModelConfig
 
 GiB = 1 << 30
 STAGING_BLOCKS = 4  # disk KV blocks in flight: computing, loading next, two storing
+# Memory a run takes beyond its tensors: allocator arenas of the I/O threads, torch's
+# temporaries and first-use caches. Measured growth beyond the tensors was 35-50 MiB.
+RUNTIME_OVERHEAD = 64 << 20
 
 
 def available_host_bytes() -> int:
@@ -143,4 +146,5 @@ def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dt
         per_layer_batch = per_seq / cfg.num_layers * policy.gpu_batch_size
         plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * policy.cache_disk)
     plan.add(True, "activations and temporaries", working_bytes(cfg, policy, dtype, prompt_width, capacity))
+    plan.add(False, "runtime overhead", RUNTIME_OVERHEAD)
     return plan
