@@ -96,6 +96,8 @@ class Policy:
     pin_weights: bool = True
     compress_weight: bool = False
     compress_cache: bool = False
+    compress_bits: int = 4
+    compress_group: int = 64
 
     def __post_init__(self):
         _check(isinstance(self.gpu_batch_size, int) and self.gpu_batch_size >= 1,
@@ -107,12 +109,27 @@ class Policy:
         _fraction_pair("activations", self.act_device, self.act_host)
         _check(self.act_device in (0, 1) or self.act_host in (0, 1),
                "activations live on one tier: set act_device or act_host to 1 (or both to 0 for disk)")
-        _check(not (self.compress_weight or self.compress_cache),
-               "compression is not available yet in this version of flexbatch")
+        _check(self.compress_bits in (4, 8), f"compress_bits must be 4 or 8, got {self.compress_bits!r}")
+        _check(isinstance(self.compress_group, int) and self.compress_group >= 2 and self.compress_group % 2 == 0,
+               f"compress_group must be an even integer >= 2, got {self.compress_group!r}")
 
     @property
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def weight_quant(self) -> "QuantConfig | None":
+        """How layer weights are compressed (groups along input features), or None."""
+        from .storage.quantize import QuantConfig
+
+        return QuantConfig(self.compress_bits, self.compress_group, 1) if self.compress_weight else None
+
+    @property
+    def cache_quant(self) -> "QuantConfig | None":
+        """How the KV cache is compressed (groups along the head dimension), or None."""
+        from .storage.quantize import QuantConfig
+
+        return QuantConfig(self.compress_bits, self.compress_group, -1) if self.compress_cache else None
 
     @property
     def weights_disk(self) -> float:

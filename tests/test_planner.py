@@ -30,7 +30,7 @@ WORK = Workload(prompt_len=100, gen_len=11)
 
 
 def test_layer_costs_by_hand():
-    costs = layer_costs(CFG, FAMILY, torch.bfloat16, HW, gpu_batch_size=4, num_gpu_batches=2, work=WORK)
+    costs = layer_costs(CFG, FAMILY, torch.bfloat16, HW, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
     # q, k, v, out (with biases), fc1, fc2 (with biases), two LayerNorms (weight + bias)
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
     weight_bytes = 2 * params

@@ -64,10 +64,29 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", dest="policy_file", default=None, help="a policy JSON file (fields of flexbatch.config.Policy)")
     g.add_argument("--no-plan", action="store_true",
                    help="without policy flags, keep everything in memory instead of asking the planner")
+    add_compression_args(p)
 
 
-def build_policy(args):
-    """A Policy from the flags, or None when no offloading flag was given."""
+def add_compression_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("compression (group-wise quantization; the planner takes it into account)")
+    c.add_argument("--compress-weight", action="store_true",
+                   help="store, move and compute with layer weights quantized (default 4 bits, groups of 64)")
+    c.add_argument("--compress-cache", action="store_true", help="store and move the KV cache quantized")
+    c.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per value (default 4)")
+    c.add_argument("--compress-group", type=int, default=64, help="values per quantization group (default 64)")
+
+
+def compression_fields(args) -> dict:
+    """The Policy fields the compression flags set ({} when compression is off)."""
+    if not (args.compress_weight or args.compress_cache):
+        return {}
+    return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
+            "compress_bits": args.compress_bits, "compress_group": args.compress_group}
+
+
+def build_policy(args, planned: bool = False):
+    """A Policy from the flags, or None when no offloading flag was given (and the command
+    is `planned`: it asks the planner then, unless --no-plan)."""
     import json
 
     from ..config import Policy
@@ -84,9 +103,12 @@ def build_policy(args):
              if v is not None}
     if args.no_overlap:
         extra["overlap"] = False
+    compression = compression_fields(args)
+    placed = bool(args.percent or fields or extra or args.offload_dir)
+    extra.update(compression)
     if args.percent:
         return Policy.from_percent(args.percent, **{**fields, **extra})
-    if fields or extra or args.offload_dir:
+    if placed or (compression and not (planned and not args.no_plan)):
         try:
             return Policy(**{**fields, **extra})
         except TypeError as e:

@@ -56,7 +56,7 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     params = sampling_params(args)
-    policy = build_policy(args)
+    policy = build_policy(args, planned=True)
     if policy is None and not args.no_plan:
         from .plan import auto_policy
 

@@ -5,7 +5,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from .common import add_model_args, parse_bytes
+from .common import add_compression_args, add_model_args, parse_bytes
 
 
 def add_parser(sub) -> None:
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the process may use (default: free RAM)")
     p.add_argument("--offload-dir", default=None, help="where offloaded tensors would go (its disk is profiled)")
     p.add_argument("--write-policy", metavar="FILE", help="write the chosen policy as JSON for --policy FILE")
+    add_compression_args(p)
     p.set_defaults(run=run_plan)
     q = sub.add_parser("profile", help="measure disk bandwidth and matmul throughput for the planner",
                        description="Measure what the cost model needs (O_DIRECT disk read/write bandwidth, bf16 "
@@ -36,19 +37,23 @@ def run_profile(args) -> int:
     return 0
 
 
-def choose(cfg, family, dtype, device, work, cpu_memory, max_block, offload_dir):
-    """The planner's plan, with progress messages on stderr."""
+def choose(cfg, family, dtype, device, work, args, max_block):
+    """The planner's plan for the command's flags, with progress messages on stderr."""
     from ..engine.memory import MemoryBudget
     from ..planner import plan_policy
+    from .common import compression_fields
 
-    budget = MemoryBudget.detect(device, None, cpu_memory)
-    return plan_policy(cfg, family, dtype, device, work, budget, max_block, offload_dir,
-                       log=lambda m: print(m, file=sys.stderr))
+    budget = MemoryBudget.detect(device, None, args.cpu_memory)
+    return plan_policy(cfg, family, dtype, device, work, budget, max_block, args.offload_dir,
+                       compression=compression_fields(args), log=lambda m: print(m, file=sys.stderr))
 
 
 def describe(candidate) -> str:
     p = candidate.policy
-    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}, weights {100 * p.weights_device:.1f}% in memory, "
+    compressed = " + ".join(n for n, on in (("weights", p.compress_weight), ("KV cache", p.compress_cache)) if on)
+    if compressed:
+        compressed = f" ({compressed} compressed to {p.compress_bits} bits)"
+    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}{compressed}, weights {100 * p.weights_device:.1f}% in memory, "
             f"KV cache {100 * p.cache_device:.1f}% in memory: {candidate.throughput:.2f} tok/s predicted "
             f"(prefill {candidate.prefill_seconds:.1f}s + decode {candidate.decode_seconds:.1f}s per block), "
             f"{candidate.memory_bytes / 2**30:.2f} GiB")
@@ -66,7 +71,7 @@ def run_plan(args) -> int:
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     plan = choose(opened.config, get_family(opened.config), dtype, device,
-                  Workload(args.prompt_len, args.gen_len), args.cpu_memory, args.num_sequences, args.offload_dir)
+                  Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
     print(f"chosen:    {describe(plan.best)}")
     for c in plan.runners_up:
         print(f"runner-up: {describe(c)}")
@@ -92,6 +97,6 @@ def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     plan = choose(opened.config, get_family(opened.config), dtype, device, Workload(prompt_len, gen_len),
-                  args.cpu_memory, num_sequences, args.offload_dir)
+                  args, num_sequences)
     print(f"planner: {describe(plan.best)}", file=sys.stderr)
     return plan.best.policy

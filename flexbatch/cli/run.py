@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..jobs.runner import run_job
 
     defaults = sampling_params(args)
-    policy = build_policy(args)
+    policy = build_policy(args, planned=True)
     if policy is None and not args.no_plan:
         from .plan import auto_policy
 

@@ -19,11 +19,12 @@ from ..config import Policy
 from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
+from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
-from .kv_cache import BufferPool, KVBlock
-from .memory import STAGING_BLOCKS, MemoryBudget, kv_bytes_per_token, run_memory, weight_memory
+from .kv_cache import BufferPool, EncodedKVBlock, KVBlock
+from .memory import STAGING_BLOCKS, MemoryBudget, run_memory, weight_memory
 from .runner import make_context, next_token_logprobs
 from .schedule import Op, token_schedule
 from .weight_home import WeightHome
@@ -82,14 +83,19 @@ class OffloadRunner:
         cache_dir.mkdir(parents=True, exist_ok=True)
         shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
         splits = [split_sequences(s[0], fractions) for s in shapes]
+        quant = self.policy.cache_quant
         disk_rows = max(sp[Tier.DISK] for sp in splits)
         self.pool = None
         if disk_rows:
-            row = kv_bytes_per_token(self.cfg, self.dtype) // 2 * disk_rows
-            self.pool = BufferPool(row * capacity, 2 * STAGING_BLOCKS)
-        self.blocks = [[KVBlock(shape, sp[Tier.DEVICE] + sp[Tier.HOST], self.dtype, self.device,
-                                cache_dir / f"l{j}_b{k}", self.pool)
-                        for k, (shape, sp) in enumerate(zip(shapes, splits))]
+            row_bytes = RowCodec(disk_rows, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
+            self.pool = BufferPool(row_bytes * capacity, 2 * STAGING_BLOCKS)
+
+        def block(j: int, k: int, shape, split) -> KVBlock | EncodedKVBlock:
+            args = (shape, split[Tier.DEVICE] + split[Tier.HOST], self.dtype, self.device,
+                    cache_dir / f"l{j}_b{k}", self.pool)
+            return KVBlock(*args) if quant is None else EncodedKVBlock(*args, quant)
+
+        self.blocks = [[block(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
                        for j in range(self.cfg.num_layers)]
 
     def end(self) -> None:

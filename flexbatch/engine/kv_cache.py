@@ -15,6 +15,7 @@ import torch
 
 from ..storage.aligned import aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
+from ..storage.kv_rows import RowCodec
 
 
 class BufferPool:
@@ -87,6 +88,68 @@ class KVBlock:
         for buf in self._staged:
             self.pool.release(buf)
         self._staged, self._views = [], []
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+class EncodedKVBlock:
+    """K and V of `batch` sequences kept as quantized token rows (`RowCodec`): the first
+    `num_memory` sequences in memory, the rest on disk.
+
+    `load` decodes the first `length` tokens into dense working tensors that attention reads
+    and this step's new tokens are written into; `store` quantizes those new tokens back into
+    their home rows. Both tiers use the same row format, so a sequence gets the same values
+    wherever it lives.
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], num_memory: int, dtype: torch.dtype,
+                 device: torch.device, disk_path: Path | None, pool: BufferPool | None, quant):
+        self.batch, self.heads, self.capacity, self.head_dim = shape
+        self.num_memory, self.num_disk = num_memory, self.batch - num_memory
+        self.dtype, self.device, self.pool = dtype, device, pool
+        self.memory_codec = RowCodec(num_memory, self.heads, self.head_dim, dtype, quant)
+        self.disk_codec = RowCodec(self.num_disk, self.heads, self.head_dim, dtype, quant)
+        self.memory = [torch.empty((self.capacity, self.memory_codec.row_bytes), dtype=torch.uint8, device=device)
+                       for _ in range(2)] if num_memory else []
+        self.row_bytes = self.disk_codec.row_bytes
+        self.files = [DiskFile(Path(f"{disk_path}.{kv}"), self.capacity * self.row_bytes)
+                      for kv in "kv"] if self.num_disk else []
+        self._staged: list[torch.Tensor] = []
+        self._work: list[torch.Tensor] = []
+
+    def staging_bytes(self) -> int:
+        return self.capacity * self.row_bytes
+
+    def _disk_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        return as_dtype(buf, torch.uint8, (self.capacity, self.row_bytes))
+
+    def load(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.batch, self.heads, self.capacity, self.head_dim)
+        self._work = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
+        m = self.num_memory
+        if length:
+            for work, rows in zip(self._work, self.memory):
+                work[:m, :, :length] = self.memory_codec.decode(rows[:length])
+        if self.num_disk:
+            self._staged = [self.pool.acquire(), self.pool.acquire()]
+            for work, file, buf in zip(self._work, self.files, self._staged):
+                if length:
+                    file.read_into(buf, 0, length * self.row_bytes)
+                    work[m:, :, :length] = self.disk_codec.decode(self._disk_rows(buf)[:length]).to(self.device)
+        return self._work[0], self._work[1]
+
+    def store(self, start: int, end: int) -> None:
+        m = self.num_memory
+        for work, rows in zip(self._work, self.memory):
+            rows[start:end] = self.memory_codec.encode(work[:m, :, start:end])
+        for work, file, buf in zip(self._work, self.files, self._staged):
+            self._disk_rows(buf)[start:end] = self.disk_codec.encode(work[m:, :, start:end]).cpu()
+            file.write_from(buf, start * self.row_bytes, end * self.row_bytes)
+        for buf in self._staged:
+            self.pool.release(buf)
+        self._staged, self._work = [], []
 
     def close(self) -> None:
         for f in self.files:

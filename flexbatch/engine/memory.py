@@ -9,6 +9,8 @@ from ..config import Policy
 from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
+from ..storage.packed_linear import element_size, stored_bytes
+from ..storage.quantize import QuantConfig, quantized_row_bytes
 
 GiB = 1 << 30
 STAGING_BLOCKS = 4  # disk KV blocks in flight: computing, loading next, two storing
@@ -92,9 +94,11 @@ def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V of one token of one sequence in one layer."""
-    return 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> int:
+    """K and V of one token of one sequence in one layer, as stored (compressed or not)."""
+    if quant is None:
+        return 2 * cfg.num_kv_heads * cfg.head_dim * element_size(dtype)
+    return 2 * cfg.num_kv_heads * quantized_row_bytes(cfg.head_dim, quant, dtype)
 
 
 def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_width: int, capacity: int) -> int:
@@ -108,13 +112,14 @@ def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_w
     return hidden + temporaries + scores + logits
 
 
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def layer_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype,
+                       quant: QuantConfig | None = None) -> int:
+    """Bytes of one transformer layer's weights as stored (compressed or not)."""
+    return sum(stored_bytes(s.shape, dtype, quant) for s in family.layer_specs(cfg))
 
 
-def layer_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) -> int:
-    """Bytes of one transformer layer's weights."""
-    return sum(s.numel() for s in family.layer_specs(cfg)) * element_size(dtype)
+def layer_params(cfg: ModelConfig, family: Family) -> int:
+    return sum(s.numel() for s in family.layer_specs(cfg))
 
 
 def global_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) -> int:
@@ -127,11 +132,14 @@ def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch
     """Memory the weights of `policy` need: resident fractions plus the two layer read slots."""
     plan = MemoryPlan()
     plan.add(True, "embeddings and head", global_weight_bytes(cfg, family, dtype))
-    per_layer = layer_weight_bytes(cfg, family, dtype)
+    per_layer = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
     plan.add(True, "weights", per_layer * cfg.num_layers * policy.weights_device)
     plan.add(False, "weights", per_layer * cfg.num_layers * policy.weights_host)
     if policy.weights_disk > 0:
         plan.add(False, "weight read buffers", 2 * per_layer * policy.weights_disk + 2 * 4096 * 32)
+    if policy.compress_weight:
+        # large batches dequantize a layer once per load; two loaded layers are alive at a time
+        plan.add(True, "dequantized layer weights", 2 * layer_params(cfg, family) * element_size(dtype))
     return plan
 
 
@@ -139,12 +147,16 @@ def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dt
                capacity: int, prompt_width: int) -> MemoryPlan:
     """Everything a block of `batch_size` sequences of up to `capacity` tokens needs."""
     plan = weight_memory(cfg, family, policy, dtype)
-    per_seq = kv_bytes_per_token(cfg, dtype) * capacity * cfg.num_layers
+    per_seq = kv_bytes_per_token(cfg, dtype, policy.cache_quant) * capacity * cfg.num_layers
     plan.add(True, "KV cache", per_seq * batch_size * policy.cache_device)
     plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)
     if policy.cache_disk > 0:
         per_layer_batch = per_seq / cfg.num_layers * policy.gpu_batch_size
         plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * policy.cache_disk)
+    if policy.compress_cache:
+        # blocks in flight hold their cache dequantized for attention
+        dense = kv_bytes_per_token(cfg, dtype) * capacity * policy.gpu_batch_size
+        plan.add(True, "dequantized KV blocks", STAGING_BLOCKS * dense)
     plan.add(True, "activations and temporaries", working_bytes(cfg, policy, dtype, prompt_width, capacity))
     plan.add(False, "runtime overhead", RUNTIME_OVERHEAD)
     return plan

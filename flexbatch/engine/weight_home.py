@@ -2,11 +2,14 @@
 
 Global tensors (embeddings, final norm, head) stay in memory. Each layer's tensors are
 placed on the device, host or disk by `place_by_fraction`; the disk-resident ones of a layer
-are written, in the compute dtype, into one file of the offload folder at block-aligned
-offsets, so a layer load is one large O_DIRECT read into a reusable slot buffer.
+are written into one file of the offload folder at block-aligned offsets, so a layer load is
+one large O_DIRECT read into a reusable slot buffer. With compressed weights, every 2-D layer
+weight is stored, placed, moved and read as a `PackedLinear` (its packed levels and scales),
+so disk traffic and resident bytes shrink with it.
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.aligned import align_up, aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
+from ..storage.packed_linear import PackedLinear, element_size, pack_linear, packable, stored_bytes, stored_parts
 from ..storage.placement import place_by_fraction
 from ..storage.tiers import Tier
 from ..weights.loader import resolve_names
@@ -25,11 +29,13 @@ from ..weights.source import TensorSource
 
 READ_CHUNK = 4 << 20  # O_DIRECT reads in 4 MiB requests, several in flight
 
+Part = tuple[int, tuple[int, ...], torch.dtype]  # byte offset, shape, dtype
+
 
 @dataclass
 class DiskLayer:
     file: DiskFile
-    entries: dict[str, tuple[int, tuple[int, ...]]]  # name -> (byte offset, shape)
+    entries: dict[str, dict[str, Part]]  # tensor name -> its stored parts
     nbytes: int
 
 
@@ -41,12 +47,12 @@ class WeightHome:
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
                  dtype: torch.dtype, device: torch.device, offload_dir: Path):
         self.cfg, self.family, self.dtype, self.device = cfg, family, dtype, device
+        self.quant = policy.weight_quant
         mapping = resolve_names(cfg, family, source)
-        self.element_size = torch.empty((), dtype=dtype).element_size()
         self.tiers = self._place(policy)
         read = lambda name: source.read(mapping[name]).to(dtype)
         self.globals = self._load_globals(read)
-        self.memory: list[dict[str, torch.Tensor]] = []
+        self.memory: list[dict[str, torch.Tensor | PackedLinear]] = []
         self.disk: list[DiskLayer | None] = []
         offload_dir.mkdir(parents=True, exist_ok=True)
         for j in range(cfg.num_layers):
@@ -56,9 +62,12 @@ class WeightHome:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexbatch-read")
         self.bytes_read = 0  # disk bytes read by `load`, for bandwidth reports
 
+    def _spec_bytes(self, spec) -> int:
+        return stored_bytes(spec.shape, self.dtype, self.quant)
+
     def _place(self, policy: Policy) -> list[dict[str, Tier]]:
         specs = self.family.layer_specs(self.cfg)
-        sizes = [s.numel() * self.element_size for _ in range(self.cfg.num_layers) for s in specs]
+        sizes = [self._spec_bytes(s) for _ in range(self.cfg.num_layers) for s in specs]
         flat = place_by_fraction(sizes, weight_fractions(policy))
         n = len(specs)
         return [{s.name: flat[j * n + i] for i, s in enumerate(specs)} for j in range(self.cfg.num_layers)]
@@ -73,28 +82,38 @@ class WeightHome:
             out[spec.name] = loaded[key]
         return out
 
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor | PackedLinear:
+        """A layer tensor in its stored form (packed when compression applies to it)."""
+        if self.quant is not None and packable(tuple(tensor.shape), self.quant.bits, self.quant.group_size):
+            return pack_linear(tensor, self.quant.bits, self.quant.group_size)
+        return tensor
+
     def _home_layer(self, j: int, read, offload_dir: Path, policy: Policy) -> None:
         prefix = self.family.layer_prefix(j)
         memory, entries, offset = {}, {}, 0
         for spec in self.family.layer_specs(self.cfg):
             tier = self.tiers[j][spec.name]
             if tier is Tier.DISK:
-                entries[spec.name] = (offset, spec.shape)
-                offset = align_up(offset + spec.numel() * self.element_size)
+                entries[spec.name] = {}
+                for part, (shape, dtype) in stored_parts(spec.shape, self.dtype, self.quant).items():
+                    entries[spec.name][part] = (offset, shape, dtype)
+                    offset = align_up(offset + math.prod(shape) * element_size(dtype))
             else:
-                tensor = read(prefix + spec.name)
                 home = self.device if tier is Tier.DEVICE else torch.device("cpu")
-                tensor = tensor.to(home)
+                stored = _to(self._stored(read(prefix + spec.name)), home)
                 if home.type == "cpu" and self.device.type == "cuda" and policy.pin_weights:
-                    tensor = tensor.pin_memory()
-                memory[spec.name] = tensor
+                    stored = _pinned(stored)
+                memory[spec.name] = stored
         self.memory.append(memory)
         self.disk.append(self._write_layer_file(j, read, prefix, entries, offset, offload_dir) if entries else None)
 
     def _write_layer_file(self, j, read, prefix, entries, nbytes, offload_dir) -> DiskLayer:
         buf = aligned_bytes(nbytes)
-        for name, (offset, shape) in entries.items():
-            as_dtype(buf, self.dtype, shape, offset).copy_(read(prefix + name))
+        for name, parts in entries.items():
+            stored = self._stored(read(prefix + name))
+            for part, (offset, shape, dtype) in parts.items():
+                value = getattr(stored, part) if part else stored
+                as_dtype(buf, dtype, shape, offset).copy_(value)
         file = DiskFile(offload_dir / f"layer{j:04d}.weights", nbytes)
         file.write_from(buf, 0, nbytes)
         return DiskLayer(file, entries, nbytes)
@@ -103,17 +122,17 @@ class WeightHome:
         return sum(d.nbytes for d in self.disk if d is not None)
 
     def tier_bytes(self) -> dict[Tier, int]:
-        """Bytes of layer weights on each tier (global tensors are always in memory)."""
+        """Stored bytes of layer weights on each tier (global tensors are always in memory)."""
         out = {t: 0 for t in Tier}
-        for j, layer in enumerate(self.tiers):
+        for layer in self.tiers:
             for spec in self.family.layer_specs(self.cfg):
-                out[layer[spec.name]] += spec.numel() * self.element_size
+                out[layer[spec.name]] += self._spec_bytes(spec)
         return out
 
-    def load(self, j: int) -> dict[str, torch.Tensor]:
+    def load(self, j: int) -> dict[str, torch.Tensor | PackedLinear]:
         """Layer j's weights on the compute device. Disk-resident tensors are views into slot
         j % 2, which stays valid until layer j + 2 is loaded."""
-        weights = {name: t.to(self.device, non_blocking=True) for name, t in self.memory[j].items()}
+        weights = {name: _to(t, self.device) for name, t in self.memory[j].items()}
         disk = self.disk[j]
         if disk is not None:
             slot = self.slots[j % 2]
@@ -121,8 +140,11 @@ class WeightHome:
             for future in [self._readers.submit(disk.file.read_into, slot, a, b) for a, b in chunks]:
                 future.result()
             self.bytes_read += disk.nbytes
-            for name, (offset, shape) in disk.entries.items():
-                weights[name] = as_dtype(slot, self.dtype, shape, offset).to(self.device, non_blocking=True)
+            for name, parts in disk.entries.items():
+                views = {part: as_dtype(slot, dtype, shape, offset) for part, (offset, shape, dtype) in parts.items()}
+                stored = views[""] if "" in views else PackedLinear(**views, bits=self.quant.bits,
+                                                                     group=self.quant.group_size)
+                weights[name] = _to(stored, self.device)
         return weights
 
     def close(self) -> None:
@@ -130,3 +152,17 @@ class WeightHome:
         for d in self.disk:
             if d is not None:
                 d.file.close()
+
+
+def _to(stored: torch.Tensor | PackedLinear, device: torch.device) -> torch.Tensor | PackedLinear:
+    """Move to `device`; a PackedLinear always comes back as a new object, so the dense copy
+    it may cache for large batches lives only as long as this load's weights."""
+    if isinstance(stored, PackedLinear):
+        return stored.to(device)
+    return stored.to(device, non_blocking=True)
+
+
+def _pinned(stored: torch.Tensor | PackedLinear) -> torch.Tensor | PackedLinear:
+    if isinstance(stored, PackedLinear):
+        return PackedLinear(stored.data.pin_memory(), stored.scale_zero.pin_memory(), stored.bits, stored.group)
+    return stored.pin_memory()

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..storage.packed_linear import PackedLinear
+from ..storage.packed_linear import linear as packed_linear
+
 from .spec import RopeConfig
 
 
@@ -70,7 +73,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, for a dense weight or a compressed `PackedLinear`."""
+    if isinstance(weight, PackedLinear):
+        return packed_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

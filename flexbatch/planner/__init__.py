@@ -30,7 +30,9 @@ def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=l
 
 def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: torch.device, work: Workload,
                 budget: MemoryBudget, max_block: int | None = None, offload_dir: Path | None = None,
-                log=lambda msg: None) -> Plan:
+                compression: dict | None = None, log=lambda msg: None) -> Plan:
+    """The best policy for `work`; `compression` holds Policy's compress_* fields to plan with."""
     if device.type == "cuda":
         raise ConfigError("the planner does not model GPUs yet; give a policy (--percent and batch sizes).")
-    return search(cfg, family, dtype, hardware_profile(offload_dir, log=log), work, budget, max_block)
+    return search(cfg, family, dtype, hardware_profile(offload_dir, log=log), work, budget, max_block,
+                  compression=compression)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.memory import element_size, kv_bytes_per_token, layer_weight_bytes
+from ..config import Policy
+from ..engine.memory import kv_bytes_per_token, layer_params, layer_weight_bytes
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from .hardware import HardwareProfile
@@ -50,13 +51,16 @@ class LayerCosts:
 
 
 def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile,
-                gpu_batch_size: int, num_gpu_batches: int, work: Workload) -> LayerCosts:
-    batch = gpu_batch_size * num_gpu_batches
+                policy: Policy, work: Workload) -> LayerCosts:
+    """The per-layer terms for `policy`'s batch sizes; disk terms count bytes as stored
+    (compressed weights and KV cache move fewer bytes)."""
+    gpu_batch_size = policy.gpu_batch_size
+    batch = policy.block_size
     s, n = work.prompt_len, work.gen_len
     t = s + n / 2
-    weight = layer_weight_bytes(cfg, family, dtype)
-    params = weight / element_size(dtype)
-    kv = kv_bytes_per_token(cfg, dtype)
+    weight = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
+    params = layer_params(cfg, family)
+    kv = kv_bytes_per_token(cfg, dtype, policy.cache_quant)
     read, write = hw.disk_read_bps, hw.disk_write_bps
     # w_disk = 1 - w_mem: a disk term a * w_disk is a - a * w_mem
     weight_io = weight / read

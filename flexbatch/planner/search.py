@@ -40,12 +40,12 @@ class Plan:
     runners_up: list[Candidate] = field(default_factory=list)
 
 
-def _memory_terms(cfg, family, dtype, gbs, ngb, work) -> tuple[float, float, float]:
+def _memory_terms(cfg, family, dtype, gbs, ngb, work, compression) -> tuple[float, float, float]:
     """Memory as m0 + mw * w_mem + mc * c_mem bytes (exactly linear for fractions below 1)."""
     capacity = work.prompt_len + work.gen_len
 
     def total(w, c):
-        policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, weights_device=w, cache_device=c)
+        policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, weights_device=w, cache_device=c, **compression)
         plan = run_memory(cfg, family, policy, dtype, gbs * ngb, capacity, work.prompt_len)
         return sum(plan.host.values()) + sum(plan.device.values())
 
@@ -53,10 +53,12 @@ def _memory_terms(cfg, family, dtype, gbs, ngb, work) -> tuple[float, float, flo
     return m0, total(1.0 - 1e-9, 0.0) - m0, total(0.0, 1.0 - 1e-9) - m0
 
 
-def solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget_bytes, overlap=True):
+def solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget_bytes, overlap=True, compression=None):
     """(w_mem, c_mem) minimising the block time within the budget, or None if infeasible."""
-    costs = layer_costs(cfg, family, dtype, hw, gbs, ngb, work)
-    m0, mw, mc = _memory_terms(cfg, family, dtype, gbs, ngb, work)
+    compression = compression or {}
+    template = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, **compression)
+    costs = layer_costs(cfg, family, dtype, hw, template, work)
+    m0, mw, mc = _memory_terms(cfg, family, dtype, gbs, ngb, work, compression)
     layers, steps = cfg.num_layers, work.gen_len - 1
     # x = [w_mem, c_mem, T_pre, T_gen] (per-layer times)
     rows, rhs = [], []
@@ -86,7 +88,7 @@ def _snap(fraction: float) -> float:
 
 def evaluate(cfg, family, dtype, hw, policy: Policy, work: Workload) -> Candidate:
     """Predicted time and memory of a given policy (used for hand-picked policies too)."""
-    costs = layer_costs(cfg, family, dtype, hw, policy.gpu_batch_size, policy.num_gpu_batches, work)
+    costs = layer_costs(cfg, family, dtype, hw, policy, work)
     head = head_seconds(cfg, dtype, hw, policy.gpu_batch_size, policy.block_size, work.gen_len)
     w_mem = policy.weights_device + policy.weights_host
     c_mem = policy.cache_device + policy.cache_host
@@ -97,18 +99,22 @@ def evaluate(cfg, family, dtype, hw, policy: Policy, work: Workload) -> Candidat
 
 
 def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile, work: Workload,
-           budget: MemoryBudget, max_block: int | None = None, keep: int = 5) -> Plan:
-    """The best policy for `work` within `budget` on a CPU-only machine."""
+           budget: MemoryBudget, max_block: int | None = None, keep: int = 5,
+           compression: dict | None = None) -> Plan:
+    """The best policy for `work` within `budget` on a CPU-only machine; `compression` holds
+    the compress_* fields every candidate gets."""
+    compression = compression or {}
     candidates = []
     for gbs in GPU_BATCH_SIZES:
         for ngb in NUM_GPU_BATCHES:
             if max_block is not None and gbs * ngb > max(max_block, 1) and not (gbs == 1 and ngb == 1):
                 continue
-            solved = solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget.host_bytes)
+            solved = solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget.host_bytes,
+                                     compression=compression)
             if solved is None:
                 continue
             w, c, _ = solved
-            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, weights_device=w, cache_device=c)
+            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, weights_device=w, cache_device=c, **compression)
             candidate = evaluate(cfg, family, dtype, hw, policy, work)
             try:
                 candidate.memory.check(budget, unified=True, hint="")
@@ -116,17 +122,18 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
                 continue
             candidates.append(candidate)
     if not candidates:
-        raise _infeasible(cfg, family, dtype, work, budget)
+        raise _infeasible(cfg, family, dtype, work, budget, compression)
     candidates.sort(key=lambda c: (-c.throughput, c.memory_bytes))
     return Plan(candidates[0], candidates[1:keep])
 
 
-def _infeasible(cfg, family, dtype, work, budget) -> ConfigError:
-    smallest = Policy(gpu_batch_size=1, num_gpu_batches=1, weights_device=0, cache_device=0)
+def _infeasible(cfg, family, dtype, work, budget, compression) -> ConfigError:
+    smallest = Policy(gpu_batch_size=1, num_gpu_batches=1, weights_device=0, cache_device=0, **compression)
     plan = run_memory(cfg, family, smallest, dtype, 1, work.prompt_len + work.gen_len, work.prompt_len)
     need = sum(plan.host.values()) + sum(plan.device.values())
     parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in plan.host.items() | plan.device.items() if v)
     return ConfigError(
         f"no policy fits: even one sequence with all weights and KV cache on disk needs {need / GiB:.2f} GiB "
         f"({parts}) but the budget is {budget.host_bytes / GiB:.2f} GiB, {max(need - budget.host_bytes, 0) / GiB:.2f} "
-        "GiB short. Free memory or raise --cpu-memory, or shorten the prompt and generation length.")
+        "GiB short. Free memory or raise --cpu-memory, compress the KV cache and weights (--compress-cache, "
+        "--compress-weight), or shorten the prompt and generation length.")

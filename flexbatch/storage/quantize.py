@@ -91,3 +91,16 @@ def pack_nibbles(q: torch.Tensor, dim: int) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
     high, low = packed >> 4, packed & 0x0F
     return torch.stack([high, low], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def row_group(length: int, cfg: QuantConfig) -> int:
+    """The group size used for vectors of `length` elements: never longer than the vector."""
+    return min(cfg.group_size, length + length % 2)
+
+
+def quantized_row_bytes(length: int, cfg: QuantConfig, dtype: torch.dtype) -> int:
+    """Bytes of one quantized vector of `length` elements: packed levels plus each group's
+    minimum and step."""
+    group = row_group(length, cfg)
+    groups = -(-length // group)
+    return groups * group * cfg.bits // 8 + 2 * groups * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,188 @@
+"""Compressed linear-layer weights: group-wise 4- or 8-bit, stored the way they are computed.
+
+A weight W [N, K] (output features, input features) is quantized in groups of `group`
+consecutive input features, asymmetrically (min/max per group, as `storage.quantize` does),
+and kept as two tensors:
+
+  data         uint8. 8 bits: q [N, K]. 4 bits: [N, K/2] in the tile layout of torch's CPU
+               int4 kernel: rows in tiles of 64, and for each tile and input feature k, byte i
+               holds q[tile*64 + i, k] in its low nibble and q[tile*64 + 32 + i, k] in its high.
+  scale_zero   [K/group, N, 2] in the compute dtype: per group the step s and the value z of
+               the middle level, so W = (q - 2^(bits-1)) * s + z (the kernel's convention).
+
+Because the packed bytes are the kernel's own input, a 4-bit weight moves from disk to the
+matmul with no conversion. Small batches use the fused kernel (`_weight_int4pack_mm_for_cpu`,
+which reads 4-bit weights directly); large ones dequantize once into a dense tensor, cached
+on the object so every GPU batch of a block reuses it, and use the ordinary matmul. Which
+is faster depends on the machine: `fused_max_rows` is measured once per process.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .quantize import QuantConfig
+
+TILE = 64  # output rows per tile in the CPU int4 kernel's layout
+
+
+@dataclass
+class PackedLinear:
+    data: torch.Tensor
+    scale_zero: torch.Tensor
+    bits: int
+    group: int
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scale_zero.shape[1], self.scale_zero.shape[0] * self.group
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale_zero.dtype
+
+    def nbytes(self) -> int:
+        return self.data.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
+
+    def dense(self) -> torch.Tensor:
+        """W [N, K] in the compute dtype (computed once per object)."""
+        if self._dense is None:
+            self._dense = dequantize_linear(self)
+        return self._dense
+
+    def to(self, device: torch.device) -> "PackedLinear":
+        return PackedLinear(self.data.to(device), self.scale_zero.to(device), self.bits, self.group)
+
+
+def packable(shape: tuple[int, ...], bits: int, group: int) -> bool:
+    """Whether a weight of this shape can be stored as a PackedLinear."""
+    if len(shape) != 2:
+        return False
+    n, k = shape
+    return k % group == 0 and (bits == 8 or n % TILE == 0)
+
+
+def stored_parts(shape: tuple[int, ...], dtype: torch.dtype, quant: QuantConfig | None) -> dict[str, tuple]:
+    """How a layer tensor is stored: {"": (shape, dtype)} plain, or a PackedLinear's parts."""
+    if quant is not None and packable(shape, quant.bits, quant.group_size):
+        n, k = shape
+        return {"data": ((n, k * quant.bits // 8), torch.uint8), "scale_zero": ((k // quant.group_size, n, 2), dtype)}
+    return {"": (shape, dtype)}
+
+
+def stored_bytes(shape: tuple[int, ...], dtype: torch.dtype, quant: QuantConfig | None) -> int:
+    return sum(math.prod(s) * element_size(d) for s, d in stored_parts(shape, dtype, quant).values())
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def pack_linear(w: torch.Tensor, bits: int = 4, group: int = 64) -> PackedLinear:
+    if not packable(tuple(w.shape), bits, group):
+        raise ValueError(f"a weight of shape {tuple(w.shape)} cannot be packed with {bits} bits, group {group}")
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    low, high = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+    levels = (1 << bits) - 1
+    step = (high - low) / levels
+    q = torch.round((g - low) / torch.where(step > 0, step, torch.ones_like(step)))
+    q = q.clamp(0, levels).to(torch.uint8).reshape(n, k)
+    middle = low + step * (1 << (bits - 1))
+    scale_zero = torch.stack([step.squeeze(2), middle.squeeze(2)], dim=-1).transpose(0, 1)
+    data = _to_tiles(q) if bits == 4 else q.contiguous()
+    return PackedLinear(data, scale_zero.contiguous().to(w.dtype), bits, group)
+
+
+def _to_tiles(q: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    t = q.reshape(n // TILE, TILE, k).transpose(1, 2)  # [tiles, K, 64]
+    half = TILE // 2
+    return (t[..., :half] | (t[..., half:] << 4)).contiguous().reshape(n, k // 2)
+
+
+def _from_tiles(data: torch.Tensor) -> torch.Tensor:
+    n, half_k = data.shape
+    t = data.reshape(n // TILE, 2 * half_k, TILE // 2)
+    q = torch.cat([t & 0x0F, t >> 4], dim=2)  # [tiles, K, 64]
+    return q.transpose(1, 2).reshape(n, 2 * half_k)
+
+
+def unpack_levels(p: PackedLinear) -> torch.Tensor:
+    """The integer levels q [N, K] as uint8."""
+    return _from_tiles(p.data) if p.bits == 4 else p.data
+
+
+def dequantize_linear(p: PackedLinear) -> torch.Tensor:
+    n, k = p.shape
+    q = unpack_levels(p).reshape(n, k // p.group, p.group).to(p.dtype)
+    step = p.scale_zero[..., 0].transpose(0, 1).unsqueeze(2)
+    low = p.scale_zero[..., 1].transpose(0, 1).unsqueeze(2) - step * (1 << (p.bits - 1))
+    return torch.addcmul(low, q, step).reshape(n, k)
+
+
+def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if p.bits == 4 and x.device.type == "cpu" and p._dense is None and rows <= fused_max_rows():
+        y = _fused(x.reshape(rows, x.shape[-1]), p).reshape(*x.shape[:-1], p.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, p.dense(), bias)
+
+
+def _fused(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), p.data, p.group, p.scale_zero)
+
+
+_FUSED_MAX_ROWS: int | None = None
+
+
+def fused_max_rows() -> int:
+    """Largest number of rows for which the fused int4 kernel beats dequantize + matmul here.
+
+    FLEXBATCH_INT4_FUSED_MAX_ROWS overrides the measurement (0 turns the fused kernel off).
+    """
+    global _FUSED_MAX_ROWS
+    if _FUSED_MAX_ROWS is None:
+        forced = os.environ.get("FLEXBATCH_INT4_FUSED_MAX_ROWS")
+        _FUSED_MAX_ROWS = int(forced) if forced is not None else measure_fused_max_rows()
+    return _FUSED_MAX_ROWS
+
+
+def _seconds(fn, repeat: int = 3) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def measure_fused_max_rows(n: int = 1024, k: int = 1024, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Time both kernels on a representative [n, k] weight at 1, 2, 4, ... 256 rows."""
+    if not _fused_kernel_matches():
+        return 0
+    p = pack_linear(torch.randn(n, k, dtype=dtype))
+    best = 0
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        x = torch.randn(rows, k, dtype=dtype)
+        fused = _seconds(lambda: _fused(x, p))
+        dense = _seconds(lambda: F.linear(x, dequantize_linear(p)))
+        if fused >= dense:
+            break
+        best = rows
+    return best
+
+
+def _fused_kernel_matches() -> bool:
+    """The kernel exists and reads our tile layout as we write it (checked, not assumed)."""
+    try:
+        q = torch.randint(0, 16, (TILE, 128), dtype=torch.int32)
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except (AttributeError, RuntimeError):
+        return False
+    return theirs.shape == (TILE, 64) and torch.equal(theirs, _to_tiles(q.to(torch.uint8)))

@@ -1,0 +1,131 @@
+"""Compressed weights and KV cache: the packed format against an fp32 oracle, the fused int4
+kernel against dequantize-then-matmul, and every placement of compressed tensors giving
+the tokens of the compressed in-memory run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexbatch import LLM, SamplingParams
+from flexbatch.config import Policy
+from flexbatch.engine.memory import layer_weight_bytes
+from flexbatch.storage import packed_linear
+from flexbatch.storage.kv_rows import RowCodec
+from flexbatch.storage.packed_linear import dequantize_linear, pack_linear, unpack_levels
+from flexbatch.storage.quantize import QuantConfig
+
+PROMPTS = [[5, 6, 7], list(range(10, 31)), [200], [3, 1, 4, 1, 5, 9, 2, 6, 5], [77, 78], list(range(40, 52)), [9, 9]]
+PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tiles=st.integers(1, 3), groups=st.integers(1, 4), group=st.sampled_from([8, 32, 64]),
+       bits=st.sampled_from([4, 8]), seed=st.integers(0, 1000))
+def test_packed_weight_round_trip_within_half_a_step(tiles, groups, group, bits, seed):
+    torch.manual_seed(seed)
+    w = torch.randn(64 * tiles, group * groups) * torch.rand(1) * 3
+    p = pack_linear(w, bits, group)
+    q = unpack_levels(p).float().reshape(w.shape[0], groups, group)
+    # independent oracle: levels recomputed from each group's min and max in fp32
+    g = w.reshape(w.shape[0], groups, group)
+    low, high = g.amin(2, keepdim=True), g.amax(2, keepdim=True)
+    step = (high - low) / ((1 << bits) - 1)
+    assert torch.all(q <= (1 << bits) - 1)
+    assert torch.allclose(q, torch.round((g - low) / torch.where(step > 0, step, torch.ones_like(step))))
+    error = (dequantize_linear(p).reshape_as(g) - g).abs()
+    assert torch.all(error <= step / 2 + 1e-5 * (1 + g.abs()))
+    assert p.nbytes() == w.numel() * bits // 8 + 2 * groups * w.shape[0] * 4
+
+
+def test_fused_kernel_reads_our_layout():
+    if not packed_linear._fused_kernel_matches():
+        pytest.skip("this torch build has no CPU int4 kernel; the dequantize path is used")
+    torch.manual_seed(0)
+    p = pack_linear(torch.randn(192, 256, dtype=torch.bfloat16), 4, 64)
+    for rows in (1, 5, 64):
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        fused = packed_linear._fused(x, p).float()
+        dense = (x.float() @ dequantize_linear(p).float().T)
+        # both round to bf16 once per output; the tolerance is a few bf16 ulps of the output scale
+        assert torch.allclose(fused, dense, atol=0.03 * dense.abs().max().item(), rtol=0.02)
+
+
+@pytest.mark.parametrize("fused_rows", [0, 1024])
+def test_linear_uses_either_kernel_with_the_same_result(monkeypatch, fused_rows):
+    monkeypatch.setattr(packed_linear, "_FUSED_MAX_ROWS", fused_rows)
+    torch.manual_seed(1)
+    w = torch.randn(128, 128)
+    p = pack_linear(w, 4, 32)
+    x = torch.randn(3, 7, 128)
+    expected = x @ dequantize_linear(p).T + 1.0
+    got = packed_linear.linear(x, p.to(torch.device("cpu")), torch.ones(128))
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(4, 64), QuantConfig(8, 8), QuantConfig(4, 4)])
+def test_kv_rows_decode_what_was_encoded(quant):
+    torch.manual_seed(2)
+    x = torch.randn(3, 2, 5, 16)
+    codec = RowCodec(3, 2, 16, torch.float32, quant)
+    rows = codec.encode(x)
+    assert rows.shape == (5, codec.row_bytes)
+    # each token's row decodes on its own, so rows written step by step read back the same
+    one_by_one = torch.cat([codec.decode(rows[t:t + 1]) for t in range(5)], dim=2)
+    assert torch.equal(one_by_one, codec.decode(rows))
+    group = min(quant.group_size, 16)
+    g = x.reshape(3, 2, 5, 16 // group, group)
+    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / quant.levels
+    assert torch.all((codec.decode(rows).reshape_as(g) - g).abs() <= step / 2 + 1e-6)
+
+
+def test_compressed_weights_take_their_stored_bytes(tiny_model):
+    folder, _ = tiny_model("opt_pre_ln")
+    llm = LLM(folder, dtype="float32")
+    plain = layer_weight_bytes(llm.config, llm.family, torch.float32)
+    packed = layer_weight_bytes(llm.config, llm.family, torch.float32, QuantConfig(4, 32, 1))
+    # OPT tiny layer: 4 [64,64] and 2 [128,64]/[64,128] weights pack; norms and biases stay fp32
+    dense = 4 * 64 * 64 + 2 * 128 * 64
+    assert plain - packed == dense * 4 - (dense // 2 + 2 * (dense // 32) * 4)
+
+
+def _compressed(policy: Policy, **switches) -> Policy:
+    fields = {**policy.__dict__, "compress_group": 32, **switches}
+    return Policy(**fields)
+
+
+PLACEMENTS = {
+    "in_memory": Policy(gpu_batch_size=4, num_gpu_batches=2),
+    "weights_on_disk": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0, weights_host=0),
+    "cache_on_disk": Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0, cache_host=0),
+    "mixed_sequential": Policy(gpu_batch_size=3, num_gpu_batches=3, weights_device=0.3, weights_host=0.2,
+                               cache_device=0.4, cache_host=0.2, overlap=False),
+    "all_on_disk": Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0,
+                          cache_device=0, cache_host=0),
+}
+
+
+@pytest.mark.parametrize("switches", [dict(compress_weight=True), dict(compress_cache=True),
+                                      dict(compress_weight=True, compress_cache=True, compress_bits=8)])
+@pytest.mark.parametrize("kind", ["opt_pre_ln", "llama_gqa_tied_llama3"])
+def test_compressed_placements_match_compressed_in_memory(tiny_model, tmp_path, kind, switches):
+    folder, _ = tiny_model(kind)
+    results = {}
+    for name, policy in PLACEMENTS.items():
+        with LLM(folder, dtype="float32", policy=_compressed(policy, **switches), offload_dir=tmp_path / name) as llm:
+            results[name] = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    for name, tokens in results.items():
+        assert tokens == results["in_memory"], name
+
+
+def test_compression_changes_the_computation(tiny_model, tmp_path):
+    """Guards the test above: compressed runs really use quantized values."""
+    folder, _ = tiny_model("opt_pre_ln")
+    policy = Policy(gpu_batch_size=7)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / "a") as llm:
+        plain = [s.logprobs for s in llm.score(PROMPTS[1:2])]
+    with LLM(folder, dtype="float32", policy=_compressed(policy, compress_weight=True),
+             offload_dir=tmp_path / "b") as llm:
+        packed = [s.logprobs for s in llm.score(PROMPTS[1:2])]
+    assert plain != packed
