@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -77,8 +78,8 @@ class LLM:
         self.device = pick_device(device)
         self.dtype = parse_dtype(dtype) or default_dtype(self.device)
         self.batch_size = batch_size
-        self.policy = policy
         self.tokenizer = opened.load_tokenizer()
+        policy = self.policy = _with_store_compression(opened, policy, batch_size)
         if policy is None:
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
@@ -179,8 +180,12 @@ class LLM:
         return results
 
     # ---- scoring ------------------------------------------------------------------------
-    def score(self, texts: Sequence[Prompt]) -> list[ScoreOutput]:
-        """Per-token log-probabilities of each text (or token id list) under the model."""
+    def score(self, texts: Sequence[Prompt], piece: int | None = None) -> list[ScoreOutput]:
+        """Per-token log-probabilities of each text (or token id list) under the model.
+
+        `piece` runs the forward pass that many tokens at a time (default: whole texts); with
+        a compressed KV cache, piece=1 scores each token as generation would see it.
+        """
         from .engine.generation import left_pad
 
         ids = [self.encode(t) for t in texts]
@@ -191,13 +196,25 @@ class LLM:
             padded, key_valid = left_pad(chunk, width, self.pad_id)
             self.runner.begin(len(chunk), width)
             try:
-                logprobs = self.runner.score(padded, key_valid)
+                logprobs = self.runner.score(padded, key_valid, piece)
             finally:
                 self.runner.end()
             for b, r in enumerate(chunk):
                 n = len(r.token_ids)
                 outputs.append(ScoreOutput(r.token_ids, logprobs[b, width - n:].tolist()))
         return outputs
+
+
+def _with_store_compression(opened, policy: Policy | None, batch_size: int) -> Policy | None:
+    """A store converted with --compress-weight runs with its weights compressed: the policy
+    (everything in memory if none was given) gets the store's bits and group size."""
+    packing = getattr(opened.source, "packing", None)
+    found = {packing(n) for n in opened.source.names()} - {None} if packing else set()
+    if not found or (policy is not None and policy.compress_weight):
+        return policy
+    bits, group = found.pop()
+    base = policy or Policy(gpu_batch_size=batch_size)
+    return replace(base, compress_weight=True, compress_bits=bits, compress_group=group)
 
 
 def _broadcast_params(params, n: int) -> list[SamplingParams]:

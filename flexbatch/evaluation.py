@@ -58,15 +58,17 @@ def chunk_tokens(token_ids: list[int], chunk_len: int, num_chunks: int) -> list[
     return [token_ids[i * chunk_len:(i + 1) * chunk_len] for i in range(num_chunks)]
 
 
-def perplexity(llm, text: str, chunk_len: int = 1024, num_chunks: int = 20) -> PerplexityResult:
-    """Mean negative log-likelihood of every token of every chunk but its first."""
+def perplexity(llm, text: str, chunk_len: int = 1024, num_chunks: int = 20,
+               piece: int | None = None) -> PerplexityResult:
+    """Mean negative log-likelihood of every token of every chunk but its first (forward
+    passes of `piece` tokens at a time, see LLM.score)."""
     if chunk_len > llm.config.max_position_embeddings:
         raise ConfigError(f"chunk length {chunk_len} exceeds the model's context of "
                           f"{llm.config.max_position_embeddings} tokens.")
     ids = llm._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
     chunks = chunk_tokens(ids, chunk_len, num_chunks)
     total, count = 0.0, 0
-    for scored in llm.score(chunks):
+    for scored in llm.score(chunks, piece=piece):
         total -= sum(scored.logprobs)
         count += len(scored.logprobs)
     mean = total / count

@@ -12,7 +12,7 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine.memory import layer_weight_bytes
 from flexbatch.storage import packed_linear
-from flexbatch.storage.kv_rows import RowCodec
+from flexbatch.storage.kv_rows import RowCodec, orthonormal
 from flexbatch.storage.packed_linear import dequantize_linear, pack_linear, unpack_levels
 from flexbatch.storage.quantize import QuantConfig
 
@@ -74,10 +74,20 @@ def test_kv_rows_decode_what_was_encoded(quant):
     # each token's row decodes on its own, so rows written step by step read back the same
     one_by_one = torch.cat([codec.decode(rows[t:t + 1]) for t in range(5)], dim=2)
     assert torch.equal(one_by_one, codec.decode(rows))
+    # groups are quantized after the fixed rotation: within half a step there
+    rotation = orthonormal(16)
+    assert torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-6)
     group = min(quant.group_size, 16)
-    g = x.reshape(3, 2, 5, 16 // group, group)
+    g = (x @ rotation).reshape(3, 2, 5, 16 // group, group)
     step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / quant.levels
-    assert torch.all((codec.decode(rows).reshape_as(g) - g).abs() <= step / 2 + 1e-6)
+    decoded = (codec.decode(rows) @ rotation).reshape_as(g)
+    assert torch.all((decoded - g).abs() <= step / 2 + 1e-5)
+
+
+@pytest.mark.parametrize("n", [16, 24])
+def test_rotation_is_orthonormal(n):
+    rotation = orthonormal(n)
+    assert torch.allclose(rotation @ rotation.T, torch.eye(n), atol=1e-5)
 
 
 def test_compressed_weights_take_their_stored_bytes(tiny_model):
@@ -106,8 +116,9 @@ PLACEMENTS = {
 }
 
 
-@pytest.mark.parametrize("switches", [dict(compress_weight=True), dict(compress_cache=True),
-                                      dict(compress_weight=True, compress_cache=True, compress_bits=8)])
+@pytest.mark.parametrize("switches", [dict(compress_weight=True), dict(compress_cache=True, cache_window=0),
+                                      dict(compress_cache=True, cache_window=3),
+                                      dict(compress_weight=True, compress_cache=True, compress_bits=8, cache_window=5)])
 @pytest.mark.parametrize("kind", ["opt_pre_ln", "llama_gqa_tied_llama3"])
 def test_compressed_placements_match_compressed_in_memory(tiny_model, tmp_path, kind, switches):
     folder, _ = tiny_model(kind)
@@ -129,3 +140,66 @@ def test_compression_changes_the_computation(tiny_model, tmp_path):
              offload_dir=tmp_path / "b") as llm:
         packed = [s.logprobs for s in llm.score(PROMPTS[1:2])]
     assert plain != packed
+
+
+def test_cache_window_longer_than_sequences_is_exact(tiny_model, tmp_path):
+    """Every token inside the unquantized window: the tokens of the uncompressed run."""
+    folder, _ = tiny_model("llama_gqa_tied_llama3")
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0.5, cache_host=0)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / "a") as llm:
+        plain = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    windowed = Policy(**{**policy.__dict__, "compress_cache": True, "cache_window": 64})
+    with LLM(folder, dtype="float32", policy=windowed, offload_dir=tmp_path / "b") as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == plain
+    no_window = Policy(**{**windowed.__dict__, "cache_window": 0})
+    with LLM(folder, dtype="float32", policy=no_window, offload_dir=tmp_path / "c") as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] != plain
+
+
+def test_compressed_store_runs_as_compressing_on_load(tiny_model, tmp_path):
+    """`convert --compress-weight` stores the packed weights; running from that store gives
+    the tokens of packing the original weights on load, and the index records the packing."""
+    import json
+
+    from flexbatch.cli.main import main
+    from flexbatch.weights.source import open_model
+
+    folder, _ = tiny_model("opt_pre_ln")
+    dst = tmp_path / "store"
+    assert main(["convert", str(folder), str(dst), "--compress-weight", "--compress-group", "32"]) == 0
+    index = json.loads((dst / "flexbatch.json").read_text())["tensors"]
+    packed = index["model.decoder.layers.0.self_attn.q_proj.weight"]["packed"]
+    assert (packed["bits"], packed["group"]) == (4, 32)
+    assert packed["parts"]["data"]["nbytes"] == 64 * 64 // 2
+    assert "packed" not in index["model.decoder.layers.0.self_attn.q_proj.bias"]
+    assert "packed" not in index["model.decoder.embed_tokens.weight"]
+    source = open_model(dst).source
+    original = open_model(folder).source.read("model.decoder.layers.1.fc1.weight")
+    assert torch.equal(source.read("model.decoder.layers.1.fc1.weight"),
+                       dequantize_linear(pack_linear(original, 4, 32)))
+
+    llm = LLM(dst, dtype="float32", batch_size=4)
+    assert llm.policy.compress_weight and llm.policy.compress_group == 32
+    with llm:
+        from_store = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    policy = Policy(gpu_batch_size=4, compress_weight=True, compress_group=32)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / "o") as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == from_store
+
+
+def test_corrupted_packed_weight_is_named(tiny_model, tmp_path):
+    import json
+
+    from flexbatch.errors import WeightFileError
+    from flexbatch.weights.source import open_model
+    from flexbatch.weights.store import write_store
+
+    folder, _ = tiny_model("opt_pre_ln")
+    dst = write_store(open_model(folder), tmp_path / "store", quant=QuantConfig(4, 32, 1))
+    entry = json.loads((dst / "flexbatch.json").read_text())["tensors"]["model.decoder.layers.2.fc2.weight"]
+    data_file = dst / entry["packed"]["parts"]["data"]["file"]
+    raw = bytearray(data_file.read_bytes())
+    raw[5] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(WeightFileError, match="fc2.weight#data"):
+        open_model(dst).source.read("model.decoder.layers.2.fc2.weight")

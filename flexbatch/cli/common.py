@@ -74,6 +74,9 @@ def add_compression_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--compress-cache", action="store_true", help="store and move the KV cache quantized")
     c.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per value (default 4)")
     c.add_argument("--compress-group", type=int, default=64, help="values per quantization group (default 64)")
+    c.add_argument("--cache-window", type=int, default=32,
+                   help="with --compress-cache, keep each sequence's last N tokens unquantized too (default 32; "
+                        "0 quantizes everything, as FlexGen does)")
 
 
 def compression_fields(args) -> dict:
@@ -81,7 +84,8 @@ def compression_fields(args) -> dict:
     if not (args.compress_weight or args.compress_cache):
         return {}
     return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
-            "compress_bits": args.compress_bits, "compress_group": args.compress_group}
+            "compress_bits": args.compress_bits, "compress_group": args.compress_group,
+            "cache_window": args.cache_window}
 
 
 def build_policy(args, planned: bool = False):
@@ -106,6 +110,8 @@ def build_policy(args, planned: bool = False):
     compression = compression_fields(args)
     placed = bool(args.percent or fields or extra or args.offload_dir)
     extra.update(compression)
+    if compression and not placed and getattr(args, "batch_size", None):
+        extra.setdefault("gpu_batch_size", args.batch_size)  # compression alone: the usual batch, in memory
     if args.percent:
         return Policy.from_percent(args.percent, **{**fields, **extra})
     if placed or (compression and not (planned and not args.no_plan)):

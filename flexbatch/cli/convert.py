@@ -13,6 +13,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast floating-point tensors (default: keep the source's dtype; GGUF "
                         "quantized tensors become float32)")
+    p.add_argument("--compress-weight", action="store_true",
+                   help="store layer weights quantized (group-wise, asymmetric); the model then runs compressed")
+    p.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per weight (default 4)")
+    p.add_argument("--compress-group", type=int, default=64, help="weights per quantization group (default 64)")
     p.set_defaults(run=run)
 
 
@@ -20,12 +24,15 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..config import parse_dtype
+    from ..storage.quantize import QuantConfig
     from ..weights.source import open_model
     from ..weights.store import write_store
 
     model = open_model(args.src)
     names = model.source.names()
     with tqdm(total=len(names), desc="converting", unit="tensor", file=sys.stderr) as bar:
-        dst = write_store(model, args.dst, parse_dtype(args.dtype), progress=lambda name, n: bar.update(1))
+        quant = QuantConfig(args.compress_bits, args.compress_group, 1) if args.compress_weight else None
+        dst = write_store(model, args.dst, parse_dtype(args.dtype), progress=lambda name, n: bar.update(1),
+                          quant=quant)
     print(f"wrote {len(names)} tensors of {model.config.model_type} model to {dst}", file=sys.stderr)
     return 0

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--num-chunks", type=int, default=20, help="chunks to score (default 20)")
     p.add_argument("--max-chars", type=int, default=400_000, help="characters of the text to use (default 400000)")
     p.add_argument("--batch-size", type=int, default=4, help="chunks scored together (default 4)")
+    p.add_argument("--piece", type=int, default=None,
+                   help="run each chunk this many tokens at a time, reading earlier tokens back from the KV "
+                        "cache (default: whole chunk). Use 1 to measure a compressed KV cache as generation sees it.")
     add_policy_args(p)
     p.set_defaults(run=run)
 
@@ -31,11 +34,12 @@ def run(args) -> int:
     policy = build_policy(args)
     with make_llm(args, policy) as llm:
         start = time.perf_counter()
-        result = perplexity(llm, text, args.chunk_len, args.num_chunks)
+        result = perplexity(llm, text, args.chunk_len, args.num_chunks, args.piece)
         seconds = time.perf_counter() - start
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.num_tokens} tokens "
           f"in {result.num_chunks} chunks, {seconds:.1f}s", file=sys.stderr)
     print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
                       "num_tokens": result.num_tokens, "num_chunks": result.num_chunks,
-                      "dtype": str(llm.dtype).removeprefix("torch."), "policy": str(policy)}))
+                      "dtype": str(llm.dtype).removeprefix("torch."), "piece": args.piece,
+                      "policy": str(policy)}))
     return 0

@@ -25,7 +25,7 @@ from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .kv_cache import BufferPool, EncodedKVBlock, KVBlock
 from .memory import STAGING_BLOCKS, MemoryBudget, run_memory, weight_memory
-from .runner import make_context, next_token_logprobs
+from .runner import make_context, score_in_pieces, target_logprobs
 from .schedule import Op, token_schedule
 from .weight_home import WeightHome
 
@@ -93,7 +93,7 @@ class OffloadRunner:
         def block(j: int, k: int, shape, split) -> KVBlock | EncodedKVBlock:
             args = (shape, split[Tier.DEVICE] + split[Tier.HOST], self.dtype, self.device,
                     cache_dir / f"l{j}_b{k}", self.pool)
-            return KVBlock(*args) if quant is None else EncodedKVBlock(*args, quant)
+            return KVBlock(*args) if quant is None else EncodedKVBlock(*args, quant, self.policy.cache_window)
 
         self.blocks = [[block(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
                        for j in range(self.cfg.num_layers)]
@@ -124,11 +124,12 @@ class OffloadRunner:
         return out
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """Log-probability [B, S-1] of each token given the tokens before it (one prefill)."""
-        hidden = self._hidden(input_ids, key_valid, 0)
-        return torch.cat([next_token_logprobs(self.cfg, self.family, self.home.globals, h, input_ids[b])
-                          for b, h in zip(self.batches, hidden)])
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+        """Log-probability [B, S-1] of each token given the tokens before it."""
+        hidden_of = lambda ids, valid, start: torch.cat(self._hidden(ids, valid, start))
+        logprobs_of = lambda h, targets: torch.cat([
+            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b]) for b in self.batches])
+        return score_in_pieces(hidden_of, logprobs_of, input_ids, key_valid, piece)
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""

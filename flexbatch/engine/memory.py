@@ -154,9 +154,13 @@ def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dt
         per_layer_batch = per_seq / cfg.num_layers * policy.gpu_batch_size
         plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * policy.cache_disk)
     if policy.compress_cache:
-        # blocks in flight hold their cache dequantized for attention
-        dense = kv_bytes_per_token(cfg, dtype) * capacity * policy.gpu_batch_size
-        plan.add(True, "dequantized KV blocks", STAGING_BLOCKS * dense)
+        # blocks in flight hold their cache dequantized for attention; each sequence keeps its
+        # last cache_window tokens unquantized too
+        dense = kv_bytes_per_token(cfg, dtype)
+        plan.add(True, "dequantized KV blocks", STAGING_BLOCKS * dense * capacity * policy.gpu_batch_size)
+        window = min(policy.cache_window, capacity) * dense * cfg.num_layers * batch_size
+        plan.add(True, "recent KV window", window * policy.cache_device)
+        plan.add(False, "recent KV window", window * policy.cache_host)
     plan.add(True, "activations and temporaries", working_bytes(cfg, policy, dtype, prompt_width, capacity))
     plan.add(False, "runtime overhead", RUNTIME_OVERHEAD)
     return plan

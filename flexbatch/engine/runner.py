@@ -57,22 +57,42 @@ class InMemoryRunner:
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """Log-probability [B, S-1] of each token given the tokens before it (one prefill)."""
-        h = self._hidden(input_ids, key_valid, 0)
-        return next_token_logprobs(self.cfg, self.family, self.weights.globals, h, input_ids.to(self.device))
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+        """Log-probability [B, S-1] of each token given the tokens before it."""
+        logprobs_of = lambda h, targets: target_logprobs(self.cfg, self.family, self.weights.globals, h, targets)
+        return score_in_pieces(self._hidden, logprobs_of, input_ids, key_valid, piece)
 
 
-def next_token_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
-                        input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, i+1] | hidden[:, i]) for every position, [B, S-1], on the CPU.
+def target_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[:, i] | hidden[:, i]) for aligned [B, T] positions, on the CPU.
 
-    The head runs over HEAD_CHUNK positions at a time so [B, S, V] logits never exist at once.
+    The head runs over HEAD_CHUNK positions at a time so [B, T, V] logits never exist at once.
     """
-    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
     out = [torch.empty(targets.shape[0], 0)]
     for s in range(0, targets.shape[1], HEAD_CHUNK):
         logits = family.head(cfg, global_weights, hidden[:, s:s + HEAD_CHUNK])
         logprobs = torch.log_softmax(logits, dim=-1)
-        out.append(logprobs.gather(-1, targets[:, s:s + HEAD_CHUNK].unsqueeze(-1)).squeeze(-1).cpu())
+        out.append(logprobs.gather(-1, targets[:, s:s + HEAD_CHUNK].unsqueeze(-1).to(logits.device))
+                   .squeeze(-1).cpu())
     return torch.cat(out, dim=1)
+
+
+def score_in_pieces(hidden_of, logprobs_of, input_ids: torch.Tensor, key_valid: torch.Tensor,
+                    piece: int | None = None) -> torch.Tensor:
+    """Log-probability [B, S-1] of each token given the tokens before it.
+
+    The forward pass runs `piece` tokens at a time (default: all at once); each piece attends
+    to the earlier ones through the KV cache, so with a compressed cache and small pieces
+    the scores see the cache as generation does (piece 1 is exactly generation's view).
+    hidden_of(ids, key_valid, start) -> [B, P, C]; logprobs_of(hidden, targets) -> [B, P].
+    """
+    width = input_ids.shape[1]
+    piece = piece or width
+    parts = []
+    for start in range(0, width, piece):
+        end = min(start + piece, width)
+        hidden = hidden_of(input_ids[:, start:end], key_valid[:, :end], start)
+        targets = input_ids[:, start + 1:end + 1]  # one shorter than the piece at the end
+        parts.append(logprobs_of(hidden[:, :targets.shape[1]], targets))
+    return torch.cat(parts, dim=1)

@@ -51,6 +51,7 @@ class WeightHome:
         mapping = resolve_names(cfg, family, source)
         self.tiers = self._place(policy)
         read = lambda name: source.read(mapping[name]).to(dtype)
+        self._source, self._mapping = source, mapping
         self.globals = self._load_globals(read)
         self.memory: list[dict[str, torch.Tensor | PackedLinear]] = []
         self.disk: list[DiskLayer | None] = []
@@ -82,11 +83,18 @@ class WeightHome:
             out[spec.name] = loaded[key]
         return out
 
-    def _stored(self, tensor: torch.Tensor) -> torch.Tensor | PackedLinear:
-        """A layer tensor in its stored form (packed when compression applies to it)."""
-        if self.quant is not None and packable(tuple(tensor.shape), self.quant.bits, self.quant.group_size):
-            return pack_linear(tensor, self.quant.bits, self.quant.group_size)
-        return tensor
+    def _stored(self, name: str, read) -> torch.Tensor | PackedLinear:
+        """A layer tensor in its stored form: packed when compression applies to it, taken
+        as is from a store converted with the same compression."""
+        shape = tuple(self._source.shape(self._mapping[name]))
+        if self.quant is None or not packable(shape, self.quant.bits, self.quant.group_size):
+            return read(name)
+        bits, group = self.quant.bits, self.quant.group_size
+        provider = self._mapping[name]
+        if getattr(self._source, "packing", lambda _: None)(provider) == (bits, group):
+            packed = self._source.read_packed(provider)
+            return PackedLinear(packed.data, packed.scale_zero.to(self.dtype), bits, group)
+        return pack_linear(read(name), bits, group)
 
     def _home_layer(self, j: int, read, offload_dir: Path, policy: Policy) -> None:
         prefix = self.family.layer_prefix(j)
@@ -100,7 +108,7 @@ class WeightHome:
                     offset = align_up(offset + math.prod(shape) * element_size(dtype))
             else:
                 home = self.device if tier is Tier.DEVICE else torch.device("cpu")
-                stored = _to(self._stored(read(prefix + spec.name)), home)
+                stored = _to(self._stored(prefix + spec.name, read), home)
                 if home.type == "cpu" and self.device.type == "cuda" and policy.pin_weights:
                     stored = _pinned(stored)
                 memory[spec.name] = stored
@@ -110,7 +118,7 @@ class WeightHome:
     def _write_layer_file(self, j, read, prefix, entries, nbytes, offload_dir) -> DiskLayer:
         buf = aligned_bytes(nbytes)
         for name, parts in entries.items():
-            stored = self._stored(read(prefix + name))
+            stored = self._stored(prefix + name, read)
             for part, (offset, shape, dtype) in parts.items():
                 value = getattr(stored, part) if part else stored
                 as_dtype(buf, dtype, shape, offset).copy_(value)

@@ -76,7 +76,7 @@ def dequantize(qt: QuantizedTensor, out_dtype: torch.dtype | None = None) -> tor
     cfg = qt.config
     dim = cfg.group_dim % len(qt.shape)
     q = unpack_nibbles(qt.data, dim + 1) if cfg.bits == 4 else qt.data
-    x = q.to(torch.float32) * qt.step.float() + qt.minimum.float()
+    x = torch.addcmul(qt.minimum.float(), q.to(torch.float32), qt.step.float())
     x = x.reshape(*x.shape[:dim], -1, *x.shape[dim + 2:])
     x = x.narrow(dim, 0, qt.shape[dim])
     return x.to(out_dtype or qt.dtype)

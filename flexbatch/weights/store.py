@@ -5,6 +5,10 @@ Layout of a store folder:
     flexbatch.json     index: format version and, per tensor, file, shape, dtype, bytes, crc32
     tensors/<name>.bin raw little-endian tensor bytes, nothing else (so later offloading can
                        read them with O_DIRECT into aligned buffers)
+With `convert --compress-weight`, each packable layer weight is stored as a `PackedLinear`:
+its index entry keeps the logical shape and dtype and adds "packed": {bits, group, layout,
+parts}, where parts describes the files of the packed levels and the scales, each with its
+own shape, dtype, bytes and crc32. Readers that want dense tensors get them dequantized.
     tokenizer files    as written by the tokenizer's save_pretrained
 A store is written to a temporary folder and renamed into place, so a crash never leaves a
 half-written store that looks complete.
@@ -21,11 +25,14 @@ import torch
 
 from ..errors import ModelFormatError, WeightFileError
 from ..models.spec import config_from_hf_dict
+from ..storage.packed_linear import PackedLinear, dequantize_linear, pack_linear, packable
+from ..storage.quantize import QuantConfig
 from .source import OpenedModel
 
 STORE_INDEX = "flexbatch.json"
 STORE_FORMAT = "flexbatch-store"
 STORE_VERSION = 1
+PACKED_LAYOUT = {4: "int4-cpu-tile64", 8: "uint8-rows"}  # see storage/packed_linear.py
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
 
@@ -56,12 +63,28 @@ class StoreSource:
     def entry(self, name: str) -> dict:
         return self._entries[name]
 
-    def path_of(self, name: str) -> Path:
-        return self.folder / self._entries[name]["file"]
-
     def read(self, name: str) -> torch.Tensor:
-        entry = self._entries[name]
-        path = self.path_of(name)
+        """The tensor, dense (a packed weight is dequantized)."""
+        packed = self.read_packed(name)
+        if packed is not None:
+            return dequantize_linear(packed)
+        return self._read_file(name, self._entries[name])
+
+    def read_packed(self, name: str) -> PackedLinear | None:
+        """The stored PackedLinear of a weight written compressed, else None."""
+        info = self._entries[name].get("packed")
+        if info is None:
+            return None
+        parts = {part: self._read_file(f"{name}#{part}", entry) for part, entry in info["parts"].items()}
+        return PackedLinear(parts["data"], parts["scale_zero"], info["bits"], info["group"])
+
+    def packing(self, name: str) -> tuple[int, int] | None:
+        """(bits, group) of a weight stored compressed, else None."""
+        info = self._entries[name].get("packed")
+        return None if info is None else (info["bits"], info["group"])
+
+    def _read_file(self, name: str, entry: dict) -> torch.Tensor:
+        path = self.folder / entry["file"]
         buf = bytearray(entry["nbytes"])
         try:
             with open(path, "rb") as f:
@@ -104,8 +127,9 @@ def _safe_file_name(name: str) -> str:
 
 
 def write_store(model: OpenedModel, dst: Path, dtype: torch.dtype | None = None,
-                progress=None, exist_ok: bool = False) -> Path:
+                progress=None, exist_ok: bool = False, quant: QuantConfig | None = None) -> Path:
     """Convert `model` into a store at `dst`; float tensors are cast to `dtype` if given.
+    With `quant`, layer weights that can be packed are stored compressed (see the module doc).
 
     With exist_ok, a store that another process finished first is kept and reused.
     """
@@ -118,17 +142,22 @@ def write_store(model: OpenedModel, dst: Path, dtype: torch.dtype | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tensors").mkdir(parents=True)
     entries = {}
+    packable_names = _layer_weight_names(model) if quant is not None else set()
     for name in sorted(model.source.names()):
         tensor = model.source.read(name)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        data = tensor_bytes(tensor)
-        file = "tensors/" + _safe_file_name(name)
-        (tmp / file).write_bytes(data)
-        entries[name] = {"file": file, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype),
-                         "nbytes": len(data), "crc32": zlib.crc32(data)}
+        if name in packable_names and packable(tuple(tensor.shape), quant.bits, quant.group_size):
+            packed = pack_linear(tensor, quant.bits, quant.group_size)
+            parts = {part: _write_file(tmp, f"{name}#{part}", getattr(packed, part))
+                     for part in ("data", "scale_zero")}
+            entries[name] = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype),
+                             "packed": {"bits": quant.bits, "group": quant.group_size,
+                                        "layout": PACKED_LAYOUT[quant.bits], "parts": parts}}
+        else:
+            entries[name] = _write_file(tmp, name, tensor)
         if progress is not None:
-            progress(name, len(data))
+            progress(name, tensor.numel() * tensor.element_size())
     index = {"format": STORE_FORMAT, "version": STORE_VERSION, "source": str(model.path), "tensors": entries}
     (tmp / STORE_INDEX).write_text(json.dumps(index, indent=1))
     (tmp / "config.json").write_text(json.dumps(model.hf_config, indent=2))
@@ -140,6 +169,25 @@ def write_store(model: OpenedModel, dst: Path, dtype: torch.dtype | None = None,
         if not (exist_ok and dst.exists()):
             raise
     return dst
+
+
+def _write_file(folder: Path, name: str, tensor: torch.Tensor) -> dict:
+    data = tensor_bytes(tensor)
+    file = "tensors/" + _safe_file_name(name)
+    (folder / file).write_bytes(data)
+    return {"file": file, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype),
+            "nbytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def _layer_weight_names(model: OpenedModel) -> set[str]:
+    """Source names of the transformer layers' 2-D weights (embeddings and head stay dense)."""
+    from ..models import get_family
+    from .loader import resolve_names
+
+    family = get_family(model.config)
+    mapping = resolve_names(model.config, family, model.source)
+    return {mapping[family.layer_prefix(j) + spec.name] for j in range(model.config.num_layers)
+            for spec in family.layer_specs(model.config) if len(spec.shape) == 2}
 
 
 def _save_tokenizer(model: OpenedModel, folder: Path) -> None:
