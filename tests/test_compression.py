@@ -101,7 +101,7 @@ def test_compressed_weights_take_their_stored_bytes(tiny_model):
 
 
 def _compressed(policy: Policy, **switches) -> Policy:
-    fields = {**policy.__dict__, "compress_group": 32, **switches}
+    fields = {**policy.__dict__, "compress_group": 32, "cache_window": 0, **switches}
     return Policy(**fields)
 
 
@@ -118,7 +118,8 @@ PLACEMENTS = {
 
 @pytest.mark.parametrize("switches", [dict(compress_weight=True), dict(compress_cache=True, cache_window=0),
                                       dict(compress_cache=True, cache_window=3),
-                                      dict(compress_weight=True, compress_cache=True, compress_bits=8, cache_window=5)])
+                                      dict(compress_weight=True, compress_cache=True, compress_bits=8, cache_window=5),
+                                      dict(attn_sparsity=0.3), dict(attn_sparsity=0.5, compress_cache=True)])
 @pytest.mark.parametrize("kind", ["opt_pre_ln", "llama_gqa_tied_llama3"])
 def test_compressed_placements_match_compressed_in_memory(tiny_model, tmp_path, kind, switches):
     folder, _ = tiny_model(kind)
@@ -203,3 +204,40 @@ def test_corrupted_packed_weight_is_named(tiny_model, tmp_path):
     data_file.write_bytes(bytes(raw))
     with pytest.raises(WeightFileError, match="fc2.weight#data"):
         open_model(dst).source.read("model.decoder.layers.2.fc2.weight")
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.1])
+def test_sparse_attention_matches_a_loop_oracle(keep):
+    import math
+
+    from flexbatch.models.ops import grouped_attention
+
+    torch.manual_seed(3)
+    b, h, hkv, t, d = 2, 4, 2, 13, 8
+    q, keys, values = torch.randn(b, h, 1, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    mask = torch.zeros(b, 1, 1, t)
+    mask[0, ..., :3] = float("-inf")  # left padding of the first sequence
+    got = grouped_attention(q, keys, values, mask, 0.5, keep)
+    for i in range(b):
+        kept = max(1, math.ceil(keep * int(torch.isfinite(mask[i]).sum())))
+        for head in range(h):
+            kv = head // (h // hkv)
+            scores = (keys[i, kv] @ q[i, head, 0]) * 0.5 + mask[i, 0, 0]
+            top = scores.topk(kept).indices
+            weights = torch.softmax(scores[top], dim=0)
+            expected = weights @ values[i, kv, top]
+            assert torch.allclose(got[i, head, 0], expected, atol=1e-5), (i, head)
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_scoring_in_pieces_equals_one_pass(tiny_model, tmp_path, offloaded):
+    """Pieces read earlier tokens back from the (uncompressed) cache: same log-probabilities."""
+    folder, _ = tiny_model("qwen2")
+    texts = [list(range(3, 30)), [9, 8, 7, 6, 5]]
+    policy = Policy(gpu_batch_size=1, num_gpu_batches=2, cache_device=0, cache_host=0) if offloaded else None
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        whole = [s.logprobs for s in llm.score(texts)]
+        for piece in (1, 4, 7):
+            pieces = [s.logprobs for s in llm.score(texts, piece=piece)]
+            for a, b in zip(pieces, whole):
+                assert a == pytest.approx(b, abs=1e-5)

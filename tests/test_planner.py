@@ -43,6 +43,21 @@ def test_layer_costs_by_hand():
     assert costs.comp_gen == pytest.approx(batch * 2 * params / 1e12 + batch * 4 * t * 1024 / 1e12)
 
 
+def test_compressed_layer_costs_by_hand():
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}})
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)
+    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)
+    matrices = 4 * 1024 * 1024 + 2 * 4096 * 1024
+    small = 4 * 1024 + 4096 + 1024 + 4 * 1024  # biases and norms stay bf16
+    weight_bytes = matrices // 2 + matrices // 64 * 2 * 2 + 2 * small  # 4-bit levels, bf16 step and zero per 64
+    kv = 2 * 16 * (64 // 2 + 2 * 2)  # per head: 32 bytes of levels, one bf16 minimum and step
+    batch, s, t = 8, 100, 100 + 11 / 2
+    assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
+    assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
+    params = matrices + small
+    assert costs.comp_gen == pytest.approx(batch * 2 * params / 2.5e11 + batch * 4 * t * 1024 / 1e12)
+
+
 def budget(gib: float) -> MemoryBudget:
     return MemoryBudget(device_bytes=int(gib * 2**30), host_bytes=int(gib * 2**30))
 
@@ -124,3 +139,16 @@ def test_planned_policy_runs_within_its_predicted_memory(tmp_path):
     growth = report["growth"]
     assert growth <= predicted + (8 << 20), f"grew {growth / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB"
     assert report["loading"] <= predicted
+
+
+def test_planner_with_compression_returns_compressed_policies_that_fit():
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": FLAT})
+    both = {"compress_weight": True, "compress_cache": True}
+    tight = budget(0.2)
+    plain = search(CFG, FAMILY, torch.bfloat16, hw, WORK, tight)
+    packed = search(CFG, FAMILY, torch.bfloat16, hw, WORK, tight, compression=both)
+    for c in [packed.best, *packed.runners_up]:
+        assert c.policy.compress_weight and c.policy.compress_cache
+        c.memory.check(tight, unified=True, hint="")
+    # a quarter of the bytes to read per token at equal FLOP/s: compression predicts more throughput
+    assert packed.best.throughput > plain.best.throughput

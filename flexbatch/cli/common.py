@@ -58,6 +58,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-batch-size", type=int, default=None, help="sequences per GPU batch")
     g.add_argument("--num-gpu-batches", type=int, default=None, help="GPU batches per block")
     g.add_argument("--no-overlap", action="store_true", help="run loads, compute and stores sequentially")
+    g.add_argument("--attn-sparsity", type=float, default=None, metavar="F",
+                   help="during decode, attend only to the top fraction F of keys per query (FlexGen's sparse "
+                        "attention; 1 = dense)")
     g.add_argument("--offload-dir", default=None, help="folder for disk-resident tensors (default: a temp folder)")
     g.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the whole process may use on the host, e.g. 8GiB (default: free RAM)")
     g.add_argument("--gpu-memory", type=parse_bytes, default=None, help="GPU memory budget (default: free GPU memory)")
@@ -107,6 +110,8 @@ def build_policy(args, planned: bool = False):
              if v is not None}
     if args.no_overlap:
         extra["overlap"] = False
+    if args.attn_sparsity is not None:
+        extra["attn_sparsity"] = args.attn_sparsity
     compression = compression_fields(args)
     placed = bool(args.percent or fields or extra or args.offload_dir)
     extra.update(compression)

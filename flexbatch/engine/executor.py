@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.kv_rows import RowCodec
+from ..storage.packed_linear import PackedLinear
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
@@ -133,7 +134,8 @@ class OffloadRunner:
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
-        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device)
+        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
+                             self.policy.attn_sparsity)
                 for b in self.batches]
         hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
                   for b, ctx in zip(self.batches, ctxs)]
@@ -161,7 +163,17 @@ class OffloadRunner:
                 layer_weights = weights[j].result()
                 self.wait_seconds += time.perf_counter() - waited
                 hidden[k] = self.family.layer(self.cfg, layer_weights, hidden[k], ctxs[k], k_cache, v_cache)
+                if k == len(self.batches) - 1:
+                    _drop_dense_copies(layer_weights)
             else:  # store_cache
                 stores.append(submit(self.blocks[j][k].store, start, end))
         for future in stores:
             future.result()
+
+
+def _drop_dense_copies(layer_weights: dict) -> None:
+    """Free the dequantized copies compressed weights made for this layer: the last GPU batch
+    has used them, so at most one layer is held dense at a time."""
+    for w in layer_weights.values():
+        if isinstance(w, PackedLinear):
+            w.release_dense()

@@ -138,8 +138,8 @@ def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch
     if policy.weights_disk > 0:
         plan.add(False, "weight read buffers", 2 * per_layer * policy.weights_disk + 2 * 4096 * 32)
     if policy.compress_weight:
-        # large batches dequantize a layer once per load; two loaded layers are alive at a time
-        plan.add(True, "dequantized layer weights", 2 * layer_params(cfg, family) * element_size(dtype))
+        # large batches dequantize a layer once per load, freed after its last GPU batch
+        plan.add(True, "dequantized layer weights", layer_params(cfg, family) * element_size(dtype))
     return plan
 
 

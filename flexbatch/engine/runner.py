@@ -17,11 +17,12 @@ HEAD_CHUNK = 256  # positions per head matmul when scoring, to bound the [B, S, 
 
 
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
-                 dtype: torch.dtype, device: torch.device) -> StepContext:
+                 dtype: torch.dtype, device: torch.device, attn_keep: float = 1.0) -> StepContext:
     ctx = StepContext(
         positions=ops.positions_from_mask(key_valid, start).to(device),
         start=start,
         attn_mask=ops.attention_mask(key_valid, start, dtype, cfg.sliding_window).to(device),
+        attn_keep=attn_keep,
     )
     family.prepare_step(cfg, ctx, dtype)
     return ctx

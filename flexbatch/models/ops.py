@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from ..storage.packed_linear import PackedLinear
 from ..storage.packed_linear import linear as packed_linear
-
 from .spec import RopeConfig
 
 
@@ -30,6 +29,7 @@ class StepContext:
     attn_mask: torch.Tensor  # [B, 1, S, T] additive, compute dtype
     cos: torch.Tensor | None = None  # [B, S, D] rotary tables (Llama family)
     sin: torch.Tensor | None = None
+    attn_keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
 
     @property
     def num_new(self) -> int:
@@ -146,21 +146,37 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if ctx.num_new == 1:
         # torch's CPU SDPA is ~10x slower than two matmuls for one query token in bf16.
-        return grouped_attention(q, keys, values, ctx.attn_mask, scale)
+        return grouped_attention(q, keys, values, ctx.attn_mask, scale, ctx.attn_keep)
     return F.scaled_dot_product_attention(
         q, keys, values, attn_mask=ctx.attn_mask, scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1],
     )
 
 
+def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """-inf all but each row's ceil(keep * visible) largest scores (ties at the cut stay);
+    a key is visible where the additive mask is not (close to) the dtype's minimum."""
+    visible = (mask > torch.finfo(mask.dtype).min / 2).sum(-1, keepdim=True)
+    kept = torch.clamp(torch.ceil(visible * keep), min=1).long()
+    ranked = scores.sort(dim=-1, descending=True).values
+    threshold = ranked.gather(-1, (kept - 1).expand(*ranked.shape[:-1], 1))  # gather does not broadcast
+    return scores.masked_fill(scores < threshold, float("-inf"))
+
+
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor, scale: float) -> torch.Tensor:
+                      mask: torch.Tensor, scale: float, keep: float = 1.0) -> torch.Tensor:
     """Attention as matmuls, query heads grouped over their shared KV head (GQA), softmax
-    in fp32. q: [B, H, S, D]; keys, values: [B, Hkv, T, D]; mask: [B, 1, S, T] additive."""
+    in fp32. q: [B, H, S, D]; keys, values: [B, Hkv, T, D]; mask: [B, 1, S, T] additive.
+
+    keep < 1 is FlexGen's sparse attention: each query keeps the ceil(keep * n) highest of
+    its n visible keys' scores (padding does not count) and the softmax runs over those alone.
+    """
     b, h, s, d = q.shape
     hkv, t = keys.shape[1], keys.shape[2]
     g = h // hkv  # query head i uses KV head i // g
     scores = torch.matmul(q.reshape(b, hkv, g * s, d), keys.transpose(-1, -2)).view(b, hkv, g, s, t)
     scores = scores.float() * scale + mask.unsqueeze(2)
+    if keep < 1.0:
+        scores = _keep_top(scores, mask.unsqueeze(2), keep)
     probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * s, t)
     return torch.matmul(probs, values).view(b, h, s, d)

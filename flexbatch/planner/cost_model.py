@@ -7,11 +7,13 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     T_gen = max(io_gen, comp_gen)
     io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
     io_gen  = w_disk * W / R + c_disk * B * t * K / R + c_disk * B * K / Wr,   t = s + n / 2
-    comp_pre = B * s * 2 * P / F(gbs * s) + B * 2 * s^2 * C / F(gbs * s)
-    comp_gen = B * 2 * P / F(gbs) + B * 4 * t * C / F(gbs)
+    comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s)
+    comp_gen = B * 2 * P / Fw(gbs) + B * 4 * t * C / F(gbs)
 
-W: one layer's weight bytes, P: its parameters, K: KV bytes per token per layer, C: hidden
-size, R / Wr: disk read / write bandwidth, F(rows): measured matmul FLOP/s at that many rows.
+W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
+stored, C: hidden size, R / Wr: disk read / write bandwidth, F(rows): measured matmul FLOP/s
+at that many rows, Fw: the same with the weights as stored (compressed weights have their
+own measured table: fused int4 kernel or dequantize + matmul).
 Throughput = B * n / T. On a CPU-only machine the device and host tiers are the same RAM, so
 the placement variables are the memory fractions w_mem = 1 - w_disk and c_mem = 1 - c_disk.
 Every term is linear in (w_mem, c_mem) for a fixed (gbs, num_gpu_batches): the search solves
@@ -66,14 +68,15 @@ def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Hardwa
     weight_io = weight / read
     cache_pre = batch * s * kv / write
     cache_gen = batch * t * kv / read + batch * kv / write
-    f_pre = hw.flops(dtype, gpu_batch_size * s)
-    f_gen = hw.flops(dtype, gpu_batch_size)
+    bits = policy.compress_bits if policy.compress_weight else None
+    fw_pre, fw_gen = hw.flops(dtype, gpu_batch_size * s, bits), hw.flops(dtype, gpu_batch_size, bits)
+    f_pre, f_gen = hw.flops(dtype, gpu_batch_size * s), hw.flops(dtype, gpu_batch_size)
     hidden = cfg.hidden_size
     return LayerCosts(
         io_pre=(weight_io + cache_pre, -weight_io, -cache_pre),
         io_gen=(weight_io + cache_gen, -weight_io, -cache_gen),
-        comp_pre=batch * s * 2 * params / f_pre + batch * 2 * s * s * hidden / f_pre,
-        comp_gen=batch * 2 * params / f_gen + batch * 4 * t * hidden / f_gen,
+        comp_pre=batch * s * 2 * params / fw_pre + batch * 2 * s * s * hidden / f_pre,
+        comp_gen=batch * 2 * params / fw_gen + batch * 4 * t * hidden / f_gen,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
 PROBE_BYTES = 512 << 20
+PROFILE_VERSION = 2  # bump when the measured fields change, so cached profiles are redone
 CHUNK = 4 << 20
 
 
@@ -26,12 +27,15 @@ class HardwareProfile:
     disk_read_bps: float
     disk_write_bps: float
     memory_bytes: int  # total host RAM
-    # bf16/fp32 matmul FLOP/s by number of rows (interpolated in between)
+    # matmul FLOP/s by number of rows (interpolated in between): "bfloat16", "float32", and
+    # "int4" / "int8" for compressed bf16 weights (fused kernel or dequantize + matmul)
     matmul_flops: dict[str, dict[int, float]] = field(default_factory=dict)
 
-    def flops(self, dtype: torch.dtype, rows: int) -> float:
-        """Measured FLOP/s for a matmul with `rows` rows, linear between measured points."""
-        table = self.matmul_flops.get(str(dtype).removeprefix("torch."))
+    def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float:
+        """Measured FLOP/s for a matmul with `rows` rows, linear between measured points;
+        `packed_bits` for weights compressed to that many bits."""
+        key = f"int{packed_bits}" if packed_bits else str(dtype).removeprefix("torch.")
+        table = self.matmul_flops.get(key)
         if not table:
             table = self.matmul_flops["float32"]
         points = sorted((int(k), v) for k, v in table.items())
@@ -61,7 +65,8 @@ def fingerprint(folder: Path) -> str:
     except OSError:
         pass
     dev = os.stat(folder).st_dev
-    return f"{cpu}|{os.cpu_count()}|{psutil.virtual_memory().total}|torch {torch.__version__}|dev {dev}"
+    return (f"v{PROFILE_VERSION}|{cpu}|{os.cpu_count()}|{psutil.virtual_memory().total}|torch {torch.__version__}"
+            f"|dev {dev}")
 
 
 def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
@@ -90,18 +95,26 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]
     return read, write
 
 
-def measure_matmul(dtype: torch.dtype, hidden: int = 2048) -> dict[int, float]:
-    import torch.nn.functional as F
+def measure_matmul(dtype: torch.dtype, hidden: int = 2048, packed_bits: int | None = None) -> dict[int, float]:
+    """FLOP/s of x [rows, hidden] times a [4*hidden, hidden] weight. With packed_bits, the
+    weight is a PackedLinear as one layer load gives it: fresh, so large batches pay its
+    dequantization on every call (as a layer used by one GPU batch does)."""
+    from ..storage.packed_linear import linear, pack_linear
 
     w = torch.randn(4 * hidden, hidden).to(dtype)
+    if packed_bits:
+        packed = pack_linear(w, packed_bits)
+        multiply = lambda x: linear(x, packed.to(x.device))
+    else:
+        multiply = lambda x: torch.nn.functional.linear(x, w)
     out = {}
     for rows in MATMUL_ROWS:
         x = torch.randn(rows, hidden).to(dtype)
-        F.linear(x, w)
+        multiply(x)
         repeats = max(2, min(50, 4096 // rows))
         start = time.perf_counter()
         for _ in range(repeats):
-            F.linear(x, w)
+            multiply(x)
         out[rows] = repeats * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
     return out
 
@@ -115,6 +128,9 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     for dtype in (torch.bfloat16, torch.float32):
         log(f"measuring {str(dtype).removeprefix('torch.')} matmul throughput...")
         flops[str(dtype).removeprefix("torch.")] = measure_matmul(dtype)
+    for bits in (4, 8):
+        log(f"measuring matmul throughput with {bits}-bit compressed weights...")
+        flops[f"int{bits}"] = measure_matmul(torch.bfloat16, packed_bits=bits)
     return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops)
 
 

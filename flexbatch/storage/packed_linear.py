@@ -56,6 +56,9 @@ class PackedLinear:
             self._dense = dequantize_linear(self)
         return self._dense
 
+    def release_dense(self) -> None:
+        self._dense = None
+
     def to(self, device: torch.device) -> "PackedLinear":
         return PackedLinear(self.data.to(device), self.scale_zero.to(device), self.bits, self.group)
 
