@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +44,14 @@ def prompts(n: int, length: int) -> list[list[int]]:
 
 
 def child_flexbatch(spec: dict) -> dict:
+    """One flexbatch run. spec["policy"]: Policy fields, or "plan" to let the planner choose
+    (as `flexbatch run` does without policy flags); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
-    from flexbatch.config import Policy
 
-    policy = Policy(gpu_batch_size=spec["gbs"], num_gpu_batches=spec["ngb"], weights_device=0, weights_host=0,
-                    cache_device=1, cache_host=0, **COMPRESSION[spec.get("compress", "none")])
+    policy = choose_policy(spec)
     with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
+        predicted = predict(llm, policy, spec)
         llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
         llm.runner.home.bytes_read, llm.runner.step_seconds, llm.runner.wait_seconds = 0, [], 0.0
         outs = llm.generate(prompts(policy.block_size, spec["prompt_len"]),
@@ -57,7 +59,34 @@ def child_flexbatch(spec: dict) -> dict:
         steps = llm.runner.step_seconds
         return {"prefill_s": steps[0], "decode_s": sum(steps[1:]), "tokens": sum(len(o.token_ids) for o in outs),
                 "batch": policy.block_size, "bytes_read": llm.runner.home.bytes_read,
-                "io_wait_s": llm.runner.wait_seconds}
+                "io_wait_s": llm.runner.wait_seconds, "policy": asdict(policy), **predicted}
+
+
+def choose_policy(spec: dict):
+    import torch
+
+    from flexbatch.config import Policy
+    from flexbatch.engine.memory import MemoryBudget
+    from flexbatch.models import get_family
+    from flexbatch.planner import Workload, plan_policy
+    from flexbatch.weights.source import open_model
+
+    if spec["policy"] != "plan":
+        return Policy(**spec["policy"])
+    cfg = open_model(spec["model"]).config
+    budget = MemoryBudget.detect(torch.device("cpu"), None, spec["memory"])
+    plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, torch.device("cpu"),
+                       Workload(spec["prompt_len"], spec["gen_len"]), budget, offload_dir=Path(spec["offload_dir"]))
+    return plan.best.policy
+
+
+def predict(llm, policy, spec: dict) -> dict:
+    from flexbatch.planner import Workload, evaluate, hardware_profile
+
+    c = evaluate(llm.config, llm.family, llm.dtype, hardware_profile(Path(spec["offload_dir"])), policy,
+                 Workload(spec["prompt_len"], spec["gen_len"]))
+    return {"predicted_throughput": c.throughput, "predicted_prefill_s": c.prefill_seconds,
+            "predicted_decode_s": c.decode_seconds, "predicted_memory_bytes": c.memory_bytes}
 
 
 def child_hf(spec: dict) -> dict:
@@ -201,14 +230,18 @@ def main() -> None:
     model = write_dummy(args.shape, work / args.shape)
     cfg = opt_config(args.shape)
     bandwidth = disk_read_bandwidth(work)
+    from flexbatch.planner import hardware_profile
+
+    hardware_profile(work, log=print)  # measured here, outside the memory limit, and cached for the children
     print(f"model {args.shape}: {sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GiB, "
           f"memory limit {memory / 2**30:.2f} GiB, disk O_DIRECT read {bandwidth / 1e9:.2f} GB/s")
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory}
     results = {"flexbatch": [], "hf_accelerate": []}
     for compress in args.compress.split(","):
         for gbs, ngb in parse_blocks(args.blocks):
-            spec = {**common, "gbs": gbs, "ngb": ngb, "compress": compress,
-                    "offload_dir": str(work / "flexbatch-offload")}
+            policy = {"gpu_batch_size": gbs, "num_gpu_batches": ngb, "weights_device": 0, "weights_host": 0,
+                      "cache_device": 1, "cache_host": 0, **COMPRESSION[compress]}
+            spec = {**common, "policy": policy, "offload_dir": str(work / "flexbatch-offload")}
             r = run_child("flexbatch", spec, memory)
             if "error" not in r:
                 r.update(roofline(cfg, r["batch"], args.prompt_len, args.gen_len, bandwidth,

@@ -17,6 +17,8 @@ from .cost_model import Workload
 from .hardware import HardwareProfile, load_or_measure
 from .search import Candidate, Plan, evaluate, search
 
+PLAN_HEADROOM = 64 << 20
+
 __all__ = ["Candidate", "HardwareProfile", "Plan", "Workload", "evaluate", "hardware_profile", "plan_policy", "search"]
 
 
@@ -34,5 +36,8 @@ def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: to
     """The best policy for `work`; `compression` holds Policy's compress_* fields to plan with."""
     if device.type == "cuda":
         raise ConfigError("the planner does not model GPUs yet; give a policy (--percent and batch sizes).")
+    # The engine checks the policy again once the model is open, when the process holds a
+    # little more (tokenizer, file handles): plan with that much headroom.
+    budget = MemoryBudget(budget.device_bytes, budget.host_bytes - PLAN_HEADROOM)
     return search(cfg, family, dtype, hardware_profile(offload_dir, log=log), work, budget, max_block,
                   compression=compression)

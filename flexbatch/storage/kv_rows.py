@@ -38,8 +38,9 @@ class RowCodec:
         t = tokens.shape[0]
         if self.quant is None:
             return tokens.contiguous().view(torch.uint8).reshape(t, self.row_bytes)
-        qt = quantize(tokens.float() @ self.rotation, self.quant)
-        parts = [qt.data, qt.minimum.contiguous().view(torch.uint8), qt.step.contiguous().view(torch.uint8)]
+        qt = quantize(tokens.float() @ self.rotation, self.quant)  # rotated in fp32; scales kept in the cache dtype
+        scales = [t.to(self.dtype).contiguous().view(torch.uint8) for t in (qt.minimum, qt.step)]
+        parts = [qt.data, *scales]
         return torch.cat([p.reshape(t, -1) for p in parts], dim=1)
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Planner benchmark: the cost model's predictions against measured runs, and the planner's
+choice against a grid of hand-picked policies, on the offload benchmark's workload.
+
+Each policy runs in a fresh child process under the same cgroup memory limit (page cache
+included) as benchmarks/offload_bench.py. For every run it prints the predicted and the
+measured throughput (FlexGen's metric: generated tokens / (prefill + decode)); "plan" is the
+policy the planner picks inside the child, exactly as `flexbatch run` would. Needs root.
+
+    sudo python benchmarks/planner_bench.py --shape opt-1.3b --memory 2GiB --grid
+    sudo python benchmarks/planner_bench.py --shape opt-1.3b --memory 4GiB \\
+        --policy '{"gpu_batch_size": 8}' --policy '{"gpu_batch_size": 8, "cache_device": 0}'
+
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def grid() -> list[dict]:
+    """12 policies: block shapes x the share of weights kept in memory; KV cache in memory."""
+    blocks = [(8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (16, 4)]
+    return [{"gpu_batch_size": g, "num_gpu_batches": n, "weights_device": w, "weights_host": 0,
+             "cache_device": 1, "cache_host": 0} for (g, n), w in itertools.product(blocks, (0.0, 0.25))]
+
+
+def main() -> None:
+    from dummy_model import write_dummy
+    from offload_bench import run_child
+
+    from flexbatch.cli.common import parse_bytes
+    from flexbatch.planner import hardware_profile
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="opt-1.3b")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flexbatch-bench"))
+    p.add_argument("--memory", default="2GiB", help="memory limit for every run, page cache included")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--grid", action="store_true", help="run the 12-policy grid")
+    p.add_argument("--policy", action="append", default=[], help="a policy as JSON (repeatable)")
+    p.add_argument("--no-plan", action="store_true", help="do not run the planner's own choice")
+    args = p.parse_args()
+    memory = parse_bytes(args.memory)
+    work = Path(args.workdir)
+    model = write_dummy(args.shape, work / args.shape)
+    hardware_profile(work, log=print)  # measured outside the memory limit, cached for the children
+    policies = (grid() if args.grid else []) + [json.loads(x) for x in args.policy] + ([] if args.no_plan else ["plan"])
+    common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
+              "offload_dir": str(work / "flexbatch-offload")}
+    runs = []
+    for policy in policies:
+        r = run_child("flexbatch", {**common, "policy": policy}, memory)
+        r["requested"] = policy
+        runs.append(r)
+        print(describe(r))
+    ok = [r for r in runs if "error" not in r]
+    plan = next((r for r in ok if r["requested"] == "plan"), None)
+    others = [r for r in ok if r["requested"] != "plan"]
+    best_other = max((r["throughput"] for r in others), default=None)
+    summary = {"shape": args.shape, "memory_bytes": memory, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+               "runs": runs, "plan_over_best_other": plan["throughput"] / best_other if plan and best_other else None}
+    if summary["plan_over_best_other"]:
+        print(f"planner's policy: {plan['throughput']:.3f} tok/s = {100 * summary['plan_over_best_other']:.0f}% "
+              f"of the best of {len(others)} others ({best_other:.3f} tok/s)")
+    print(json.dumps(summary))
+
+
+def describe(r: dict) -> str:
+    name = "plan" if r["requested"] == "plan" else json.dumps(r["requested"], separators=(",", ":"))
+    if "error" in r:
+        return f"{name}: FAILED ({r['error']})"
+    pol = r["policy"]
+    error = r["predicted_throughput"] / r["throughput"] - 1
+    return (f"{name}: block {pol['gpu_batch_size']}x{pol['num_gpu_batches']}, weights {pol['weights_device']:.2f} "
+            f"cache {pol['cache_device']:.2f} in memory: measured {r['throughput']:.3f} tok/s, predicted "
+            f"{r['predicted_throughput']:.3f} ({100 * error:+.0f}%), prefill {r['prefill_s']:.1f}s "
+            f"(pred {r['predicted_prefill_s']:.1f}), decode {r['decode_s']:.1f}s (pred {r['predicted_decode_s']:.1f}), "
+            f"peak {r['peak_bytes'] / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
