@@ -43,6 +43,15 @@ def test_layer_costs_by_hand():
     assert costs.comp_gen == pytest.approx(batch * 2 * params / 1e12 + batch * 4 * t * 1024 / 1e12)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_reads_use_the_busy_disk_rate(overlap):
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT}, disk_read_busy_bps=4e8)
+    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, Policy(gpu_batch_size=4, overlap=overlap), WORK)
+    weight_bytes = -costs.io_gen[1] * (4e8 if overlap else 1e9)
+    plain = layer_costs(CFG, FAMILY, torch.bfloat16, HW, Policy(gpu_batch_size=4), WORK)
+    assert weight_bytes == pytest.approx(-plain.io_gen[1] * 1e9)
+
+
 def test_compressed_layer_costs_by_hand():
     hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}})
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)

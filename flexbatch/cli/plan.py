@@ -22,8 +22,9 @@ def add_parser(sub) -> None:
     add_compression_args(p)
     p.set_defaults(run=run_plan)
     q = sub.add_parser("profile", help="measure disk bandwidth and matmul throughput for the planner",
-                       description="Measure what the cost model needs (O_DIRECT disk read/write bandwidth, bf16 "
-                                   "and fp32 matmul FLOP/s by batch size) and cache it for later plans.")
+                       description="Measure what the cost model needs (O_DIRECT disk read/write bandwidth, idle "
+                                   "and while the CPU computes; bf16, fp32 and 4/8-bit compressed-weight matmul "
+                                   "FLOP/s by batch size) and cache it for later plans.")
     q.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: the cache folder)")
     q.add_argument("--force", action="store_true", help="measure again even if a cached profile matches")
     q.set_defaults(run=run_profile)

@@ -11,7 +11,8 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     comp_gen = B * 2 * P / Fw(gbs) + B * 4 * t * C / F(gbs)
 
 W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
-stored, C: hidden size, R / Wr: disk read / write bandwidth, F(rows): measured matmul FLOP/s
+stored, C: hidden size, R / Wr: disk read / write bandwidth (R measured while the CPU computes
+when I/O overlaps compute), F(rows): measured matmul FLOP/s
 at that many rows, Fw: the same with the weights as stored (compressed weights have their
 own measured table: fused int4 kernel or dequantize + matmul).
 Throughput = B * n / T. On a CPU-only machine the device and host tiers are the same RAM, so
@@ -64,6 +65,8 @@ def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Hardwa
     params = layer_params(cfg, family)
     kv = kv_bytes_per_token(cfg, dtype, policy.cache_quant)
     read, write = hw.disk_read_bps, hw.disk_write_bps
+    if policy.overlap and hw.disk_read_busy_bps:
+        read = hw.disk_read_busy_bps  # overlapped reads compete with compute for the cores
     # w_disk = 1 - w_mem: a disk term a * w_disk is a - a * w_mem
     weight_io = weight / read
     cache_pre = batch * s * kv / write

@@ -17,7 +17,7 @@ import torch
 
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
 PROBE_BYTES = 512 << 20
-PROFILE_VERSION = 2  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 3  # bump when the measured fields change, so cached profiles are redone
 CHUNK = 4 << 20
 
 
@@ -30,6 +30,8 @@ class HardwareProfile:
     # matmul FLOP/s by number of rows (interpolated in between): "bfloat16", "float32", and
     # "int4" / "int8" for compressed bf16 weights (fused kernel or dequantize + matmul)
     matmul_flops: dict[str, dict[int, float]] = field(default_factory=dict)
+    # disk reads while the CPU multiplies matrices on all cores, as overlapped I/O runs
+    disk_read_busy_bps: float | None = None
 
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float:
         """Measured FLOP/s for a matmul with `rows` rows, linear between measured points;
@@ -52,7 +54,8 @@ class HardwareProfile:
     @classmethod
     def from_json(cls, data: dict) -> "HardwareProfile":
         flops = {k: {int(r): float(f) for r, f in v.items()} for k, v in data["matmul_flops"].items()}
-        return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"], flops)
+        return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"], flops,
+                   data.get("disk_read_busy_bps"))
 
 
 def fingerprint(folder: Path) -> str:
@@ -69,8 +72,9 @@ def fingerprint(folder: Path) -> str:
             f"|dev {dev}")
 
 
-def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
-    """(read, write) bytes/s with O_DIRECT, 4 MiB requests, 4 in flight, as the engine does."""
+def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float]:
+    """(read, write, read while computing) bytes/s with O_DIRECT, 4 MiB requests, 4 in
+    flight, as the engine does; the last with bf16 matmuls running on the main thread."""
     from ..storage.aligned import aligned_bytes
     from ..storage.disk import DiskFile
 
@@ -89,10 +93,23 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]
             start = time.perf_counter()
             list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), chunks))
             read = nbytes / (time.perf_counter() - start)
+            busy = _read_while_computing(pool, file, buf, chunks, nbytes)
     finally:
         file.close()
         path.unlink(missing_ok=True)
-    return read, write
+    return read, write, busy
+
+
+def _read_while_computing(pool, file, buf, chunks, nbytes: int) -> float:
+    x = torch.randn(512, 2048, dtype=torch.bfloat16)
+    w = torch.randn(8192, 2048, dtype=torch.bfloat16)
+    start = time.perf_counter()
+    pending = [pool.submit(file.read_into, buf, s, s + CHUNK) for s in chunks]
+    while not all(f.done() for f in pending):
+        torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
+    for f in pending:
+        f.result()
+    return nbytes / (time.perf_counter() - start)
 
 
 def measure_matmul(dtype: torch.dtype, hidden: int = 2048, packed_bits: int | None = None) -> dict[int, float]:
@@ -123,7 +140,7 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     import psutil
 
     log("measuring disk bandwidth (O_DIRECT)...")
-    read, write = measure_disk(folder)
+    read, write, busy = measure_disk(folder)
     flops = {}
     for dtype in (torch.bfloat16, torch.float32):
         log(f"measuring {str(dtype).removeprefix('torch.')} matmul throughput...")
@@ -131,7 +148,7 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     for bits in (4, 8):
         log(f"measuring matmul throughput with {bits}-bit compressed weights...")
         flops[f"int{bits}"] = measure_matmul(torch.bfloat16, packed_bits=bits)
-    return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops)
+    return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops, busy)
 
 
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None) -> HardwareProfile:

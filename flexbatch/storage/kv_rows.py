@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import QuantConfig, QuantizedTensor, dequantize, quantize, quantized_row_bytes, row_group
+from .quantize import QuantConfig, quantize, quantized_row_bytes, row_group
 
 
 class RowCodec:
@@ -27,6 +27,7 @@ class RowCodec:
         self.quant = None if quant is None else QuantConfig(quant.bits, row_group(head_dim, quant), -1)
         vectors = sequences * heads
         self.rotation = None if quant is None else orthonormal(head_dim)
+        self._rotation_t: torch.Tensor | None = None  # its transpose in the compute dtype
         if self.quant is None:
             self.row_bytes = vectors * head_dim * torch.empty((), dtype=dtype).element_size()
         else:
@@ -49,18 +50,31 @@ class RowCodec:
         shape = (t, self.sequences, self.heads, self.head_dim)
         if self.quant is None:
             return rows.view(self.dtype).view(shape).permute(1, 2, 0, 3)
-        group = self.quant.group_size
+        group, bits = self.quant.group_size, self.quant.bits
         groups = -(-self.head_dim // group)
-        data_cols = self.sequences * self.heads * groups * group * self.quant.bits // 8
+        vectors = self.sequences * self.heads
+        data_cols = vectors * groups * group * bits // 8
         scale_cols = (rows.shape[1] - data_cols) // 2
         data, minimum, step = rows.split([data_cols, scale_cols, scale_cols], dim=1)
-        grid = (t, self.sequences, self.heads, groups)
-        qt = QuantizedTensor(
-            data.reshape(*grid, -1),
-            minimum.contiguous().view(self.dtype).reshape(*grid, 1),
-            step.contiguous().view(self.dtype).reshape(*grid, 1),
-            shape, self.dtype, self.quant)
-        return (dequantize(qt, torch.float32) @ self.rotation.T).to(self.dtype).permute(1, 2, 0, 3)
+        # levels written straight into the compute dtype, then scaled in place: few passes
+        levels = torch.empty(t, vectors, groups, group, dtype=self.dtype, device=rows.device)
+        packed = data.reshape(t, vectors, groups, -1)
+        if bits == 4:
+            pairs = levels.view(t, vectors, groups, group // 2, 2)
+            pairs[..., 0] = packed >> 4
+            pairs[..., 1] = packed & 0x0F
+        else:
+            levels.copy_(packed)
+        grid = (t, vectors, groups, 1)
+        scale = lambda part: part.view(self.dtype).reshape(grid)
+        levels.mul_(scale(step)).add_(scale(minimum))  # (torch's bf16 addcmul is several times slower)
+        rotated = levels.view(t, vectors, groups * group)[..., :self.head_dim]
+        return (rotated @ self._inverse_rotation(rows.device)).view(shape).permute(1, 2, 0, 3)
+
+    def _inverse_rotation(self, device: torch.device) -> torch.Tensor:
+        if self._rotation_t is None or self._rotation_t.device != device:
+            self._rotation_t = self.rotation.T.to(device=device, dtype=self.dtype).contiguous()
+        return self._rotation_t
 
 
 def orthonormal(n: int) -> torch.Tensor:

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .quantize import QuantConfig
 
@@ -50,10 +49,10 @@ class PackedLinear:
     def nbytes(self) -> int:
         return self.data.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
 
-    def dense(self) -> torch.Tensor:
-        """W [N, K] in the compute dtype (computed once per object)."""
+    def dense_transposed(self) -> torch.Tensor:
+        """W.T [K, N] in the compute dtype (computed once per object)."""
         if self._dense is None:
-            self._dense = dequantize_linear(self)
+            self._dense = dequantize_transposed(self)
         return self._dense
 
     def release_dense(self) -> None:
@@ -122,12 +121,32 @@ def unpack_levels(p: PackedLinear) -> torch.Tensor:
     return _from_tiles(p.data) if p.bits == 4 else p.data
 
 
-def dequantize_linear(p: PackedLinear) -> torch.Tensor:
+def dequantize_transposed(p: PackedLinear) -> torch.Tensor:
+    """W.T [K, N] in the compute dtype, contiguous.
+
+    Built in that orientation because it is the cheap one: a tile's bytes are already
+    K-major, and each group's step and zero are then rows of scale_zero, so the levels are
+    written once (strided) and scaled once in place.
+    """
     n, k = p.shape
-    q = unpack_levels(p).reshape(n, k // p.group, p.group).to(p.dtype)
-    step = p.scale_zero[..., 0].transpose(0, 1).unsqueeze(2)
-    low = p.scale_zero[..., 1].transpose(0, 1).unsqueeze(2) - step * (1 << (p.bits - 1))
-    return torch.addcmul(low, q, step).reshape(n, k)
+    out = torch.empty(k, n, dtype=p.dtype, device=p.data.device)
+    if p.bits == 4:
+        tiles = p.data.view(n // TILE, k, TILE // 2)
+        view = out.view(k, n // TILE, TILE).permute(1, 0, 2)  # [tiles, K, 64]
+        view[..., :TILE // 2] = tiles & 0x0F
+        view[..., TILE // 2:] = tiles >> 4
+    else:
+        out.copy_(p.data.T)
+    grouped = out.view(k // p.group, p.group, n)
+    step = p.scale_zero[..., 0].unsqueeze(1)
+    low = p.scale_zero[..., 1].unsqueeze(1) - step * (1 << (p.bits - 1))
+    torch.addcmul(low, grouped, step, out=grouped)
+    return out
+
+
+def dequantize_linear(p: PackedLinear) -> torch.Tensor:
+    """W [N, K] in the compute dtype (a transposed view)."""
+    return dequantize_transposed(p).T
 
 
 def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,7 +154,8 @@ def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -
     if p.bits == 4 and x.device.type == "cpu" and p._dense is None and rows <= fused_max_rows():
         y = _fused(x.reshape(rows, x.shape[-1]), p).reshape(*x.shape[:-1], p.shape[0])
         return y if bias is None else y + bias
-    return F.linear(x, p.dense(), bias)
+    y = torch.matmul(x, p.dense_transposed())
+    return y if bias is None else y + bias
 
 
 def _fused(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
@@ -174,7 +194,7 @@ def measure_fused_max_rows(n: int = 1024, k: int = 1024, dtype: torch.dtype = to
     for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         x = torch.randn(rows, k, dtype=dtype)
         fused = _seconds(lambda: _fused(x, p))
-        dense = _seconds(lambda: F.linear(x, dequantize_linear(p)))
+        dense = _seconds(lambda: torch.matmul(x, dequantize_transposed(p)))
         if fused >= dense:
             break
         best = rows
