@@ -45,7 +45,8 @@ def prompts(n: int, length: int) -> list[list[int]]:
 
 def child_flexbatch(spec: dict) -> dict:
     """One flexbatch run. spec["policy"]: Policy fields, or "plan" to let the planner choose
-    (as `flexbatch run` does without policy flags); the result carries the predicted figures."""
+    (as `flexbatch run` does without policy flags; with spec["compress"] as its compression
+    switches); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
 
     policy = choose_policy(spec)
@@ -76,7 +77,8 @@ def choose_policy(spec: dict):
     cfg = open_model(spec["model"]).config
     budget = MemoryBudget.detect(torch.device("cpu"), None, spec["memory"])
     plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, torch.device("cpu"),
-                       Workload(spec["prompt_len"], spec["gen_len"]), budget, offload_dir=Path(spec["offload_dir"]))
+                       Workload(spec["prompt_len"], spec["gen_len"]), budget, offload_dir=Path(spec["offload_dir"]),
+                       compression=COMPRESSION[spec.get("compress", "none")])
     return plan.best.policy
 
 

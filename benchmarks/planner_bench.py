@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="run the 12-policy grid")
     p.add_argument("--policy", action="append", default=[], help="a policy as JSON (repeatable)")
     p.add_argument("--no-plan", action="store_true", help="do not run the planner's own choice")
+    p.add_argument("--plan-compress", default="", help="also run the planner's choice with this compression "
+                                                      "(weight, cache or both), comma separated")
     args = p.parse_args()
     memory = parse_bytes(args.memory)
     work = Path(args.workdir)
@@ -57,14 +59,15 @@ def main() -> None:
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
               "offload_dir": str(work / "flexbatch-offload")}
     runs = []
-    for policy in policies:
-        r = run_child("flexbatch", {**common, "policy": policy}, memory)
-        r["requested"] = policy
+    compressed_plans = [("plan", c) for c in args.plan_compress.split(",") if c]
+    for policy, compress in [(p, "none") for p in policies] + compressed_plans:
+        r = run_child("flexbatch", {**common, "policy": policy, "compress": compress}, memory)
+        r["requested"] = policy if compress == "none" else f"plan+{compress}"
         runs.append(r)
         print(describe(r))
     ok = [r for r in runs if "error" not in r]
     plan = next((r for r in ok if r["requested"] == "plan"), None)
-    others = [r for r in ok if r["requested"] != "plan"]
+    others = [r for r in ok if not isinstance(r["requested"], str)]
     best_other = max((r["throughput"] for r in others), default=None)
     summary = {"shape": args.shape, "memory_bytes": memory, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
                "runs": runs, "plan_over_best_other": plan["throughput"] / best_other if plan and best_other else None}
@@ -75,12 +78,15 @@ def main() -> None:
 
 
 def describe(r: dict) -> str:
-    name = "plan" if r["requested"] == "plan" else json.dumps(r["requested"], separators=(",", ":"))
+    requested = r["requested"]
+    name = requested if isinstance(requested, str) else json.dumps(requested, separators=(",", ":"))
     if "error" in r:
         return f"{name}: FAILED ({r['error']})"
     pol = r["policy"]
     error = r["predicted_throughput"] / r["throughput"] - 1
-    return (f"{name}: block {pol['gpu_batch_size']}x{pol['num_gpu_batches']}, weights {pol['weights_device']:.2f} "
+    packed = "+".join(k for k in ("weight", "cache") if pol[f"compress_{k}"])
+    return (f"{name}: block {pol['gpu_batch_size']}x{pol['num_gpu_batches']}{' ' + packed + ' 4-bit' if packed else ''}, "
+            f"weights {pol['weights_device']:.2f} "
             f"cache {pol['cache_device']:.2f} in memory: measured {r['throughput']:.3f} tok/s, predicted "
             f"{r['predicted_throughput']:.3f} ({100 * error:+.0f}%), prefill {r['prefill_s']:.1f}s "
             f"(pred {r['predicted_prefill_s']:.1f}), decode {r['decode_s']:.1f}s (pred {r['predicted_decode_s']:.1f}), "

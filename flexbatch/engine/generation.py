@@ -12,7 +12,7 @@ from .sampling import Sampler, token_logprobs
 
 
 class Runner(Protocol):
-    def begin(self, batch_size: int, capacity: int) -> None: ...
+    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None: ...
 
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor: ...
 
@@ -95,7 +95,7 @@ def generate_batch(runner: Runner, requests: list[Request], tokenizer, eos_ids: 
     ids, key_valid = left_pad(requests, prompt_width + max_new, pad_id)
     trackers = [SequenceTracker(r, tokenizer, eos_ids) for r in requests]
     sampler = Sampler([r.params for r in requests])
-    runner.begin(len(requests), prompt_width + max_new)
+    runner.begin(len(requests), prompt_width + max_new, prompt_width)
     try:
         logits = runner.step(ids, key_valid[:, :prompt_width], 0)
         for step in range(max_new):

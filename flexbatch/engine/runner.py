@@ -35,7 +35,7 @@ class InMemoryRunner:
         self.dtype, self.device = dtype, device
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def begin(self, batch_size: int, capacity: int) -> None:
+    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
         shape = (batch_size, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
         self._cache = [(torch.empty(shape, dtype=self.dtype, device=self.device),
                         torch.empty(shape, dtype=self.dtype, device=self.device))
