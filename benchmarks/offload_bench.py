@@ -77,7 +77,8 @@ def choose_policy(spec: dict):
     cfg = open_model(spec["model"]).config
     budget = MemoryBudget.detect(torch.device("cpu"), None, spec["memory"])
     plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, torch.device("cpu"),
-                       Workload(spec["prompt_len"], spec["gen_len"]), budget, offload_dir=Path(spec["offload_dir"]),
+                       Workload(spec["prompt_len"], spec["gen_len"]), budget, max_block=spec.get("max_block"),
+                       offload_dir=Path(spec["offload_dir"]),
                        compression=COMPRESSION[spec.get("compress", "none")])
     return plan.best.policy
 

@@ -15,7 +15,6 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
@@ -26,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def grid() -> list[dict]:
-    """12 policies: block shapes x the share of weights kept in memory; KV cache in memory."""
-    blocks = [(8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (16, 4)]
+    """12 hand-picked policies that fit 2 GiB for the OPT-1.3B shape at prompt 128 + 32:
+    (gpu_batch_size, num_gpu_batches, weights in memory, KV cache in memory)."""
+    picks = [(8, 1, 0, 1), (8, 1, .25, 1), (16, 1, 0, 1), (16, 1, .25, 1), (8, 2, .25, 1), (16, 2, 0, 1),
+             (32, 1, 0, .5), (32, 2, 0, 0), (16, 4, 0, 0), (64, 1, 0, 0), (24, 2, 0, .25), (32, 2, .1, 0)]
     return [{"gpu_batch_size": g, "num_gpu_batches": n, "weights_device": w, "weights_host": 0,
-             "cache_device": 1, "cache_host": 0} for (g, n), w in itertools.product(blocks, (0.0, 0.25))]
+             "cache_device": c, "cache_host": 0} for g, n, w, c in picks]
 
 
 def main() -> None:
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="run the 12-policy grid")
     p.add_argument("--policy", action="append", default=[], help="a policy as JSON (repeatable)")
     p.add_argument("--no-plan", action="store_true", help="do not run the planner's own choice")
+    p.add_argument("--max-block", type=int, default=64, help="the planner's largest block (the workload's sequences)")
     p.add_argument("--plan-compress", default="", help="also run the planner's choice with this compression "
                                                       "(weight, cache or both), comma separated")
     args = p.parse_args()
@@ -57,7 +59,7 @@ def main() -> None:
     hardware_profile(work, log=print)  # measured outside the memory limit, cached for the children
     policies = (grid() if args.grid else []) + [json.loads(x) for x in args.policy] + ([] if args.no_plan else ["plan"])
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
-              "offload_dir": str(work / "flexbatch-offload")}
+              "offload_dir": str(work / "flexbatch-offload"), "max_block": args.max_block}
     runs = []
     compressed_plans = [("plan", c) for c in args.plan_compress.split(",") if c]
     for policy, compress in [(p, "none") for p in policies] + compressed_plans:

@@ -18,8 +18,8 @@ class RecordingRunner:
     def __init__(self, inner):
         self.inner, self.logits = inner, []
 
-    def begin(self, batch_size, capacity):
-        self.inner.begin(batch_size, capacity)
+    def begin(self, batch_size, capacity, prompt_width=None):
+        self.inner.begin(batch_size, capacity, prompt_width)
 
     def end(self):
         self.inner.end()
