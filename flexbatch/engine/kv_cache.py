@@ -46,7 +46,8 @@ class KVBlock:
         mem_shape = (num_memory, self.heads, self.capacity, self.head_dim)
         self.memory = [torch.empty(mem_shape, dtype=dtype, device=device) for _ in range(2)]
         self.files: list[DiskFile] = []
-        self.row_bytes = self.num_disk * self.heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        self.codec = RowCodec(self.num_disk, self.heads, self.head_dim, dtype, None)
+        self.row_bytes = self.codec.row_bytes
         if self.num_disk:
             self.files = [DiskFile(Path(f"{disk_path}.{kv}"), self.capacity * self.row_bytes) for kv in "kv"]
         self._staged: list[torch.Tensor] = []
@@ -56,9 +57,8 @@ class KVBlock:
         return self.capacity * self.row_bytes
 
     def _disk_view(self, buf: torch.Tensor) -> torch.Tensor:
-        # token-major bytes viewed as [n_disk, Hkv, capacity, D]
-        rows = as_dtype(buf, self.dtype, (self.capacity, self.num_disk, self.heads, self.head_dim))
-        return rows.permute(1, 2, 0, 3)
+        # token-major bytes viewed (not copied) as [n_disk, Hkv, capacity, D]
+        return self.codec.decode(as_dtype(buf, torch.uint8, (self.capacity, self.row_bytes)))
 
     def load(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [gbs, Hkv, capacity, D] with tokens [0, length) filled."""
@@ -136,7 +136,7 @@ class EncodedKVBlock:
         for kv, work in enumerate(self._work):
             # the whole prefix is read, so the block-aligned write in `store` writes back only valid bytes
             self.quantized.read(kv, self._staged, 0, length)
-            self.quantized.decode_into(work, kv, self._staged, torch.arange(exact_from), self.num_memory)
+            self.quantized.decode_into(work, kv, self._staged, slice(0, exact_from), self.num_memory)
             if length > exact_from:
                 self.recent.read(kv, self._ring, 0, self.window)
                 self.recent.decode_into(work, kv, self._ring, slots, self.num_memory, exact_from)
@@ -146,7 +146,7 @@ class EncodedKVBlock:
         recent_from = max(start, end - self.window)
         slots = torch.arange(recent_from, end) % max(self.window, 1)
         for kv, work in enumerate(self._work):
-            self.quantized.encode_from(work, kv, self._staged, torch.arange(start, end), start, self.num_memory)
+            self.quantized.encode_from(work, kv, self._staged, slice(start, end), start, self.num_memory)
             self.quantized.write(kv, self._staged, start, end)
             if end > recent_from:
                 self.recent.encode_from(work, kv, self._ring, slots, recent_from, self.num_memory)
@@ -185,20 +185,23 @@ class _TierRows:
         if self.files and last > first:
             self.files[kv].write_from(bufs[kv], first * self.disk_codec.row_bytes, last * self.disk_codec.row_bytes)
 
-    def decode_into(self, work: torch.Tensor, kv: int, bufs, index: torch.Tensor, m: int, at: int = 0) -> None:
-        """work[:, :, at:at+len(index)] = decoded rows `index` (memory sequences first)."""
-        if not len(index):
+    def decode_into(self, work: torch.Tensor, kv: int, bufs, index: slice | torch.Tensor, m: int,
+                    at: int = 0) -> None:
+        """work[:, :, at:at+count] = decoded rows `index` (memory sequences first); a slice
+        reads rows in place, a tensor of ring slots gathers them."""
+        count = _count(index)
+        if not count:
             return
-        span = slice(at, at + len(index))
+        span = slice(at, at + count)
         if self.memory:
             work[:m, :, span] = self.memory_codec.decode(self.memory[kv][index])
         if self.files:
             rows = self._disk_rows(bufs[kv])[index]
             work[m:, :, span] = self.disk_codec.decode(rows).to(work.device)
 
-    def encode_from(self, work: torch.Tensor, kv: int, bufs, index: torch.Tensor, at: int, m: int) -> None:
-        """Rows `index` = encoded work[:, :, at:at+len(index)]."""
-        span = slice(at, at + len(index))
+    def encode_from(self, work: torch.Tensor, kv: int, bufs, index: slice | torch.Tensor, at: int, m: int) -> None:
+        """Rows `index` = encoded work[:, :, at:at+count]."""
+        span = slice(at, at + _count(index))
         if self.memory:
             self.memory[kv][index] = self.memory_codec.encode(work[:m, :, span])
         if self.files:
@@ -207,3 +210,7 @@ class _TierRows:
     def close(self) -> None:
         for f in self.files:
             f.close()
+
+
+def _count(index: slice | torch.Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)
