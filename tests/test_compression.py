@@ -3,6 +3,8 @@ kernel against dequantize-then-matmul, and every placement of compressed tensors
 the tokens of the compressed in-memory run."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine.memory import layer_weight_bytes
-from flexbatch.storage import packed_linear
+from flexbatch.storage import kernel_choice, packed_linear
 from flexbatch.storage.kv_rows import RowCodec, orthonormal
 from flexbatch.storage.packed_linear import dequantize_linear, pack_linear, unpack_levels
 from flexbatch.storage.quantize import QuantConfig
@@ -54,7 +56,7 @@ def test_fused_kernel_reads_our_layout():
 
 @pytest.mark.parametrize("fused_rows", [0, 1024])
 def test_linear_uses_either_kernel_with_the_same_result(monkeypatch, fused_rows):
-    monkeypatch.setattr(packed_linear, "_FUSED_MAX_ROWS", fused_rows)
+    monkeypatch.setattr(kernel_choice, "_FORCED", fused_rows)
     torch.manual_seed(1)
     w = torch.randn(128, 128)
     p = pack_linear(w, 4, 32)
@@ -245,8 +247,12 @@ def test_scoring_in_pieces_equals_one_pass(tiny_model, tmp_path, offloaded):
                 assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_bf16_compressed_placements_match(tiny_model, tmp_path):
-    """The compute dtype the CLI picks on this CPU: scales stored in bf16 on every tier."""
+@pytest.mark.parametrize("fused_max_rows", [0, 1 << 20], ids=["dequantize", "fused"])
+def test_bf16_compressed_placements_match(tiny_model, tmp_path, monkeypatch, fused_max_rows):
+    """The compute dtype the CLI picks on this CPU: scales stored in bf16 on every tier.
+    The placements use different batch sizes, so which kernel runs is pinned (in bf16 the two
+    round differently)."""
+    monkeypatch.setattr(kernel_choice, "_FORCED", fused_max_rows)
     folder, _ = tiny_model("llama_gqa_tied_llama3")
     switches = dict(compress_weight=True, compress_cache=True, cache_window=2)
     results = []
@@ -255,3 +261,26 @@ def test_bf16_compressed_placements_match(tiny_model, tmp_path):
                  offload_dir=tmp_path / name) as llm:
             results.append([o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
     assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_kernel_choice_is_measured_once_per_shape_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLEXBATCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("FLEXBATCH_INT4_FUSED_MAX_ROWS", raising=False)
+    monkeypatch.setattr(kernel_choice, "_measured", {})
+    calls = []
+    monkeypatch.setattr(kernel_choice, "measure", lambda shape: calls.append(shape) or 16 * len(calls))
+    assert kernel_choice.fused_max_rows((128, 64)) == 16
+    assert kernel_choice.fused_max_rows((128, 64)) == 16
+    assert kernel_choice.fused_max_rows((256, 64)) == 32
+    assert calls == [(128, 64), (256, 64)]
+    saved = json.loads((tmp_path / "int4-crossover.json").read_text())["fused_max_rows"]
+    assert saved == {"128x64": 16, "256x64": 32}
+    monkeypatch.setattr(kernel_choice, "_measured", {})  # a new process reads the file
+    assert kernel_choice.fused_max_rows((256, 64)) == 32 and len(calls) == 2
+    monkeypatch.setenv("FLEXBATCH_INT4_FUSED_MAX_ROWS", "0")
+    assert kernel_choice.fused_max_rows((256, 64)) == 0
+
+
+def test_kernel_choice_measurement_returns_a_measured_row_count():
+    rows = kernel_choice.measure((256, 128))
+    assert rows == 0 or rows in kernel_choice.ROWS

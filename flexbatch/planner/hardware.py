@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -61,12 +60,9 @@ class HardwareProfile:
 def fingerprint(folder: Path) -> str:
     import psutil
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from ..hardware import cpu_name
+
+    cpu = cpu_name()
     dev = os.stat(folder).st_dev
     return (f"v{PROFILE_VERSION}|{cpu}|{os.cpu_count()}|{psutil.virtual_memory().total}|torch {torch.__version__}"
             f"|dev {dev}")

@@ -14,17 +14,17 @@ Because the packed bytes are the kernel's own input, a 4-bit weight moves from d
 matmul with no conversion. Small batches use the fused kernel (`_weight_int4pack_mm_for_cpu`,
 which reads 4-bit weights directly); large ones dequantize once into a dense tensor, cached
 on the object so every GPU batch of a block reuses it, and use the ordinary matmul. Which
-is faster depends on the machine: `fused_max_rows` is measured once per process.
+is faster depends on the machine and the shape: see `kernel_choice`.
 """
 from __future__ import annotations
 
 import math
-import os
-import time
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from .kernel_choice import fused_max_rows
 from .quantize import QuantConfig
 
 TILE = 64  # output rows per tile in the CPU int4 kernel's layout
@@ -50,12 +50,15 @@ class PackedLinear:
         return self.data.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
 
     def dense_transposed(self) -> torch.Tensor:
-        """W.T [K, N] in the compute dtype (computed once per object)."""
+        """W.T [K, N] in the compute dtype (computed once per object, into a pooled buffer)."""
         if self._dense is None:
-            self._dense = dequantize_transposed(self)
+            n, k = self.shape
+            self._dense = dequantize_transposed(self, _DENSE_POOL.take((k, n), self.dtype, self.data.device))
         return self._dense
 
     def release_dense(self) -> None:
+        if self._dense is not None:
+            _DENSE_POOL.give(self._dense)
         self._dense = None
 
     def to(self, device: torch.device) -> "PackedLinear":
@@ -121,15 +124,16 @@ def unpack_levels(p: PackedLinear) -> torch.Tensor:
     return _from_tiles(p.data) if p.bits == 4 else p.data
 
 
-def dequantize_transposed(p: PackedLinear) -> torch.Tensor:
-    """W.T [K, N] in the compute dtype, contiguous.
+def dequantize_transposed(p: PackedLinear, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W.T [K, N] in the compute dtype, contiguous (written into `out` when given).
 
     Built in that orientation because it is the cheap one: a tile's bytes are already
     K-major, and each group's step and zero are then rows of scale_zero, so the levels are
-    written once (strided) and scaled once in place.
+    written once (strided) and scaled in place, one group of rows at a time.
     """
     n, k = p.shape
-    out = torch.empty(k, n, dtype=p.dtype, device=p.data.device)
+    if out is None:
+        out = torch.empty(k, n, dtype=p.dtype, device=p.data.device)
     if p.bits == 4:
         tiles = p.data.view(n // TILE, k, TILE // 2)
         view = out.view(k, n // TILE, TILE).permute(1, 0, 2)  # [tiles, K, 64]
@@ -137,11 +141,52 @@ def dequantize_transposed(p: PackedLinear) -> torch.Tensor:
         view[..., TILE // 2:] = tiles >> 4
     else:
         out.copy_(p.data.T)
-    grouped = out.view(k // p.group, p.group, n)
-    step = p.scale_zero[..., 0].unsqueeze(1)
-    low = p.scale_zero[..., 1].unsqueeze(1) - step * (1 << (p.bits - 1))
-    torch.addcmul(low, grouped, step, out=grouped)
+    _scale_groups(out, p)
     return out
+
+
+def _scale_groups(levels: torch.Tensor, p: PackedLinear) -> None:
+    """levels [K, N] -> (levels - 2^(bits-1)) * step + zero, in place.
+
+    Group by group through a float32 scratch: torch's bf16 kernels do not vectorize a
+    broadcast row (3x slower than this on a 2048 x 8192 weight), and the scratch of one
+    group stays in cache.
+    """
+    step = p.scale_zero[..., 0].float()
+    low = p.scale_zero[..., 1].float() - step * (1 << (p.bits - 1))
+    if levels.dtype == torch.float32:
+        grouped = levels.view(-1, p.group, levels.shape[1])
+        torch.addcmul(low.unsqueeze(1), grouped, step.unsqueeze(1), out=grouped)
+        return
+    scratch = torch.empty(p.group, levels.shape[1], dtype=torch.float32, device=levels.device)
+    for g, rows in enumerate(levels.split(p.group)):
+        scratch.copy_(rows)
+        torch.addcmul(low[g], scratch, step[g], out=scratch)
+        rows.copy_(scratch)
+
+
+class _BufferPool:
+    """Dense copies of layer weights are made and freed once per layer load; reusing their
+    buffers saves the page faults of a fresh allocation (about a third of the time of
+    dequantizing a 32 MB weight). Holds at most what was live at once."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((shape, dtype, device))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((tuple(buffer.shape), buffer.dtype, buffer.device), []).append(buffer)
+
+
+_DENSE_POOL = _BufferPool()
 
 
 def dequantize_linear(p: PackedLinear) -> torch.Tensor:
@@ -151,7 +196,7 @@ def dequantize_linear(p: PackedLinear) -> torch.Tensor:
 
 def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if p.bits == 4 and x.device.type == "cpu" and p._dense is None and rows <= fused_max_rows():
+    if p.bits == 4 and x.device.type == "cpu" and p._dense is None and rows <= fused_max_rows(p.shape):
         y = _fused(x.reshape(rows, x.shape[-1]), p).reshape(*x.shape[:-1], p.shape[0])
         return y if bias is None else y + bias
     y = torch.matmul(x, p.dense_transposed())
@@ -160,45 +205,6 @@ def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -
 
 def _fused(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), p.data, p.group, p.scale_zero)
-
-
-_FUSED_MAX_ROWS: int | None = None
-
-
-def fused_max_rows() -> int:
-    """Largest number of rows for which the fused int4 kernel beats dequantize + matmul here.
-
-    FLEXBATCH_INT4_FUSED_MAX_ROWS overrides the measurement (0 turns the fused kernel off).
-    """
-    global _FUSED_MAX_ROWS
-    if _FUSED_MAX_ROWS is None:
-        forced = os.environ.get("FLEXBATCH_INT4_FUSED_MAX_ROWS")
-        _FUSED_MAX_ROWS = int(forced) if forced is not None else measure_fused_max_rows()
-    return _FUSED_MAX_ROWS
-
-
-def _seconds(fn, repeat: int = 3) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
-
-
-def measure_fused_max_rows(n: int = 1024, k: int = 1024, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Time both kernels on a representative [n, k] weight at 1, 2, 4, ... 256 rows."""
-    if not _fused_kernel_matches():
-        return 0
-    p = pack_linear(torch.randn(n, k, dtype=dtype))
-    best = 0
-    for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        x = torch.randn(rows, k, dtype=dtype)
-        fused = _seconds(lambda: _fused(x, p))
-        dense = _seconds(lambda: torch.matmul(x, dequantize_transposed(p)))
-        if fused >= dense:
-            break
-        best = rows
-    return best
 
 
 def _fused_kernel_matches() -> bool:

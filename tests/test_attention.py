@@ -1,0 +1,34 @@
+"""Decode attention (`ops.grouped_attention`) against torch's SDPA in fp32, for every way the
+engine hands it a cache: contiguous, a slice of a longer cache, a strided view of token-major
+disk rows; with GQA, padding, and the sequences split into groups or not."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexbatch.models import ops
+
+
+def _layouts(batch, kv_heads, length, dim, capacity):
+    g = torch.Generator().manual_seed(3)
+    sliced = torch.randn(batch, kv_heads, capacity, dim, generator=g)[:, :, :length]
+    token_major = torch.randn(capacity, batch, kv_heads, dim, generator=g).permute(1, 2, 0, 3)[:, :, :length]
+    return {"contiguous": sliced.contiguous(), "sliced": sliced, "token_major": token_major}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "token_major"])
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["per-sequence", "groups", "whole"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_grouped_attention_matches_sdpa(monkeypatch, layout, chunk_bytes, heads, kv_heads):
+    monkeypatch.setattr(ops, "ATTENTION_CHUNK_BYTES", chunk_bytes)
+    batch, length, dim = 5, 9, 8
+    keys = _layouts(batch, kv_heads, length, dim, 12)[layout]
+    values = _layouts(batch, kv_heads, length, dim, 12)[layout].flip(-1)
+    q = torch.randn(batch, heads, 1, dim, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(batch, 1, 1, length)
+    mask[1, ..., :4] = torch.finfo(mask.dtype).min  # a left-padded sequence
+    expected = F.scaled_dot_product_attention(q, keys.contiguous(), values.contiguous(), attn_mask=mask,
+                                              scale=0.3, enable_gqa=heads != kv_heads)
+    got = ops.grouped_attention(q, keys, values, mask, 0.3)
+    assert torch.allclose(got, expected, atol=1e-5)
