@@ -21,7 +21,7 @@ from flexbatch.planner.cost_model import layer_costs
 
 FLAT = {r: 1e12 for r in (1, 2048)}
 HW = HardwareProfile("test", disk_read_bps=1e9, disk_write_bps=5e8, memory_bytes=1 << 34,
-                     matmul_flops={"bfloat16": FLAT, "float32": FLAT})
+                     matmul_flops={"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9)
 # an OPT-style model: hidden 1024, 8 layers
 CFG = config_from_hf_dict({"model_type": "opt", "vocab_size": 1000, "hidden_size": 1024, "ffn_dim": 4096,
                            "num_hidden_layers": 8, "num_attention_heads": 16, "max_position_embeddings": 2048})
@@ -39,8 +39,23 @@ def test_layer_costs_by_hand():
     assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
     assert costs.io_pre[1] == pytest.approx(-weight_bytes / 1e9)  # all weights in memory: no weight reads
     assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
-    assert costs.comp_pre == pytest.approx(batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12)
-    assert costs.comp_gen == pytest.approx(batch * 2 * params / 1e12 + batch * 4 * t * 1024 / 1e12)
+    assert costs.comp_pre == pytest.approx((batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12, 0, 0))
+    # decode attention reads the whole cache at the measured attention rate
+    assert costs.comp_gen == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
+
+
+def test_overlapped_io_slows_compute_by_the_measured_share():
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT},
+                         compute_share_during_reads=0.75, attention_bps=1e10)
+    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    alone = layer_costs(CFG, FAMILY, torch.bfloat16, HW, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    for comp, comp_alone, io in ((costs.comp_pre, alone.comp_pre, costs.io_pre),
+                                 (costs.comp_gen, alone.comp_gen, costs.io_gen)):
+        # a quarter of every overlapped I/O second is taken from the matmuls
+        assert comp == pytest.approx((comp_alone[0] + 0.25 * io[0], 0.25 * io[1], 0.25 * io[2]))
+    sequential = layer_costs(CFG, FAMILY, torch.bfloat16, hw, Policy(gpu_batch_size=4, num_gpu_batches=2,
+                                                                     overlap=False), WORK)
+    assert sequential.comp_gen == pytest.approx(alone.comp_gen)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -53,7 +68,8 @@ def test_overlapped_reads_use_the_busy_disk_rate(overlap):
 
 
 def test_compressed_layer_costs_by_hand():
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}})
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}},
+                         attention_bps=1e10, kv_decode_bps=2e9)
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)
     costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)
     matrices = 4 * 1024 * 1024 + 2 * 4096 * 1024
@@ -64,7 +80,9 @@ def test_compressed_layer_costs_by_hand():
     assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
     assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
     params = matrices + small
-    assert costs.comp_gen == pytest.approx(batch * 2 * params / 2.5e11 + batch * 4 * t * 1024 / 1e12)
+    dense_kv = 2 * 16 * 64 * 2  # attention runs on the dequantized cache, after dequantizing it
+    assert costs.comp_gen == pytest.approx((batch * 2 * params / 2.5e11 + batch * t * dense_kv * (1 / 1e10 + 1 / 2e9),
+                                            0, 0))
 
 
 def budget(gib: float) -> MemoryBudget:

@@ -7,14 +7,22 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     T_gen = max(io_gen, comp_gen)
     io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
     io_gen  = w_disk * W / R + c_disk * B * t * K / R + c_disk * B * K / Wr,   t = s + n / 2
-    comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s)
-    comp_gen = B * 2 * P / Fw(gbs) + B * 4 * t * C / F(gbs)
+    comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s) + cpu_io * io_pre
+    comp_gen = B * 2 * P / Fw(gbs) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
 
 W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
-stored, C: hidden size, R / Wr: disk read / write bandwidth (R measured while the CPU computes
-when I/O overlaps compute), F(rows): measured matmul FLOP/s
-at that many rows, Fw: the same with the weights as stored (compressed weights have their
-own measured table: fused int4 kernel or dequantize + matmul).
+stored, Kd: the same in the compute dtype, C: hidden size, R / Wr: disk read / write
+bandwidth (R measured while the CPU computes when I/O overlaps compute), F(rows): measured
+matmul FLOP/s at that many rows, Fw: the same with the weights as stored (compressed weights
+have their own measured table: fused int4 kernel or dequantize + matmul).
+
+Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
+decode attention is bound by memory, not FLOPs, so it costs the cache's bytes over the
+measured attention rate A (and, for a compressed cache, over the measured dequantization
+rate Dq); and overlapped disk reads slow the matmuls on the same cores, so every second of
+overlapped I/O adds cpu_io = (1 - f) seconds of compute, f being the measured share of
+matmul speed left while the disk reads.
+
 Throughput = B * n / T. On a CPU-only machine the device and host tiers are the same RAM, so
 the placement variables are the memory fractions w_mem = 1 - w_disk and c_mem = 1 - c_disk.
 Every term is linear in (w_mem, c_mem) for a fixed (gbs, num_gpu_batches): the search solves
@@ -45,8 +53,8 @@ class LayerCosts:
 
     io_pre: tuple[float, float, float]
     io_gen: tuple[float, float, float]
-    comp_pre: float
-    comp_gen: float
+    comp_pre: tuple[float, float, float]
+    comp_gen: tuple[float, float, float]
 
     @staticmethod
     def value(term: tuple[float, float, float], w_mem: float, c_mem: float) -> float:
@@ -63,7 +71,7 @@ def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Hardwa
     t = s + n / 2
     weight = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
     params = layer_params(cfg, family)
-    kv = kv_bytes_per_token(cfg, dtype, policy.cache_quant)
+    kv, kv_dense = kv_bytes_per_token(cfg, dtype, policy.cache_quant), kv_bytes_per_token(cfg, dtype)
     read, write = hw.disk_read_bps, hw.disk_write_bps
     if policy.overlap and hw.disk_read_busy_bps:
         read = hw.disk_read_busy_bps  # overlapped reads compete with compute for the cores
@@ -71,15 +79,22 @@ def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Hardwa
     weight_io = weight / read
     cache_pre = batch * s * kv / write
     cache_gen = batch * t * kv / read + batch * kv / write
+    io_pre = (weight_io + cache_pre, -weight_io, -cache_pre)
+    io_gen = (weight_io + cache_gen, -weight_io, -cache_gen)
     bits = policy.compress_bits if policy.compress_weight else None
     fw_pre, fw_gen = hw.flops(dtype, gpu_batch_size * s, bits), hw.flops(dtype, gpu_batch_size, bits)
-    f_pre, f_gen = hw.flops(dtype, gpu_batch_size * s), hw.flops(dtype, gpu_batch_size)
-    hidden = cfg.hidden_size
+    f_pre = hw.flops(dtype, gpu_batch_size * s)
+    attention = batch * t * kv_dense / hw.attention_bps
+    if policy.compress_cache:
+        attention += batch * t * kv_dense / hw.kv_decode_bps
+    comp_pre = batch * s * 2 * params / fw_pre + batch * 2 * s * s * cfg.hidden_size / f_pre
+    comp_gen = batch * 2 * params / fw_gen + attention
+    io_cpu = (1 - hw.compute_share_during_reads) if policy.overlap else 0.0
     return LayerCosts(
-        io_pre=(weight_io + cache_pre, -weight_io, -cache_pre),
-        io_gen=(weight_io + cache_gen, -weight_io, -cache_gen),
-        comp_pre=batch * s * 2 * params / fw_pre + batch * 2 * s * s * hidden / f_pre,
-        comp_gen=batch * 2 * params / fw_gen + batch * 4 * t * hidden / f_gen,
+        io_pre=io_pre,
+        io_gen=io_gen,
+        comp_pre=(comp_pre + io_cpu * io_pre[0], io_cpu * io_pre[1], io_cpu * io_pre[2]),
+        comp_gen=(comp_gen + io_cpu * io_gen[0], io_cpu * io_gen[1], io_cpu * io_gen[2]),
     )
 
 
@@ -94,6 +109,7 @@ def block_seconds(costs: LayerCosts, num_layers: int, gen_len: int, w_mem: float
                   overlap: bool = True, head: float = 0.0) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one block at the given memory fractions."""
     combine = max if overlap else (lambda a, b: a + b)
-    pre = combine(LayerCosts.value(costs.io_pre, w_mem, c_mem), costs.comp_pre)
-    gen = combine(LayerCosts.value(costs.io_gen, w_mem, c_mem), costs.comp_gen)
+    at = lambda term: LayerCosts.value(term, w_mem, c_mem)
+    pre = combine(at(costs.io_pre), at(costs.comp_pre))
+    gen = combine(at(costs.io_gen), at(costs.comp_gen))
     return num_layers * pre, num_layers * (gen_len - 1) * gen + head

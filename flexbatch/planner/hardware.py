@@ -16,7 +16,7 @@ import torch
 
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
 PROBE_BYTES = 512 << 20
-PROFILE_VERSION = 3  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 4  # bump when the measured fields change, so cached profiles are redone
 CHUNK = 4 << 20
 
 
@@ -31,6 +31,12 @@ class HardwareProfile:
     matmul_flops: dict[str, dict[int, float]] = field(default_factory=dict)
     # disk reads while the CPU multiplies matrices on all cores, as overlapped I/O runs
     disk_read_busy_bps: float | None = None
+    # the share of matmul speed left while the disk reads (overlapped I/O slows compute)
+    compute_share_during_reads: float = 1.0
+    # decode attention: bytes of K and V (compute dtype) attended per second
+    attention_bps: float = float("inf")
+    # compressed KV cache: dequantized bytes per second
+    kv_decode_bps: float = float("inf")
 
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float:
         """Measured FLOP/s for a matmul with `rows` rows, linear between measured points;
@@ -53,8 +59,10 @@ class HardwareProfile:
     @classmethod
     def from_json(cls, data: dict) -> "HardwareProfile":
         flops = {k: {int(r): float(f) for r, f in v.items()} for k, v in data["matmul_flops"].items()}
+        optional = {k: data[k] for k in ("disk_read_busy_bps", "compute_share_during_reads", "attention_bps",
+                                         "kv_decode_bps") if k in data}
         return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"], flops,
-                   data.get("disk_read_busy_bps"))
+                   **optional)
 
 
 def fingerprint(folder: Path) -> str:
@@ -68,9 +76,10 @@ def fingerprint(folder: Path) -> str:
             f"|dev {dev}")
 
 
-def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float]:
+def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float]:
     """(read, write, read while computing) bytes/s with O_DIRECT, 4 MiB requests, 4 in
-    flight, as the engine does; the last with bf16 matmuls running on the main thread."""
+    flight, as the engine does; the third with bf16 matmuls running on the main thread, whose
+    speed then, as a share of their speed alone, is the fourth."""
     from ..storage.aligned import aligned_bytes
     from ..storage.disk import DiskFile
 
@@ -89,46 +98,90 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float,
             start = time.perf_counter()
             list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), chunks))
             read = nbytes / (time.perf_counter() - start)
-            busy = _read_while_computing(pool, file, buf, chunks, nbytes)
+            busy, share = _read_while_computing(pool, file, buf, chunks, nbytes)
     finally:
         file.close()
         path.unlink(missing_ok=True)
-    return read, write, busy
+    return read, write, busy, share
 
 
-def _read_while_computing(pool, file, buf, chunks, nbytes: int) -> float:
+def _read_while_computing(pool, file, buf, chunks, nbytes: int) -> tuple[float, float]:
     x = torch.randn(512, 2048, dtype=torch.bfloat16)
     w = torch.randn(8192, 2048, dtype=torch.bfloat16)
-    start = time.perf_counter()
+    multiply = lambda: torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
+    multiply()
+    start, alone = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.5:
+        multiply()
+        alone += 1
+    alone_rate = alone / (time.perf_counter() - start)
+    start, during = time.perf_counter(), 0
     pending = [pool.submit(file.read_into, buf, s, s + CHUNK) for s in chunks]
     while not all(f.done() for f in pending):
-        torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
+        multiply()
+        during += 1
     for f in pending:
         f.result()
-    return nbytes / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return nbytes / seconds, min(1.0, during / seconds / alone_rate)
+
+
+def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
+                      head_dim: int = 64) -> float:
+    """Decode attention's speed in K and V bytes per second, over a cache larger than L3."""
+    from ..models.ops import grouped_attention
+
+    q = torch.randn(batch, heads, 1, head_dim).to(dtype)
+    keys, values = (torch.randn(batch, heads, tokens, head_dim).to(dtype) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, tokens, dtype=dtype)
+    seconds = _best_seconds(lambda: grouped_attention(q, keys, values, mask, head_dim ** -0.5))
+    return 2 * keys.numel() * keys.element_size() / seconds
+
+
+def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
+                      head_dim: int = 64) -> float:
+    """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second."""
+    from ..storage.kv_rows import RowCodec
+    from ..storage.quantize import QuantConfig
+
+    codec = RowCodec(batch, heads, head_dim, dtype, QuantConfig(4, 64))
+    rows = codec.encode(torch.randn(batch, heads, tokens, head_dim).to(dtype))
+    seconds = _best_seconds(lambda: codec.decode(rows))
+    return batch * heads * tokens * head_dim * torch.empty((), dtype=dtype).element_size() / seconds
+
+
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure_matmul(dtype: torch.dtype, hidden: int = 2048, packed_bits: int | None = None) -> dict[int, float]:
-    """FLOP/s of x [rows, hidden] times a [4*hidden, hidden] weight. With packed_bits, the
-    weight is a PackedLinear as one layer load gives it: fresh, so large batches pay its
-    dequantization on every call (as a layer used by one GPU batch does)."""
+    """FLOP/s of x [rows, hidden] times a [4*hidden, hidden] weight (best of a few runs).
+    With packed_bits, the weight is a PackedLinear as one layer load gives it, so large
+    batches pay its dequantization on every call (as a layer used by one GPU batch does)."""
     from ..storage.packed_linear import linear, pack_linear
 
     w = torch.randn(4 * hidden, hidden).to(dtype)
     if packed_bits:
         packed = pack_linear(w, packed_bits)
-        multiply = lambda x: linear(x, packed.to(x.device))
+
+        def multiply(x):
+            loaded = packed.to(x.device)
+            linear(x, loaded)
+            loaded.release_dense()
     else:
         multiply = lambda x: torch.nn.functional.linear(x, w)
     out = {}
     for rows in MATMUL_ROWS:
         x = torch.randn(rows, hidden).to(dtype)
-        multiply(x)
-        repeats = max(2, min(50, 4096 // rows))
-        start = time.perf_counter()
-        for _ in range(repeats):
-            multiply(x)
-        out[rows] = repeats * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
+        repeats = max(2, min(10, 2048 // rows))
+        seconds = _best_seconds(lambda: [multiply(x) for _ in range(repeats)], repeats=3) / repeats
+        out[rows] = 2 * rows * hidden * 4 * hidden / seconds
     return out
 
 
@@ -136,7 +189,7 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     import psutil
 
     log("measuring disk bandwidth (O_DIRECT)...")
-    read, write, busy = measure_disk(folder)
+    read, write, busy, share = measure_disk(folder)
     flops = {}
     for dtype in (torch.bfloat16, torch.float32):
         log(f"measuring {str(dtype).removeprefix('torch.')} matmul throughput...")
@@ -144,7 +197,10 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     for bits in (4, 8):
         log(f"measuring matmul throughput with {bits}-bit compressed weights...")
         flops[f"int{bits}"] = measure_matmul(torch.bfloat16, packed_bits=bits)
-    return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops, busy)
+    log("measuring decode attention and KV cache dequantization...")
+    attention, kv_decode = measure_attention(torch.bfloat16), measure_kv_decode(torch.bfloat16)
+    return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops, busy, share,
+                           attention, kv_decode)
 
 
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None) -> HardwareProfile:

@@ -64,13 +64,13 @@ def solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget_bytes, overla
     rows, rhs = [], []
     for io, comp, col in ((costs.io_pre, costs.comp_pre, 2), (costs.io_gen, costs.comp_gen, 3)):
         t = [0.0, 0.0, 0.0, 0.0]
-        t[col] = -1.0
+        t[col] = -1.0  # each row: term(w, c) - T <= 0, i.e. slope_w * w + slope_c * c - T <= -constant
         if overlap:
-            rows += [[io[1], io[2], *t[2:]], t]
-            rhs += [-io[0], -comp]
+            rows += [[io[1], io[2], *t[2:]], [comp[1], comp[2], *t[2:]]]
+            rhs += [-io[0], -comp[0]]
         else:
-            rows.append([io[1], io[2], *t[2:]])
-            rhs.append(-io[0] - comp)
+            rows.append([io[1] + comp[1], io[2] + comp[2], *t[2:]])
+            rhs.append(-io[0] - comp[0])
     rows.append([mw, mc, 0.0, 0.0])
     rhs.append(budget_bytes - m0)
     result = linprog(c=[0.0, 0.0, layers, layers * steps], A_ub=np.array(rows), b_ub=np.array(rhs),
