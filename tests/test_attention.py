@@ -32,3 +32,28 @@ def test_grouped_attention_matches_sdpa(monkeypatch, layout, chunk_bytes, heads,
                                               scale=0.3, enable_gqa=heads != kv_heads)
     got = ops.grouped_attention(q, keys, values, mask, 0.3)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_a_rotated_cache_gives_the_same_attention(heads, kv_heads):
+    """A compressed cache holds K R and V R; attention through it equals plain attention."""
+    from flexbatch.storage.kv_rows import orthonormal
+
+    g = torch.Generator().manual_seed(5)
+    batch, dim, prompt = 3, 16, 6
+    valid = torch.ones(batch, prompt + 2, dtype=torch.bool)
+    valid[0, :2] = False  # left padding
+    caches = {name: [torch.zeros(batch, kv_heads, prompt + 2, dim) for _ in range(2)] for name in ("plain", "rotated")}
+    rotation = orthonormal(dim)
+    for start, width in ((0, prompt), (prompt, 1), (prompt + 1, 1)):  # prefill, then two decode steps
+        q = torch.randn(batch, heads, width, dim, generator=g)
+        k, v = (torch.randn(batch, kv_heads, width, dim, generator=g) for _ in range(2))
+        mask = ops.attention_mask(valid[:, :start + width], start, torch.float32)
+        outs = {}
+        for name, kv_rotation in (("plain", None), ("rotated", rotation)):
+            ctx = ops.StepContext(positions=torch.zeros(batch, width, dtype=torch.long), start=start,
+                                  attn_mask=mask, kv_rotation=kv_rotation)
+            outs[name] = ops.cached_attention(q, k, v, *caches[name], ctx)
+        assert torch.allclose(outs["rotated"], outs["plain"], atol=1e-5)
+    # the rotated cache really is rotated: K R, not K
+    assert torch.allclose(caches["rotated"][0], caches["plain"][0] @ rotation, atol=1e-5)

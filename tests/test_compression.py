@@ -77,13 +77,12 @@ def test_kv_rows_decode_what_was_encoded(quant, dtype):
     # each token's row decodes on its own, so rows written step by step read back the same
     one_by_one = torch.cat([codec.decode(rows[t:t + 1]) for t in range(5)], dim=2)
     assert torch.equal(one_by_one, codec.decode(rows))
-    # groups are quantized after the fixed rotation: within half a step there (plus the
-    # rounding of the stored scales and of the output to the cache dtype)
-    rotation = orthonormal(16)
+    # within half a step of each group (plus the rounding of the stored scales and of the
+    # output to the cache dtype)
     group = min(quant.group_size, 16)
-    g = (x.float() @ rotation).reshape(3, 2, 5, 16 // group, group)
+    g = x.float().reshape(3, 2, 5, 16 // group, group)
     step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / quant.levels
-    decoded = (codec.decode(rows).float() @ rotation).reshape_as(g)
+    decoded = codec.decode(rows).float().reshape_as(g)
     slack = 1e-5 if dtype == torch.float32 else 0.02 * (1 + g.abs().amax(-1, keepdim=True))
     assert torch.all((decoded - g).abs() <= step / 2 + slack)
 

@@ -19,7 +19,7 @@ from ..config import Policy
 from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..storage.kv_rows import RowCodec
+from ..storage.kv_rows import RowCodec, orthonormal
 from ..storage.packed_linear import PackedLinear
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
@@ -134,8 +134,11 @@ class OffloadRunner:
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
+        rotation = None
+        if self.policy.compress_cache:  # a compressed cache is kept rotated (storage/kv_rows.py)
+            rotation = orthonormal(self.cfg.head_dim).to(device=self.device, dtype=self.dtype)
         ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
-                             self.policy.attn_sparsity)
+                             self.policy.attn_sparsity, rotation)
                 for b in self.batches]
         hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
                   for b, ctx in zip(self.batches, ctxs)]

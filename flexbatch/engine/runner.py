@@ -17,12 +17,14 @@ HEAD_CHUNK = 256  # positions per head matmul when scoring, to bound the [B, S, 
 
 
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
-                 dtype: torch.dtype, device: torch.device, attn_keep: float = 1.0) -> StepContext:
+                 dtype: torch.dtype, device: torch.device, attn_keep: float = 1.0,
+                 kv_rotation: torch.Tensor | None = None) -> StepContext:
     ctx = StepContext(
         positions=ops.positions_from_mask(key_valid, start).to(device),
         start=start,
         attn_mask=ops.attention_mask(key_valid, start, dtype, cfg.sliding_window).to(device),
         attn_keep=attn_keep,
+        kv_rotation=kv_rotation,
     )
     family.prepare_step(cfg, ctx, dtype)
     return ctx

@@ -30,6 +30,9 @@ class StepContext:
     cos: torch.Tensor | None = None  # [B, S, D] rotary tables (Llama family)
     sin: torch.Tensor | None = None
     attn_keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
+    # [D, D] orthonormal, compute dtype: the KV cache holds keys and values times it (a
+    # compressed cache; see storage/kv_rows.py). None: the cache holds them as computed.
+    kv_rotation: torch.Tensor | None = None
 
     @property
     def num_new(self) -> int:
@@ -137,8 +140,18 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     """Write this step's keys/values into the cache, then attend over [0, start + S).
 
     q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]; caches: [B, Hkv, capacity, D].
-    Returns [B, H, S, D].
+    Returns [B, H, S, D]. With ctx.kv_rotation R the cache holds K R and V R; queries are
+    rotated to match and the output rotated back (R is orthonormal, so nothing changes but
+    rounding).
     """
+    rotation = ctx.kv_rotation
+    if rotation is not None:
+        q, k_new, v_new = q @ rotation, k_new @ rotation, v_new @ rotation
+    out = _attend_cache(q, k_new, v_new, k_cache, v_cache, ctx, scale)
+    return out if rotation is None else out @ rotation.T
+
+
+def _attend_cache(q, k_new, v_new, k_cache, v_cache, ctx: StepContext, scale: float | None) -> torch.Tensor:
     end = ctx.start + ctx.num_new
     k_cache[:, :, ctx.start:end] = k_new
     v_cache[:, :, ctx.start:end] = v_new

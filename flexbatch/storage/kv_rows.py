@@ -6,12 +6,14 @@ step's new tokens are a short range at the end (one small write). Quantized rows
 (sequence, head) vector's packed levels, then the group minimums, then the steps, with
 groups along the head dimension (FlexGen's cache compression).
 
-Before quantizing, each vector is multiplied by a fixed orthonormal matrix (a Hadamard
-matrix when the head dimension is a power of two), and by its transpose after
-dequantizing. Keys have a few channels far larger than the rest, which would set every
-group's range; the rotation spreads them over all channels, so 4-bit groups keep far more
-precision (the idea of QuaRot, Ashkboos et al. 2024). On the default model it cuts the
-perplexity cost of a 4-bit cache several times over (see the compression notes in README).
+A compressed cache holds keys and values multiplied by a fixed orthonormal matrix
+(`orthonormal`, a Hadamard matrix when the head dimension is a power of two). Keys have a
+few channels far larger than the rest, which would set every group's range; the rotation
+spreads them over all channels, so 4-bit groups keep far more precision (the idea of QuaRot,
+Ashkboos et al. 2024). Attention applies it (`StepContext.kv_rotation`): it rotates the
+step's queries, keys and values, and rotates the output back, which is exact because
+q.k = (qR).(kR) and sum p v = (sum p vR) R^T. So the rows here are never rotated on the way
+in or out, and the per-step decode of the whole cache is only unpacking and scaling.
 """
 from __future__ import annotations
 
@@ -26,8 +28,6 @@ class RowCodec:
         self.sequences, self.heads, self.head_dim, self.dtype = sequences, heads, head_dim, dtype
         self.quant = None if quant is None else QuantConfig(quant.bits, row_group(head_dim, quant), -1)
         vectors = sequences * heads
-        self.rotation = None if quant is None else orthonormal(head_dim)
-        self._rotation_t: torch.Tensor | None = None  # its transpose in the compute dtype
         if self.quant is None:
             self.row_bytes = vectors * head_dim * torch.empty((), dtype=dtype).element_size()
         else:
@@ -39,7 +39,7 @@ class RowCodec:
         t = tokens.shape[0]
         if self.quant is None:
             return tokens.contiguous().view(torch.uint8).reshape(t, self.row_bytes)
-        qt = quantize(tokens.float() @ self.rotation, self.quant)  # rotated in fp32; scales kept in the cache dtype
+        qt = quantize(tokens.float(), self.quant)  # scales kept in the cache dtype
         scales = [t.to(self.dtype).contiguous().view(torch.uint8) for t in (qt.minimum, qt.step)]
         parts = [qt.data, *scales]
         return torch.cat([p.reshape(t, -1) for p in parts], dim=1)
@@ -68,13 +68,10 @@ class RowCodec:
         grid = (t, vectors, groups, 1)
         scale = lambda part: part.view(self.dtype).reshape(grid)
         levels.mul_(scale(step)).add_(scale(minimum))  # (torch's bf16 addcmul is several times slower)
-        rotated = levels.view(t, vectors, groups * group)[..., :self.head_dim]
-        return (rotated @ self._inverse_rotation(rows.device)).view(shape).permute(1, 2, 0, 3)
-
-    def _inverse_rotation(self, device: torch.device) -> torch.Tensor:
-        if self._rotation_t is None or self._rotation_t.device != device:
-            self._rotation_t = self.rotation.T.to(device=device, dtype=self.dtype).contiguous()
-        return self._rotation_t
+        vectors_out = levels.view(t, vectors, groups * group)
+        if groups * group != self.head_dim:
+            vectors_out = vectors_out[..., :self.head_dim]
+        return vectors_out.reshape(shape).permute(1, 2, 0, 3)
 
 
 def orthonormal(n: int) -> torch.Tensor:
