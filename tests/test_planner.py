@@ -3,6 +3,7 @@ returned policy within the budget, infeasible budgets refused, and the plan's me
 prediction holding for a real run (peak RSS in a subprocess)."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from flexbatch.models import get_family
 from flexbatch.models.spec import config_from_hf_dict
 from flexbatch.planner import HardwareProfile, Workload, evaluate, search
 from flexbatch.planner.cost_model import layer_costs
+
+search_module = importlib.import_module("flexbatch.planner.search")  # the package exports a function of that name
 
 FLAT = {r: 1e12 for r in (1, 2048)}
 HW = HardwareProfile("test", disk_read_bps=1e9, disk_write_bps=5e8, memory_bytes=1 << 34,
@@ -67,9 +70,10 @@ def test_overlapped_reads_use_the_busy_disk_rate(overlap):
     assert weight_bytes == pytest.approx(-plain.io_gen[1] * 1e9)
 
 
-def test_compressed_layer_costs_by_hand():
+@pytest.mark.parametrize("dequantize_rate,fused_wins", [(1e9, True), (1e12, False)])
+def test_compressed_layer_costs_by_hand(dequantize_rate, fused_wins):
     hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}},
-                         attention_bps=1e10, kv_decode_bps=2e9)
+                         attention_bps=1e10, kv_decode_bps=2e9, dequantize_params_per_s={"int4": dequantize_rate})
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)
     costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)
     matrices = 4 * 1024 * 1024 + 2 * 4096 * 1024
@@ -80,9 +84,21 @@ def test_compressed_layer_costs_by_hand():
     assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
     assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
     params = matrices + small
+    fused = batch * 2 * params / 2.5e11  # the fused kernel, once per GPU batch
+    dequantized = params / dequantize_rate + batch * 2 * params / 1e12  # one dequantization per load, then bf16
+    assert (fused < dequantized) == fused_wins
     dense_kv = 2 * 16 * 64 * 2  # attention runs on the dequantized cache, after dequantizing it
-    assert costs.comp_gen == pytest.approx((batch * 2 * params / 2.5e11 + batch * t * dense_kv * (1 / 1e10 + 1 / 2e9),
+    assert costs.comp_gen == pytest.approx((min(fused, dequantized) + batch * t * dense_kv * (1 / 1e10 + 1 / 2e9),
                                             0, 0))
+
+
+def test_compressed_weights_without_a_fused_kernel_are_dequantized():
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT},
+                         dequantize_params_per_s={"int8": 1e9})
+    policy = Policy(gpu_batch_size=4, compress_weight=True, compress_bits=8)
+    params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)
+    assert costs.comp_gen[0] == pytest.approx(params / 1e9 + 4 * 2 * params / 1e12)
 
 
 def budget(gib: float) -> MemoryBudget:
@@ -179,3 +195,25 @@ def test_planner_with_compression_returns_compressed_policies_that_fit():
         c.memory.check(tight, unified=True, hint="")
     # a quarter of the bytes to read per token at equal FLOP/s: compression predicts more throughput
     assert packed.best.throughput > plain.best.throughput
+
+
+# this machine's profile, rounded (2-core EPYC, bf16 without AMX)
+EPYC = HardwareProfile("test", 1.53e9, 1.99e9, 24 << 30,
+                       {"bfloat16": {1: 1.69e10, 8: 1.23e11, 32: 2.62e11, 128: 3.73e11, 512: 4.18e11, 2048: 3.97e11},
+                        "float32": {1: 1e10, 2048: 1.5e11}},
+                       disk_read_busy_bps=1.55e9, compute_share_during_reads=0.844, attention_bps=8.15e9)
+OPT_1_3B = config_from_hf_dict({"model_type": "opt", "vocab_size": 50272, "hidden_size": 2048, "ffn_dim": 8192,
+                                "num_hidden_layers": 24, "num_attention_heads": 32,
+                                "max_position_embeddings": 2048})
+
+
+def test_inefficient_gpu_batches_only_when_nothing_else_fits(monkeypatch):
+    """The planner benchmark's workload (OPT-1.3B, 2 GiB, 64 prompts of 128 + 32): GPU
+    batches under half the peak matmul rate are passed over while larger ones fit, and used
+    when the block allows nothing larger."""
+    family, work = get_family(OPT_1_3B), Workload(128, 32)
+    plan = lambda block: search(OPT_1_3B, family, torch.bfloat16, EPYC, work, budget(2), max_block=block).best.policy
+    assert plan(64).gpu_batch_size >= 32
+    assert plan(8).block_size <= 8
+    monkeypatch.setattr(search_module, "MIN_MATMUL_EFFICIENCY", 0.0)
+    assert plan(64).gpu_batch_size < 32  # what the rule prevents: measured 12% slower than 64 x 1

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.kv_rows import RowCodec, orthonormal
-from ..storage.packed_linear import PackedLinear
+from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
@@ -110,6 +110,7 @@ class OffloadRunner:
         self.end()
         self.io.shutdown(wait=True)
         self.home.close()
+        free_dense_buffers()
         if self._own_dir:
             shutil.rmtree(self.offload_dir, ignore_errors=True)
 
@@ -151,6 +152,7 @@ class OffloadRunner:
         weights: dict[int, Future] = {}
         caches: dict[tuple[int, int], Future] = {}
         stores: list = []
+        rows = sum(h.shape[0] * h.shape[1] for h in hidden)  # token rows each layer multiplies this step
         for op in token_schedule(self.cfg.num_layers, len(self.batches), overlap):
             if self.trace is not None:
                 self.trace.append(op)
@@ -165,6 +167,8 @@ class OffloadRunner:
                 k_cache, v_cache = caches.pop((j, k)).result()
                 layer_weights = weights[j].result()
                 self.wait_seconds += time.perf_counter() - waited
+                if k == 0:
+                    dequantize_for_block(layer_weights.values(), rows)
                 hidden[k] = self.family.layer(self.cfg, layer_weights, hidden[k], ctxs[k], k_cache, v_cache)
                 if k == len(self.batches) - 1:
                     _drop_dense_copies(layer_weights)

@@ -14,7 +14,8 @@ W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token 
 stored, Kd: the same in the compute dtype, C: hidden size, R / Wr: disk read / write
 bandwidth (R measured while the CPU computes when I/O overlaps compute), F(rows): measured
 matmul FLOP/s at that many rows, Fw: the same with the weights as stored (compressed weights
-have their own measured table: fused int4 kernel or dequantize + matmul).
+cost the cheaper of the fused int4 kernel, measured, and one measured dequantization per
+layer load plus dense matmuls).
 
 Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
 decode attention is bound by memory, not FLOPs, so it costs the cache's bytes over the
@@ -82,13 +83,13 @@ def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Hardwa
     io_pre = (weight_io + cache_pre, -weight_io, -cache_pre)
     io_gen = (weight_io + cache_gen, -weight_io, -cache_gen)
     bits = policy.compress_bits if policy.compress_weight else None
-    fw_pre, fw_gen = hw.flops(dtype, gpu_batch_size * s, bits), hw.flops(dtype, gpu_batch_size, bits)
     f_pre = hw.flops(dtype, gpu_batch_size * s)
     attention = batch * t * kv_dense / hw.attention_bps
     if policy.compress_cache:
         attention += batch * t * kv_dense / hw.kv_decode_bps
-    comp_pre = batch * s * 2 * params / fw_pre + batch * 2 * s * s * cfg.hidden_size / f_pre
-    comp_gen = batch * 2 * params / fw_gen + attention
+    comp_pre = weight_matmul_seconds(hw, dtype, bits, params, batch, gpu_batch_size, s) \
+        + batch * 2 * s * s * cfg.hidden_size / f_pre
+    comp_gen = weight_matmul_seconds(hw, dtype, bits, params, batch, gpu_batch_size, 1) + attention
     io_cpu = (1 - hw.compute_share_during_reads) if policy.overlap else 0.0
     return LayerCosts(
         io_pre=io_pre,
@@ -96,6 +97,23 @@ def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Hardwa
         comp_pre=(comp_pre + io_cpu * io_pre[0], io_cpu * io_pre[1], io_cpu * io_pre[2]),
         comp_gen=(comp_gen + io_cpu * io_gen[0], io_cpu * io_gen[1], io_cpu * io_gen[2]),
     )
+
+
+def weight_matmul_seconds(hw: HardwareProfile, dtype: torch.dtype, bits: int | None, params: int, batch: int,
+                          gpu_batch_size: int, rows_per_sequence: int) -> float:
+    """One layer's weight matmuls for the whole block (`batch` sequences, `rows_per_sequence`
+    token rows each, in GPU batches of gpu_batch_size). Compressed weights take the cheaper
+    of the two ways the engine has: the fused int4 kernel per GPU batch, or one
+    dequantization per layer load shared by every GPU batch, then dense matmuls."""
+    flop = batch * rows_per_sequence * 2 * params
+    rows = gpu_batch_size * rows_per_sequence
+    dense = flop / hw.flops(dtype, rows)
+    if not bits:
+        return dense
+    rate = hw.dequantize_params_per_s.get(f"int{bits}")
+    dense += params / rate if rate else 0.0
+    fused = hw.flops(dtype, rows, bits)
+    return min(dense, flop / fused) if fused else dense
 
 
 def head_seconds(cfg: ModelConfig, dtype: torch.dtype, hw: HardwareProfile, gpu_batch_size: int,

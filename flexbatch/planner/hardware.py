@@ -16,7 +16,7 @@ import torch
 
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
 PROBE_BYTES = 512 << 20
-PROFILE_VERSION = 4  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 5  # bump when the measured fields change, so cached profiles are redone
 CHUNK = 4 << 20
 
 
@@ -27,7 +27,7 @@ class HardwareProfile:
     disk_write_bps: float
     memory_bytes: int  # total host RAM
     # matmul FLOP/s by number of rows (interpolated in between): "bfloat16", "float32", and
-    # "int4" / "int8" for compressed bf16 weights (fused kernel or dequantize + matmul)
+    # "int4" for torch's fused kernel on 4-bit weights (absent where torch has none)
     matmul_flops: dict[str, dict[int, float]] = field(default_factory=dict)
     # disk reads while the CPU multiplies matrices on all cores, as overlapped I/O runs
     disk_read_busy_bps: float | None = None
@@ -37,13 +37,17 @@ class HardwareProfile:
     attention_bps: float = float("inf")
     # compressed KV cache: dequantized bytes per second
     kv_decode_bps: float = float("inf")
+    # compressed weights: parameters dequantized per second, by format ("int4", "int8")
+    dequantize_params_per_s: dict[str, float] = field(default_factory=dict)
 
-    def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float:
+    def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float | None:
         """Measured FLOP/s for a matmul with `rows` rows, linear between measured points;
-        `packed_bits` for weights compressed to that many bits."""
+        `packed_bits` for the fused kernel on weights of that many bits (None if there is none)."""
         key = f"int{packed_bits}" if packed_bits else str(dtype).removeprefix("torch.")
         table = self.matmul_flops.get(key)
         if not table:
+            if packed_bits:
+                return None
             table = self.matmul_flops["float32"]
         points = sorted((int(k), v) for k, v in table.items())
         if rows <= points[0][0]:
@@ -60,7 +64,7 @@ class HardwareProfile:
     def from_json(cls, data: dict) -> "HardwareProfile":
         flops = {k: {int(r): float(f) for r, f in v.items()} for k, v in data["matmul_flops"].items()}
         optional = {k: data[k] for k in ("disk_read_busy_bps", "compute_share_during_reads", "attention_bps",
-                                         "kv_decode_bps") if k in data}
+                                         "kv_decode_bps", "dequantize_params_per_s") if k in data}
         return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"], flops,
                    **optional)
 
@@ -105,25 +109,30 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float,
     return read, write, busy, share
 
 
-def _read_while_computing(pool, file, buf, chunks, nbytes: int) -> tuple[float, float]:
+def _read_while_computing(pool, file, buf, chunks, nbytes: int, passes: int = 3) -> tuple[float, float]:
+    """Read the probe `passes` times over while the main thread multiplies matrices; the
+    matmul rate is compared with its rate alone, measured just before and just after."""
     x = torch.randn(512, 2048, dtype=torch.bfloat16)
     w = torch.randn(8192, 2048, dtype=torch.bfloat16)
     multiply = lambda: torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
+
+    def rate(until) -> float:
+        start, count = time.perf_counter(), 0
+        while not until(time.perf_counter() - start):
+            multiply()
+            count += 1
+        return count / (time.perf_counter() - start)
+
     multiply()
-    start, alone = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.5:
-        multiply()
-        alone += 1
-    alone_rate = alone / (time.perf_counter() - start)
-    start, during = time.perf_counter(), 0
-    pending = [pool.submit(file.read_into, buf, s, s + CHUNK) for s in chunks]
-    while not all(f.done() for f in pending):
-        multiply()
-        during += 1
+    alone = rate(lambda elapsed: elapsed > 0.5)
+    pending = [pool.submit(file.read_into, buf, s, s + CHUNK) for _ in range(passes) for s in chunks]
+    start = time.perf_counter()
+    during = rate(lambda elapsed: all(f.done() for f in pending))
+    seconds = time.perf_counter() - start
     for f in pending:
         f.result()
-    seconds = time.perf_counter() - start
-    return nbytes / seconds, min(1.0, during / seconds / alone_rate)
+    alone = (alone + rate(lambda elapsed: elapsed > 0.5)) / 2
+    return passes * nbytes / seconds, min(1.0, during / alone)
 
 
 def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
@@ -160,29 +169,41 @@ def _best_seconds(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def measure_matmul(dtype: torch.dtype, hidden: int = 2048, packed_bits: int | None = None) -> dict[int, float]:
-    """FLOP/s of x [rows, hidden] times a [4*hidden, hidden] weight (best of a few runs).
-    With packed_bits, the weight is a PackedLinear as one layer load gives it, so large
-    batches pay its dequantization on every call (as a layer used by one GPU batch does)."""
-    from ..storage.packed_linear import linear, pack_linear
+def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = False) -> dict[int, float]:
+    """FLOP/s of one transformer layer's matmuls (four [h, h] projections, an [4h, h] and an
+    [h, 4h] MLP matrix, h = hidden) on x of `rows` rows, best of a few runs. Small square
+    matrices run at a lower rate than the MLP's at few rows, so a layer's mix is what the
+    cost model needs. With fused_int4: torch's fused kernel on the matrices packed to 4 bits
+    ({} without one)."""
+    from ..storage.packed_linear import _fused, _fused_kernel_matches, pack_linear
 
-    w = torch.randn(4 * hidden, hidden).to(dtype)
-    if packed_bits:
-        packed = pack_linear(w, packed_bits)
-
-        def multiply(x):
-            loaded = packed.to(x.device)
-            linear(x, loaded)
-            loaded.release_dense()
+    shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
+    weights = [torch.randn(n, k).to(dtype) for n, k in shapes]
+    if fused_int4:
+        if not _fused_kernel_matches():
+            return {}
+        packed = [pack_linear(w, 4) for w in weights]
+        multiply = lambda x, i: _fused(x, packed[i])
     else:
-        multiply = lambda x: torch.nn.functional.linear(x, w)
+        multiply = lambda x, i: torch.nn.functional.linear(x, weights[i])
+    flop_per_row = sum(2 * n * k for n, k in shapes)
     out = {}
     for rows in MATMUL_ROWS:
-        x = torch.randn(rows, hidden).to(dtype)
-        repeats = max(2, min(10, 2048 // rows))
-        seconds = _best_seconds(lambda: [multiply(x) for _ in range(repeats)], repeats=3) / repeats
-        out[rows] = 2 * rows * hidden * 4 * hidden / seconds
+        inputs = {k: torch.randn(rows, k).to(dtype) for k in (hidden, 4 * hidden)}
+        layer = lambda: [multiply(inputs[k], i) for i, (_, k) in enumerate(shapes)]
+        repeats = max(1, min(10, 512 // rows))
+        seconds = _best_seconds(lambda: [layer() for _ in range(repeats)], repeats=3) / repeats
+        out[rows] = rows * flop_per_row / seconds
     return out
+
+
+def measure_dequantize(bits: int, hidden: int = 2048) -> float:
+    """Parameters per second dequantized from `bits`-bit packed weights into a dense buffer."""
+    from ..storage.packed_linear import dequantize_transposed, pack_linear
+
+    packed = pack_linear(torch.randn(4 * hidden, hidden, dtype=torch.bfloat16), bits)
+    buffer = torch.empty(hidden, 4 * hidden, dtype=torch.bfloat16)
+    return 4 * hidden * hidden / _best_seconds(lambda: dequantize_transposed(packed, buffer))
 
 
 def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
@@ -194,13 +215,15 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     for dtype in (torch.bfloat16, torch.float32):
         log(f"measuring {str(dtype).removeprefix('torch.')} matmul throughput...")
         flops[str(dtype).removeprefix("torch.")] = measure_matmul(dtype)
-    for bits in (4, 8):
-        log(f"measuring matmul throughput with {bits}-bit compressed weights...")
-        flops[f"int{bits}"] = measure_matmul(torch.bfloat16, packed_bits=bits)
+    log("measuring compressed weights: the fused int4 kernel and dequantization...")
+    fused = measure_matmul(torch.bfloat16, fused_int4=True)
+    if fused:
+        flops["int4"] = fused
+    dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
     log("measuring decode attention and KV cache dequantization...")
     attention, kv_decode = measure_attention(torch.bfloat16), measure_kv_decode(torch.bfloat16)
     return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops, busy, share,
-                           attention, kv_decode)
+                           attention, kv_decode, dequantize)
 
 
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None) -> HardwareProfile:

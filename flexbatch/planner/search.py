@@ -19,6 +19,8 @@ from .hardware import HardwareProfile
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16)
+MIN_MATMUL_EFFICIENCY = 0.5  # see `search`
+TIE_BREAK = 1e-4  # the share of the block's disk time worth trading for keeping data in memory
 
 
 @dataclass
@@ -73,7 +75,10 @@ def solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget_bytes, overla
             rhs.append(-io[0] - comp[0])
     rows.append([mw, mc, 0.0, 0.0])
     rhs.append(budget_bytes - m0)
-    result = linprog(c=[0.0, 0.0, layers, layers * steps], A_ub=np.array(rows), b_ub=np.array(rhs),
+    # Among placements of equal time (compute-bound ones: the I/O hides under compute), prefer
+    # the one that keeps more in memory: a tiny reward per fraction breaks the tie that way.
+    prefer_memory = -TIE_BREAK * layers * (costs.io_pre[0] + steps * costs.io_gen[0])
+    result = linprog(c=[prefer_memory, prefer_memory, layers, layers * steps], A_ub=np.array(rows), b_ub=np.array(rhs),
                      bounds=[(0, 1), (0, 1), (0, None), (0, None)], method="highs")
     if result.status != 0:
         return None
@@ -102,10 +107,28 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
            budget: MemoryBudget, max_block: int | None = None, keep: int = 5,
            compression: dict | None = None) -> Plan:
     """The best policy for `work` within `budget` on a CPU-only machine; `compression` holds
-    the compress_* fields every candidate gets."""
+    the compress_* fields every candidate gets.
+
+    GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the machine's
+    peak are tried only when no larger one fits: there, per-operation costs the model does
+    not price (many small loads, stores and kernel calls per layer) dominate, and predictions
+    were measured to be optimistic (8 x 8 sequences ran 32% below its prediction on the
+    planner benchmark, while 64 x 1 was within 4%)."""
     compression = compression or {}
-    candidates = []
-    for gbs in GPU_BATCH_SIZES:
+    peak = max(hw.matmul_flops.get(str(dtype).removeprefix("torch."), {0: 0.0}).values())
+    efficient = [g for g in GPU_BATCH_SIZES if hw.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
+    small = [g for g in GPU_BATCH_SIZES if g not in efficient]
+    candidates = _candidates(cfg, family, dtype, hw, work, budget, max_block, compression, efficient) \
+        or _candidates(cfg, family, dtype, hw, work, budget, max_block, compression, small)
+    if not candidates:
+        raise _infeasible(cfg, family, dtype, work, budget, compression)
+    candidates.sort(key=lambda c: (-c.throughput, c.memory_bytes))
+    return Plan(candidates[0], candidates[1:keep])
+
+
+def _candidates(cfg, family, dtype, hw, work, budget, max_block, compression, gpu_batch_sizes) -> list[Candidate]:
+    out = []
+    for gbs in gpu_batch_sizes:
         for ngb in NUM_GPU_BATCHES:
             if max_block is not None and gbs * ngb > max(max_block, 1) and not (gbs == 1 and ngb == 1):
                 continue
@@ -120,11 +143,8 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
                 candidate.memory.check(budget, unified=True, hint="")
             except ConfigError:
                 continue
-            candidates.append(candidate)
-    if not candidates:
-        raise _infeasible(cfg, family, dtype, work, budget, compression)
-    candidates.sort(key=lambda c: (-c.throughput, c.memory_bytes))
-    return Plan(candidates[0], candidates[1:keep])
+            out.append(candidate)
+    return out
 
 
 def _infeasible(cfg, family, dtype, work, budget, compression) -> ConfigError:

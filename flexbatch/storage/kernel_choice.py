@@ -44,14 +44,16 @@ def fused_max_rows(shape: tuple[int, int]) -> int:
 def measure(shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> int:
     """Time both kernels at 1, 2, 4, ... 256 rows, cycling through copies of the weight
     (STREAM_BYTES of dense weights in all) so that neither runs from cache."""
-    from .packed_linear import PackedLinear, _fused, _fused_kernel_matches, dequantize_transposed, pack_linear
+    from .packed_linear import TILE, PackedLinear, _fused, _fused_kernel_matches, dequantize_transposed
 
     n, k = shape
-    if not _fused_kernel_matches() or n % 64 or k % 32:
+    if not _fused_kernel_matches() or n % TILE or k % 32:
         return 0
-    one = pack_linear(torch.randn(n, k, dtype=dtype), 4, 32)
     copies = max(2, min(64, STREAM_BYTES // (2 * n * k)))
-    weights = [PackedLinear(one.data.clone(), one.scale_zero.clone(), 4, 32) for _ in range(copies)]
+    # random levels and scales: the kernels' speed does not depend on the values, and this
+    # costs no more memory than the packed copies (a job may be measuring under a tight budget)
+    weights = [PackedLinear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
+                            torch.rand(k // 32, n, 2).to(dtype), 4, 32) for _ in range(copies)]
     buffer = torch.empty(k, n, dtype=dtype)
     best = 0
     for rows in ROWS:

@@ -185,8 +185,17 @@ class _BufferPool:
         with self._lock:
             self._free.setdefault((tuple(buffer.shape), buffer.dtype, buffer.device), []).append(buffer)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
 
 _DENSE_POOL = _BufferPool()
+
+
+def free_dense_buffers() -> None:
+    """Return the pooled dense-weight buffers to the allocator (when a runner closes)."""
+    _DENSE_POOL.clear()
 
 
 def dequantize_linear(p: PackedLinear) -> torch.Tensor:
@@ -201,6 +210,16 @@ def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -
         return y if bias is None else y + bias
     y = torch.matmul(x, p.dense_transposed())
     return y if bias is None else y + bias
+
+
+def dequantize_for_block(weights, rows: int) -> None:
+    """Dequantize the 4-bit weights for which `rows` (all the rows the block will multiply
+    by them before the layer is dropped) is past the fused kernel's crossover. Every GPU
+    batch then shares one dequantization, where the fused kernel would run once per batch."""
+    for w in weights:
+        if isinstance(w, PackedLinear) and w.bits == 4 and w.data.device.type == "cpu" \
+                and rows > fused_max_rows(w.shape):
+            w.dense_transposed()
 
 
 def _fused(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
