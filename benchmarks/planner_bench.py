@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--policy", action="append", default=[], help="a policy as JSON (repeatable)")
     p.add_argument("--no-plan", action="store_true", help="do not run the planner's own choice")
     p.add_argument("--max-block", type=int, default=64, help="the planner's largest block (the workload's sequences)")
+    p.add_argument("--refresh-disk", action="store_true", help="measure the disk again before every run, so each "
+                                                                   "prediction uses the disk's speed of that moment")
     p.add_argument("--plan-compress", default="", help="also run the planner's choice with this compression "
                                                       "(weight, cache or both), comma separated")
     args = p.parse_args()
@@ -63,6 +65,8 @@ def main() -> None:
     runs = []
     compressed_plans = [("plan", c) for c in args.plan_compress.split(",") if c]
     for policy, compress in [(p, "none") for p in policies] + compressed_plans:
+        if args.refresh_disk:
+            hardware_profile(work, disk_only=True)
         r = run_child("flexbatch", {**common, "policy": policy, "compress": compress}, memory)
         r["requested"] = policy if compress == "none" else f"plan+{compress}"
         runs.append(r)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,3 +218,19 @@ def test_inefficient_gpu_batches_only_when_nothing_else_fits(monkeypatch):
     assert plan(8).block_size <= 8
     monkeypatch.setattr(search_module, "MIN_MATMUL_EFFICIENCY", 0.0)
     assert plan(64).gpu_batch_size < 32  # what the rule prevents: measured 12% slower than 64 x 1
+
+
+def test_disk_only_refresh_keeps_the_rest_of_the_profile(monkeypatch, tmp_path):
+    from flexbatch.planner import hardware
+
+    cache = tmp_path / "hardware.json"
+    monkeypatch.setattr(hardware, "fingerprint", lambda folder: "this machine")
+    monkeypatch.setattr(hardware, "measure", lambda folder, log: replace(EPYC, fingerprint="this machine"))
+    first = hardware.load_or_measure(cache, tmp_path)
+    monkeypatch.setattr(hardware, "measure", lambda folder, log: pytest.fail("the whole profile was measured again"))
+    monkeypatch.setattr(hardware, "measure_disk", lambda folder: (1e9, 2e9, 5e8, 0.5))
+    refreshed = hardware.load_or_measure(cache, tmp_path, disk_only=True)
+    assert (refreshed.disk_read_bps, refreshed.disk_write_bps, refreshed.disk_read_busy_bps,
+            refreshed.compute_share_during_reads) == (1e9, 2e9, 5e8, 0.5)
+    assert refreshed.matmul_flops == first.matmul_flops and refreshed.attention_bps == first.attention_bps
+    assert hardware.load_or_measure(cache, tmp_path) == refreshed  # and it is what later plans read

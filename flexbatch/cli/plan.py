@@ -27,13 +27,16 @@ def add_parser(sub) -> None:
                                    "FLOP/s by batch size) and cache it for later plans.")
     q.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: the cache folder)")
     q.add_argument("--force", action="store_true", help="measure again even if a cached profile matches")
+    q.add_argument("--disk-only", action="store_true",
+                   help="measure only the disk again (its speed can drift on shared or virtual disks)")
     q.set_defaults(run=run_profile)
 
 
 def run_profile(args) -> int:
     from ..planner import hardware_profile
 
-    profile = hardware_profile(args.offload_dir, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    profile = hardware_profile(args.offload_dir, force=args.force, log=lambda m: print(m, file=sys.stderr),
+                               disk_only=args.disk_only)
     print(json.dumps(profile.to_json(), indent=1))
     return 0
 

@@ -22,12 +22,13 @@ PLAN_HEADROOM = 64 << 20
 __all__ = ["Candidate", "HardwareProfile", "Plan", "Workload", "evaluate", "hardware_profile", "plan_policy", "search"]
 
 
-def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=lambda msg: None) -> HardwareProfile:
+def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=lambda msg: None,
+                     disk_only: bool = False) -> HardwareProfile:
     from ..default_model import cache_dir
 
     folder = Path(offload_dir) if offload_dir else cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    return load_or_measure(cache_dir() / "hardware.json", folder, force=force, log=log)
+    return load_or_measure(cache_dir() / "hardware.json", folder, force=force, log=log, disk_only=disk_only)
 
 
 def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: torch.device, work: Workload,

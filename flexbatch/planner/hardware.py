@@ -9,7 +9,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -226,8 +226,19 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
                            attention, kv_decode, dequantize)
 
 
-def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None) -> HardwareProfile:
-    """The cached profile if it matches this machine, else a new measurement (then cached)."""
+def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None,
+                    disk_only: bool = False) -> HardwareProfile:
+    """The cached profile if it matches this machine, else a new measurement (then cached).
+    disk_only re-measures only the disk fields of a matching profile: a shared or virtual
+    disk's speed drifts over hours while the CPU's does not."""
+    if disk_only and cache_file.is_file():
+        profile = load_or_measure(cache_file, offload_folder, log=log)
+        log("measuring disk bandwidth (O_DIRECT)...")
+        read, write, busy, share = measure_disk(offload_folder)
+        profile = replace(profile, disk_read_bps=read, disk_write_bps=write, disk_read_busy_bps=busy,
+                          compute_share_during_reads=share)
+        cache_file.write_text(json.dumps(profile.to_json(), indent=1))
+        return profile
     if cache_file.is_file() and not force:
         try:
             profile = HardwareProfile.from_json(json.loads(cache_file.read_text()))
