@@ -19,13 +19,13 @@ is faster depends on the machine and the shape: see `kernel_choice`.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from .kernel_choice import fused_max_rows
 from .quantize import QuantConfig
+from .tensor_pool import TensorPool
 
 TILE = 64  # output rows per tile in the CPU int4 kernel's layout
 
@@ -165,32 +165,7 @@ def _scale_groups(levels: torch.Tensor, p: PackedLinear) -> None:
         rows.copy_(scratch)
 
 
-class _BufferPool:
-    """Dense copies of layer weights are made and freed once per layer load; reusing their
-    buffers saves the page faults of a fresh allocation (about a third of the time of
-    dequantizing a 32 MB weight). Holds at most what was live at once."""
-
-    def __init__(self) -> None:
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((shape, dtype, device))
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def give(self, buffer: torch.Tensor) -> None:
-        with self._lock:
-            self._free.setdefault((tuple(buffer.shape), buffer.dtype, buffer.device), []).append(buffer)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-
-
-_DENSE_POOL = _BufferPool()
+_DENSE_POOL = TensorPool()
 
 
 def free_dense_buffers() -> None:
