@@ -64,6 +64,9 @@ class OffloadRunner:
         self.trace: list[Op] | None = None  # set to a list to record executed operations
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
         self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
+        self.kv_rotation = None  # a compressed cache is kept rotated (storage/kv_rows.py)
+        if policy.compress_cache:
+            self.kv_rotation = orthonormal(cfg.head_dim).to(device=device, dtype=dtype)
 
     # ---- memory ---------------------------------------------------------------------------
     def _check_weights_fit(self) -> None:
@@ -135,11 +138,8 @@ class OffloadRunner:
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
-        rotation = None
-        if self.policy.compress_cache:  # a compressed cache is kept rotated (storage/kv_rows.py)
-            rotation = orthonormal(self.cfg.head_dim).to(device=self.device, dtype=self.dtype)
         ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
-                             self.policy.attn_sparsity, rotation)
+                             self.policy.attn_sparsity, self.kv_rotation)
                 for b in self.batches]
         hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
                   for b, ctx in zip(self.batches, ctxs)]
