@@ -179,25 +179,30 @@ def matmul_flops(rows: int, hidden: int) -> float:
     return 3 * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
 
 
-def roofline(cfg: dict, batch: int, prompt_len: int, gen_len: int, bandwidth: float,
-             compressed_weights: bool = False) -> dict:
-    """Compute at bf16 matmul speed even for compressed weights: a lower bound on time."""
+def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: float) -> dict:
+    """The least time the hardware needs for `policy`: per step, the larger of the disk time
+    (its weights' and KV cache's bytes on disk over the measured O_DIRECT bandwidth) and the
+    compute time (FLOPs at the bf16 matmul speed, even for compressed weights: a lower bound)."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    batch = policy["gpu_batch_size"] * policy["num_gpu_batches"]
     layer_params = 12 * h * h + 9 * h
-    weight_bytes = 2 * layer_params * layers * (PACKED_RATIO if compressed_weights else 1)
-    io = weight_bytes / bandwidth
+    weight_bytes = 2 * layer_params * layers * (PACKED_RATIO if policy["compress_weight"] else 1)
+    weight_io = weight_bytes * (1 - policy["weights_device"] - policy["weights_host"]) / bandwidth
+    cache_disk = 1 - policy["cache_device"] - policy["cache_host"]
+    token_bytes = 2 * 2 * h * layers * (PACKED_RATIO if policy["compress_cache"] else 1)  # K and V, all layers
+    cache_io = lambda tokens: batch * cache_disk * token_bytes * tokens / bandwidth
     f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
     f_decode = matmul_flops(batch, h)
     head = 2 * cfg["vocab_size"] * h
     prefill_flops = batch * prompt_len * (2 * layer_params * layers + 2 * prompt_len * h * layers) + batch * head
-    prefill = max(io, prefill_flops / f_prefill)
+    prefill = max(weight_io + cache_io(prompt_len), prefill_flops / f_prefill)
     decode = 0.0
     for i in range(1, gen_len):
         ctx = prompt_len + i
         flops = batch * (2 * layer_params * layers + 4 * ctx * h * layers + head)
-        decode += max(io, flops / f_decode)
+        decode += max(weight_io + cache_io(ctx), flops / f_decode)
     return {"roofline_s": prefill + decode, "roofline_prefill_s": prefill, "roofline_decode_s": decode,
-            "io_s_per_step": io, "flops_prefill": f_prefill, "flops_decode": f_decode}
+            "weight_io_s_per_step": weight_io, "flops_prefill": f_prefill, "flops_decode": f_decode}
 
 
 # ---- driver ------------------------------------------------------------------------------
@@ -219,6 +224,11 @@ def main() -> None:
     p.add_argument("--compress", default="none",
                    help="flexbatch compression settings to run each block with, comma separated: "
                         "none, weight, cache, both (4 bits, groups of 64)")
+    p.add_argument("--cache-disk", type=float, default=0.0,
+                   help="fraction of the KV cache the --blocks runs keep on disk (default 0: all in memory)")
+    p.add_argument("--plan", action="store_true",
+                   help="also run the planner's own policy for each --compress setting (as `flexbatch run` would)")
+    p.add_argument("--max-block", type=int, default=64, help="the planner's largest block (sequences)")
     args = p.parse_args()
     if args.child:
         fn = child_flexbatch if args.child == "flexbatch" else child_hf
@@ -241,14 +251,18 @@ def main() -> None:
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory}
     results = {"flexbatch": [], "hf_accelerate": []}
     for compress in args.compress.split(","):
-        for gbs, ngb in parse_blocks(args.blocks):
-            policy = {"gpu_batch_size": gbs, "num_gpu_batches": ngb, "weights_device": 0, "weights_host": 0,
-                      "cache_device": 1, "cache_host": 0, **COMPRESSION[compress]}
-            spec = {**common, "policy": policy, "offload_dir": str(work / "flexbatch-offload")}
+        blocks = parse_blocks(args.blocks) + ([("plan", "")] if args.plan else [])
+        for gbs, ngb in blocks:
+            policy = "plan" if gbs == "plan" else {
+                "gpu_batch_size": gbs, "num_gpu_batches": ngb, "weights_device": 0, "weights_host": 0,
+                "cache_device": 1 - args.cache_disk, "cache_host": 0, **COMPRESSION[compress]}
+            spec = {**common, "policy": policy, "compress": compress, "max_block": args.max_block,
+                    "offload_dir": str(work / "flexbatch-offload")}
             r = run_child("flexbatch", spec, memory)
+            if gbs == "plan" and "error" not in r:
+                gbs, ngb = r["policy"]["gpu_batch_size"], f"{r['policy']['num_gpu_batches']} (plan)"
             if "error" not in r:
-                r.update(roofline(cfg, r["batch"], args.prompt_len, args.gen_len, bandwidth,
-                                  compress in ("weight", "both")))
+                r.update(roofline(cfg, r["policy"], args.prompt_len, args.gen_len, bandwidth))
                 r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
                 r["disk_read_GBps"] = r["bytes_read"] / 1e9 / (r["prefill_s"] + r["decode_s"])
             results["flexbatch"].append({"gbs": gbs, "ngb": ngb, "compress": compress, **r})
