@@ -57,3 +57,23 @@ def test_a_rotated_cache_gives_the_same_attention(heads, kv_heads):
         assert torch.allclose(outs["rotated"], outs["plain"], atol=1e-5)
     # the rotated cache really is rotated: K R, not K
     assert torch.allclose(caches["rotated"][0], caches["plain"][0] @ rotation, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [(1, 2), (2, 1), (1, 1, 1)])
+def test_attention_over_cache_segments_equals_one_cache(sizes):
+    """A cache split by sequence into segments (one per tier) attends like one tensor, for a
+    prompt and for decode steps, and each segment ends up holding its own sequences' keys."""
+    g = torch.Generator().manual_seed(6)
+    batch, heads, kv_heads, dim, prompt = sum(sizes), 6, 2, 8, 5
+    valid = torch.ones(batch, prompt + 2, dtype=torch.bool)
+    valid[-1, :3] = False
+    whole = [torch.zeros(batch, kv_heads, prompt + 2, dim) for _ in range(2)]
+    split = [ops.CacheSegments([torch.zeros(n, kv_heads, prompt + 2, dim) for n in sizes]) for _ in range(2)]
+    for start, width in ((0, prompt), (prompt, 1), (prompt + 1, 1)):
+        q = torch.randn(batch, heads, width, dim, generator=g)
+        k, v = (torch.randn(batch, kv_heads, width, dim, generator=g) for _ in range(2))
+        ctx = ops.StepContext(positions=torch.zeros(batch, width, dtype=torch.long), start=start,
+                              attn_mask=ops.attention_mask(valid[:, :start + width], start, torch.float32))
+        expected = ops.cached_attention(q, k, v, *whole, ctx)
+        assert torch.allclose(ops.cached_attention(q, k, v, *split, ctx), expected, atol=1e-6)
+    assert torch.equal(torch.cat(split[0].parts), whole[0])

@@ -63,3 +63,16 @@ def test_policy_that_does_not_fit_is_a_clear_cli_error(default_model_store):
     out = flexbatch("generate", "--model", str(default_model_store), "-p", "x", "--percent", "100", "0", "100", "0",
                     "100", "0", "--cpu-memory", "500MB")
     assert out.returncode == 2 and "but the budget is" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_policy_flags_reach_the_policy():
+    import argparse
+
+    from flexbatch.cli.common import add_policy_args, build_policy
+
+    parser = argparse.ArgumentParser()
+    add_policy_args(parser)
+    args = parser.parse_args(["--percent", "0", "50", "20", "30", "100", "0", "--cpu-attention", "--no-overlap"])
+    policy = build_policy(args)
+    assert policy.cpu_attention and not policy.overlap
+    assert (policy.weights_host, policy.cache_device, policy.cache_host) == (0.5, 0.2, 0.3)

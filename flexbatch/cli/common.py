@@ -58,6 +58,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-batch-size", type=int, default=None, help="sequences per GPU batch")
     g.add_argument("--num-gpu-batches", type=int, default=None, help="GPU batches per block")
     g.add_argument("--no-overlap", action="store_true", help="run loads, compute and stores sequentially")
+    g.add_argument("--cpu-attention", action="store_true",
+                   help="on a GPU, attend over the host-RAM and disk part of the KV cache on the CPU instead of "
+                        "copying it to the GPU every step")
     g.add_argument("--attn-sparsity", type=float, default=None, metavar="F",
                    help="during decode, attend only to the top fraction F of keys per query (FlexGen's sparse "
                         "attention; 1 = dense)")
@@ -110,6 +113,8 @@ def build_policy(args, planned: bool = False):
              if v is not None}
     if args.no_overlap:
         extra["overlap"] = False
+    if args.cpu_attention:
+        extra["cpu_attention"] = True
     if args.attn_sparsity is not None:
         extra["attn_sparsity"] = args.attn_sparsity
     compression = compression_fields(args)

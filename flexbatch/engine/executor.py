@@ -2,8 +2,9 @@
 
 Implements the same begin/step/end interface as the in-memory runner, so the decoding loop
 does not change. Loads and stores run on a small thread pool (disk reads release the GIL);
-the main thread computes. A token step ends with a barrier on outstanding stores, so the
-next step's loads always see this step's cache rows.
+the main thread computes. On a GPU the I/O threads' copies run on their own CUDA streams,
+ordered against compute as streams.py describes. A token step ends with a barrier on
+outstanding stores, so the next step's loads always see this step's cache rows.
 """
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
-from ..errors import ConfigError
 from ..models.family import Family
+from ..models.ops import CacheSegments
 from ..models.spec import ModelConfig
 from ..storage.kv_rows import RowCodec, orthonormal
 from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
-from .kv_cache import BufferPool, EncodedKVBlock, KVBlock
+from .kv_cache import CPU, KVBlock, staging_pools
+from .kv_encoded import EncodedKVBlock
 from .memory import STAGING_BLOCKS, MemoryBudget, run_memory, weight_memory
 from .runner import make_context, score_in_pieces, target_logprobs
 from .schedule import Op, token_schedule
+from .streams import CopyStreams
 from .weight_home import WeightHome
 
 FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_gpu_batches, "
@@ -52,14 +55,12 @@ class OffloadRunner:
         self.dtype, self.device = dtype, device
         self.budget = budget or MemoryBudget.detect(device)
         self.unified = device.type != "cuda"  # device and host are the same RAM
-        if not self.unified and (policy.cache_host > 0 or policy.cpu_attention):
-            raise ConfigError("a KV cache in host RAM and CPU attention are not implemented for GPUs yet; "
-                              "put the cache on the GPU or on disk (cache_host=0, cpu_attention=False).")
         self._own_dir = offload_dir is None
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
         self._check_weights_fit()
         self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
+        self.streams = CopyStreams(device)
         self.blocks: list[list[KVBlock]] = []
         self.trace: list[Op] | None = None  # set to a list to record executed operations
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
@@ -78,7 +79,8 @@ class OffloadRunner:
         return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
 
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
-        plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity, prompt_width or capacity)
+        plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
+                          prompt_width or capacity, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
@@ -88,16 +90,18 @@ class OffloadRunner:
         shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
         splits = [split_sequences(s[0], fractions) for s in shapes]
         quant = self.policy.cache_quant
-        disk_rows = max(sp[Tier.DISK] for sp in splits)
-        self.pool = None
-        if disk_rows:
-            row_bytes = RowCodec(disk_rows, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
-            self.pool = BufferPool(row_bytes * capacity, 2 * STAGING_BLOCKS)
+        row_bytes = lambda n: RowCodec(n, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
+        cpu_attention = self.policy.cpu_attention and not self.unified
+        # where host and disk token rows are attended (a compressed cache decodes on its own)
+        attend = CPU if cpu_attention or self.unified or quant is not None else self.device
+        self.pools = staging_pools(splits, capacity, row_bytes, attend, 2 * STAGING_BLOCKS)
 
         def block(j: int, k: int, shape, split) -> KVBlock | EncodedKVBlock:
-            args = (shape, split[Tier.DEVICE] + split[Tier.HOST], self.dtype, self.device,
-                    cache_dir / f"l{j}_b{k}", self.pool)
-            return KVBlock(*args) if quant is None else EncodedKVBlock(*args, quant, self.policy.cache_window)
+            path = cache_dir / f"l{j}_b{k}"
+            if quant is None:
+                return KVBlock(shape, split, self.dtype, self.device, path, self.pools, cpu_attention)
+            return EncodedKVBlock(shape, split, self.dtype, self.device, path, self.pools.get("disk_host"), quant,
+                                  self.policy.cache_window)
 
         self.blocks = [[block(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
                        for j in range(self.cfg.num_layers)]
@@ -106,7 +110,7 @@ class OffloadRunner:
         for layer in self.blocks:
             for block in layer:
                 block.close()
-        self.blocks, self.pool = [], None
+        self.blocks, self.pools = [], {}
         shutil.rmtree(self.offload_dir / "cache", ignore_errors=True)
 
     def close(self) -> None:
@@ -147,35 +151,49 @@ class OffloadRunner:
         return hidden
 
     def _run_schedule(self, hidden, ctxs, start: int, end: int) -> None:
-        overlap = self.policy.overlap
-        submit = self.io.submit if overlap else (lambda fn, *a: _Done(fn(*a)))
+        run = self.streams.run  # loads and stores on I/O-side CUDA streams (see streams.py)
+        submit = self.io.submit if self.policy.overlap else (lambda fn, *a, **kw: _Done(fn(*a, **kw)))
         weights: dict[int, Future] = {}
         caches: dict[tuple[int, int], Future] = {}
         stores: list = []
         rows = sum(h.shape[0] * h.shape[1] for h in hidden)  # token rows each layer multiplies this step
-        for op in token_schedule(self.cfg.num_layers, len(self.batches), overlap):
+        for op in token_schedule(self.cfg.num_layers, len(self.batches), self.policy.overlap):
             if self.trace is not None:
                 self.trace.append(op)
             j, k = op.layer, op.batch
             if op.kind == "load_weight":
-                weights[j] = submit(self.home.load, j)
+                weights[j] = submit(run, self.home.load, j)
                 weights.pop(j - 2, None)
             elif op.kind == "load_cache":
-                caches[j, k] = submit(self.blocks[j][k].load, start)
+                caches[j, k] = submit(run, self.blocks[j][k].load, start)
             elif op.kind == "compute":
                 waited = time.perf_counter()
                 k_cache, v_cache = caches.pop((j, k)).result()
                 layer_weights = weights[j].result()
                 self.wait_seconds += time.perf_counter() - waited
+                self.streams.claim(_tensors_of([k_cache, v_cache, *layer_weights.values()]))
                 if k == 0:
                     dequantize_for_block(layer_weights.values(), rows)
                 hidden[k] = self.family.layer(self.cfg, layer_weights, hidden[k], ctxs[k], k_cache, v_cache)
                 if k == len(self.batches) - 1:
                     _drop_dense_copies(layer_weights)
-            else:  # store_cache
-                stores.append(submit(self.blocks[j][k].store, start, end))
+            else:  # store_cache, after the compute that wrote the rows it stores
+                stores.append(submit(run, self.blocks[j][k].store, start, end, after=self.streams.mark()))
         for future in stores:
             future.result()
+
+
+def _tensors_of(values) -> list[torch.Tensor]:
+    """The tensors inside loaded weights and caches (compressed weights hold two)."""
+    out = []
+    for v in values:
+        if isinstance(v, PackedLinear):
+            out += [v.data, v.scale_zero]
+        elif isinstance(v, CacheSegments):
+            out += v.parts
+        else:
+            out.append(v)
+    return out
 
 
 def _drop_dense_copies(layer_weights: dict) -> None:

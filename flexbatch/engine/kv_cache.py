@@ -1,10 +1,15 @@
-"""The KV cache of one (layer, GPU batch), split by sequence between memory and disk.
+"""The KV cache of one (layer, GPU batch), split by sequence over the tiers.
 
-Compute always sees K and V as [gbs, Hkv, capacity, D] tensors. Memory-resident sequences
-keep that layout permanently. Disk-resident sequences live in token-major files
-[capacity, n_disk, Hkv, D], so the first T tokens are one contiguous byte range (one read)
-and a step's new tokens are a short range at the end (one small write). They are staged
-through page-aligned buffers taken from a pool only while the block is in flight.
+Each tier's sequences form one segment, and attention runs over each segment on the device
+where its K and V are (`ops.CacheSegments`), so nothing is concatenated:
+
+- Resident: [n, Hkv, capacity, D] tensors that never move (the GPU's share, or on a CPU-only
+  machine the whole in-memory share).
+- Token rows (`TokenRows`): host-RAM or disk sequences kept token-major, [capacity, n, Hkv,
+  D] as bytes, so the first T tokens are one contiguous range (one read, one copy) and a
+  step's new tokens a short range at the end (one small write). They are viewed, not copied,
+  as [n, Hkv, capacity, D]. On a GPU they are copied to pooled GPU buffers for attention,
+  unless CPU attention is on: then attention runs on the CPU over them where they are.
 """
 from __future__ import annotations
 
@@ -16,16 +21,22 @@ import torch
 from ..storage.aligned import aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
 from ..storage.kv_rows import RowCodec
+from ..storage.tiers import Tier
+
+CPU = torch.device("cpu")
 
 
 class BufferPool:
-    """A fixed set of equal, page-aligned buffers; `acquire` blocks until one is free."""
+    """A fixed set of equal byte buffers (page-aligned on the host, pinned when a GPU is
+    used); `acquire` blocks until one is free."""
 
-    def __init__(self, nbytes: int, count: int):
+    def __init__(self, nbytes: int, count: int, device: torch.device = CPU, pinned: bool = False):
         self.nbytes = nbytes
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(count):
-            self._free.put(aligned_bytes(nbytes))
+            buf = aligned_bytes(nbytes, pinned) if device.type == "cpu" else \
+                torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._free.put(buf)
 
     def acquire(self) -> torch.Tensor:
         return self._free.get()
@@ -34,183 +45,140 @@ class BufferPool:
         self._free.put(buf)
 
 
-class KVBlock:
-    """K and V of `batch` sequences of one layer: the first `num_memory` in memory, the
-    rest on disk."""
+class Resident:
+    """K and V of n sequences that stay in one place."""
 
-    def __init__(self, shape: tuple[int, int, int, int], num_memory: int, dtype: torch.dtype,
-                 device: torch.device, disk_path: Path | None, pool: BufferPool | None):
-        self.batch, self.heads, self.capacity, self.head_dim = shape
-        self.num_memory, self.num_disk = num_memory, self.batch - num_memory
-        self.dtype, self.device, self.pool = dtype, device, pool
-        mem_shape = (num_memory, self.heads, self.capacity, self.head_dim)
-        self.memory = [torch.empty(mem_shape, dtype=dtype, device=device) for _ in range(2)]
-        self.files: list[DiskFile] = []
-        self.codec = RowCodec(self.num_disk, self.heads, self.head_dim, dtype, None)
-        self.row_bytes = self.codec.row_bytes
-        if self.num_disk:
-            self.files = [DiskFile(Path(f"{disk_path}.{kv}"), self.capacity * self.row_bytes) for kv in "kv"]
-        self._staged: list[torch.Tensor] = []
-        self._views: list[torch.Tensor] = []
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+        self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
 
-    def staging_bytes(self) -> int:
-        return self.capacity * self.row_bytes
-
-    def _disk_view(self, buf: torch.Tensor) -> torch.Tensor:
-        # token-major bytes viewed (not copied) as [n_disk, Hkv, capacity, D]
-        return self.codec.decode(as_dtype(buf, torch.uint8, (self.capacity, self.row_bytes)))
-
-    def load(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [gbs, Hkv, capacity, D] with tokens [0, length) filled."""
-        if not self.num_disk:
-            return self.memory[0], self.memory[1]
-        self._staged = [self.pool.acquire(), self.pool.acquire()]
-        if length:
-            for file, buf in zip(self.files, self._staged):
-                file.read_into(buf, 0, length * self.row_bytes)
-        disk_views = [self._disk_view(b) for b in self._staged]
-        if not self.num_memory:
-            self._views = disk_views
-        else:
-            self._views = [torch.cat([m, d], dim=0) for m, d in zip(self.memory, disk_views)]
-        return self._views[0], self._views[1]
+    def load(self, length: int) -> list[torch.Tensor]:
+        return self.kv
 
     def store(self, start: int, end: int) -> None:
-        """Persist tokens [start, end) written into the tensors `load` returned; release buffers."""
-        if not self.num_disk:
-            return
-        if self.num_memory:
-            for mem, disk, view in zip(self.memory, (self._disk_view(b) for b in self._staged), self._views):
-                mem[:, :, start:end] = view[:self.num_memory, :, start:end]
-                disk[:, :, start:end] = view[self.num_memory:, :, start:end]
-        for file, buf in zip(self.files, self._staged):
-            file.write_from(buf, start * self.row_bytes, end * self.row_bytes)
-        for buf in self._staged:
-            self.pool.release(buf)
-        self._staged, self._views = [], []
+        pass
 
     def close(self) -> None:
-        for f in self.files:
-            f.close()
+        pass
 
 
-class EncodedKVBlock:
-    """K and V of `batch` sequences kept as quantized token rows (`RowCodec`): the first
-    `num_memory` sequences in memory, the rest on disk.
+class TokenRows:
+    """K and V of n sequences as token-major rows in host RAM (`files` None) or in two disk
+    files, attended on `attend` (the CPU or the GPU).
 
-    `load` decodes the first `length` tokens into dense working tensors that attention reads
-    and this step's new tokens are written into; `store` quantizes those new tokens back into
-    their home rows. The last `window` tokens of each sequence are also kept unquantized in a
-    ring of rows (slot = position % window) on the same tier, and `load` takes them from
-    there: attention leans on recent tokens most, and keeping a short window exact removes
-    most of the accuracy cost of a 4-bit cache (the residual of KIVI, Liu et al. 2024).
+    Staging: rows on disk are read into a host buffer from `host_pool`; rows attended on a
+    GPU are copied into a buffer from `device_pool`. A load takes the buffers it needs and
+    the store after it gives them back.
     """
 
-    def __init__(self, shape: tuple[int, int, int, int], num_memory: int, dtype: torch.dtype,
-                 device: torch.device, disk_path: Path | None, pool: BufferPool | None, quant,
-                 window: int = 0):
-        self.batch, self.heads, self.capacity, self.head_dim = shape
-        self.num_memory, self.num_disk = num_memory, self.batch - num_memory
-        self.dtype, self.device, self.pool = dtype, device, pool
-        self.window = min(window, self.capacity)
-        m, d = num_memory, self.num_disk
-        codec = lambda n, q: RowCodec(n, self.heads, self.head_dim, dtype, q)
-        self.quantized = _TierRows(codec(m, quant), codec(d, quant), self.capacity, device, disk_path, "q")
-        self.recent = _TierRows(codec(m, None), codec(d, None), self.window, device, disk_path, "w")
-        self.row_bytes = self.quantized.disk_codec.row_bytes
-        self._staged: list[torch.Tensor] = []
-        self._ring: list[torch.Tensor] = []
-        self._work: list[torch.Tensor] = []
+    def __init__(self, codec: RowCodec, capacity: int, attend: torch.device, files: list[DiskFile] | None,
+                 host_pool: BufferPool | None, device_pool: BufferPool | None):
+        self.codec, self.capacity, self.attend = codec, capacity, attend
+        self.nbytes = capacity * codec.row_bytes
+        self.files, self.host_pool, self.device_pool = files, host_pool, device_pool
+        pinned = attend.type == "cuda"
+        self.host = None if files else [aligned_bytes(self.nbytes, pinned) for _ in range(2)]
+        self._host_staged: list[torch.Tensor] = []
+        self._device_staged: list[torch.Tensor] = []
 
-    def staging_bytes(self) -> int:
-        return self.capacity * self.row_bytes
+    def _view(self, buf: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(as_dtype(buf, torch.uint8, (self.capacity, self.codec.row_bytes)))
 
-    def load(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (self.batch, self.heads, self.capacity, self.head_dim)
-        self._work = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
-        if self.num_disk:
-            self._staged = [self.pool.acquire(), self.pool.acquire()]
-            self._ring = [aligned_bytes(self.recent.disk_bytes) for _ in range(2)] if self.window else []
-        exact_from = max(0, length - self.window)  # tokens [exact_from, length) come from the ring
-        slots = torch.arange(exact_from, length) % max(self.window, 1)
-        for kv, work in enumerate(self._work):
-            # the whole prefix is read, so the block-aligned write in `store` writes back only valid bytes
-            self.quantized.read(kv, self._staged, 0, length)
-            self.quantized.decode_into(work, kv, self._staged, slice(0, exact_from), self.num_memory)
-            if length > exact_from:
-                self.recent.read(kv, self._ring, 0, self.window)
-                self.recent.decode_into(work, kv, self._ring, slots, self.num_memory, exact_from)
-        return self._work[0], self._work[1]
+    def load(self, length: int) -> list[torch.Tensor]:
+        """K, V [n, Hkv, capacity, D] views on the attention device, tokens [0, length) filled."""
+        used = length * self.codec.row_bytes
+        host = self.host
+        if self.files:
+            host = self._host_staged = [self.host_pool.acquire() for _ in range(2)]
+            if used:
+                for file, buf in zip(self.files, host):
+                    file.read_into(buf, 0, used)
+        if self.attend.type == "cpu":
+            return [self._view(b) for b in host]
+        self._device_staged = [self.device_pool.acquire() for _ in range(2)]
+        for gpu, cpu in zip(self._device_staged, host):
+            gpu[:used].copy_(cpu[:used], non_blocking=True)
+        return [self._view(b) for b in self._device_staged]
 
     def store(self, start: int, end: int) -> None:
-        recent_from = max(start, end - self.window)
-        slots = torch.arange(recent_from, end) % max(self.window, 1)
-        for kv, work in enumerate(self._work):
-            self.quantized.encode_from(work, kv, self._staged, slice(start, end), start, self.num_memory)
-            self.quantized.write(kv, self._staged, start, end)
-            if end > recent_from:
-                self.recent.encode_from(work, kv, self._ring, slots, recent_from, self.num_memory)
-                self.recent.write(kv, self._ring, 0, self.window)
-        for buf in self._staged:
-            self.pool.release(buf)
-        self._staged, self._ring, self._work = [], [], []
+        """Persist tokens [start, end), written into what `load` returned; free the buffers."""
+        lo, hi = start * self.codec.row_bytes, end * self.codec.row_bytes
+        host = self._host_staged if self.files else self.host
+        for gpu, cpu in zip(self._device_staged, host):
+            cpu[lo:hi].copy_(gpu[lo:hi])  # blocking: the bytes are on the host before the write
+        if self.files:
+            for file, buf in zip(self.files, host):
+                file.write_from(buf, lo, hi)
+        self._give_back()
+
+    def _give_back(self) -> None:
+        for pool, bufs in ((self.host_pool, self._host_staged), (self.device_pool, self._device_staged)):
+            for buf in bufs:
+                pool.release(buf)
+        self._host_staged, self._device_staged = [], []
 
     def close(self) -> None:
-        self.quantized.close()
-        self.recent.close()
-
-
-class _TierRows:
-    """`rows` token rows of K and of V in one encoding: memory-resident sequences' rows in
-    tensors, disk-resident sequences' rows in files read into and written from buffers."""
-
-    def __init__(self, memory_codec: RowCodec, disk_codec: RowCodec, rows: int, device: torch.device,
-                 disk_path: Path | None, tag: str):
-        self.memory_codec, self.disk_codec = memory_codec, disk_codec
-        has_memory, has_disk = memory_codec.sequences > 0 and rows, disk_codec.sequences > 0 and rows
-        self.memory = [torch.empty((rows, memory_codec.row_bytes), dtype=torch.uint8, device=device)
-                       for _ in range(2)] if has_memory else []
-        self.disk_bytes = rows * disk_codec.row_bytes
-        self.files = [DiskFile(Path(f"{disk_path}.{tag}{kv}"), self.disk_bytes) for kv in "kv"] if has_disk else []
-        self.rows = rows
-
-    def _disk_rows(self, buf: torch.Tensor) -> torch.Tensor:
-        return as_dtype(buf, torch.uint8, (self.rows, self.disk_codec.row_bytes))
-
-    def read(self, kv: int, bufs: list[torch.Tensor], first: int, last: int) -> None:
-        if self.files and last > first:
-            self.files[kv].read_into(bufs[kv], first * self.disk_codec.row_bytes, last * self.disk_codec.row_bytes)
-
-    def write(self, kv: int, bufs: list[torch.Tensor], first: int, last: int) -> None:
-        if self.files and last > first:
-            self.files[kv].write_from(bufs[kv], first * self.disk_codec.row_bytes, last * self.disk_codec.row_bytes)
-
-    def decode_into(self, work: torch.Tensor, kv: int, bufs, index: slice | torch.Tensor, m: int,
-                    at: int = 0) -> None:
-        """work[:, :, at:at+count] = decoded rows `index` (memory sequences first); a slice
-        reads rows in place, a tensor of ring slots gathers them."""
-        count = _count(index)
-        if not count:
-            return
-        span = slice(at, at + count)
-        if self.memory:
-            work[:m, :, span] = self.memory_codec.decode(self.memory[kv][index])
-        if self.files:
-            rows = self._disk_rows(bufs[kv])[index]
-            work[m:, :, span] = self.disk_codec.decode(rows).to(work.device)
-
-    def encode_from(self, work: torch.Tensor, kv: int, bufs, index: slice | torch.Tensor, at: int, m: int) -> None:
-        """Rows `index` = encoded work[:, :, at:at+count]."""
-        span = slice(at, at + _count(index))
-        if self.memory:
-            self.memory[kv][index] = self.memory_codec.encode(work[:m, :, span])
-        if self.files:
-            self._disk_rows(bufs[kv])[index] = self.disk_codec.encode(work[m:, :, span]).cpu()
-
-    def close(self) -> None:
-        for f in self.files:
+        for f in self.files or []:
             f.close()
 
 
-def _count(index: slice | torch.Tensor) -> int:
-    return index.stop - index.start if isinstance(index, slice) else len(index)
+class KVBlock:
+    """K and V of one (layer, GPU batch): `split` sequences per tier, in that order
+    (device, host, disk). `pools` holds the staging pools by name ("disk_host",
+    "disk_device", "host_device"); `cpu_attention` keeps host and disk rows' attention on
+    the CPU when compute is on a GPU."""
+
+    def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
+                 device: torch.device, disk_path: Path, pools: dict[str, BufferPool], cpu_attention: bool = False):
+        batch, heads, capacity, head_dim = shape
+        self.device = device
+        gpu = device.type == "cuda"
+        resident = split[Tier.DEVICE] + (0 if gpu else split[Tier.HOST])
+        attend = CPU if cpu_attention or not gpu else device
+        rows = lambda n, files, host_pool, device_pool: TokenRows(
+            RowCodec(n, heads, head_dim, dtype, None), capacity, attend, files, host_pool, device_pool)
+        self.segments: list[Resident | TokenRows] = []
+        if resident:
+            self.segments.append(Resident((resident, heads, capacity, head_dim), dtype, device))
+        if gpu and split[Tier.HOST]:
+            self.segments.append(rows(split[Tier.HOST], None, None, pools.get("host_device")))
+        if split[Tier.DISK]:
+            codec_bytes = RowCodec(split[Tier.DISK], heads, head_dim, dtype, None).row_bytes * capacity
+            files = [DiskFile(Path(f"{disk_path}.{kv}"), codec_bytes) for kv in "kv"]
+            self.segments.append(rows(split[Tier.DISK], files, pools["disk_host"], pools.get("disk_device")))
+
+    def load(self, length: int):
+        """K, V for attention, tokens [0, length) filled: one tensor each when the block is
+        one segment on the compute device, else `CacheSegments`."""
+        from ..models.ops import CacheSegments
+
+        parts = [s.load(length) for s in self.segments]
+        if len(parts) == 1 and parts[0][0].device.type == self.device.type:
+            return parts[0][0], parts[0][1]
+        return CacheSegments([p[0] for p in parts]), CacheSegments([p[1] for p in parts])
+
+    def store(self, start: int, end: int) -> None:
+        for s in self.segments:
+            s.store(start, end)
+
+    def close(self) -> None:
+        for s in self.segments:
+            s.close()
+
+
+def staging_pools(splits: list[dict[Tier, int]], capacity: int, row_bytes, attend: torch.device,
+                  count: int) -> dict[str, BufferPool]:
+    """The staging pools for blocks split over the tiers like `splits`, `count` buffers
+    each, every buffer as large as the largest segment it stages; row_bytes(n) is the bytes
+    of one token of n sequences. `attend`: where token rows are attended (a GPU: host and
+    disk rows are copied there through device buffers, and host staging is pinned)."""
+    gpu = attend.type == "cuda"
+    largest = lambda tier: max((sp[tier] for sp in splits), default=0)
+    pools = {}
+    if largest(Tier.DISK):
+        nbytes = row_bytes(largest(Tier.DISK)) * capacity
+        pools["disk_host"] = BufferPool(nbytes, count, pinned=gpu)
+        if gpu:
+            pools["disk_device"] = BufferPool(nbytes, count, attend)
+    if gpu and largest(Tier.HOST):
+        pools["host_device"] = BufferPool(row_bytes(largest(Tier.HOST)) * capacity, count, attend)
+    return pools

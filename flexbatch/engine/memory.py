@@ -144,15 +144,18 @@ def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch
 
 
 def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype, batch_size: int,
-               capacity: int, prompt_width: int) -> MemoryPlan:
+               capacity: int, prompt_width: int, device: torch.device = torch.device("cpu")) -> MemoryPlan:
     """Everything a block of `batch_size` sequences of up to `capacity` tokens needs."""
     plan = weight_memory(cfg, family, policy, dtype)
     per_seq = kv_bytes_per_token(cfg, dtype, policy.cache_quant) * capacity * cfg.num_layers
     plan.add(True, "KV cache", per_seq * batch_size * policy.cache_device)
     plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)
-    if policy.cache_disk > 0:
-        per_layer_batch = per_seq / cfg.num_layers * policy.gpu_batch_size
-        plan.add(False, "KV staging buffers", STAGING_BLOCKS * per_layer_batch * policy.cache_disk)
+    staging = STAGING_BLOCKS * per_seq / cfg.num_layers * policy.gpu_batch_size  # blocks in flight
+    plan.add(False, "KV staging buffers", staging * policy.cache_disk)
+    gpu = device.type == "cuda"
+    if gpu and not policy.cpu_attention and not policy.compress_cache:
+        # host and disk rows are attended on the GPU, copied into device buffers
+        plan.add(True, "KV staging buffers", staging * (policy.cache_disk + policy.cache_host))
     if policy.compress_cache:
         # blocks in flight hold their cache dequantized for attention; each sequence keeps its
         # last cache_window tokens unquantized too

@@ -59,7 +59,8 @@ class WeightHome:
         for j in range(cfg.num_layers):
             self._home_layer(j, read, offload_dir, policy)
         slot_bytes = max((d.nbytes for d in self.disk if d is not None), default=0)
-        self.slots = [aligned_bytes(slot_bytes) for _ in range(2)] if slot_bytes else []
+        # pinned on a GPU machine, so the copy from a slot to the GPU runs at full speed
+        self.slots = [aligned_bytes(slot_bytes, pinned=device.type == "cuda") for _ in range(2)] if slot_bytes else []
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexbatch-read")
         self.bytes_read = 0  # disk bytes read by `load`, for bandwidth reports
 

@@ -45,7 +45,7 @@ def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
 
 
 def prepare_step(cfg: ModelConfig, ctx: StepContext, dtype: torch.dtype) -> None:
-    inv_freq = ops.rope_inv_freq(cfg.rope, cfg.head_dim)
+    inv_freq = ops.rope_inv_freq(cfg.rope, cfg.head_dim).to(ctx.positions.device)
     ctx.cos, ctx.sin = ops.rotary_tables(inv_freq, ctx.positions, dtype)
 
 

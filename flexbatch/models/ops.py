@@ -6,7 +6,7 @@ H query heads, Hkv key/value heads, D head dim, C hidden size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,16 @@ class StepContext:
     @property
     def num_new(self) -> int:
         return self.positions.shape[1]
+
+
+@dataclass
+class CacheSegments:
+    """The K (or V) cache of one GPU batch split by sequence into consecutive groups that
+    may live on different devices, [n_i, Hkv, capacity, D] each. Attention runs over each
+    group on its own device (the paper's CPU attention delegation, when a GPU computes and
+    part of the cache is in host RAM): only queries, new keys and values, and outputs move."""
+
+    parts: list[torch.Tensor]
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
@@ -152,6 +162,8 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 
 
 def _attend_cache(q, k_new, v_new, k_cache, v_cache, ctx: StepContext, scale: float | None) -> torch.Tensor:
+    if isinstance(k_cache, CacheSegments):
+        return _attend_segments(q, k_new, v_new, k_cache, v_cache, ctx, scale)
     end = ctx.start + ctx.num_new
     k_cache[:, :, ctx.start:end] = k_new
     v_cache[:, :, ctx.start:end] = v_new
@@ -164,6 +176,29 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, ctx: StepContext, scale: fl
         q, keys, values, attn_mask=ctx.attn_mask, scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1],
     )
+
+
+def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegments, ctx: StepContext,
+                     scale: float | None) -> torch.Tensor:
+    out, first = torch.empty_like(q), 0
+    end = ctx.start + ctx.num_new
+    for keys, values in zip(k_cache.parts, v_cache.parts):
+        rows = slice(first, first + keys.shape[0])
+        first = rows.stop
+        part_ctx = replace(ctx, attn_mask=ctx.attn_mask if ctx.attn_mask.shape[0] == 1 else ctx.attn_mask[rows])
+        q_part, k_part, v_part = q[rows], k_new[rows], v_new[rows]
+        if keys.device != q.device and ctx.start == 0:
+            # A prompt: its own keys are all the keys there are, so attend where the queries
+            # are (the new keys serve as the cache) and only store them where they live.
+            out[rows] = _attend_cache(q_part, k_part, v_part, k_part, v_part, part_ctx, scale)
+            keys[:, :, :end] = k_part
+            values[:, :, :end] = v_part
+            continue
+        there = keys.device
+        part_ctx = replace(part_ctx, attn_mask=part_ctx.attn_mask.to(there))
+        out[rows] = _attend_cache(q_part.to(there), k_part.to(there), v_part.to(there), keys, values,
+                                  part_ctx, scale).to(q.device)
+    return out
 
 
 def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
@@ -192,7 +227,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """
     b, h, s, d = q.shape
     per_sequence = 2 * keys[0].numel() * keys.element_size()
-    chunk = max(1, ATTENTION_CHUNK_BYTES // max(per_sequence, 1))
+    chunk = b if q.is_cuda else max(1, ATTENTION_CHUNK_BYTES // max(per_sequence, 1))  # a CPU cache effect
     out = torch.empty_like(q)
     for i in range(0, b, chunk):
         rows = slice(i, i + chunk)

@@ -62,7 +62,8 @@ class PackedLinear:
         self._dense = None
 
     def to(self, device: torch.device) -> "PackedLinear":
-        return PackedLinear(self.data.to(device), self.scale_zero.to(device), self.bits, self.group)
+        return PackedLinear(self.data.to(device, non_blocking=True), self.scale_zero.to(device, non_blocking=True),
+                            self.bits, self.group)
 
 
 def packable(shape: tuple[int, ...], bits: int, group: int) -> bool:
@@ -154,9 +155,12 @@ def _scale_groups(levels: torch.Tensor, p: PackedLinear) -> None:
     """
     step = p.scale_zero[..., 0].float()
     low = p.scale_zero[..., 1].float() - step * (1 << (p.bits - 1))
+    grouped = levels.view(-1, p.group, levels.shape[1])
     if levels.dtype == torch.float32:
-        grouped = levels.view(-1, p.group, levels.shape[1])
         torch.addcmul(low.unsqueeze(1), grouped, step.unsqueeze(1), out=grouped)
+        return
+    if levels.is_cuda:  # one broadcast pass: a GPU has no cache to keep a group in, only launches to save
+        grouped.copy_(torch.addcmul(low.unsqueeze(1), grouped.float(), step.unsqueeze(1)))
         return
     scratch = torch.empty(p.group, levels.shape[1], dtype=torch.float32, device=levels.device)
     for g, rows in enumerate(levels.split(p.group)):

@@ -1,0 +1,147 @@
+"""A compressed KV cache block: K and V of one (layer, GPU batch) kept as quantized rows.
+
+Resident sequences keep their rows in tensors (on a GPU: the device share there, the host
+share in host RAM); disk-resident ones in token-major files staged through pooled
+page-aligned buffers, like the plain cache (kv_cache.py). Rows are decoded where they live
+and the dense result is moved to the compute device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..storage.aligned import aligned_bytes, as_dtype
+from ..storage.disk import DiskFile
+from ..storage.kv_rows import RowCodec
+from ..storage.tiers import Tier
+from .kv_cache import CPU, BufferPool
+
+
+class EncodedKVBlock:
+    """K and V of `batch` sequences kept as quantized token rows (`RowCodec`), split over
+    the tiers as `split` says (in order: device, host, disk).
+
+    `load` decodes the first `length` tokens into dense working tensors that attention reads
+    and this step's new tokens are written into; `store` quantizes those new tokens back into
+    their home rows. The last `window` tokens of each sequence are also kept unquantized in a
+    ring of rows (slot = position % window) on the same tier, and `load` takes them from
+    there: attention leans on recent tokens most, and keeping a short window exact removes
+    most of the accuracy cost of a 4-bit cache (the residual of KIVI, Liu et al. 2024).
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
+                 device: torch.device, disk_path: Path | None, pool: BufferPool | None, quant,
+                 window: int = 0):
+        self.batch, self.heads, self.capacity, self.head_dim = shape
+        self.num_disk = split[Tier.DISK]
+        self.dtype, self.device, self.pool = dtype, device, pool
+        self.window = min(window, self.capacity)
+        codec = lambda n, q: RowCodec(n, self.heads, self.head_dim, dtype, q)
+        homes = [(split[Tier.DEVICE], device), (split[Tier.HOST], CPU)] if device.type == "cuda" else \
+            [(split[Tier.DEVICE] + split[Tier.HOST], device)]  # a CPU's device and host are one RAM
+        groups = lambda q: [(codec(n, q), home) for n, home in homes]
+        self.quantized = _TierRows(groups(quant), codec(self.num_disk, quant), self.capacity, disk_path, "q")
+        self.recent = _TierRows(groups(None), codec(self.num_disk, None), self.window, disk_path, "w")
+        self.row_bytes = self.quantized.disk_codec.row_bytes
+        self._staged: list[torch.Tensor] = []
+        self._ring: list[torch.Tensor] = []
+        self._work: list[torch.Tensor] = []
+
+    def staging_bytes(self) -> int:
+        return self.capacity * self.row_bytes
+
+    def load(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.batch, self.heads, self.capacity, self.head_dim)
+        self._work = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
+        if self.num_disk:
+            self._staged = [self.pool.acquire(), self.pool.acquire()]
+            self._ring = [aligned_bytes(self.recent.disk_bytes) for _ in range(2)] if self.window else []
+        exact_from = max(0, length - self.window)  # tokens [exact_from, length) come from the ring
+        slots = torch.arange(exact_from, length) % max(self.window, 1)
+        for kv, work in enumerate(self._work):
+            # the whole prefix is read, so the block-aligned write in `store` writes back only valid bytes
+            self.quantized.read(kv, self._staged, 0, length)
+            self.quantized.decode_into(work, kv, self._staged, slice(0, exact_from))
+            if length > exact_from:
+                self.recent.read(kv, self._ring, 0, self.window)
+                self.recent.decode_into(work, kv, self._ring, slots, exact_from)
+        return self._work[0], self._work[1]
+
+    def store(self, start: int, end: int) -> None:
+        recent_from = max(start, end - self.window)
+        slots = torch.arange(recent_from, end) % max(self.window, 1)
+        for kv, work in enumerate(self._work):
+            self.quantized.encode_from(work, kv, self._staged, slice(start, end), start)
+            self.quantized.write(kv, self._staged, start, end)
+            if end > recent_from:
+                self.recent.encode_from(work, kv, self._ring, slots, recent_from)
+                self.recent.write(kv, self._ring, 0, self.window)
+        if self._work and self._work[0].is_cuda:
+            # the encodes just issued read the work tensors: finish them before they are freed
+            torch.cuda.current_stream(self.device).synchronize()
+        for buf in self._staged:
+            self.pool.release(buf)
+        self._staged, self._ring, self._work = [], [], []
+
+    def close(self) -> None:
+        self.quantized.close()
+        self.recent.close()
+
+
+class _TierRows:
+    """`rows` token rows of K and of V in one encoding, for consecutive groups of sequences:
+    each resident group (`resident`: its codec and device, the GPU or host RAM) keeps its
+    rows in tensors; the disk group's rows are in files read into and written from buffers."""
+
+    def __init__(self, resident: list[tuple[RowCodec, torch.device]], disk_codec: RowCodec, rows: int,
+                 disk_path: Path | None, tag: str):
+        self.resident = [(codec, [torch.empty((rows, codec.row_bytes), dtype=torch.uint8, device=device)
+                                  for _ in range(2)]) for codec, device in resident if codec.sequences and rows]
+        self.disk_codec = disk_codec
+        self.disk_bytes = rows * disk_codec.row_bytes
+        has_disk = disk_codec.sequences > 0 and rows
+        self.files = [DiskFile(Path(f"{disk_path}.{tag}{kv}"), self.disk_bytes) for kv in "kv"] if has_disk else []
+        self.rows = rows
+
+    def _disk_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        return as_dtype(buf, torch.uint8, (self.rows, self.disk_codec.row_bytes))
+
+    def read(self, kv: int, bufs: list[torch.Tensor], first: int, last: int) -> None:
+        if self.files and last > first:
+            self.files[kv].read_into(bufs[kv], first * self.disk_codec.row_bytes, last * self.disk_codec.row_bytes)
+
+    def write(self, kv: int, bufs: list[torch.Tensor], first: int, last: int) -> None:
+        if self.files and last > first:
+            self.files[kv].write_from(bufs[kv], first * self.disk_codec.row_bytes, last * self.disk_codec.row_bytes)
+
+    def decode_into(self, work: torch.Tensor, kv: int, bufs, index: slice | torch.Tensor, at: int = 0) -> None:
+        """work[:, :, at:at+count] = decoded rows `index` (sequences in group order); a slice
+        reads rows in place, a tensor of ring slots gathers them."""
+        count = _count(index)
+        if not count:
+            return
+        span, first = slice(at, at + count), 0
+        for codec, tensors in self.resident:
+            work[first:first + codec.sequences, :, span] = codec.decode(tensors[kv][index]).to(work.device)
+            first += codec.sequences
+        if self.files:
+            rows = self._disk_rows(bufs[kv])[index]
+            work[first:, :, span] = self.disk_codec.decode(rows).to(work.device)
+
+    def encode_from(self, work: torch.Tensor, kv: int, bufs, index: slice | torch.Tensor, at: int) -> None:
+        """Rows `index` = encoded work[:, :, at:at+count]."""
+        span, first = slice(at, at + _count(index)), 0
+        for codec, tensors in self.resident:
+            tensors[kv][index] = codec.encode(work[first:first + codec.sequences, :, span]).to(tensors[kv].device)
+            first += codec.sequences
+        if self.files:
+            self._disk_rows(bufs[kv])[index] = self.disk_codec.encode(work[first:, :, span]).cpu()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def _count(index: slice | torch.Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)

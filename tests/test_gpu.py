@@ -1,0 +1,102 @@
+"""The GPU paths: every tier placement on a CUDA device gives exactly the tokens of the run
+with everything on the GPU; copies on side streams are ordered against compute; pinned
+staging buffers are page-aligned for O_DIRECT. Skipped on machines without CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexbatch import LLM, SamplingParams
+from flexbatch.config import Policy
+from flexbatch.engine.memory import run_memory
+from flexbatch.engine.streams import CopyStreams
+from flexbatch.storage.aligned import ALIGN, aligned_bytes
+from flexbatch.storage.disk import DiskFile
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = [[5, 6, 7], list(range(10, 31)), [200], [3, 1, 4, 1, 5, 9, 2, 6, 5], [77, 78], list(range(40, 52)), [9, 9]]
+PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
+OFF = dict(weights_device=0, weights_host=0)
+
+POLICIES = {
+    "weights_host_and_disk": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.2, weights_host=0.5),
+    "weights_disk_cache_disk": Policy(gpu_batch_size=4, num_gpu_batches=2, **OFF, cache_device=0, cache_host=0),
+    "cache_host_gpu_attention": Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0, cache_host=1),
+    "cache_host_cpu_attention": Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0, cache_host=1,
+                                       cpu_attention=True),
+    "cache_disk_cpu_attention": Policy(gpu_batch_size=3, num_gpu_batches=3, **OFF, cache_device=0, cache_host=0,
+                                       cpu_attention=True),
+    "mixed_three_tiers": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.3, weights_host=0.3,
+                                cache_device=0.3, cache_host=0.4),
+    "mixed_cpu_attention_sequential": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0, weights_host=0.5,
+                                             cache_device=0.3, cache_host=0.4, cpu_attention=True, overlap=False),
+    "one_sequence_batches_pinned_off": Policy(gpu_batch_size=1, num_gpu_batches=4, weights_device=0, weights_host=0.6,
+                                              cache_device=0, cache_host=0.5, pin_weights=False),
+}
+
+
+def on_gpu_tokens(folder, **compression):
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, **compression)
+    with LLM(folder, dtype="float32", device="cuda", policy=policy) as llm:
+        return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("kind", ["opt_pre_ln", "llama_gqa_tied_llama3"])
+def test_gpu_offloaded_tokens_equal_all_on_gpu(tiny_model, tmp_path, kind, policy_name):
+    folder, _ = tiny_model(kind)
+    with LLM(folder, dtype="float32", device="cuda", policy=POLICIES[policy_name], offload_dir=tmp_path) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    assert got == on_gpu_tokens(folder)
+
+
+def test_gpu_matches_cpu(tiny_model, tmp_path):
+    folder, _ = tiny_model("llama_gqa_tied_llama3")
+    cpu = [o.token_ids for o in LLM(folder, dtype="float32", device="cpu").generate(PROMPTS, PARAMS)]
+    assert on_gpu_tokens(folder) == cpu
+
+
+@pytest.mark.parametrize("cache", [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0), (0.3, 0.4)], ids=["gpu", "disk", "host", "mixed"])
+def test_gpu_compressed_placements_equal_compressed_on_gpu(tiny_model, tmp_path, cache):
+    folder, _ = tiny_model("opt_pre_ln")
+    compression = dict(compress_weight=True, compress_cache=True, compress_group=32)
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0, weights_host=0.5,
+                    cache_device=cache[0], cache_host=cache[1], **compression)
+    with LLM(folder, dtype="float32", device="cuda", policy=policy, offload_dir=tmp_path) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    assert got == on_gpu_tokens(folder, **compression)
+
+
+def test_store_waits_for_the_compute_that_wrote_it():
+    device = torch.device("cuda")
+    streams = CopyStreams(device)
+    a = torch.randn(4096, 4096, device=device)
+    result = torch.zeros(4096, 4096, device=device)
+    host = torch.empty(4096, 4096, pin_memory=True)
+    for _ in range(8):  # queue enough work that an unordered copy would see zeros
+        torch.matmul(a, a, out=result)
+    streams.run(lambda: host.copy_(result), after=streams.mark())
+    assert torch.equal(host, (a @ a).cpu())
+
+
+def test_pinned_staging_is_page_aligned_and_reads_o_direct(tmp_path):
+    buf = aligned_bytes(3 * ALIGN + 5, pinned=True)
+    assert buf.is_pinned() and buf.data_ptr() % ALIGN == 0 and buf.numel() == 4 * ALIGN
+    data = aligned_bytes(buf.numel())
+    data.copy_(torch.arange(buf.numel()).to(torch.uint8))
+    f = DiskFile(tmp_path / "x", buf.numel())
+    f.write_from(data, 0, buf.numel())
+    f.read_into(buf, 0, buf.numel())
+    assert torch.equal(buf, data)
+
+
+def test_gpu_memory_plan_counts_device_staging(tiny_model):
+    llm = LLM(tiny_model("opt_pre_ln")[0], dtype="float32", device="cpu")
+    cfg, family = llm.config, llm.family
+    args = (cfg, family)
+    gpu_attention = Policy(cache_device=0, cache_host=0.5)
+    cpu_attention = Policy(cache_device=0, cache_host=0.5, cpu_attention=True)
+    plans = [run_memory(*args, p, torch.float32, 8, 64, 32, torch.device("cuda")) for p in (gpu_attention, cpu_attention)]
+    assert plans[0].device.get("KV staging buffers", 0) > 0
+    assert plans[1].device.get("KV staging buffers", 0) == 0
