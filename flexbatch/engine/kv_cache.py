@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.ops import CacheSegments
 from ..storage.aligned import aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
 from ..storage.kv_rows import RowCodec
@@ -129,7 +130,7 @@ class KVBlock:
 
     def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
                  device: torch.device, disk_path: Path, pools: dict[str, BufferPool], cpu_attention: bool = False):
-        batch, heads, capacity, head_dim = shape
+        _, heads, capacity, head_dim = shape
         self.device = device
         gpu = device.type == "cuda"
         resident = split[Tier.DEVICE] + (0 if gpu else split[Tier.HOST])
@@ -149,8 +150,6 @@ class KVBlock:
     def load(self, length: int):
         """K, V for attention, tokens [0, length) filled: one tensor each when the block is
         one segment on the compute device, else `CacheSegments`."""
-        from ..models.ops import CacheSegments
-
         parts = [s.load(length) for s in self.segments]
         if len(parts) == 1 and parts[0][0].device.type == self.device.type:
             return parts[0][0], parts[0][1]
