@@ -49,10 +49,14 @@ def child_flexbatch(spec: dict) -> dict:
     switches); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
 
+    from flexbatch.planner import at_current_speed, hardware_profile
+
     policy = choose_policy(spec)
+    # the profile as the planner sees it, compute speed checked now (before the model fills memory)
+    hw = at_current_speed(hardware_profile(Path(spec["offload_dir"])))
     with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
-        predicted = predict(llm, policy, spec)
+        predicted = predict(llm, policy, spec, hw)
         llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
         llm.runner.home.bytes_read, llm.runner.step_seconds, llm.runner.wait_seconds = 0, [], 0.0
         outs = llm.generate(prompts(policy.block_size, spec["prompt_len"]),
@@ -83,10 +87,10 @@ def choose_policy(spec: dict):
     return plan.best.policy
 
 
-def predict(llm, policy, spec: dict) -> dict:
-    from flexbatch.planner import Workload, evaluate, hardware_profile
+def predict(llm, policy, spec: dict, hw) -> dict:
+    from flexbatch.planner import Workload, evaluate
 
-    c = evaluate(llm.config, llm.family, llm.dtype, hardware_profile(Path(spec["offload_dir"])), policy,
+    c = evaluate(llm.config, llm.family, llm.dtype, hw, policy,
                  Workload(spec["prompt_len"], spec["gen_len"]))
     return {"predicted_throughput": c.throughput, "predicted_prefill_s": c.prefill_seconds,
             "predicted_decode_s": c.decode_seconds, "predicted_memory_bytes": c.memory_bytes}

@@ -8,7 +8,6 @@ import torch
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
-from flexbatch.engine.memory import run_memory
 from flexbatch.engine.streams import CopyStreams
 from flexbatch.storage.aligned import ALIGN, aligned_bytes
 from flexbatch.storage.disk import DiskFile
@@ -89,14 +88,3 @@ def test_pinned_staging_is_page_aligned_and_reads_o_direct(tmp_path):
     f.write_from(data, 0, buf.numel())
     f.read_into(buf, 0, buf.numel())
     assert torch.equal(buf, data)
-
-
-def test_gpu_memory_plan_counts_device_staging(tiny_model):
-    llm = LLM(tiny_model("opt_pre_ln")[0], dtype="float32", device="cpu")
-    cfg, family = llm.config, llm.family
-    args = (cfg, family)
-    gpu_attention = Policy(cache_device=0, cache_host=0.5)
-    cpu_attention = Policy(cache_device=0, cache_host=0.5, cpu_attention=True)
-    plans = [run_memory(*args, p, torch.float32, 8, 64, 32, torch.device("cuda")) for p in (gpu_attention, cpu_attention)]
-    assert plans[0].device.get("KV staging buffers", 0) > 0
-    assert plans[1].device.get("KV staging buffers", 0) == 0

@@ -147,3 +147,24 @@ def test_percent_maps_like_flexgen():
     assert (p.cache_device, p.cache_host, p.cache_disk) == pytest.approx((0.0, 1.0, 0.0))
     with pytest.raises(ConfigError, match="six numbers"):
         Policy.from_percent([100, 0])
+
+
+def test_host_token_rows_keep_what_steps_wrote():
+    """Host-RAM rows (the GPU's host tier) attended where they live: a step's writes into the
+    views `load` returns persist, and the next load sees them in [n, Hkv, T, D] order."""
+    import torch
+
+    from flexbatch.engine.kv_cache import CPU, TokenRows
+    from flexbatch.storage.kv_rows import RowCodec
+
+    rows = TokenRows(RowCodec(3, 2, 4, torch.float32, None), 6, CPU, None, None, None)
+    first = torch.randn(3, 2, 2, 4)
+    second = torch.randn(3, 2, 1, 4)
+    for start, new in ((0, first), (2, second)):
+        k, v = rows.load(start)
+        k[:, :, start:start + new.shape[2]] = new
+        v[:, :, start:start + new.shape[2]] = -new
+        rows.store(start, start + new.shape[2])
+    k, v = rows.load(3)
+    assert torch.equal(k[:, :, :3], torch.cat([first, second], dim=2))
+    assert torch.equal(v[:, :, :3], -torch.cat([first, second], dim=2))

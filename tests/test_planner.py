@@ -234,3 +234,20 @@ def test_disk_only_refresh_keeps_the_rest_of_the_profile(monkeypatch, tmp_path):
             refreshed.compute_share_during_reads) == (1e9, 2e9, 5e8, 0.5)
     assert refreshed.matmul_flops == first.matmul_flops and refreshed.attention_bps == first.attention_bps
     assert hardware.load_or_measure(cache, tmp_path) == refreshed  # and it is what later plans read
+
+
+def test_compute_rates_follow_a_spot_check_of_current_speed(monkeypatch):
+    """A CPU measured 20% slower now than when profiled: every compute-bound rate (matmul
+    tables, fused kernel, dequantization) scales by 0.8; memory-bound rates and the disk stay."""
+    from flexbatch.planner import hardware
+
+    profile = HardwareProfile("test", 1e9, 5e8, 1 << 34,
+                              {"bfloat16": {1: 1e10, 512: 4e11}, "int4": {512: 1.6e11}},
+                              attention_bps=1e10, dequantize_params_per_s={"int4": 1e9})
+    monkeypatch.setattr(hardware, "measure_matmul", lambda dtype, rows_list: {rows_list[0]: 3.2e11})
+    now = hardware.at_current_speed(profile, torch.bfloat16)
+    assert now.matmul_flops == {"bfloat16": {1: pytest.approx(8e9), 512: pytest.approx(3.2e11)},
+                                "int4": {512: pytest.approx(1.28e11)}}
+    assert now.dequantize_params_per_s == {"int4": pytest.approx(8e8)}
+    assert (now.attention_bps, now.disk_read_bps) == (1e10, 1e9)
+    assert hardware.at_current_speed(profile, torch.float16) is profile  # no table to compare with

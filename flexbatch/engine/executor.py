@@ -71,7 +71,8 @@ class OffloadRunner:
 
     # ---- memory ---------------------------------------------------------------------------
     def _check_weights_fit(self) -> None:
-        weight_memory(self.cfg, self.family, self.policy, self.dtype).check(self.budget, self.unified, FIT_HINT)
+        plan = weight_memory(self.cfg, self.family, self.policy, self.dtype, self.device)
+        plan.check(self.budget, self.unified, FIT_HINT)
 
     # ---- batch lifecycle ------------------------------------------------------------------
     def gpu_batches(self, batch_size: int) -> list[slice]:

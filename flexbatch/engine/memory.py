@@ -128,8 +128,11 @@ def global_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) ->
     return sum(s.numel() for s in family.global_specs(cfg) if s.name not in tied) * element_size(dtype)
 
 
-def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype) -> MemoryPlan:
-    """Memory the weights of `policy` need: resident fractions plus the two layer read slots."""
+def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype,
+                  device: torch.device = torch.device("cpu")) -> MemoryPlan:
+    """Memory the weights of `policy` need: resident fractions plus the two layer read slots
+    (and on a GPU the copies of streamed layers there: the one computing, the one loading,
+    and the one just dropped that the allocator frees once its kernels have run)."""
     plan = MemoryPlan()
     plan.add(True, "embeddings and head", global_weight_bytes(cfg, family, dtype))
     per_layer = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
@@ -137,6 +140,8 @@ def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch
     plan.add(False, "weights", per_layer * cfg.num_layers * policy.weights_host)
     if policy.weights_disk > 0:
         plan.add(False, "weight read buffers", 2 * per_layer * policy.weights_disk + 2 * 4096 * 32)
+    if device.type == "cuda":
+        plan.add(True, "streamed layer weights", 3 * per_layer * (1 - policy.weights_device))
     if policy.compress_weight:
         # large batches dequantize a layer once per load, freed after its last GPU batch
         plan.add(True, "dequantized layer weights", layer_params(cfg, family) * element_size(dtype))
@@ -146,7 +151,7 @@ def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch
 def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype, batch_size: int,
                capacity: int, prompt_width: int, device: torch.device = torch.device("cpu")) -> MemoryPlan:
     """Everything a block of `batch_size` sequences of up to `capacity` tokens needs."""
-    plan = weight_memory(cfg, family, policy, dtype)
+    plan = weight_memory(cfg, family, policy, dtype, device)
     per_seq = kv_bytes_per_token(cfg, dtype, policy.cache_quant) * capacity * cfg.num_layers
     plan.add(True, "KV cache", per_seq * batch_size * policy.cache_device)
     plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)

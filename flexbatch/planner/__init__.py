@@ -14,12 +14,13 @@ from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from .cost_model import Workload
-from .hardware import HardwareProfile, load_or_measure
+from .hardware import HardwareProfile, at_current_speed, load_or_measure
 from .search import Candidate, Plan, evaluate, search
 
 PLAN_HEADROOM = 64 << 20
 
-__all__ = ["Candidate", "HardwareProfile", "Plan", "Workload", "evaluate", "hardware_profile", "plan_policy", "search"]
+__all__ = ["Candidate", "HardwareProfile", "Plan", "Workload", "at_current_speed", "evaluate", "hardware_profile",
+           "plan_policy", "search"]
 
 
 def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=lambda msg: None,
@@ -40,5 +41,5 @@ def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: to
     # The engine checks the policy again once the model is open, when the process holds a
     # little more (tokenizer, file handles): plan with that much headroom.
     budget = MemoryBudget(budget.device_bytes, budget.host_bytes - PLAN_HEADROOM)
-    return search(cfg, family, dtype, hardware_profile(offload_dir, log=log), work, budget, max_block,
-                  compression=compression)
+    hw = at_current_speed(hardware_profile(offload_dir, log=log), dtype)
+    return search(cfg, family, dtype, hw, work, budget, max_block, compression=compression)

@@ -169,7 +169,8 @@ def _best_seconds(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = False) -> dict[int, float]:
+def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = False,
+                   rows_list: tuple[int, ...] = MATMUL_ROWS) -> dict[int, float]:
     """FLOP/s of one transformer layer's matmuls (four [h, h] projections, an [4h, h] and an
     [h, 4h] MLP matrix, h = hidden) on x of `rows` rows, best of a few runs. Small square
     matrices run at a lower rate than the MLP's at few rows, so a layer's mix is what the
@@ -178,7 +179,7 @@ def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = Fa
     from ..storage.packed_linear import _fused, _fused_kernel_matches, pack_linear
 
     shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
-    weights = [torch.randn(n, k).to(dtype) for n, k in shapes]
+    weights = [torch.randn(n, k, dtype=dtype) for n, k in shapes]
     if fused_int4:
         if not _fused_kernel_matches():
             return {}
@@ -188,13 +189,31 @@ def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = Fa
         multiply = lambda x, i: torch.nn.functional.linear(x, weights[i])
     flop_per_row = sum(2 * n * k for n, k in shapes)
     out = {}
-    for rows in MATMUL_ROWS:
-        inputs = {k: torch.randn(rows, k).to(dtype) for k in (hidden, 4 * hidden)}
+    for rows in rows_list:
+        inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (hidden, 4 * hidden)}
         layer = lambda: [multiply(inputs[k], i) for i, (_, k) in enumerate(shapes)]
         repeats = max(1, min(10, 512 // rows))
         seconds = _best_seconds(lambda: [layer() for _ in range(repeats)], repeats=3) / repeats
         out[rows] = rows * flop_per_row / seconds
     return out
+
+
+SPOT_ROWS = 512  # a spot check of compute speed: one point of the matmul table, about a second
+
+
+def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat16) -> HardwareProfile:
+    """The profile with its compute-bound rates (matmul tables, dequantization) scaled by how
+    fast the machine multiplies now against when it was profiled. A shared or throttled CPU
+    drifts: this VM measured 0.42 and then 0.35 TFLOP/s on the same bf16 matmul within a day,
+    which the cost model would otherwise take for its own error. Memory-bound rates stay."""
+    key = str(dtype).removeprefix("torch.")
+    then = profile.matmul_flops.get(key, {}).get(SPOT_ROWS)
+    if not then:
+        return profile
+    factor = measure_matmul(dtype, rows_list=(SPOT_ROWS,))[SPOT_ROWS] / then
+    scaled = {name: {rows: v * factor for rows, v in table.items()} for name, table in profile.matmul_flops.items()}
+    dequantize = {name: v * factor for name, v in profile.dequantize_params_per_s.items()}
+    return replace(profile, matmul_flops=scaled, dequantize_params_per_s=dequantize)
 
 
 def measure_dequantize(bits: int, hidden: int = 2048) -> float:
@@ -230,7 +249,7 @@ def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False,
                     disk_only: bool = False) -> HardwareProfile:
     """The cached profile if it matches this machine, else a new measurement (then cached).
     disk_only re-measures only the disk fields of a matching profile: a shared or virtual
-    disk's speed drifts over hours while the CPU's does not."""
+    disk's speed drifts over hours (compute drifts too; see `at_current_speed`)."""
     if disk_only and cache_file.is_file():
         profile = load_or_measure(cache_file, offload_folder, log=log)
         log("measuring disk bandwidth (O_DIRECT)...")
