@@ -76,6 +76,15 @@ def run_plan(args) -> int:
     opened = open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
+    if device.type == "cuda":
+        from ..engine.memory import MemoryBudget
+        from ..planner import fits_on_gpu
+
+        budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
+        batch = max(1, min(args.batch_size, num_sequences or args.batch_size))
+        fits_on_gpu(opened.config, get_family(opened.config), dtype, Workload(prompt_len, gen_len), budget, batch)
+        print("planner: the model fits in GPU memory; everything stays there", file=sys.stderr)
+        return None
     plan = choose(opened.config, get_family(opened.config), dtype, device,
                   Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
     print(f"chosen:    {describe(plan.best)}")
@@ -91,7 +100,8 @@ def run_plan(args) -> int:
 
 
 def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
-    """The planner's policy for a command given no policy flags (printed on stderr)."""
+    """The planner's policy for a command given no policy flags (printed on stderr); None
+    keeps everything in memory (on a GPU: when it fits there, see `fits_on_gpu`)."""
     from ..config import parse_dtype
     from ..default_model import default_model_path
     from ..hardware import default_dtype, pick_device
@@ -102,6 +112,15 @@ def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
     opened = open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
+    if device.type == "cuda":
+        from ..engine.memory import MemoryBudget
+        from ..planner import fits_on_gpu
+
+        budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
+        batch = max(1, min(args.batch_size, num_sequences or args.batch_size))
+        fits_on_gpu(opened.config, get_family(opened.config), dtype, Workload(prompt_len, gen_len), budget, batch)
+        print("planner: the model fits in GPU memory; everything stays there", file=sys.stderr)
+        return None
     plan = choose(opened.config, get_family(opened.config), dtype, device, Workload(prompt_len, gen_len),
                   args, num_sequences)
     print(f"planner: {describe(plan.best)}", file=sys.stderr)
