@@ -88,3 +88,12 @@ def test_pinned_staging_is_page_aligned_and_reads_o_direct(tmp_path):
     f.write_from(data, 0, buf.numel())
     f.read_into(buf, 0, buf.numel())
     assert torch.equal(buf, data)
+
+
+def test_profile_measures_the_host_gpu_link():
+    from flexbatch.planner.hardware import HardwareProfile, measure_gpu_link
+
+    to_gpu, to_host = measure_gpu_link(64 << 20)
+    assert 1e9 < to_gpu < 1e12 and 1e9 < to_host < 1e12  # PCIe 3 x16 to NVLink-C2C
+    profile = HardwareProfile("t", 1e9, 1e9, 1, {}, host_to_gpu_bps=to_gpu, gpu_to_host_bps=to_host)
+    assert HardwareProfile.from_json(profile.to_json()) == profile

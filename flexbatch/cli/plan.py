@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
                        description="Measure what the cost model needs (O_DIRECT disk read/write bandwidth, idle "
                                    "and while the CPU computes, and how much the reads slow compute; bf16 and fp32 "
                                    "matmul FLOP/s by batch size; the fused int4 kernel and dequantization speed for "
-                                   "compressed weights; decode attention and KV cache dequantization speed) and cache "
-                                   "it for later plans.")
+                                   "compressed weights; decode attention and KV cache dequantization speed; with a GPU, "
+                                   "the host-GPU copy bandwidth) and cache it for later plans.")
     q.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: the cache folder)")
     q.add_argument("--force", action="store_true", help="measure again even if a cached profile matches")
     q.add_argument("--disk-only", action="store_true",

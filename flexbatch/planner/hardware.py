@@ -39,6 +39,9 @@ class HardwareProfile:
     kv_decode_bps: float = float("inf")
     # compressed weights: parameters dequantized per second, by format ("int4", "int8")
     dequantize_params_per_s: dict[str, float] = field(default_factory=dict)
+    # with a GPU: pinned host memory to GPU and back, bytes/s (None without one)
+    host_to_gpu_bps: float | None = None
+    gpu_to_host_bps: float | None = None
 
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float | None:
         """Measured FLOP/s for a matmul with `rows` rows, linear between measured points;
@@ -64,7 +67,8 @@ class HardwareProfile:
     def from_json(cls, data: dict) -> "HardwareProfile":
         flops = {k: {int(r): float(f) for r, f in v.items()} for k, v in data["matmul_flops"].items()}
         optional = {k: data[k] for k in ("disk_read_busy_bps", "compute_share_during_reads", "attention_bps",
-                                         "kv_decode_bps", "dequantize_params_per_s") if k in data}
+                                         "kv_decode_bps", "dequantize_params_per_s", "host_to_gpu_bps",
+                                         "gpu_to_host_bps") if k in data}
         return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"], flops,
                    **optional)
 
@@ -76,8 +80,9 @@ def fingerprint(folder: Path) -> str:
 
     cpu = cpu_name()
     dev = os.stat(folder).st_dev
+    gpu = f"|gpu {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"v{PROFILE_VERSION}|{cpu}|{os.cpu_count()}|{psutil.virtual_memory().total}|torch {torch.__version__}"
-            f"|dev {dev}")
+            f"|dev {dev}{gpu}")
 
 
 def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float]:
@@ -225,6 +230,22 @@ def measure_dequantize(bits: int, hidden: int = 2048) -> float:
     return 4 * hidden * hidden / _best_seconds(lambda: dequantize_transposed(packed, buffer))
 
 
+def measure_gpu_link(nbytes: int = 256 << 20) -> tuple[float, float]:
+    """(host to GPU, GPU to host) bytes/s of one large copy between pinned host memory and
+    the GPU, best of 3: how fast weights and KV rows kept off the GPU reach it."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def copy(dst, src) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return tuple(nbytes / min(copy(dst, src) for _ in range(3)) for dst, src in ((gpu, host), (host, gpu)))
+
+
 def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     import psutil
 
@@ -241,8 +262,12 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
     log("measuring decode attention and KV cache dequantization...")
     attention, kv_decode = measure_attention(torch.bfloat16), measure_kv_decode(torch.bfloat16)
+    link = (None, None)
+    if torch.cuda.is_available():
+        log("measuring the host-GPU link (pinned copies)...")
+        link = measure_gpu_link()
     return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops, busy, share,
-                           attention, kv_decode, dequantize)
+                           attention, kv_decode, dequantize, *link)
 
 
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None,
