@@ -43,13 +43,9 @@ class EncodedKVBlock:
         groups = lambda q: [(codec(n, q), home) for n, home in homes]
         self.quantized = _TierRows(groups(quant), codec(self.num_disk, quant), self.capacity, disk_path, "q")
         self.recent = _TierRows(groups(None), codec(self.num_disk, None), self.window, disk_path, "w")
-        self.row_bytes = self.quantized.disk_codec.row_bytes
         self._staged: list[torch.Tensor] = []
         self._ring: list[torch.Tensor] = []
         self._work: list[torch.Tensor] = []
-
-    def staging_bytes(self) -> int:
-        return self.capacity * self.row_bytes
 
     def load(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.batch, self.heads, self.capacity, self.head_dim)
