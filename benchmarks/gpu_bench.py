@@ -92,13 +92,10 @@ def _peak_gpu() -> int:
 
 
 def run_child(kind: str, spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True, text=True)
-    if out.returncode != 0:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)[-400:]}
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["throughput"] = result["tokens"] / (result["prefill_s"] + result["decode_s"])
-    return result
+    from offload_bench import child_result
+
+    return child_result(subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
+                                       capture_output=True, text=True))
 
 
 def main() -> None:

@@ -130,11 +130,15 @@ def run_child(kind: str, spec: dict, memory: int) -> dict:
     wall = time.perf_counter() - began
     peak = int((group / "memory.max_usage_in_bytes").read_text())
     group.rmdir()
+    return {**child_result(out), "wall_s": wall, "peak_bytes": peak}
+
+
+def child_result(out: subprocess.CompletedProcess) -> dict:
+    """A child's JSON result with its throughput (FlexGen's metric), or its error's last lines."""
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)[-400:], "wall_s": wall, "peak_bytes": peak}
+        return {"error": " | ".join(tail)[-400:]}
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result.update(wall_s=wall, peak_bytes=peak)
     result["throughput"] = result["tokens"] / (result["prefill_s"] + result["decode_s"])
     return result
 

@@ -76,15 +76,6 @@ def run_plan(args) -> int:
     opened = open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
-    if device.type == "cuda":
-        from ..engine.memory import MemoryBudget
-        from ..planner import fits_on_gpu
-
-        budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
-        batch = max(1, min(args.batch_size, num_sequences or args.batch_size))
-        fits_on_gpu(opened.config, get_family(opened.config), dtype, Workload(prompt_len, gen_len), budget, batch)
-        print("planner: the model fits in GPU memory; everything stays there", file=sys.stderr)
-        return None
     plan = choose(opened.config, get_family(opened.config), dtype, device,
                   Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
     print(f"chosen:    {describe(plan.best)}")
