@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +39,19 @@ def cap_gpu(nbytes: int) -> None:
 
 
 def child_flexbatch(spec: dict) -> dict:
-    from offload_bench import prompts
+    """One run on the GPU; spec["policy"] may be "plan" (the planner's choice, as in
+    benchmarks/offload_bench.py). The result carries the cost model's prediction."""
+    from offload_bench import choose_policy, predict, prompts
 
     from flexbatch import LLM, SamplingParams
-    from flexbatch.config import Policy
+    from flexbatch.planner import at_current_speed, hardware_profile
 
     cap_gpu(spec["gpu_memory"])
-    policy = Policy(**spec["policy"])
+    policy = choose_policy({**spec, "device": "cuda"})
+    hw = at_current_speed(hardware_profile(Path(spec["offload_dir"])))
     with LLM(spec["model"], dtype="bfloat16", device="cuda", policy=policy, offload_dir=spec["offload_dir"],
-             gpu_memory=spec["gpu_memory"]) as llm:
+             gpu_memory=spec["gpu_memory"], cpu_memory=spec.get("memory")) as llm:
+        predicted = predict(llm, policy, spec, hw)
         llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
         llm.runner.step_seconds, llm.runner.wait_seconds, llm.runner.home.bytes_read = [], 0.0, 0
         outs = llm.generate(prompts(policy.block_size, spec["prompt_len"]),
@@ -55,7 +60,7 @@ def child_flexbatch(spec: dict) -> dict:
         return {"prefill_s": steps[0], "decode_s": sum(steps[1:]), "batch": policy.block_size,
                 "tokens": sum(len(o.token_ids) for o in outs), "io_wait_s": llm.runner.wait_seconds,
                 "disk_read_GBps": llm.runner.home.bytes_read / 1e9 / sum(steps),
-                "peak_gpu_bytes": _peak_gpu()}
+                "peak_gpu_bytes": _peak_gpu(), "policy": asdict(policy), **predicted}
 
 
 def child_hf(spec: dict) -> dict:

@@ -68,6 +68,8 @@ def child_flexbatch(spec: dict) -> dict:
 
 
 def choose_policy(spec: dict):
+    """spec["policy"] as a Policy, or the planner's choice for spec's workload and budgets
+    (spec["memory"] for the host, and on a GPU (spec["device"]) spec["gpu_memory"])."""
     import torch
 
     from flexbatch.config import Policy
@@ -79,8 +81,9 @@ def choose_policy(spec: dict):
     if spec["policy"] != "plan":
         return Policy(**spec["policy"])
     cfg = open_model(spec["model"]).config
-    budget = MemoryBudget.detect(torch.device("cpu"), None, spec["memory"])
-    plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, torch.device("cpu"),
+    device = torch.device(spec.get("device", "cpu"))
+    budget = MemoryBudget.detect(device, spec.get("gpu_memory"), spec.get("memory"))
+    plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, device,
                        Workload(spec["prompt_len"], spec["gen_len"]), budget, max_block=spec.get("max_block"),
                        offload_dir=Path(spec["offload_dir"]),
                        compression=COMPRESSION[spec.get("compress", "none")])
@@ -90,8 +93,8 @@ def choose_policy(spec: dict):
 def predict(llm, policy, spec: dict, hw) -> dict:
     from flexbatch.planner import Workload, evaluate
 
-    c = evaluate(llm.config, llm.family, llm.dtype, hw, policy,
-                 Workload(spec["prompt_len"], spec["gen_len"]))
+    c = evaluate(llm.config, llm.family, llm.dtype, hw, policy, Workload(spec["prompt_len"], spec["gen_len"]),
+                 gpu=llm.device.type == "cuda")
     return {"predicted_throughput": c.throughput, "predicted_prefill_s": c.prefill_seconds,
             "predicted_decode_s": c.decode_seconds, "predicted_memory_bytes": c.memory_bytes}
 

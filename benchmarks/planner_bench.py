@@ -10,6 +10,12 @@ policy the planner picks inside the child, exactly as `flexbatch run` would. Nee
     sudo python benchmarks/planner_bench.py --shape opt-1.3b --memory 4GiB \\
         --policy '{"gpu_batch_size": 8}' --policy '{"gpu_batch_size": 8, "cache_device": 0}'
 
+On a GPU (--gpu-memory): every run is capped at that much GPU memory (as in
+benchmarks/gpu_bench.py; no cgroup, --memory is then only the host budget given to the
+planner and the engine), and --grid runs a grid of GPU placements instead:
+
+    python benchmarks/planner_bench.py --shape opt-2.7b --gpu-memory 4GiB --grid --max-block 256
+
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -33,6 +39,19 @@ def grid() -> list[dict]:
              "cache_device": c, "cache_host": 0} for g, n, w, c in picks]
 
 
+def gpu_grid() -> list[dict]:
+    """12 hand-picked GPU policies for the OPT-2.7B shape at prompt 128 + 32 under a 4 GiB
+    GPU cap: (gpu_batch_size, num_gpu_batches, weights GPU, weights host, cache GPU, cache
+    host, CPU attention); what is on neither is on disk."""
+    picks = [(16, 2, 0, 1, 1, 0, False), (32, 1, 0, 1, 1, 0, False), (32, 4, 0, 1, 0, 1, False),
+             (32, 4, 0, 1, 0, 1, True), (64, 4, 0, 1, 0, 1, False), (64, 4, 0, 1, 0, 1, True),
+             (64, 2, .2, .8, 0, 1, False), (32, 8, 0, 1, 0, 1, False), (64, 4, .3, .7, 0, 1, False),
+             (32, 4, .1, .65, 0, 1, False), (16, 2, 0, 1, 0, 0, True), (64, 1, .1, .9, .3, .7, False)]
+    keys = ("gpu_batch_size", "num_gpu_batches", "weights_device", "weights_host", "cache_device", "cache_host",
+            "cpu_attention")
+    return [dict(zip(keys, pick)) for pick in picks]
+
+
 def main() -> None:
     from dummy_model import write_dummy
     from offload_bench import run_child
@@ -43,7 +62,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="opt-1.3b")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flexbatch-bench"))
-    p.add_argument("--memory", default="2GiB", help="memory limit for every run, page cache included")
+    p.add_argument("--memory", default="2GiB", help="memory limit for every run, page cache included (with "
+                                                  "--gpu-memory: the host budget only; 0 for free RAM)")
+    p.add_argument("--gpu-memory", default=None, help="run on the GPU, each run capped at this much GPU memory")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--grid", action="store_true", help="run the 12-policy grid")
@@ -55,13 +76,20 @@ def main() -> None:
     p.add_argument("--plan-compress", default="", help="also run the planner's choice with this compression "
                                                       "(weight, cache or both), comma separated")
     args = p.parse_args()
-    memory = parse_bytes(args.memory)
+    memory = parse_bytes(args.memory) or None
     work = Path(args.workdir)
     model = write_dummy(args.shape, work / args.shape)
     hardware_profile(work, log=print)  # measured outside the memory limit, cached for the children
-    policies = (grid() if args.grid else []) + [json.loads(x) for x in args.policy] + ([] if args.no_plan else ["plan"])
+    on_gpu = args.gpu_memory is not None
+    picks = (gpu_grid() if on_gpu else grid()) if args.grid else []
+    policies = picks + [json.loads(x) for x in args.policy] + ([] if args.no_plan else ["plan"])
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
               "offload_dir": str(work / "flexbatch-offload"), "max_block": args.max_block}
+    if on_gpu:
+        import gpu_bench
+
+        common["gpu_memory"] = parse_bytes(args.gpu_memory)
+        run_child = lambda kind, spec, _memory: gpu_bench.run_child(kind, spec)
     runs = []
     compressed_plans = [("plan", c) for c in args.plan_compress.split(",") if c]
     for policy, compress in [(p, "none") for p in policies] + compressed_plans:
@@ -91,12 +119,18 @@ def describe(r: dict) -> str:
     pol = r["policy"]
     error = r["predicted_throughput"] / r["throughput"] - 1
     packed = "+".join(k for k in ("weight", "cache") if pol[f"compress_{k}"])
+    if "peak_gpu_bytes" in r:  # a GPU run: GPU/host shares (the rest on disk), GPU peak
+        placement = (f"weights {pol['weights_device']:.2f}/{pol['weights_host']:.2f} cache {pol['cache_device']:.2f}/"
+                     f"{pol['cache_host']:.2f} GPU/host{' CPU attention' if pol['cpu_attention'] else ''}")
+        peak = f"peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB"
+    else:
+        placement = f"weights {pol['weights_device']:.2f} cache {pol['cache_device']:.2f} in memory"
+        peak = f"peak {r['peak_bytes'] / 2**30:.2f} GiB"
     return (f"{name}: block {pol['gpu_batch_size']}x{pol['num_gpu_batches']}{' ' + packed + ' 4-bit' if packed else ''}, "
-            f"weights {pol['weights_device']:.2f} "
-            f"cache {pol['cache_device']:.2f} in memory: measured {r['throughput']:.3f} tok/s, predicted "
+            f"{placement}: measured {r['throughput']:.3f} tok/s, predicted "
             f"{r['predicted_throughput']:.3f} ({100 * error:+.0f}%), prefill {r['prefill_s']:.1f}s "
             f"(pred {r['predicted_prefill_s']:.1f}), decode {r['decode_s']:.1f}s (pred {r['predicted_decode_s']:.1f}), "
-            f"peak {r['peak_bytes'] / 2**30:.2f} GiB")
+            f"{peak}")
 
 
 if __name__ == "__main__":

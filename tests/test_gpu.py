@@ -3,6 +3,8 @@ with everything on the GPU; copies on side streams are ordered against compute; 
 staging buffers are page-aligned for O_DIRECT. Skipped on machines without CUDA."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -90,10 +92,14 @@ def test_pinned_staging_is_page_aligned_and_reads_o_direct(tmp_path):
     assert torch.equal(buf, data)
 
 
-def test_profile_measures_the_host_gpu_link():
-    from flexbatch.planner.hardware import HardwareProfile, measure_gpu_link
+def test_profile_measures_the_gpu():
+    from flexbatch.planner.hardware import HardwareProfile, measure_gpu
 
-    to_gpu, to_host = measure_gpu_link(64 << 20)
-    assert 1e9 < to_gpu < 1e12 and 1e9 < to_host < 1e12  # PCIe 3 x16 to NVLink-C2C
-    profile = HardwareProfile("t", 1e9, 1e9, 1, {}, host_to_gpu_bps=to_gpu, gpu_to_host_bps=to_host)
-    assert HardwareProfile.from_json(profile.to_json()) == profile
+    gpu = measure_gpu()
+    assert 1e9 < gpu.host_to_gpu_bps < 1e12 and 1e9 < gpu.gpu_to_host_bps < 1e12  # PCIe 3 x16 to NVLink-C2C
+    assert gpu.memory_bytes == torch.cuda.get_device_properties(0).total_memory
+    table = gpu.matmul_flops["bfloat16"]
+    assert 1e12 < table[8192] < 1e16 and table[1] < table[8192]  # a GPU needs rows to reach its peak
+    assert gpu.attention_bps > 1e10 and gpu.kv_decode_bps > 1e9 and gpu.dequantize_params_per_s["int4"] > 1e9
+    profile = HardwareProfile("t", 1e9, 1e9, 1, {"float32": {1: 1.0}}, gpu=gpu)
+    assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile

@@ -251,13 +251,3 @@ def test_compute_rates_follow_a_spot_check_of_current_speed(monkeypatch):
     assert now.dequantize_params_per_s == {"int4": pytest.approx(8e8)}
     assert (now.attention_bps, now.disk_read_bps) == (1e10, 1e9)
     assert hardware.at_current_speed(profile, torch.float16) is profile  # no table to compare with
-
-
-def test_a_gpu_run_without_policy_stays_on_the_gpu_only_when_it_fits():
-    """The planner does not model GPUs: without a policy a model that fits stays on the GPU
-    (None: the in-memory runner); one that does not gets an error with the sizes and a policy."""
-    from flexbatch.planner import fits_on_gpu
-
-    assert fits_on_gpu(CFG, FAMILY, torch.bfloat16, WORK, MemoryBudget(64 << 30, 64 << 30), 32) is None
-    with pytest.raises(ConfigError, match=r"needs 0\.\d+ GiB of GPU memory but the budget is 0\.10 GiB.*--percent"):
-        fits_on_gpu(CFG, FAMILY, torch.bfloat16, WORK, MemoryBudget(GiB // 10, 64 << 30), 32)  # ~200 MB of weights

@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gen-len", type=int, required=True, help="generated tokens per sequence")
     p.add_argument("--num-sequences", type=int, default=None, help="cap the block size at this many sequences")
     p.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the process may use (default: free RAM)")
+    p.add_argument("--gpu-memory", type=parse_bytes, default=None,
+                   help="GPU memory the policy may use (default: free GPU memory; only with a GPU)")
     p.add_argument("--offload-dir", default=None, help="where offloaded tensors would go (its disk is profiled)")
     p.add_argument("--write-policy", metavar="FILE", help="write the chosen policy as JSON for --policy FILE")
     add_compression_args(p)
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
                                    "and while the CPU computes, and how much the reads slow compute; bf16 and fp32 "
                                    "matmul FLOP/s by batch size; the fused int4 kernel and dequantization speed for "
                                    "compressed weights; decode attention and KV cache dequantization speed; with a GPU, "
-                                   "the host-GPU copy bandwidth) and cache it for later plans.")
+                                   "the host-GPU copy bandwidth and the same compute speeds on the GPU) and cache it for later plans.")
     q.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: the cache folder)")
     q.add_argument("--force", action="store_true", help="measure again even if a cached profile matches")
     q.add_argument("--disk-only", action="store_true",
@@ -49,20 +51,30 @@ def choose(cfg, family, dtype, device, work, args, max_block):
     from ..planner import plan_policy
     from .common import compression_fields
 
-    budget = MemoryBudget.detect(device, None, args.cpu_memory)
+    budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
     return plan_policy(cfg, family, dtype, device, work, budget, max_block, args.offload_dir,
                        compression=compression_fields(args), log=lambda m: print(m, file=sys.stderr))
 
 
-def describe(candidate) -> str:
+def describe(candidate, gpu: bool = False) -> str:
     p = candidate.policy
     compressed = " + ".join(n for n, on in (("weights", p.compress_weight), ("KV cache", p.compress_cache)) if on)
     if compressed:
         compressed = f" ({compressed} compressed to {p.compress_bits} bits)"
-    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}{compressed}, weights {100 * p.weights_device:.1f}% in memory, "
-            f"KV cache {100 * p.cache_device:.1f}% in memory: {candidate.throughput:.2f} tok/s predicted "
-            f"(prefill {candidate.prefill_seconds:.1f}s + decode {candidate.decode_seconds:.1f}s per block), "
-            f"{candidate.memory_bytes / 2**30:.2f} GiB")
+    if gpu:
+        where = lambda on_gpu, on_host: (f"{100 * on_gpu:.1f}% GPU, {100 * on_host:.1f}% host, "
+                                         f"{100 * max(0.0, 1 - on_gpu - on_host):.1f}% disk")
+        placement = (f"weights {where(p.weights_device, p.weights_host)}; KV cache "
+                     f"{where(p.cache_device, p.cache_host)}{', CPU attention' if p.cpu_attention else ''}")
+        memory = (f"GPU {sum(candidate.memory.device.values()) / 2**30:.2f} GiB, "
+                  f"host {sum(candidate.memory.host.values()) / 2**30:.2f} GiB")
+    else:
+        placement = (f"weights {100 * p.weights_device:.1f}% in memory, "
+                     f"KV cache {100 * p.cache_device:.1f}% in memory")
+        memory = f"{candidate.memory_bytes / 2**30:.2f} GiB"
+    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}{compressed}, {placement}: {candidate.throughput:.2f} "
+            f"tok/s predicted (prefill {candidate.prefill_seconds:.1f}s + decode {candidate.decode_seconds:.1f}s "
+            f"per block), {memory}")
 
 
 def run_plan(args) -> int:
@@ -78,11 +90,14 @@ def run_plan(args) -> int:
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     plan = choose(opened.config, get_family(opened.config), dtype, device,
                   Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
-    print(f"chosen:    {describe(plan.best)}")
+    gpu = device.type == "cuda"
+    print(f"chosen:    {describe(plan.best, gpu)}")
     for c in plan.runners_up:
-        print(f"runner-up: {describe(c)}")
-    print("memory of the chosen policy: " + ", ".join(
-        f"{k} {v / 2**30:.2f} GiB" for k, v in {**plan.best.memory.device, **plan.best.memory.host}.items() if v))
+        print(f"runner-up: {describe(c, gpu)}")
+    for label, parts in ((("GPU", plan.best.memory.device), ("host", plan.best.memory.host)) if gpu else
+                         (("", {**plan.best.memory.device, **plan.best.memory.host}),)):
+        print(f"{label + ' ' if label else ''}memory of the chosen policy: " + ", ".join(
+            f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items() if v))
     if args.write_policy:
         with open(args.write_policy, "w") as f:
             json.dump(asdict(plan.best.policy), f, indent=1)
@@ -91,8 +106,7 @@ def run_plan(args) -> int:
 
 
 def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
-    """The planner's policy for a command given no policy flags (printed on stderr); None
-    keeps everything in memory (on a GPU: when it fits there, see `fits_on_gpu`)."""
+    """The planner's policy for a command given no policy flags (printed on stderr)."""
     from ..config import parse_dtype
     from ..default_model import default_model_path
     from ..hardware import default_dtype, pick_device
@@ -103,16 +117,7 @@ def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
     opened = open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
-    if device.type == "cuda":
-        from ..engine.memory import MemoryBudget
-        from ..planner import fits_on_gpu
-
-        budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
-        batch = max(1, min(args.batch_size, num_sequences or args.batch_size))
-        fits_on_gpu(opened.config, get_family(opened.config), dtype, Workload(prompt_len, gen_len), budget, batch)
-        print("planner: the model fits in GPU memory; everything stays there", file=sys.stderr)
-        return None
     plan = choose(opened.config, get_family(opened.config), dtype, device, Workload(prompt_len, gen_len),
                   args, num_sequences)
-    print(f"planner: {describe(plan.best)}", file=sys.stderr)
+    print(f"planner: {describe(plan.best, device.type == 'cuda')}", file=sys.stderr)
     return plan.best.policy

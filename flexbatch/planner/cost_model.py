@@ -50,16 +50,31 @@ class Workload:
 
 @dataclass(frozen=True)
 class LayerCosts:
-    """Per-layer time terms as `constant + slope_w * w_mem + slope_c * c_mem` (seconds)."""
+    """Per-layer time terms as `(constant, slope_w, slope_c)`: seconds at memory fractions
+    (w_mem, c_mem) are constant + slope_w * w_mem + slope_c * c_mem."""
 
     io_pre: tuple[float, float, float]
     io_gen: tuple[float, float, float]
     comp_pre: tuple[float, float, float]
     comp_gen: tuple[float, float, float]
+    variables = ("w_mem", "c_mem")
+
+    def lanes(self, phase: str) -> list[tuple[float, float, float]]:
+        """The terms that overlap ("pre" or "gen"): the layer takes the longest."""
+        return [getattr(self, f"io_{phase}"), getattr(self, f"comp_{phase}")]
+
+    def serial(self, phase: str) -> tuple[float, ...]:
+        """The layer's time without overlap."""
+        return tuple(a + b for a, b in zip(*self.lanes(phase)))
 
     @staticmethod
-    def value(term: tuple[float, float, float], w_mem: float, c_mem: float) -> float:
-        return term[0] + term[1] * w_mem + term[2] * c_mem
+    def placement(policy: Policy) -> tuple[float, float]:
+        return policy.weights_device + policy.weights_host, policy.cache_device + policy.cache_host
+
+
+def term_value(term, x) -> float:
+    """A term [constant, slope per variable] at placement x."""
+    return float(term[0] + sum(slope * v for slope, v in zip(term[1:], x)))
 
 
 def layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile,
@@ -116,18 +131,22 @@ def weight_matmul_seconds(hw: HardwareProfile, dtype: torch.dtype, bits: int | N
     return min(dense, flop / fused) if fused else dense
 
 
-def head_seconds(cfg: ModelConfig, dtype: torch.dtype, hw: HardwareProfile, gpu_batch_size: int,
-                 batch: int, gen_len: int) -> float:
-    """The output projection runs once per generated token of every sequence."""
+def head_seconds(cfg: ModelConfig, dtype: torch.dtype, rates, gpu_batch_size: int, batch: int,
+                 gen_len: int) -> float:
+    """The output projection runs once per generated token of every sequence (on the device
+    whose `rates` are given: the profile's CPU part, or its GPU part)."""
     flops = batch * gen_len * 2 * cfg.vocab_size * cfg.hidden_size
-    return flops / hw.flops(dtype, gpu_batch_size)
+    return flops / rates.flops(dtype, gpu_batch_size)
 
 
-def block_seconds(costs: LayerCosts, num_layers: int, gen_len: int, w_mem: float, c_mem: float,
-                  overlap: bool = True, head: float = 0.0) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one block at the given memory fractions."""
-    combine = max if overlap else (lambda a, b: a + b)
-    at = lambda term: LayerCosts.value(term, w_mem, c_mem)
-    pre = combine(at(costs.io_pre), at(costs.comp_pre))
-    gen = combine(at(costs.io_gen), at(costs.comp_gen))
-    return num_layers * pre, num_layers * (gen_len - 1) * gen + head
+def block_seconds(costs, num_layers: int, gen_len: int, x, overlap: bool = True,
+                  head: float = 0.0) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one block at placement x (`costs.variables`):
+    a layer takes its longest lane when loads, stores and compute overlap, their sum if not."""
+
+    def layer(phase: str) -> float:
+        if overlap:
+            return max(term_value(lane, x) for lane in costs.lanes(phase))
+        return term_value(costs.serial(phase), x)
+
+    return num_layers * layer("pre"), num_layers * (gen_len - 1) * layer("gen") + head

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
+from .rates import GpuRates, int_rows, table_rate
+
+CPU = torch.device("cpu")
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
+GPU_MATMUL_ROWS = (1, 8, 32, 128, 512, 2048, 8192)  # a GPU reaches its peak at more rows
 PROBE_BYTES = 512 << 20
-PROFILE_VERSION = 5  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 6  # bump when the measured fields change, so cached profiles are redone
 CHUNK = 4 << 20
 
 
@@ -39,38 +43,23 @@ class HardwareProfile:
     kv_decode_bps: float = float("inf")
     # compressed weights: parameters dequantized per second, by format ("int4", "int8")
     dequantize_params_per_s: dict[str, float] = field(default_factory=dict)
-    # with a GPU: pinned host memory to GPU and back, bytes/s (None without one)
-    host_to_gpu_bps: float | None = None
-    gpu_to_host_bps: float | None = None
+    # the GPU's speeds and its link to host RAM (None without a GPU)
+    gpu: GpuRates | None = None
 
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float | None:
-        """Measured FLOP/s for a matmul with `rows` rows, linear between measured points;
-        `packed_bits` for the fused kernel on weights of that many bits (None if there is none)."""
-        key = f"int{packed_bits}" if packed_bits else str(dtype).removeprefix("torch.")
-        table = self.matmul_flops.get(key)
-        if not table:
-            if packed_bits:
-                return None
-            table = self.matmul_flops["float32"]
-        points = sorted((int(k), v) for k, v in table.items())
-        if rows <= points[0][0]:
-            return points[0][1] * rows / points[0][0]
-        for (r0, f0), (r1, f1) in zip(points, points[1:]):
-            if rows <= r1:
-                return f0 + (f1 - f0) * (rows - r0) / (r1 - r0)
-        return points[-1][1]
+        """Measured CPU FLOP/s for a matmul with `rows` rows (see `table_rate`)."""
+        return table_rate(self.matmul_flops, dtype, rows, packed_bits)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "HardwareProfile":
-        flops = {k: {int(r): float(f) for r, f in v.items()} for k, v in data["matmul_flops"].items()}
         optional = {k: data[k] for k in ("disk_read_busy_bps", "compute_share_during_reads", "attention_bps",
-                                         "kv_decode_bps", "dequantize_params_per_s", "host_to_gpu_bps",
-                                         "gpu_to_host_bps") if k in data}
-        return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"], flops,
-                   **optional)
+                                         "kv_decode_bps", "dequantize_params_per_s") if k in data}
+        gpu = GpuRates.from_json(data["gpu"]) if data.get("gpu") else None
+        return cls(data["fingerprint"], data["disk_read_bps"], data["disk_write_bps"], data["memory_bytes"],
+                   int_rows(data["matmul_flops"]), gpu=gpu, **optional)
 
 
 def fingerprint(folder: Path) -> str:
@@ -141,41 +130,44 @@ def _read_while_computing(pool, file, buf, chunks, nbytes: int, passes: int = 3)
 
 
 def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
-                      head_dim: int = 64) -> float:
+                      head_dim: int = 64, device: torch.device = CPU) -> float:
     """Decode attention's speed in K and V bytes per second, over a cache larger than L3."""
     from ..models.ops import grouped_attention
 
-    q = torch.randn(batch, heads, 1, head_dim).to(dtype)
-    keys, values = (torch.randn(batch, heads, tokens, head_dim).to(dtype) for _ in range(2))
-    mask = torch.zeros(batch, 1, 1, tokens, dtype=dtype)
-    seconds = _best_seconds(lambda: grouped_attention(q, keys, values, mask, head_dim ** -0.5))
+    q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
+    keys, values = (torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, tokens, dtype=dtype, device=device)
+    seconds = _best_seconds(lambda: grouped_attention(q, keys, values, mask, head_dim ** -0.5), device=device)
     return 2 * keys.numel() * keys.element_size() / seconds
 
 
 def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
-                      head_dim: int = 64) -> float:
+                      head_dim: int = 64, device: torch.device = CPU) -> float:
     """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second."""
     from ..storage.kv_rows import RowCodec
     from ..storage.quantize import QuantConfig
 
     codec = RowCodec(batch, heads, head_dim, dtype, QuantConfig(4, 64))
-    rows = codec.encode(torch.randn(batch, heads, tokens, head_dim).to(dtype))
-    seconds = _best_seconds(lambda: codec.decode(rows))
+    rows = codec.encode(torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype))
+    seconds = _best_seconds(lambda: codec.decode(rows), device=device)
     return batch * heads * tokens * head_dim * torch.empty((), dtype=dtype).element_size() / seconds
 
 
-def _best_seconds(fn, repeats: int = 5) -> float:
+def _best_seconds(fn, repeats: int = 5, device: torch.device = CPU) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run async
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
 def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = False,
-                   rows_list: tuple[int, ...] = MATMUL_ROWS) -> dict[int, float]:
+                   rows_list: tuple[int, ...] = MATMUL_ROWS, device: torch.device = CPU) -> dict[int, float]:
     """FLOP/s of one transformer layer's matmuls (four [h, h] projections, an [4h, h] and an
     [h, 4h] MLP matrix, h = hidden) on x of `rows` rows, best of a few runs. Small square
     matrices run at a lower rate than the MLP's at few rows, so a layer's mix is what the
@@ -184,7 +176,7 @@ def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = Fa
     from ..storage.packed_linear import _fused, _fused_kernel_matches, pack_linear
 
     shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
-    weights = [torch.randn(n, k, dtype=dtype) for n, k in shapes]
+    weights = [torch.randn(n, k, dtype=dtype, device=device) for n, k in shapes]
     if fused_int4:
         if not _fused_kernel_matches():
             return {}
@@ -195,10 +187,10 @@ def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = Fa
     flop_per_row = sum(2 * n * k for n, k in shapes)
     out = {}
     for rows in rows_list:
-        inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (hidden, 4 * hidden)}
+        inputs = {k: torch.randn(rows, k, dtype=dtype, device=device) for k in (hidden, 4 * hidden)}
         layer = lambda: [multiply(inputs[k], i) for i, (_, k) in enumerate(shapes)]
         repeats = max(1, min(10, 512 // rows))
-        seconds = _best_seconds(lambda: [layer() for _ in range(repeats)], repeats=3) / repeats
+        seconds = _best_seconds(lambda: [layer() for _ in range(repeats)], repeats=3, device=device) / repeats
         out[rows] = rows * flop_per_row / seconds
     return out
 
@@ -221,13 +213,13 @@ def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat
     return replace(profile, matmul_flops=scaled, dequantize_params_per_s=dequantize)
 
 
-def measure_dequantize(bits: int, hidden: int = 2048) -> float:
+def measure_dequantize(bits: int, hidden: int = 2048, device: torch.device = CPU) -> float:
     """Parameters per second dequantized from `bits`-bit packed weights into a dense buffer."""
     from ..storage.packed_linear import dequantize_transposed, pack_linear
 
-    packed = pack_linear(torch.randn(4 * hidden, hidden, dtype=torch.bfloat16), bits)
-    buffer = torch.empty(hidden, 4 * hidden, dtype=torch.bfloat16)
-    return 4 * hidden * hidden / _best_seconds(lambda: dequantize_transposed(packed, buffer))
+    packed = pack_linear(torch.randn(4 * hidden, hidden, dtype=torch.bfloat16), bits).to(device)
+    buffer = torch.empty(hidden, 4 * hidden, dtype=torch.bfloat16, device=device)
+    return 4 * hidden * hidden / _best_seconds(lambda: dequantize_transposed(packed, buffer), device=device)
 
 
 def measure_gpu_link(nbytes: int = 256 << 20) -> tuple[float, float]:
@@ -246,6 +238,21 @@ def measure_gpu_link(nbytes: int = 256 << 20) -> tuple[float, float]:
     return tuple(nbytes / min(copy(dst, src) for _ in range(3)) for dst, src in ((gpu, host), (host, gpu)))
 
 
+def measure_gpu(log=lambda msg: None) -> GpuRates:
+    """The GPU's part of the profile: the pinned link both ways, then the CPU's compute
+    measurements repeated on the GPU (at a hidden size of 4096: models that need offloading
+    on a GPU are that large or larger, and a GPU's rate depends on the matrix size)."""
+    gpu = torch.device("cuda")
+    log("measuring the host-GPU link (pinned copies)...")
+    to_gpu, to_host = measure_gpu_link()
+    log("measuring GPU matmul, attention and dequantization speed...")
+    flops = {"bfloat16": measure_matmul(torch.bfloat16, 4096, rows_list=GPU_MATMUL_ROWS, device=gpu)}
+    dequantize = {f"int{bits}": measure_dequantize(bits, 4096, device=gpu) for bits in (4, 8)}
+    return GpuRates(torch.cuda.get_device_name(gpu), torch.cuda.get_device_properties(gpu).total_memory, to_gpu,
+                    to_host, flops, measure_attention(torch.bfloat16, batch=64, device=gpu),
+                    measure_kv_decode(torch.bfloat16, batch=64, device=gpu), dequantize)
+
+
 def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     import psutil
 
@@ -262,12 +269,9 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
     log("measuring decode attention and KV cache dequantization...")
     attention, kv_decode = measure_attention(torch.bfloat16), measure_kv_decode(torch.bfloat16)
-    link = (None, None)
-    if torch.cuda.is_available():
-        log("measuring the host-GPU link (pinned copies)...")
-        link = measure_gpu_link()
+    gpu = measure_gpu(log) if torch.cuda.is_available() else None
     return HardwareProfile(fingerprint(folder), read, write, psutil.virtual_memory().total, flops, busy, share,
-                           attention, kv_decode, dequantize, *link)
+                           attention, kv_decode, dequantize, gpu)
 
 
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None,

@@ -3,7 +3,7 @@ picks the memory fractions of weights and KV cache that minimise the block's tim
 memory budget (scipy's HiGHS). The best throughput wins."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from .cost_model import Workload, block_seconds, head_seconds, layer_costs
+from .gpu_cost import gpu_layer_costs
 from .hardware import HardwareProfile
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -42,118 +43,164 @@ class Plan:
     runners_up: list[Candidate] = field(default_factory=list)
 
 
-def _memory_terms(cfg, family, dtype, gbs, ngb, work, compression) -> tuple[float, float, float]:
-    """Memory as m0 + mw * w_mem + mc * c_mem bytes (exactly linear for fractions below 1)."""
+def costs_for(cfg, family, dtype, hw, policy: Policy, work: Workload, gpu: bool):
+    """The per-layer cost terms on this kind of machine (gpu_cost.py or cost_model.py)."""
+    return (gpu_layer_costs if gpu else layer_costs)(cfg, family, dtype, hw, policy, work)
+
+
+def _memory_rows(cfg, family, dtype, template: Policy, work, budget: MemoryBudget, gpu: bool):
+    """Memory constraints [slope per variable] . x <= limit, one per budgeted tier: the GPU
+    and host RAM, or on a CPU-only machine their sum. Memory is linear in the placement
+    (exactly, for fractions below 1), so each row comes from one plan per variable."""
     capacity = work.prompt_len + work.gen_len
+    names = ("weights_device", "weights_host", "cache_device", "cache_host") if gpu else \
+        ("weights_device", "cache_device")
+    device = torch.device("cuda" if gpu else "cpu")
 
-    def total(w, c):
-        policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, weights_device=w, cache_device=c, **compression)
-        plan = run_memory(cfg, family, policy, dtype, gbs * ngb, capacity, work.prompt_len)
-        return sum(plan.host.values()) + sum(plan.device.values())
+    def tiers(**fractions) -> np.ndarray:
+        on_disk = dict(weights_device=0.0, weights_host=0.0, cache_device=0.0, cache_host=0.0)
+        policy = replace(template, **{**on_disk, **fractions})
+        plan = run_memory(cfg, family, policy, dtype, policy.block_size, capacity, work.prompt_len, device)
+        device_bytes, host_bytes = sum(plan.device.values()), sum(plan.host.values())
+        return np.array([device_bytes, host_bytes] if gpu else [device_bytes + host_bytes], dtype=float)
 
-    m0 = total(0.0, 0.0)
-    return m0, total(1.0 - 1e-9, 0.0) - m0, total(0.0, 1.0 - 1e-9) - m0
+    base = tiers()
+    slopes = np.stack([tiers(**{name: 1.0 - 1e-9}) - base for name in names], axis=1)
+    limits = np.array([budget.device_bytes, budget.host_bytes] if gpu else [budget.host_bytes], dtype=float)
+    return slopes, limits - base
 
 
-def solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget_bytes, overlap=True, compression=None):
-    """(w_mem, c_mem) minimising the block time within the budget, or None if infeasible."""
-    compression = compression or {}
-    template = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, **compression)
-    costs = layer_costs(cfg, family, dtype, hw, template, work)
-    m0, mw, mc = _memory_terms(cfg, family, dtype, gbs, ngb, work, compression)
+def solve_fractions(cfg, family, dtype, hw, template: Policy, work, budget: MemoryBudget, gpu: bool = False):
+    """The placement x (`costs.variables`) minimising the block time of `template`'s batch
+    sizes and flags within the budget, as (x, costs); None if nothing fits. Variables:
+    x, then the per-layer prefill and decode times T_pre and T_gen."""
+    costs = costs_for(cfg, family, dtype, hw, template, work, gpu)
+    n = len(costs.variables)
     layers, steps = cfg.num_layers, work.gen_len - 1
-    # x = [w_mem, c_mem, T_pre, T_gen] (per-layer times)
     rows, rhs = [], []
-    for io, comp, col in ((costs.io_pre, costs.comp_pre, 2), (costs.io_gen, costs.comp_gen, 3)):
-        t = [0.0, 0.0, 0.0, 0.0]
-        t[col] = -1.0  # each row: term(w, c) - T <= 0, i.e. slope_w * w + slope_c * c - T <= -constant
-        if overlap:
-            rows += [[io[1], io[2], *t[2:]], [comp[1], comp[2], *t[2:]]]
-            rhs += [-io[0], -comp[0]]
-        else:
-            rows.append([io[1] + comp[1], io[2] + comp[2], *t[2:]])
-            rhs.append(-io[0] - comp[0])
-    rows.append([mw, mc, 0.0, 0.0])
-    rhs.append(budget_bytes - m0)
-    # Among placements of equal time (compute-bound ones: the I/O hides under compute), prefer
-    # the one that keeps more in memory: a tiny reward per fraction breaks the tie that way.
-    prefer_memory = -TIE_BREAK * layers * (costs.io_pre[0] + steps * costs.io_gen[0])
-    result = linprog(c=[prefer_memory, prefer_memory, layers, layers * steps], A_ub=np.array(rows), b_ub=np.array(rhs),
-                     bounds=[(0, 1), (0, 1), (0, None), (0, None)], method="highs")
+    for phase, col in (("pre", n), ("gen", n + 1)):
+        lanes = costs.lanes(phase) if template.overlap else [costs.serial(phase)]
+        for lane in lanes:  # lane(x) <= T: slopes . x - T <= -constant
+            row = np.zeros(n + 2)
+            row[:n], row[col] = lane[1:], -1.0
+            rows.append(row)
+            rhs.append(-lane[0])
+    mem_slopes, mem_limits = _memory_rows(cfg, family, dtype, template, work, budget, gpu)
+    for slopes, limit in zip(mem_slopes, mem_limits):
+        rows.append(np.concatenate([slopes, [0.0, 0.0]]))
+        rhs.append(limit)
+    for first in range(0, n, 2) if gpu else ():  # w_gpu + w_host <= 1, c_gpu + c_host <= 1
+        rows.append(np.array([1.0 if i in (first, first + 1) else 0.0 for i in range(n + 2)]))
+        rhs.append(1.0)
+    result = linprog(c=_objective(costs, layers, steps), A_ub=np.array(rows), b_ub=np.array(rhs),
+                     bounds=[(0, 1)] * n + [(0, None)] * 2, method="highs")
     if result.status != 0:
         return None
-    w, c = (float(np.clip(v, 0.0, 1.0)) for v in result.x[:2])
-    return _snap(w), _snap(c), costs
+    return tuple(_snap(float(np.clip(v, 0.0, 1.0))) for v in result.x[:n]), costs
+
+
+def _objective(costs, layers: int, steps: int) -> list[float]:
+    """Minimise the block's time. Among placements of equal time (compute-bound ones: the
+    I/O hides under compute) prefer the one that keeps data on faster tiers: a tiny reward
+    per fraction, doubled for the GPU on a GPU machine, breaks the tie that way."""
+    slowest = lambda phase: max(lane[0] for lane in costs.lanes(phase))  # everything on the slowest tier
+    scale = TIE_BREAK * layers * (slowest("pre") + steps * slowest("gen"))
+    rewards = [-scale * (2.0 if name.endswith("gpu") else 1.0) for name in costs.variables]
+    return rewards + [layers, layers * steps]
 
 
 def _snap(fraction: float) -> float:
     # Round down to 1e-6 so that the engine's own memory check sees no rounding excess.
-    return float(np.floor(fraction * 1e6) / 1e6)
+    return float(np.floor(fraction * 1e6) / 1e6) + 0.0  # + 0.0: no negative zero
 
 
-def evaluate(cfg, family, dtype, hw, policy: Policy, work: Workload) -> Candidate:
+def _with_placement(policy: Policy, x: tuple[float, ...], gpu: bool) -> Policy:
+    if gpu:
+        w_gpu, w_host, c_gpu, c_host = x
+        cpu_attention = policy.cpu_attention and c_gpu < 1  # nothing to attend on the CPU otherwise
+        return replace(policy, weights_device=w_gpu, weights_host=w_host, cache_device=c_gpu, cache_host=c_host,
+                       cpu_attention=cpu_attention)
+    w_mem, c_mem = x
+    return replace(policy, weights_device=w_mem, weights_host=0.0, cache_device=c_mem, cache_host=0.0)
+
+
+def evaluate(cfg, family, dtype, hw, policy: Policy, work: Workload, gpu: bool = False) -> Candidate:
     """Predicted time and memory of a given policy (used for hand-picked policies too)."""
-    costs = layer_costs(cfg, family, dtype, hw, policy, work)
-    head = head_seconds(cfg, dtype, hw, policy.gpu_batch_size, policy.block_size, work.gen_len)
-    w_mem = policy.weights_device + policy.weights_host
-    c_mem = policy.cache_device + policy.cache_host
-    pre, gen = block_seconds(costs, cfg.num_layers, work.gen_len, w_mem, c_mem, policy.overlap, head)
+    costs = costs_for(cfg, family, dtype, hw, policy, work, gpu)
+    rates = hw.gpu if gpu else hw
+    head = head_seconds(cfg, dtype, rates, policy.gpu_batch_size, policy.block_size, work.gen_len)
+    pre, gen = block_seconds(costs, cfg.num_layers, work.gen_len, costs.placement(policy), policy.overlap, head)
     memory = run_memory(cfg, family, policy, dtype, policy.block_size, work.prompt_len + work.gen_len,
-                        work.prompt_len)
+                        work.prompt_len, torch.device("cuda" if gpu else "cpu"))
     return Candidate(policy, policy.block_size * work.gen_len / (pre + gen), pre, gen, memory)
 
 
 def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile, work: Workload,
            budget: MemoryBudget, max_block: int | None = None, keep: int = 5,
-           compression: dict | None = None) -> Plan:
-    """The best policy for `work` within `budget` on a CPU-only machine; `compression` holds
-    the compress_* fields every candidate gets.
+           compression: dict | None = None, gpu: bool = False) -> Plan:
+    """The best policy for `work` within `budget`; `compression` holds the compress_* fields
+    every candidate gets. With `gpu` the model has a GPU (the profile's `gpu` rates), and
+    CPU attention is tried both ways.
 
-    GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the machine's
+    GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the device's
     peak are tried only when no larger one fits: there, per-operation costs the model does
     not price (many small loads, stores and kernel calls per layer) dominate, and predictions
     were measured to be optimistic (8 x 8 sequences ran 32% below its prediction on the
     planner benchmark, while 64 x 1 was within 4%)."""
-    compression = compression or {}
-    peak = max(hw.matmul_flops.get(str(dtype).removeprefix("torch."), {0: 0.0}).values())
-    efficient = [g for g in GPU_BATCH_SIZES if hw.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
+    if gpu and hw.gpu is None:
+        raise ConfigError("the hardware profile has no GPU measurements; run `flexbatch profile --force` on this "
+                          "machine with the GPU visible.")
+    rates = hw.gpu if gpu else hw
+    peak = max(rates.flops(dtype, rows) for rows in (1 << p for p in range(14)))
+    efficient = [g for g in GPU_BATCH_SIZES if rates.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
     small = [g for g in GPU_BATCH_SIZES if g not in efficient]
-    candidates = _candidates(cfg, family, dtype, hw, work, budget, max_block, compression, efficient) \
-        or _candidates(cfg, family, dtype, hw, work, budget, max_block, compression, small)
+    templates = lambda sizes: _templates(sizes, max_block, compression or {}, gpu)
+    candidates = _candidates(cfg, family, dtype, hw, work, budget, templates(efficient), gpu) \
+        or _candidates(cfg, family, dtype, hw, work, budget, templates(small), gpu)
     if not candidates:
-        raise _infeasible(cfg, family, dtype, work, budget, compression)
+        raise _infeasible(cfg, family, dtype, work, budget, compression or {}, gpu)
     candidates.sort(key=lambda c: (-c.throughput, c.memory_bytes))
     return Plan(candidates[0], candidates[1:keep])
 
 
-def _candidates(cfg, family, dtype, hw, work, budget, max_block, compression, gpu_batch_sizes) -> list[Candidate]:
-    out = []
-    for gbs in gpu_batch_sizes:
-        for ngb in NUM_GPU_BATCHES:
-            if max_block is not None and gbs * ngb > max(max_block, 1) and not (gbs == 1 and ngb == 1):
-                continue
-            solved = solve_fractions(cfg, family, dtype, hw, gbs, ngb, work, budget.host_bytes,
-                                     compression=compression)
-            if solved is None:
-                continue
-            w, c, _ = solved
-            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, weights_device=w, cache_device=c, **compression)
-            candidate = evaluate(cfg, family, dtype, hw, policy, work)
-            try:
-                candidate.memory.check(budget, unified=True, hint="")
-            except ConfigError:
-                continue
-            out.append(candidate)
-    return out
+def _templates(gpu_batch_sizes, max_block: int | None, compression: dict, gpu: bool) -> list[Policy]:
+    """The policies to place: every block shape up to max_block, and on a GPU with a plain
+    KV cache each with and without CPU attention."""
+    flags = (False, True) if gpu and not compression.get("compress_cache") else (False,)
+    return [Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, cpu_attention=cpu_attention, **compression)
+            for gbs in gpu_batch_sizes for ngb in NUM_GPU_BATCHES for cpu_attention in flags
+            if max_block is None or gbs * ngb <= max(max_block, 1) or (gbs == 1 and ngb == 1)]
 
 
-def _infeasible(cfg, family, dtype, work, budget, compression) -> ConfigError:
+def _candidates(cfg, family, dtype, hw, work, budget, templates: list[Policy], gpu: bool) -> list[Candidate]:
+    out = {}
+    for template in templates:
+        solved = solve_fractions(cfg, family, dtype, hw, template, work, budget, gpu)
+        if solved is None:
+            continue
+        policy = _with_placement(template, solved[0], gpu)
+        candidate = evaluate(cfg, family, dtype, hw, policy, work, gpu)
+        try:
+            candidate.memory.check(budget, unified=not gpu, hint="")
+        except ConfigError:
+            continue
+        out[policy] = candidate  # the CPU-attention variant of an all-GPU cache is the same policy
+    return list(out.values())
+
+
+def _infeasible(cfg, family, dtype, work, budget, compression, gpu: bool) -> ConfigError:
     smallest = Policy(gpu_batch_size=1, num_gpu_batches=1, weights_device=0, cache_device=0, **compression)
-    plan = run_memory(cfg, family, smallest, dtype, 1, work.prompt_len + work.gen_len, work.prompt_len)
-    need = sum(plan.host.values()) + sum(plan.device.values())
-    parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in plan.host.items() | plan.device.items() if v)
+    plan = run_memory(cfg, family, smallest, dtype, 1, work.prompt_len + work.gen_len, work.prompt_len,
+                      torch.device("cuda" if gpu else "cpu"))
+    tiers = [("GPU memory", plan.device, budget.device_bytes, "--gpu-memory"),
+             ("host memory", plan.host, budget.host_bytes, "--cpu-memory")] if gpu else \
+        [("memory", {**plan.host, **{k: v + plan.host.get(k, 0) for k, v in plan.device.items()}},
+          budget.host_bytes, "--cpu-memory")]
+    label, parts, limit, flag = max(tiers, key=lambda tier: sum(tier[1].values()) - tier[2])
+    need = sum(parts.values())
+    detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items() if v)
     return ConfigError(
-        f"no policy fits: even one sequence with all weights and KV cache on disk needs {need / GiB:.2f} GiB "
-        f"({parts}) but the budget is {budget.host_bytes / GiB:.2f} GiB, {max(need - budget.host_bytes, 0) / GiB:.2f} "
-        "GiB short. Free memory or raise --cpu-memory, compress the KV cache and weights (--compress-cache, "
-        "--compress-weight), or shorten the prompt and generation length.")
+        f"no policy fits: even one sequence with all weights and KV cache on disk needs {need / GiB:.2f} GiB of "
+        f"{label} ({detail}) but the budget is {limit / GiB:.2f} GiB, {max(need - limit, 0) / GiB:.2f} GiB short. "
+        f"Free memory or raise {flag}, compress the KV cache and weights (--compress-cache, --compress-weight), "
+        "or shorten the prompt and generation length.")

@@ -1,0 +1,123 @@
+"""The cost model on a machine with a GPU: FlexGen's per-layer terms (paper §4.3; the study's
+§5.3) for weights and KV cache over three tiers, GPU memory, host RAM and disk.
+
+Placement variables x = (w_gpu, w_host, c_gpu, c_host); what is on neither is on disk:
+w_disk = 1 - w_gpu - w_host, and w_off = 1 - w_gpu is what crosses the host-GPU link every
+layer load. Every term is linear in x (kept as arrays [constant, slope per variable]), so
+the search solves a linear program over x for each (gpu_batch_size, num_gpu_batches).
+
+Per layer and per block of B sequences (prompt s, t = s + n / 2 the mean context over the
+generation, W / K the layer's weight bytes and one token's K and V bytes as stored, Kd the
+same in the compute dtype, H / G the link to / from the GPU, R / Wr the disk):
+
+    weight_load = W * w_disk / R + W * w_off / H          (disk then link, one I/O thread)
+    cache_load  = B t K * c_disk / R + B t K * c_off / H  (decode; CPU attention: disk part only)
+    cache_store = B s K * (c_off / G + c_disk / Wr)        (prefill; decode: B K instead of B s K)
+    disk        = every disk read and write above          (one disk)
+    host_to_gpu / gpu_to_host = every link copy above      (one link each way)
+    compute     = matmuls at the GPU's rate for its rows, prompt attention, decode attention
+                  over the cache's bytes at the GPU's attention rate, or with CPU attention
+                  the off-GPU part at the CPU's rate, plus the queries, keys and values
+                  that then cross the link
+
+FlexGen's T = max(...) over its I/O directions and compute becomes a max over these lanes:
+the loads, stores and compute run on their own threads and CUDA streams, each lane is a lower
+bound on the layer's time, and the disk and the link are each shared by the lanes that use
+them. Without overlap a layer takes the sum of the threads' lanes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import Policy
+from ..engine.memory import kv_bytes_per_token, layer_params, layer_weight_bytes
+from ..models.family import Family
+from ..models.spec import ModelConfig
+from ..storage.packed_linear import element_size
+from .cost_model import Workload, weight_matmul_seconds
+from .hardware import HardwareProfile
+
+VARIABLES = ("w_gpu", "w_host", "c_gpu", "c_host")
+ONE, W_GPU, W_HOST, C_GPU, C_HOST = np.eye(5)
+W_OFF, W_DISK = ONE - W_GPU, ONE - W_GPU - W_HOST
+C_OFF, C_DISK = ONE - C_GPU, ONE - C_GPU - C_HOST
+THREAD_LANES = ("weight_load", "cache_load", "cache_store", "compute")
+SHARED_LANES = ("disk", "host_to_gpu", "gpu_to_host")
+
+
+@dataclass(frozen=True)
+class GpuLayerCosts:
+    """Per-layer seconds of each lane, prefill (`pre`) and one decode step (`gen`)."""
+
+    pre: dict[str, np.ndarray]
+    gen: dict[str, np.ndarray]
+    variables = VARIABLES
+
+    def lanes(self, phase: str) -> list[np.ndarray]:
+        return list(getattr(self, phase).values())
+
+    def serial(self, phase: str) -> np.ndarray:
+        terms = getattr(self, phase)
+        return sum(terms[name] for name in THREAD_LANES)
+
+    @staticmethod
+    def placement(policy: Policy) -> tuple[float, ...]:
+        return policy.weights_device, policy.weights_host, policy.cache_device, policy.cache_host
+
+
+def gpu_layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile, policy: Policy,
+                    work: Workload) -> GpuLayerCosts:
+    """The lanes of one layer for `policy`'s batch sizes, flags and compression."""
+    gpu = hw.gpu
+    B, gbs, s = policy.block_size, policy.gpu_batch_size, work.prompt_len
+    t = s + work.gen_len / 2
+    W = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
+    K, Kd = kv_bytes_per_token(cfg, dtype, policy.cache_quant), kv_bytes_per_token(cfg, dtype)
+    H, G, R, Wr = gpu.host_to_gpu_bps, gpu.gpu_to_host_bps, hw.disk_read_bps, hw.disk_write_bps
+    cpu_attention = policy.cpu_attention and not policy.compress_cache  # a compressed cache decodes to the GPU
+    bits = policy.compress_bits if policy.compress_weight else None
+    params = layer_params(cfg, family)
+    weight_in = {"disk": W * W_DISK / R, "link": W * W_OFF / H}
+
+    prompt_compute = weight_matmul_seconds(gpu, dtype, bits, params, B, gbs, s) \
+        + B * 2 * s * s * cfg.hidden_size / gpu.flops(dtype, gbs * s)
+    pre_store = {"disk": B * s * K * C_DISK / Wr, "link": B * s * K * C_OFF / G}
+    pre = _lanes(weight_in, {}, pre_store, prompt_compute * ONE, {})
+
+    attended = B * t * Kd
+    if policy.compress_cache:  # rows decode where they live: on the GPU, or on the CPU and then cross dense
+        cache_in = {"disk": B * t * K * C_DISK / R, "link": attended * C_OFF / H,
+                    "decode": attended * (C_GPU / gpu.kv_decode_bps + C_OFF / hw.kv_decode_bps)}
+    else:
+        cache_in = {"disk": B * t * K * C_DISK / R, "link": 0 * ONE if cpu_attention else B * t * K * C_OFF / H}
+    gen_store = {"disk": B * K * C_DISK / Wr, "link": B * K * C_OFF / G}
+    compute = weight_matmul_seconds(gpu, dtype, bits, params, B, gbs, 1) * ONE
+    crossing = {}
+    if cpu_attention:
+        # queries go to the CPU (keys and values are the stored rows) and outputs come back
+        crossing = {"to_gpu": B * cfg.hidden_size * element_size(dtype) * C_OFF / H,
+                    "to_host": B * cfg.hidden_size * element_size(dtype) * C_OFF / G}
+        compute = compute + attended * (C_GPU / gpu.attention_bps + C_OFF / hw.attention_bps) \
+            + crossing["to_gpu"] + crossing["to_host"]
+    else:
+        compute = compute + attended * ONE / gpu.attention_bps
+    gen = _lanes(weight_in, cache_in, gen_store, compute, crossing)
+    return GpuLayerCosts(pre, gen)
+
+
+def _lanes(weight_in: dict, cache_in: dict, store: dict, compute: np.ndarray, crossing: dict) -> dict:
+    """Each lane's seconds from the parts of one phase (all arrays over ONE and the variables)."""
+    zero = 0 * ONE
+    cache_load = cache_in.get("disk", zero) + cache_in.get("link", zero) + cache_in.get("decode", zero)
+    return {
+        "weight_load": weight_in["disk"] + weight_in["link"],
+        "cache_load": cache_load,
+        "cache_store": store["disk"] + store["link"],
+        "compute": compute,
+        "disk": weight_in["disk"] + cache_in.get("disk", zero) + store["disk"],
+        "host_to_gpu": weight_in["link"] + cache_in.get("link", zero) + crossing.get("to_gpu", zero),
+        "gpu_to_host": store["link"] + crossing.get("to_host", zero),
+    }

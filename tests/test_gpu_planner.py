@@ -1,0 +1,160 @@
+"""The planner on a machine with a GPU, from a synthetic profile (runs without CUDA): each
+lane of the GPU cost model against hand computation, the LP's choices against what the
+rates make obviously best, monotonicity in both memory budgets, every returned policy
+within both budgets, and the infeasible and missing-profile errors."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from flexbatch.config import Policy
+from flexbatch.engine.memory import GiB, MemoryBudget, run_memory
+from flexbatch.errors import ConfigError
+from flexbatch.planner import HardwareProfile, evaluate, search
+from flexbatch.planner.cost_model import term_value
+from flexbatch.planner.gpu_cost import THREAD_LANES, gpu_layer_costs
+from flexbatch.planner.rates import GpuRates
+from test_planner import CFG, FAMILY, FLAT, HW, WORK
+
+GPU = GpuRates("test GPU", 80 << 30, host_to_gpu_bps=2e10, gpu_to_host_bps=1e10,
+               matmul_flops={"bfloat16": {1: 1e14, 8192: 1e14}}, attention_bps=1e12, kv_decode_bps=1e11,
+               dequantize_params_per_s={"int4": 1e12})
+HW_GPU = replace(HW, gpu=GPU)  # disk reads 1e9 B/s, writes 5e8; CPU attention 1e10 B/s
+# for the planner's choices: a GPU reaches its peak only with many rows, as real ones do
+RAMP = replace(HW_GPU, gpu=replace(GPU, matmul_flops={"bfloat16": {1: 2e11, 64: 1e13, 8192: 1e14}}))
+PARAMS = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+W = 2 * PARAMS  # one layer's bf16 bytes
+K = 2 * 16 * 64 * 2  # one token's K and V in one layer, bf16
+B, S, T = 8, 100, 100 + 11 / 2  # block, prompt, mean context over the generation
+R, WR, H, G = 1e9, 5e8, 2e10, 1e10
+
+
+def lane(constant, w_gpu=0.0, w_host=0.0, c_gpu=0.0, c_host=0.0) -> np.ndarray:
+    return np.array([constant, w_gpu, w_host, c_gpu, c_host])
+
+
+def test_gpu_lanes_by_hand():
+    costs = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    # weights not on the GPU cross the link; those on disk are read first
+    weight_load = lane(W / R + W / H, w_gpu=-(W / R + W / H), w_host=-W / R)
+    assert costs.pre["weight_load"] == pytest.approx(weight_load)
+    assert costs.gen["weight_load"] == pytest.approx(weight_load)
+    prompt_store = B * S * K
+    assert costs.pre["cache_store"] == pytest.approx(
+        lane(prompt_store * (1 / G + 1 / WR), c_gpu=-prompt_store * (1 / G + 1 / WR), c_host=-prompt_store / WR))
+    assert costs.pre["compute"] == pytest.approx(lane(B * S * 2 * PARAMS / 1e14 + B * 2 * S * S * 1024 / 1e14))
+    # decode: the off-GPU cache is copied in every step and the new token's rows go back
+    context = B * T * K
+    assert costs.gen["cache_load"] == pytest.approx(
+        lane(context * (1 / R + 1 / H), c_gpu=-context * (1 / R + 1 / H), c_host=-context / R))
+    assert costs.gen["compute"] == pytest.approx(lane(B * 2 * PARAMS / 1e14 + context / 1e12))
+    assert costs.gen["disk"] == pytest.approx(lane(W / R + context / R + B * K / WR, w_gpu=-W / R, w_host=-W / R,
+                                                   c_gpu=-(context / R + B * K / WR), c_host=-(context / R + B * K / WR)))
+    assert costs.gen["host_to_gpu"] == pytest.approx(lane(W / H + context / H, w_gpu=-W / H, c_gpu=-context / H))
+    assert costs.gen["gpu_to_host"] == pytest.approx(lane(B * K / G, c_gpu=-B * K / G))
+
+
+def test_cpu_attention_lanes_by_hand():
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cpu_attention=True)
+    costs = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK)
+    context = B * T * K
+    # only the disk part is read, into host RAM, where the CPU attends over it with the host part
+    assert costs.gen["cache_load"] == pytest.approx(lane(context / R, c_gpu=-context / R, c_host=-context / R))
+    queries = B * 1024 * 2 * (1 / H + 1 / G)  # queries out, attention outputs back, for the off-GPU share
+    attention_off_gpu = context / 1e10 + queries
+    assert costs.gen["compute"] == pytest.approx(
+        lane(B * 2 * PARAMS / 1e14 + attention_off_gpu, c_gpu=context / 1e12 - attention_off_gpu))
+    assert costs.gen["host_to_gpu"] == pytest.approx(lane(W / H + B * 1024 * 2 / H, w_gpu=-W / H,
+                                                          c_gpu=-B * 1024 * 2 / H))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_block_time_is_the_longest_lane_or_the_threads_in_sequence(overlap):
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.25, weights_host=0.5, cache_device=0.5,
+                    cache_host=0.25, overlap=overlap)
+    costs = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK)
+    x = (0.25, 0.5, 0.5, 0.25)
+    layer = lambda terms: (max(term_value(t, x) for t in terms.values()) if overlap
+                           else sum(term_value(terms[name], x) for name in THREAD_LANES))
+    head = B * 11 * 2 * 1000 * 1024 / 1e14
+    c = evaluate(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK, gpu=True)
+    assert c.prefill_seconds == pytest.approx(8 * layer(costs.pre))
+    assert c.decode_seconds == pytest.approx(8 * 10 * layer(costs.gen) + head)
+    assert c.throughput == pytest.approx(B * 11 / (c.prefill_seconds + c.decode_seconds))
+
+
+def gpu_budget(gpu_gib: float, host_gib: float = 64) -> MemoryBudget:
+    return MemoryBudget(device_bytes=int(gpu_gib * GiB), host_bytes=int(host_gib * GiB))
+
+
+def plan(budget: MemoryBudget, hw: HardwareProfile = RAMP, **kwargs):
+    return search(CFG, FAMILY, torch.bfloat16, hw, WORK, budget, max_block=256, gpu=True, **kwargs)
+
+
+def test_a_model_that_fits_stays_on_the_gpu():
+    p = plan(gpu_budget(16)).best.policy
+    assert (p.weights_device, p.cache_device) == (pytest.approx(1.0, abs=1e-5), pytest.approx(1.0, abs=1e-5))
+
+
+def test_weights_that_do_not_fit_go_to_host_ram_before_disk():
+    # ~200 MB of weights; 0.12 GiB of GPU memory holds about half with a small block
+    roomy_host = plan(gpu_budget(0.12)).best.policy
+    assert roomy_host.weights_device < 0.9
+    assert roomy_host.weights_disk == pytest.approx(0.0, abs=1e-5)  # the link is 20x the disk
+    tight_host = plan(gpu_budget(0.12, host_gib=0.15)).best.policy
+    assert tight_host.weights_disk > 0.1
+
+
+def test_cpu_attention_is_chosen_when_the_cpu_attends_faster_than_the_link_copies():
+    budget = gpu_budget(0.3)  # the weights fit; the cache of a large block does not
+    slow_link = replace(RAMP.gpu, host_to_gpu_bps=1e9)
+    fast_cpu = plan(budget, replace(RAMP, gpu=slow_link, attention_bps=1e12)).best.policy
+    slow_cpu = plan(budget, replace(RAMP, gpu=slow_link, attention_bps=1e8)).best.policy
+    assert fast_cpu.cpu_attention and fast_cpu.cache_device < 1
+    assert not slow_cpu.cpu_attention
+
+
+@pytest.mark.parametrize("tier", ["gpu", "host"])
+def test_more_memory_on_either_tier_never_predicts_less_throughput(tier):
+    sizes = (0.1, 0.15, 0.25, 0.5, 1.0, 4.0)
+    budgets = [gpu_budget(0.12, g) if tier == "host" else gpu_budget(g) for g in sizes]
+    throughputs = [plan(b).best.throughput for b in budgets]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(throughputs, throughputs[1:]))
+    assert throughputs[-1] > throughputs[0]
+
+
+@pytest.mark.parametrize("gpu_gib,host_gib", [(0.1, 0.2), (0.15, 64), (0.5, 0.3), (4, 64)])
+def test_every_returned_gpu_policy_fits_both_budgets(gpu_gib, host_gib):
+    budget = gpu_budget(gpu_gib, host_gib)
+    result = plan(budget)
+    for c in [result.best, *result.runners_up]:
+        p = c.policy
+        memory = run_memory(CFG, FAMILY, p, torch.bfloat16, p.block_size, WORK.prompt_len + WORK.gen_len,
+                            WORK.prompt_len, torch.device("cuda"))
+        memory.check(budget, unified=False, hint="")  # raises if either tier is over
+        predicted = evaluate(CFG, FAMILY, torch.bfloat16, RAMP, p, WORK, gpu=True)
+        assert c.throughput == pytest.approx(predicted.throughput)
+
+
+def test_compressed_cache_plans_without_cpu_attention():
+    result = plan(gpu_budget(0.15), compression={"compress_cache": True})
+    assert all(c.policy.compress_cache and not c.policy.cpu_attention for c in [result.best, *result.runners_up])
+
+
+def test_too_little_gpu_memory_says_how_much_is_missing():
+    with pytest.raises(ConfigError, match=r"no policy fits.*GiB of GPU memory.*GiB short.*--gpu-memory"):
+        plan(gpu_budget(0.001))
+
+
+def test_planning_for_a_gpu_needs_its_measurements():
+    with pytest.raises(ConfigError, match="no GPU measurements.*flexbatch profile --force"):
+        search(CFG, FAMILY, torch.bfloat16, HW, WORK, gpu_budget(16), gpu=True)
+
+
+def test_gpu_rates_survive_the_profile_cache():
+    profile = HardwareProfile("t", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT}, gpu=GPU)
+    assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
