@@ -44,7 +44,7 @@ def gpu_grid() -> list[dict]:
     GPU cap: (gpu_batch_size, num_gpu_batches, weights GPU, weights host, cache GPU, cache
     host, CPU attention); what is on neither is on disk."""
     picks = [(16, 2, 0, 1, 1, 0, False), (32, 1, 0, 1, 1, 0, False), (32, 4, 0, 1, 0, 1, False),
-             (32, 4, 0, 1, 0, 1, True), (64, 4, 0, 1, 0, 1, False), (64, 4, 0, 1, 0, 1, True),
+             (32, 4, 0, 1, 0, 1, True), (64, 4, 0, 1, 0, 1, False), (64, 2, 0, 1, 0, 1, True),
              (64, 2, .2, .8, 0, 1, False), (32, 8, 0, 1, 0, 1, False), (64, 4, .3, .7, 0, 1, False),
              (32, 4, .1, .65, 0, 1, False), (16, 2, 0, 1, 0, 0, True), (64, 1, .1, .9, .3, .7, False)]
     keys = ("gpu_batch_size", "num_gpu_batches", "weights_device", "weights_host", "cache_device", "cache_host",

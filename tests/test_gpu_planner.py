@@ -22,8 +22,8 @@ from test_planner import CFG, FAMILY, FLAT, HW, WORK
 
 GPU = GpuRates("test GPU", 80 << 30, host_to_gpu_bps=2e10, gpu_to_host_bps=1e10,
                matmul_flops={"bfloat16": {1: 1e14, 8192: 1e14}}, attention_bps=1e12, kv_decode_bps=1e11,
-               dequantize_params_per_s={"int4": 1e12})
-HW_GPU = replace(HW, gpu=GPU)  # disk reads 1e9 B/s, writes 5e8; CPU attention 1e10 B/s
+               dequantize_params_per_s={"int4": 1e12}, cpu_attention_bps=5e9)
+HW_GPU = replace(HW, gpu=GPU)  # disk reads 1e9 B/s, writes 5e8
 # for the planner's choices: a GPU reaches its peak only with many rows, as real ones do
 RAMP = replace(HW_GPU, gpu=replace(GPU, matmul_flops={"bfloat16": {1: 2e11, 64: 1e13, 8192: 1e14}}))
 PARAMS = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
@@ -65,7 +65,7 @@ def test_cpu_attention_lanes_by_hand():
     # only the disk part is read, into host RAM, where the CPU attends over it with the host part
     assert costs.gen["cache_load"] == pytest.approx(lane(context / R, c_gpu=-context / R, c_host=-context / R))
     queries = B * 1024 * 2 * (1 / H + 1 / G)  # queries out, attention outputs back, for the off-GPU share
-    attention_off_gpu = context / 1e10 + queries
+    attention_off_gpu = context / 5e9 + queries
     assert costs.gen["compute"] == pytest.approx(
         lane(B * 2 * PARAMS / 1e14 + attention_off_gpu, c_gpu=context / 1e12 - attention_off_gpu))
     assert costs.gen["host_to_gpu"] == pytest.approx(lane(W / H + B * 1024 * 2 / H, w_gpu=-W / H,
@@ -112,8 +112,8 @@ def test_weights_that_do_not_fit_go_to_host_ram_before_disk():
 def test_cpu_attention_is_chosen_when_the_cpu_attends_faster_than_the_link_copies():
     budget = gpu_budget(0.3)  # the weights fit; the cache of a large block does not
     slow_link = replace(RAMP.gpu, host_to_gpu_bps=1e9)
-    fast_cpu = plan(budget, replace(RAMP, gpu=slow_link, attention_bps=1e12)).best.policy
-    slow_cpu = plan(budget, replace(RAMP, gpu=slow_link, attention_bps=1e8)).best.policy
+    fast_cpu = plan(budget, replace(RAMP, gpu=replace(slow_link, cpu_attention_bps=1e12))).best.policy
+    slow_cpu = plan(budget, replace(RAMP, gpu=replace(slow_link, cpu_attention_bps=1e8))).best.policy
     assert fast_cpu.cpu_attention and fast_cpu.cache_device < 1
     assert not slow_cpu.cpu_attention
 
@@ -158,3 +158,37 @@ def test_planning_for_a_gpu_needs_its_measurements():
 def test_gpu_rates_survive_the_profile_cache():
     profile = HardwareProfile("t", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT}, gpu=GPU)
     assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+
+
+@pytest.mark.parametrize("cache,ops", [("gpu", 1e-3), ("host", 1e-3 + 2e-3), ("host_cpu_attention", 1e-3 + 5e-3)])
+def test_each_gpu_batch_operation_adds_its_measured_time(cache, ops):
+    measured = {"compute": 1e-3, "cache_load": 2e-3, "cpu_attention": 5e-3}
+    hw = replace(HW_GPU, gpu=replace(GPU, op_seconds=measured))
+    placement = {"gpu": {}, "host": dict(cache_device=0, cache_host=1),
+                 "host_cpu_attention": dict(cache_device=0, cache_host=1, cpu_attention=True)}[cache]
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, **placement)
+    with_ops = evaluate(CFG, FAMILY, torch.bfloat16, hw, policy, WORK, gpu=True)
+    without = evaluate(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK, gpu=True)
+    # per layer: prefill pays the compute operations of 2 GPU batches, each decode step all of them
+    assert with_ops.prefill_seconds - without.prefill_seconds == pytest.approx(8 * 2 * 1e-3)
+    assert with_ops.decode_seconds - without.decode_seconds == pytest.approx(8 * 10 * 2 * ops)
+
+
+def test_costly_operations_steer_the_planner_to_fewer_gpu_batches():
+    def gpu_batches(per_op: float) -> int:
+        hw = replace(RAMP, gpu=replace(RAMP.gpu, op_seconds={"compute": per_op, "cache_load": per_op}))
+        return plan(gpu_budget(0.15), hw).best.policy.num_gpu_batches
+
+    assert gpu_batches(0.0) > gpu_batches(1e-2)
+
+
+def test_the_engine_probe_runs_the_engine_on_a_model_it_makes():
+    from flexbatch.planner.engine_probe import TINY, RandomSource, operation_seconds
+    from flexbatch.models.spec import config_from_hf_dict
+    from flexbatch.weights.loader import resolve_names
+
+    cfg = config_from_hf_dict(TINY)
+    assert set(resolve_names(cfg, FAMILY, RandomSource(cfg)).values()) == RandomSource(cfg).names()
+    seconds = operation_seconds(torch.device("cpu"))
+    assert set(seconds) == {"compute", "cache_load", "cpu_attention"}
+    assert 0 < seconds["compute"] < 0.1 and all(0 <= v < 0.1 for v in seconds.values())

@@ -17,13 +17,22 @@ same in the compute dtype, H / G the link to / from the GPU, R / Wr the disk):
     host_to_gpu / gpu_to_host = every link copy above      (one link each way)
     compute     = matmuls at the GPU's rate for its rows, prompt attention, decode attention
                   over the cache's bytes at the GPU's attention rate, or with CPU attention
-                  the off-GPU part at the CPU's rate, plus the queries, keys and values
-                  that then cross the link
+                  the off-GPU part at the CPU's rate over host rows, plus the queries and
+                  outputs that then cross the link
 
 FlexGen's T = max(...) over its I/O directions and compute becomes a max over these lanes:
 the loads, stores and compute run on their own threads and CUDA streams, each lane is a lower
 bound on the layer's time, and the disk and the link are each shared by the lanes that use
 them. Without overlap a layer takes the sum of the threads' lanes.
+
+Beyond FlexGen: each (layer, GPU batch) operation costs the engine a measured time that no
+bandwidth hides (engine_probe.py; on a CPU the per-row matmul rates absorb it), and it adds
+to the layer's time whichever lane is longest:
+
+    T_layer = max(lanes) + num_gpu_batches * (op_compute [+ op_cache_load or op_cpu_attention])
+
+where the second term applies when part of the KV cache is off the GPU (`cache_device` < 1:
+the search plans "KV cache all on the GPU" as its own case, so the term stays constant in x).
 """
 from __future__ import annotations
 
@@ -50,18 +59,20 @@ SHARED_LANES = ("disk", "host_to_gpu", "gpu_to_host")
 
 @dataclass(frozen=True)
 class GpuLayerCosts:
-    """Per-layer seconds of each lane, prefill (`pre`) and one decode step (`gen`)."""
+    """Per-layer seconds of each lane, prefill (`pre`) and one decode step (`gen`), and the
+    engine's per-operation seconds of each phase, which add to whichever lane is longest."""
 
     pre: dict[str, np.ndarray]
     gen: dict[str, np.ndarray]
+    operations: dict[str, float]  # by phase
     variables = VARIABLES
 
     def lanes(self, phase: str) -> list[np.ndarray]:
-        return list(getattr(self, phase).values())
+        return [lane + self.operations[phase] * ONE for lane in getattr(self, phase).values()]
 
     def serial(self, phase: str) -> np.ndarray:
         terms = getattr(self, phase)
-        return sum(terms[name] for name in THREAD_LANES)
+        return sum(terms[name] for name in THREAD_LANES) + self.operations[phase] * ONE
 
     @staticmethod
     def placement(policy: Policy) -> tuple[float, ...]:
@@ -100,12 +111,21 @@ def gpu_layer_costs(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: Ha
         # queries go to the CPU (keys and values are the stored rows) and outputs come back
         crossing = {"to_gpu": B * cfg.hidden_size * element_size(dtype) * C_OFF / H,
                     "to_host": B * cfg.hidden_size * element_size(dtype) * C_OFF / G}
-        compute = compute + attended * (C_GPU / gpu.attention_bps + C_OFF / hw.attention_bps) \
+        compute = compute + attended * (C_GPU / gpu.attention_bps + C_OFF / gpu.cpu_attention_bps) \
             + crossing["to_gpu"] + crossing["to_host"]
     else:
         compute = compute + attended * ONE / gpu.attention_bps
     gen = _lanes(weight_in, cache_in, gen_store, compute, crossing)
-    return GpuLayerCosts(pre, gen)
+    return GpuLayerCosts(pre, gen, _operation_seconds(gpu.op_seconds, policy, cpu_attention))
+
+
+def _operation_seconds(measured: dict[str, float], policy: Policy, cpu_attention: bool) -> dict[str, float]:
+    """The engine's per-operation seconds of one layer, by phase (see the module's docstring)."""
+    per_op = measured.get("compute", 0.0)
+    decode = per_op
+    if policy.cache_device < 1:
+        decode += measured.get("cpu_attention" if cpu_attention else "cache_load", 0.0)
+    return {"pre": policy.num_gpu_batches * per_op, "gen": policy.num_gpu_batches * decode}
 
 
 def _lanes(weight_in: dict, cache_in: dict, store: dict, compute: np.ndarray, crossing: dict) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .engine_probe import operation_seconds
 from .rates import GpuRates, int_rows, table_rate
 
 CPU = torch.device("cpu")
@@ -130,12 +131,17 @@ def _read_while_computing(pool, file, buf, chunks, nbytes: int, passes: int = 3)
 
 
 def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
-                      head_dim: int = 64, device: torch.device = CPU) -> float:
-    """Decode attention's speed in K and V bytes per second, over a cache larger than L3."""
+                      head_dim: int = 64, device: torch.device = CPU, token_major: bool = False) -> float:
+    """Decode attention's speed in K and V bytes per second, over a cache larger than L3;
+    token_major: over K and V laid out token by token, as host-RAM rows are on a GPU machine."""
     from ..models.ops import grouped_attention
 
     q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
-    keys, values = (torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype) for _ in range(2))
+    if token_major:
+        keys, values = (torch.randn(tokens, batch, heads, head_dim, device=device).to(dtype).permute(1, 2, 0, 3)
+                        for _ in range(2))
+    else:
+        keys, values = (torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype) for _ in range(2))
     mask = torch.zeros(batch, 1, 1, tokens, dtype=dtype, device=device)
     seconds = _best_seconds(lambda: grouped_attention(q, keys, values, mask, head_dim ** -0.5), device=device)
     return 2 * keys.numel() * keys.element_size() / seconds
@@ -248,9 +254,13 @@ def measure_gpu(log=lambda msg: None) -> GpuRates:
     log("measuring GPU matmul, attention and dequantization speed...")
     flops = {"bfloat16": measure_matmul(torch.bfloat16, 4096, rows_list=GPU_MATMUL_ROWS, device=gpu)}
     dequantize = {f"int{bits}": measure_dequantize(bits, 4096, device=gpu) for bits in (4, 8)}
+    attention = measure_attention(torch.bfloat16, batch=64, device=gpu)
+    kv_decode = measure_kv_decode(torch.bfloat16, batch=64, device=gpu)
+    log("measuring CPU attention over host-RAM rows and the engine's per-operation time...")
+    # as large as a GPU batch's cache and laid out as host rows are: a server's L3 holds the small probe
+    cpu_attention = measure_attention(torch.bfloat16, batch=64, heads=32, tokens=256, token_major=True)
     return GpuRates(torch.cuda.get_device_name(gpu), torch.cuda.get_device_properties(gpu).total_memory, to_gpu,
-                    to_host, flops, measure_attention(torch.bfloat16, batch=64, device=gpu),
-                    measure_kv_decode(torch.bfloat16, batch=64, device=gpu), dequantize)
+                    to_host, flops, attention, kv_decode, dequantize, cpu_attention, operation_seconds(gpu))
 
 
 def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:

@@ -44,6 +44,11 @@ class GpuRates:
     attention_bps: float  # decode attention, K and V bytes per second
     kv_decode_bps: float  # compressed KV cache dequantized, bytes per second
     dequantize_params_per_s: dict[str, float] = field(default_factory=dict)
+    # the CPU's attention over KV rows in host RAM (token-major, larger than any L3), bytes/s
+    cpu_attention_bps: float = float("inf")
+    # the engine's seconds per (layer, GPU batch) operation beyond bytes and FLOPs (engine_probe.py):
+    # "compute", and what a KV cache off the GPU adds, "cache_load" or "cpu_attention"
+    op_seconds: dict[str, float] = field(default_factory=dict)
 
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float | None:
         return table_rate(self.matmul_flops, dtype, rows, packed_bits)

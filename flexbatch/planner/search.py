@@ -93,10 +93,19 @@ def solve_fractions(cfg, family, dtype, hw, template: Policy, work, budget: Memo
         rows.append(np.array([1.0 if i in (first, first + 1) else 0.0 for i in range(n + 2)]))
         rhs.append(1.0)
     result = linprog(c=_objective(costs, layers, steps), A_ub=np.array(rows), b_ub=np.array(rhs),
-                     bounds=[(0, 1)] * n + [(0, None)] * 2, method="highs")
+                     bounds=_bounds(template, gpu) + [(0, None)] * 2, method="highs")
     if result.status != 0:
         return None
     return tuple(_snap(float(np.clip(v, 0.0, 1.0))) for v in result.x[:n]), costs
+
+
+def _bounds(template: Policy, gpu: bool) -> list[tuple[float, float]]:
+    """Fraction bounds. On a GPU a template with cache_device 1 plans the KV cache all on the
+    GPU, one with cache_device < 1 lets it leave (the engine's per-operation cost differs)."""
+    if not gpu:
+        return [(0, 1), (0, 1)]
+    cache_pinned = template.cache_device == 1
+    return [(0, 1), (0, 1), (1, 1) if cache_pinned else (0, 1), (0, 0) if cache_pinned else (0, 1)]
 
 
 def _objective(costs, layers: int, steps: int) -> list[float]:
@@ -164,11 +173,17 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
 
 
 def _templates(gpu_batch_sizes, max_block: int | None, compression: dict, gpu: bool) -> list[Policy]:
-    """The policies to place: every block shape up to max_block, and on a GPU with a plain
-    KV cache each with and without CPU attention."""
-    flags = (False, True) if gpu and not compression.get("compress_cache") else (False,)
-    return [Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, cpu_attention=cpu_attention, **compression)
-            for gbs in gpu_batch_sizes for ngb in NUM_GPU_BATCHES for cpu_attention in flags
+    """The policies to place: every block shape up to max_block; on a GPU each with its KV
+    cache all on the GPU, and with it free to leave, attended on the GPU or (a plain cache)
+    on the CPU."""
+    if gpu:
+        free = dict(cache_device=0.0, cache_host=0.0)
+        attention = (False,) if compression.get("compress_cache") else (False, True)
+        variants = [dict(cache_device=1.0)] + [dict(free, cpu_attention=flag) for flag in attention]
+    else:
+        variants = [{}]
+    return [Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, **variant, **compression)
+            for gbs in gpu_batch_sizes for ngb in NUM_GPU_BATCHES for variant in variants
             if max_block is None or gbs * ngb <= max(max_block, 1) or (gbs == 1 and ngb == 1)]
 
 
