@@ -68,11 +68,16 @@ class GpuLayerCosts:
     variables = VARIABLES
 
     def lanes(self, phase: str) -> list[np.ndarray]:
-        return [lane + self.operations[phase] * ONE for lane in getattr(self, phase).values()]
+        return list(self._with_operations(phase).values())
 
     def serial(self, phase: str) -> np.ndarray:
-        terms = getattr(self, phase)
-        return sum(terms[name] for name in THREAD_LANES) + self.operations[phase] * ONE
+        terms = self._with_operations(phase)
+        return sum(terms[name] for name in THREAD_LANES)
+
+    def _with_operations(self, phase: str) -> dict[str, np.ndarray]:
+        terms = dict(getattr(self, phase))
+        terms["compute"] = terms["compute"] + self.operations[phase] * ONE
+        return terms
 
     @staticmethod
     def placement(policy: Policy) -> tuple[float, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -244,6 +245,29 @@ def measure_gpu_link(nbytes: int = 256 << 20) -> tuple[float, float]:
     return tuple(nbytes / min(copy(dst, src) for _ in range(3)) for dst, src in ((gpu, host), (host, gpu)))
 
 
+def while_copying_to_gpu(fn, nbytes: int = 256 << 20):
+    """fn() while another thread keeps the host-to-GPU link busy with pinned copies, as the
+    engine's weight streaming does: both read host memory, so CPU work bound by memory
+    bandwidth runs slower then."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    stream, stop = torch.cuda.Stream(), threading.Event()
+
+    def copy() -> None:
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                gpu.copy_(host, non_blocking=True)
+                stream.synchronize()
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    try:
+        return fn()
+    finally:
+        stop.set()
+        copier.join()
+
+
 def measure_gpu(log=lambda msg: None) -> GpuRates:
     """The GPU's part of the profile: the pinned link both ways, then the CPU's compute
     measurements repeated on the GPU (at a hidden size of 4096: models that need offloading
@@ -257,8 +281,10 @@ def measure_gpu(log=lambda msg: None) -> GpuRates:
     attention = measure_attention(torch.bfloat16, batch=64, device=gpu)
     kv_decode = measure_kv_decode(torch.bfloat16, batch=64, device=gpu)
     log("measuring CPU attention over host-RAM rows and the engine's per-operation time...")
-    # as large as a GPU batch's cache and laid out as host rows are: a server's L3 holds the small probe
-    cpu_attention = measure_attention(torch.bfloat16, batch=64, heads=32, tokens=256, token_major=True)
+    # as large as a GPU batch's cache and laid out as host rows are (a server's L3 holds the
+    # small probe), while the link streams weights out of the same host memory
+    cpu_attention = while_copying_to_gpu(
+        lambda: measure_attention(torch.bfloat16, batch=64, heads=32, tokens=256, token_major=True))
     return GpuRates(torch.cuda.get_device_name(gpu), torch.cuda.get_device_properties(gpu).total_memory, to_gpu,
                     to_host, flops, attention, kv_decode, dequantize, cpu_attention, operation_seconds(gpu))
 
