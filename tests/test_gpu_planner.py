@@ -18,6 +18,7 @@ from flexbatch.planner import HardwareProfile, evaluate, search
 from flexbatch.planner.cost_model import term_value
 from flexbatch.planner.gpu_cost import THREAD_LANES, gpu_layer_costs
 from flexbatch.planner.rates import GpuRates
+from flexbatch.models import get_family
 from test_planner import CFG, FAMILY, FLAT, HW, WORK
 
 GPU = GpuRates("test GPU", 80 << 30, host_to_gpu_bps=2e10, gpu_to_host_bps=1e10,
@@ -160,18 +161,20 @@ def test_gpu_rates_survive_the_profile_cache():
     assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
 
 
-@pytest.mark.parametrize("cache,ops", [("gpu", 1e-3), ("host", 1e-3 + 2e-3), ("host_cpu_attention", 1e-3 + 5e-3)])
-def test_each_gpu_batch_operation_adds_its_measured_time(cache, ops):
-    measured = {"compute": 1e-3, "cache_load": 2e-3, "cpu_attention": 5e-3}
+@pytest.mark.parametrize("cache,ops", [("gpu", 0.1), ("host", 0.1 + 0.2), ("host_cpu_attention", 0.1 + 0.5)])
+def test_each_gpu_batch_operation_adds_its_measured_time_to_compute(cache, ops):
+    measured = {"compute": 0.1, "cache_load": 0.2, "cpu_attention": 0.5}  # large: compute becomes the longest lane
     hw = replace(HW_GPU, gpu=replace(GPU, op_seconds=measured))
     placement = {"gpu": {}, "host": dict(cache_device=0, cache_host=1),
                  "host_cpu_attention": dict(cache_device=0, cache_host=1, cpu_attention=True)}[cache]
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, **placement)
-    with_ops = evaluate(CFG, FAMILY, torch.bfloat16, hw, policy, WORK, gpu=True)
-    without = evaluate(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK, gpu=True)
+    plain = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK)  # no per-operation time
+    x = plain.placement(policy)
+    predicted = evaluate(CFG, FAMILY, torch.bfloat16, hw, policy, WORK, gpu=True)
+    head = B * 11 * 2 * 1000 * 1024 / 1e14
     # per layer: prefill pays the compute operations of 2 GPU batches, each decode step all of them
-    assert with_ops.prefill_seconds - without.prefill_seconds == pytest.approx(8 * 2 * 1e-3)
-    assert with_ops.decode_seconds - without.decode_seconds == pytest.approx(8 * 10 * 2 * ops)
+    assert predicted.prefill_seconds == pytest.approx(8 * (term_value(plain.pre["compute"], x) + 2 * 0.1))
+    assert predicted.decode_seconds == pytest.approx(8 * 10 * (term_value(plain.gen["compute"], x) + 2 * ops) + head)
 
 
 def test_costly_operations_steer_the_planner_to_fewer_gpu_batches():
@@ -192,3 +195,42 @@ def test_the_engine_probe_runs_the_engine_on_a_model_it_makes():
     seconds = operation_seconds(torch.device("cpu"))
     assert set(seconds) == {"compute", "cache_load", "cpu_attention"}
     assert 0 < seconds["compute"] < 0.1 and all(0 <= v < 0.1 for v in seconds.values())
+
+
+def test_a_probe_can_run_while_other_work_repeats():
+    import time
+
+    from flexbatch.planner.hardware import while_repeating
+
+    calls = []
+    result = while_repeating(lambda: time.sleep(0.2) or "measured", lambda: calls.append(time.sleep(0.01)))
+    count = len(calls)
+    time.sleep(0.05)
+    assert result == "measured" and count >= 5 and len(calls) == count  # it ran meanwhile, and stopped after
+
+
+def test_flexbatch_plan_on_a_gpu_plans_within_the_gpu_budget(tiny_model, tmp_path, monkeypatch, capsys):
+    """The CLI path on a (pretended) GPU: the GPU budget reaches the search, which plans with
+    the profile's GPU rates, and the written policy fits the GPU budget."""
+    import flexbatch.hardware
+    import flexbatch.planner
+    from flexbatch.cli.main import main
+    from flexbatch.weights.source import open_model
+
+    folder, _ = tiny_model("llama_gqa_tied_llama3")
+    cfg = open_model(folder).config
+    monkeypatch.setattr(flexbatch.hardware, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(flexbatch.planner, "hardware_profile", lambda *a, **kw: RAMP)
+
+    def planned(gpu_memory: str) -> Policy:
+        out = tmp_path / f"{gpu_memory}.json"
+        assert main(["plan", "--model", str(folder), "--dtype", "bfloat16", "--prompt-len", "64", "--gen-len", "16",
+                     "--gpu-memory", gpu_memory, "--write-policy", str(out)]) == 0
+        return Policy(**json.loads(out.read_text()))
+
+    small, large = planned("1MiB"), planned("64MiB")
+    printed = capsys.readouterr().out
+    assert "% GPU" in printed and "GPU memory of the chosen policy" in printed
+    memory = run_memory(cfg, get_family(cfg), small, torch.bfloat16, small.block_size, 80, 64, torch.device("cuda"))
+    assert sum(memory.device.values()) <= 1 << 20
+    assert small.block_size < large.block_size  # the budget binds

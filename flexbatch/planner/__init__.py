@@ -42,7 +42,7 @@ def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: to
     # little more (tokenizer, file handles): plan with that much headroom. On a GPU the
     # caching allocator also rounds and fragments: plan for GPU_PLAN_SHARE of its budget.
     gpu = device.type == "cuda"
-    device_bytes = int(budget.device_bytes * GPU_PLAN_SHARE) - PLAN_HEADROOM if gpu else budget.device_bytes
+    device_bytes = int(budget.device_bytes * GPU_PLAN_SHARE) if gpu else budget.device_bytes
     budget = MemoryBudget(device_bytes, budget.host_bytes - PLAN_HEADROOM)
     hw = at_current_speed(hardware_profile(offload_dir, log=log), dtype)
     return search(cfg, family, dtype, hw, work, budget, max_block, compression=compression, gpu=gpu)

@@ -1,4 +1,5 @@
-"""FlexGen's cost model (paper §4.3; the study's §5) for flexbatch's tiers on one machine.
+"""FlexGen's cost model (paper §4.3; the study's §5) on a CPU-only machine (gpu_cost.py has
+the model for a machine with a GPU; both give terms to the same search).
 
 Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n new tokens:
 

@@ -251,21 +251,31 @@ def while_copying_to_gpu(fn, nbytes: int = 256 << 20):
     bandwidth runs slower then."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    stream, stop = torch.cuda.Stream(), threading.Event()
+    stream = torch.cuda.Stream()
 
     def copy() -> None:
         with torch.cuda.stream(stream):
-            while not stop.is_set():
-                gpu.copy_(host, non_blocking=True)
-                stream.synchronize()
+            gpu.copy_(host, non_blocking=True)
+        stream.synchronize()
 
-    copier = threading.Thread(target=copy, daemon=True)
-    copier.start()
+    return while_repeating(fn, copy)
+
+
+def while_repeating(fn, background):
+    """fn()'s result, with background() called over and over on another thread meanwhile."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            background()
+
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
     try:
         return fn()
     finally:
         stop.set()
-        copier.join()
+        worker.join()
 
 
 def measure_gpu(log=lambda msg: None) -> GpuRates:
