@@ -1,6 +1,7 @@
-"""Policy search: enumerate (gpu_batch_size, num_gpu_batches); for each, a linear program
-picks the memory fractions of weights and KV cache that minimise the block's time under the
-memory budget (scipy's HiGHS). The best throughput wins."""
+"""Policy search: enumerate (gpu_batch_size, num_gpu_batches) and, on a GPU, whether the KV
+cache stays on it and where it is attended; for each, a linear program picks the placement
+fractions of weights and KV cache that minimise the block's time under the memory budgets
+(scipy's HiGHS). The best throughput wins."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -151,18 +152,22 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
     every candidate gets. With `gpu` the model has a GPU (the profile's `gpu` rates), and
     CPU attention is tried both ways.
 
-    GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the device's
-    peak are tried only when no larger one fits: there, per-operation costs the model does
-    not price (many small loads, stores and kernel calls per layer) dominate, and predictions
-    were measured to be optimistic (8 x 8 sequences ran 32% below its prediction on the
-    planner benchmark, while 64 x 1 was within 4%)."""
+    On a CPU, GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the
+    machine's peak are tried only when no larger one fits: there, per-operation costs the CPU
+    model does not price (many small loads, stores and kernel calls per layer) dominate, and
+    predictions were measured to be optimistic (8 x 8 sequences ran 32% below its prediction
+    on the planner benchmark, while 64 x 1 was within 4%). The GPU model prices those costs
+    (engine_probe.py), and a GPU's decode matmuls stay far below its peak at any batch that
+    fits, so there every size is tried."""
     if gpu and hw.gpu is None:
         raise ConfigError("the hardware profile has no GPU measurements; run `flexbatch profile --force` on this "
                           "machine with the GPU visible.")
-    rates = hw.gpu if gpu else hw
-    peak = max(rates.flops(dtype, rows) for rows in (1 << p for p in range(14)))
-    efficient = [g for g in GPU_BATCH_SIZES if rates.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
-    small = [g for g in GPU_BATCH_SIZES if g not in efficient]
+    if gpu:
+        efficient, small = list(GPU_BATCH_SIZES), []
+    else:
+        peak = max(hw.flops(dtype, rows) for rows in (1 << p for p in range(14)))
+        efficient = [g for g in GPU_BATCH_SIZES if hw.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
+        small = [g for g in GPU_BATCH_SIZES if g not in efficient]
     templates = lambda sizes: _templates(sizes, max_block, compression or {}, gpu)
     candidates = _candidates(cfg, family, dtype, hw, work, budget, templates(efficient), gpu) \
         or _candidates(cfg, family, dtype, hw, work, budget, templates(small), gpu)
