@@ -98,7 +98,7 @@ def test_profile_measures_the_gpu():
     gpu = measure_gpu()
     assert 1e9 < gpu.host_to_gpu_bps < 1e12 and 1e9 < gpu.gpu_to_host_bps < 1e12  # PCIe 3 x16 to NVLink-C2C
     assert gpu.memory_bytes == torch.cuda.get_device_properties(0).total_memory
-    table = gpu.matmul_flops["bfloat16"]
+    (table,) = gpu.matmul_flops.values()  # in the GPU's compute dtype
     assert 1e12 < table[8192] < 1e16 and table[1] < table[8192]  # a GPU needs rows to reach its peak
     assert gpu.attention_bps > 1e10 and gpu.kv_decode_bps > 1e9 and gpu.dequantize_params_per_s["int4"] > 1e9
     profile = HardwareProfile("t", 1e9, 1e9, 1, {"float32": {1: 1.0}}, gpu=gpu)

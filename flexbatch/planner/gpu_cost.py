@@ -25,14 +25,16 @@ the loads, stores and compute run on their own threads and CUDA streams, each la
 bound on the layer's time, and the disk and the link are each shared by the lanes that use
 them. Without overlap a layer takes the sum of the threads' lanes.
 
-Beyond FlexGen: each (layer, GPU batch) operation costs the engine a measured time that no
-bandwidth hides (engine_probe.py; on a CPU the per-row matmul rates absorb it), and it adds
-to the layer's time whichever lane is longest:
+Beyond FlexGen: each (layer, GPU batch) operation costs the engine a measured time on the
+compute thread (engine_probe.py: Python, kernel launches, waiting for a load and handing
+results between threads; on a CPU the per-row matmul rates absorb it):
 
-    T_layer = max(lanes) + num_gpu_batches * (op_compute [+ op_cache_load or op_cpu_attention])
+    compute += num_gpu_batches * (op_compute [+ op_cache_load or op_cpu_attention])
 
-where the second term applies when part of the KV cache is off the GPU (`cache_device` < 1:
-the search plans "KV cache all on the GPU" as its own case, so the term stays constant in x).
+the second term when part of the KV cache is off the GPU (`cache_device` < 1: the search
+plans "KV cache all on the GPU" as its own case, so the term stays constant in x). Measured
+on an H100, a lane formulation fits better than adding it after the max: the copies keep
+streaming while the compute thread does that work.
 """
 from __future__ import annotations
 
@@ -53,14 +55,13 @@ VARIABLES = ("w_gpu", "w_host", "c_gpu", "c_host")
 ONE, W_GPU, W_HOST, C_GPU, C_HOST = np.eye(5)
 W_OFF, W_DISK = ONE - W_GPU, ONE - W_GPU - W_HOST
 C_OFF, C_DISK = ONE - C_GPU, ONE - C_GPU - C_HOST
-THREAD_LANES = ("weight_load", "cache_load", "cache_store", "compute")
-SHARED_LANES = ("disk", "host_to_gpu", "gpu_to_host")
+THREAD_LANES = ("weight_load", "cache_load", "cache_store", "compute")  # without overlap these run in turn
 
 
 @dataclass(frozen=True)
 class GpuLayerCosts:
     """Per-layer seconds of each lane, prefill (`pre`) and one decode step (`gen`), and the
-    engine's per-operation seconds of each phase, which add to whichever lane is longest."""
+    engine's per-operation seconds of each phase, which the compute lane also spends."""
 
     pre: dict[str, np.ndarray]
     gen: dict[str, np.ndarray]

@@ -282,21 +282,24 @@ def measure_gpu(log=lambda msg: None) -> GpuRates:
     """The GPU's part of the profile: the pinned link both ways, then the CPU's compute
     measurements repeated on the GPU (at a hidden size of 4096: models that need offloading
     on a GPU are that large or larger, and a GPU's rate depends on the matrix size)."""
+    from ..hardware import default_dtype
+
     gpu = torch.device("cuda")
+    dtype = default_dtype(gpu)  # bf16, or fp16 on GPUs without bf16
     log("measuring the host-GPU link (pinned copies)...")
     to_gpu, to_host = measure_gpu_link()
     log("measuring GPU matmul, attention and dequantization speed...")
-    flops = {"bfloat16": measure_matmul(torch.bfloat16, 4096, rows_list=GPU_MATMUL_ROWS, device=gpu)}
+    flops = {str(dtype).removeprefix("torch."): measure_matmul(dtype, 4096, rows_list=GPU_MATMUL_ROWS, device=gpu)}
     dequantize = {f"int{bits}": measure_dequantize(bits, 4096, device=gpu) for bits in (4, 8)}
-    attention = measure_attention(torch.bfloat16, batch=64, device=gpu)
-    kv_decode = measure_kv_decode(torch.bfloat16, batch=64, device=gpu)
+    attention = measure_attention(dtype, batch=64, device=gpu)
+    kv_decode = measure_kv_decode(dtype, batch=64, device=gpu)
     log("measuring CPU attention over host-RAM rows and the engine's per-operation time...")
     # as large as a GPU batch's cache and laid out as host rows are (a server's L3 holds the
     # small probe), while the link streams weights out of the same host memory
     cpu_attention = while_copying_to_gpu(
-        lambda: measure_attention(torch.bfloat16, batch=64, heads=32, tokens=256, token_major=True))
+        lambda: measure_attention(dtype, batch=64, heads=32, tokens=256, token_major=True))
     return GpuRates(torch.cuda.get_device_name(gpu), torch.cuda.get_device_properties(gpu).total_memory, to_gpu,
-                    to_host, flops, attention, kv_decode, dequantize, cpu_attention, operation_seconds(gpu))
+                    to_host, flops, attention, kv_decode, dequantize, cpu_attention, operation_seconds(gpu, dtype))
 
 
 def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
