@@ -101,5 +101,7 @@ def test_profile_measures_the_gpu():
     (table,) = gpu.matmul_flops.values()  # in the GPU's compute dtype
     assert 1e12 < table[8192] < 1e16 and table[1] < table[8192]  # a GPU needs rows to reach its peak
     assert gpu.attention_bps > 1e10 and gpu.kv_decode_bps > 1e9 and gpu.dequantize_params_per_s["int4"] > 1e9
+    assert 1e8 < gpu.cpu_attention_bps < gpu.attention_bps  # the CPU, over host rows, while the link streams
+    assert set(gpu.op_seconds) == {"compute", "cache_load", "cpu_attention"} and 0 < gpu.op_seconds["compute"] < 0.1
     profile = HardwareProfile("t", 1e9, 1e9, 1, {"float32": {1: 1.0}}, gpu=gpu)
     assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
