@@ -82,7 +82,8 @@ def main() -> None:
     hardware_profile(work, log=print)  # measured outside the memory limit, cached for the children
     on_gpu = args.gpu_memory is not None
     picks = (gpu_grid() if on_gpu else grid()) if args.grid else []
-    policies = picks + [json.loads(x) for x in args.policy] + ([] if args.no_plan else ["plan"])
+    # the planner's own choice first: a run cut short still compares it with what came after
+    policies = ([] if args.no_plan else ["plan"]) + picks + [json.loads(x) for x in args.policy]
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
               "offload_dir": str(work / "flexbatch-offload"), "max_block": args.max_block}
     if on_gpu:
