@@ -84,3 +84,14 @@ def test_gpu_memory_plan_puts_staging_and_streamed_layers_on_the_gpu(tiny_model)
         assert plan.host["KV staging buffers"] == pytest.approx(STAGING_BLOCKS * per_layer_batch * 0.2, abs=1)
         assert plan.device["streamed layer weights"] == pytest.approx(3 * layer * 0.75, abs=1)
     assert "streamed layer weights" not in run_memory(cfg, family, policy, torch.float32, 8, capacity, 32).device
+
+
+def test_a_merged_plan_sums_what_both_tiers_hold_for_the_same_purpose():
+    from flexbatch.engine.memory import MemoryPlan
+
+    plan = MemoryPlan()
+    plan.add(True, "weights", 300)
+    plan.add(False, "weights", 200)
+    plan.add(False, "runtime overhead", 64)
+    assert plan.merged() == {"weights": 500, "runtime overhead": 64}
+    assert plan.device == {"weights": 300}  # the tiers themselves are unchanged

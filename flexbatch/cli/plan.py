@@ -95,7 +95,7 @@ def run_plan(args) -> int:
     for c in plan.runners_up:
         print(f"runner-up: {describe(c, gpu)}")
     for label, parts in ((("GPU", plan.best.memory.device), ("host", plan.best.memory.host)) if gpu else
-                         (("", {**plan.best.memory.device, **plan.best.memory.host}),)):
+                         (("", plan.best.memory.merged()),)):
         print(f"{label + ' ' if label else ''}memory of the chosen policy: " + ", ".join(
             f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items() if v))
     if args.write_policy:

@@ -73,9 +73,16 @@ class MemoryPlan:
         target = self.device if on_device else self.host
         target[what] = target.get(what, 0) + int(nbytes)
 
+    def merged(self) -> dict[str, int]:
+        """Bytes per purpose over both tiers (a CPU-only machine's one memory)."""
+        out = dict(self.device)
+        for k, v in self.host.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
     def check(self, budget: MemoryBudget, unified: bool, hint: str) -> None:
         """Raise ConfigError naming the sizes if the plan exceeds the budget."""
-        tiers = [("memory", {**_merge(self.device, self.host)}, budget.host_bytes)] if unified else [
+        tiers = [("memory", self.merged(), budget.host_bytes)] if unified else [
             ("GPU memory", self.device, budget.device_bytes), ("host memory", self.host, budget.host_bytes)]
         for label, parts, limit in tiers:
             need = sum(parts.values())
@@ -85,13 +92,6 @@ class MemoryPlan:
                     f"this policy needs {need / GiB:.2f} GiB of {label} ({detail}) but the budget is "
                     f"{limit / GiB:.2f} GiB. {hint}"
                 )
-
-
-def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = out.get(k, 0) + v
-    return out
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> int:

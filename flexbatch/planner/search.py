@@ -214,8 +214,7 @@ def _infeasible(cfg, family, dtype, work, budget, compression, gpu: bool) -> Con
                       torch.device("cuda" if gpu else "cpu"))
     tiers = [("GPU memory", plan.device, budget.device_bytes, "--gpu-memory"),
              ("host memory", plan.host, budget.host_bytes, "--cpu-memory")] if gpu else \
-        [("memory", {**plan.host, **{k: v + plan.host.get(k, 0) for k, v in plan.device.items()}},
-          budget.host_bytes, "--cpu-memory")]
+        [("memory", plan.merged(), budget.host_bytes, "--cpu-memory")]
     label, parts, limit, flag = max(tiers, key=lambda tier: sum(tier[1].values()) - tier[2])
     need = sum(parts.values())
     detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items() if v)
