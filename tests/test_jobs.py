@@ -12,7 +12,7 @@ import pytest
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.errors import ConfigError
-from flexbatch.jobs.output import OutputLock
+from flexbatch.jobs.output import OutputFile
 from flexbatch.jobs.runner import run_job
 
 PROMPTS = ["The capital of France is", "Water boils at", "def square(x):", "My favourite colour is",
@@ -167,17 +167,23 @@ def test_kill_9_then_resume_gives_exactly_the_uninterrupted_results(job_input, d
     assert comparable(out) == comparable(reference)
 
 
-def test_second_concurrent_job_is_refused(job_input, default_model_store, tmp_path):
+@pytest.mark.parametrize("via", ["same path", "symlink", "hard link"])
+def test_second_concurrent_job_is_refused(job_input, default_model_store, tmp_path, via):
     src, _ = job_input
     out = tmp_path / "out.jsonl"
-    lock = OutputLock(out)
+    held = OutputFile(out)  # what a running job holds
+    target = {"same path": out, "symlink": tmp_path / "sym.jsonl", "hard link": tmp_path / "hard.jsonl"}[via]
+    if via == "symlink":
+        target.symlink_to(out)
+    elif via == "hard link":
+        os.link(out, target)
     try:
-        proc = run_cli(src, out, "--model", str(default_model_store))
+        proc = run_cli(src, target, "--model", str(default_model_store))
         assert proc.wait(timeout=300) == 2
         assert "another flexbatch job is writing" in proc.stderr.read()
     finally:
-        lock.release()
-    assert not out.exists()
+        held.close()
+    assert out.stat().st_size == 0
 
 
 def test_show_prints_each_result(default_model_store, tmp_path):

@@ -23,11 +23,13 @@ from ..models.spec import ModelConfig
 from ..storage.kv_rows import RowCodec, orthonormal
 from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
 from ..storage.placement import split_sequences
+from ..storage.disk import require_free_space
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .kv_cache import CPU, KVBlock, staging_pools
 from .kv_encoded import EncodedKVBlock
-from .memory import STAGING_BLOCKS, MemoryBudget, run_memory, weight_memory
+from .memory import (STAGING_BLOCKS, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory,
+                     weight_memory)
 from .runner import make_context, score_in_pieces, target_logprobs
 from .schedule import Op, token_schedule
 from .streams import CopyStreams
@@ -58,6 +60,8 @@ class OffloadRunner:
         self._own_dir = offload_dir is None
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
         self._check_weights_fit()
+        self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
+                              * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
         self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
@@ -74,6 +78,11 @@ class OffloadRunner:
         plan = weight_memory(self.cfg, self.family, self.policy, self.dtype, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
 
+    def _check_disk_room(self, nbytes: float, what: str) -> None:
+        if nbytes > 0:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            require_free_space(self.offload_dir, int(nbytes), what)
+
     # ---- batch lifecycle ------------------------------------------------------------------
     def gpu_batches(self, batch_size: int) -> list[slice]:
         gbs = self.policy.gpu_batch_size
@@ -83,6 +92,8 @@ class OffloadRunner:
         plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
                           prompt_width or capacity, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
+        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers
+                              * kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant), "the KV cache kept on disk")
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}
