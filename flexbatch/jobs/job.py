@@ -72,6 +72,7 @@ class Job:
         try:
             job = cls(spec, output, fmt, out, index, Manifest.load(output))
             job._check_output_belongs()
+            job._check_output_space()
         except BaseException:
             out.close()
             raise
@@ -125,7 +126,7 @@ class Job:
         """Record `settings` on the first run; on a resume, refuse settings that differ from
         the recorded ones (unless continue_changed), then note this run in the manifest."""
         if self.manifest is None:
-            self.manifest = Manifest(settings, self.index.rows, [])
+            self.manifest = Manifest(settings, self.index.rows, [], str(Path(self.spec.input).resolve()))
             self.manifest.add_run("first run")
         else:
             differences = settings.differences(self.manifest.settings)
@@ -137,13 +138,13 @@ class Job:
                     "the new settings for the requests not finished yet.")
             note = f"continued with changes: {'; '.join(differences)}" if differences else "resumed"
             self.manifest.settings, self.manifest.rows = settings, self.index.rows
+            self.manifest.input = str(Path(self.spec.input).resolve())
             self.manifest.add_run(note)
-        self._check_output_space(settings)
         self.manifest.save(self.output)
 
-    def _check_output_space(self, settings: JobSettings) -> None:
+    def _check_output_space(self) -> None:
         remaining = len(self.index) - len(self.finished)
-        tokens = settings.defaults.get("max_new_tokens", 64)
+        tokens = self.spec.defaults.max_new_tokens
         need = remaining * (RECORD_BYTES + BYTES_PER_TOKEN * tokens)
         free = shutil.disk_usage(self.output.parent).free
         if need > free:

@@ -74,6 +74,7 @@ class Manifest:
     settings: JobSettings
     rows: np.ndarray  # the request index as recorded
     runs: list[dict]
+    input: str = ""  # where the input was read (for the reader; requests are compared by content)
 
     @classmethod
     def load(cls, output: Path) -> "Manifest | None":
@@ -90,11 +91,11 @@ class Manifest:
         if data.get("version") != VERSION:
             raise ConfigError(f"{path} was written by another version of flexbatch's job format "
                               f"({data.get('version')}); pass --force-new to start the job again.")
-        return cls(settings, rows, data.get("runs", []))
+        return cls(settings, rows, data.get("runs", []), data.get("input", ""))
 
     def save(self, output: Path) -> None:
         path, rows_path = manifest_paths(output)
-        data = {"version": VERSION, "input_requests": int(len(self.rows)),
+        data = {"version": VERSION, "input": self.input, "input_requests": int(len(self.rows)),
                 "settings": asdict(self.settings), "runs": self.runs}
         _write_atomically(rows_path, self.rows.tobytes())
         _write_atomically(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))

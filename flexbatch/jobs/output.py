@@ -92,7 +92,7 @@ class OutputFile:
         try:
             view = memoryview(blob)
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[write_fd(self.fd, view):]
             os.fsync(self.fd)
         except OSError as e:
             raise storage_error(e, self.path, "write results to", resumable=True) from None
@@ -101,6 +101,11 @@ class OutputFile:
         if self.fd >= 0:
             os.close(self.fd)  # also releases the lock
             self.fd = -1
+
+
+def write_fd(fd: int, data) -> int:
+    """os.write, by a name tests can replace to make a disk fail."""
+    return os.write(fd, data)
 
 
 def _is_json(raw: bytes) -> bool:
