@@ -102,7 +102,8 @@ def _job_policy(args, job):
         return opened, None, args.batch_size or DEFAULT_BATCH_SIZE
     from .plan import auto_policy
 
-    prompt_len = sample_prompt_tokens(job, opened.load_tokenizer(), args.chat)
+    limit = opened.config.max_position_embeddings - args.max_new_tokens
+    prompt_len = sample_prompt_tokens(job, opened.load_tokenizer(), args.chat, limit)
     policy = auto_policy(args, prompt_len, args.max_new_tokens, len(job.index), opened, args.batch_size)
     return opened, policy, policy.block_size
 
@@ -118,9 +119,10 @@ def _settings(args, job, opened, policy, batch_size):
     return job_settings(job, opened.path, dtype, policy, policy.block_size if policy else batch_size)
 
 
-def sample_prompt_tokens(job, tokenizer, chat: bool, sample: int = 512) -> int:
+def sample_prompt_tokens(job, tokenizer, chat: bool, limit: int, sample: int = 512) -> int:
     """Tokens of the longest prompt among the job's first `sample` valid requests (at least
-    64), for the planner; reads only those requests."""
+    64), for the planner; reads only those requests. Prompts over `limit` tokens will get error
+    records, so they do not count."""
     from itertools import islice
 
     lengths = [64]
@@ -135,7 +137,9 @@ def sample_prompt_tokens(job, tokenizer, chat: bool, sample: int = 512) -> int:
                 continue
         else:
             text = request.prompt
-        lengths.append(len(text) if not isinstance(text, str) else len(tokenizer(text)["input_ids"]))
+        length = len(text) if not isinstance(text, str) else len(tokenizer(text)["input_ids"])
+        if length <= limit:
+            lengths.append(length)
     return max(lengths)
 
 
