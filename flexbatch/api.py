@@ -40,6 +40,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, with SamplingParams.top_logprobs
 
 
 @dataclass
@@ -150,8 +151,19 @@ class LLM:
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 progress: bool = False) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids). `params` is one for all or one each."""
+                 progress: bool = False, **hf_kwargs) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids). `params` is one for all or one each.
+
+        Instead of `params`, Hugging Face / FlexGen style keywords also work:
+        `llm.generate(prompts, do_sample=True, temperature=0.7, max_new_tokens=32, stop="\\n")`
+        (see `SamplingParams.from_hf`).
+        """
+        if hf_kwargs:
+            if params is not None:
+                raise ConfigError("pass either params or generate() keywords such as max_new_tokens=, not both")
+            params = SamplingParams.from_hf(**hf_kwargs)
+        if hasattr(prompts, "tolist"):  # a tensor or array of token ids, as FlexGen's generate takes
+            prompts = prompts.tolist()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompt_ids = [self.encode(p) for p in prompts]
@@ -174,7 +186,7 @@ class LLM:
             self.check_length(len(r.token_ids), r.params)
         completions = self._run_batches(requests, progress)
         texts = prompt_texts or [None] * len(requests)
-        return [RequestOutput(t, r.token_ids, c.text, c.token_ids, c.finish_reason, c.logprobs)
+        return [RequestOutput(t, r.token_ids, c.text, c.token_ids, c.finish_reason, c.logprobs, c.top_logprobs)
                 for t, r, c in zip(texts, requests, completions)]
 
     def _run_batches(self, requests: list[Request], progress: bool) -> list[Completion]:

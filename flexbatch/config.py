@@ -22,6 +22,9 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPE_NAMES[value]
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per token
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -35,7 +38,8 @@ class SamplingParams:
     filters. `stop` strings end generation when they appear in the generated text and are cut
     from the returned text; `stop_token_ids` and the model's EOS tokens end it too (unless
     `ignore_eos`). With `logprobs`, each generated token's log-probability under the model's
-    unmodified distribution is returned.
+    unmodified distribution is returned; `top_logprobs` N > 0 adds, per generated token, the
+    N most likely tokens and their log-probabilities (OpenAI's top alternatives; implies logprobs).
     """
 
     max_new_tokens: int = 64
@@ -47,6 +51,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -62,10 +67,39 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
         _check(self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
                f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        _check(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+               f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs:
+            object.__setattr__(self, "logprobs", True)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_hf(cls, max_new_tokens: int = 64, do_sample: bool | None = None, temperature: float | None = None,
+                top_p: float | None = None, top_k: int | None = None, stop=None, seed: int | None = None,
+                **others) -> "SamplingParams":
+        """SamplingParams from Hugging Face `generate()` keywords (FlexGen's README dialect).
+
+        As in transformers, do_sample=False is greedy whatever the temperature, and do_sample=True
+        samples at temperature 1 unless one is given; without do_sample, a temperature > 0
+        samples (flexbatch's own rule). `stop` is a string, a token id (FlexGen's form), or a
+        list of either.
+        """
+        _check(not others, f"generate() got unsupported keyword(s) {', '.join(sorted(others))}; supported: "
+                           "max_new_tokens, do_sample, temperature, top_p, top_k, stop, seed")
+        if do_sample is False:
+            temperature = 0.0
+        elif do_sample and temperature is None:
+            temperature = 1.0
+        stops = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        stop_ids = tuple(s for s in stops if isinstance(s, int) and not isinstance(s, bool))
+        _check(all(isinstance(s, str) or s in stop_ids for s in stops),
+               f"stop must be strings or token ids, got {stop!r}")
+        return cls(max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
+                   top_p=1.0 if top_p is None else top_p, top_k=top_k or 0, seed=seed,
+                   stop=tuple(s for s in stops if isinstance(s, str)), stop_token_ids=stop_ids)
 
 
 def _fraction_pair(name: str, on_device: float, on_host: float) -> None:

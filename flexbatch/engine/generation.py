@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from ..config import SamplingParams
-from .sampling import Sampler, token_logprobs
+from .sampling import Sampler, token_logprobs, top_alternatives
 
 
 class Runner(Protocol):
@@ -31,6 +31,7 @@ class Completion:
     text: str | None = None
     finish_reason: str | None = None  # "stop" | "length"
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob), most likely first
 
     @property
     def finished(self) -> bool:
@@ -44,13 +45,16 @@ class SequenceTracker:
         self.params = request.params
         self.tokenizer = tokenizer
         self.stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else eos_ids)
-        self.out = Completion(logprobs=[] if self.params.logprobs else None)
+        self.out = Completion(logprobs=[] if self.params.logprobs else None,
+                              top_logprobs=[] if self.params.top_logprobs else None)
 
-    def append(self, token: int, logprob: float) -> None:
+    def append(self, token: int, logprob: float, alternatives=None) -> None:
         out = self.out
         out.token_ids.append(token)
         if out.logprobs is not None:
             out.logprobs.append(logprob)
+        if out.top_logprobs is not None:
+            out.top_logprobs.append(alternatives[:self.params.top_logprobs])
         if token in self.stop_ids:
             out.finish_reason = "stop"
         elif self.params.stop and self._cut_at_stop_string():
@@ -95,16 +99,18 @@ def generate_batch(runner: Runner, requests: list[Request], tokenizer, eos_ids: 
     ids, key_valid = left_pad(requests, prompt_width + max_new, pad_id)
     trackers = [SequenceTracker(r, tokenizer, eos_ids) for r in requests]
     sampler = Sampler([r.params for r in requests])
+    num_alternatives = max(r.params.top_logprobs for r in requests)
     runner.begin(len(requests), prompt_width + max_new, prompt_width)
     try:
         logits = runner.step(ids, key_valid[:, :prompt_width], 0)
         for step in range(max_new):
             tokens = sampler.sample(logits)
             logprobs = token_logprobs(logits, tokens)
+            alternatives = top_alternatives(logits, num_alternatives) if num_alternatives else None
             appended = 0
             for b, tracker in enumerate(trackers):
                 if not tracker.out.finished:
-                    tracker.append(int(tokens[b]), float(logprobs[b]))
+                    tracker.append(int(tokens[b]), float(logprobs[b]), alternatives and alternatives[b])
                     appended += 1
             if on_step is not None:
                 on_step(appended)

@@ -50,3 +50,10 @@ class Sampler:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under the unmodified distribution. logits [B, V], tokens [B] -> [B]."""
     return torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def top_alternatives(logits: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely tokens of each row with their log-probabilities under the unmodified
+    distribution, most likely first. logits [B, V] -> B lists of (token id, logprob)."""
+    values, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
