@@ -1,0 +1,97 @@
+"""`flexbatch serve`: the OpenAI-compatible server (completions, chat, Files, Batches)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
+
+DEFAULT_BATCH_SIZE = 32
+SERVER_RECORD = "server.json"  # the policy the data dir's batches run with, so resumes form the same blocks
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API (with Files and Batches)",
+        description="Load the model once and answer /v1/completions, /v1/chat/completions and /v1/models, "
+                    "and run batches uploaded through /v1/files and /v1/batches one after another (the job "
+                    "runner of `flexbatch run`). State lives in --data-dir: restarted with the same folder, "
+                    "the server resumes every unfinished batch.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--data-dir", default="flexbatch-data", help="folder for files, batches and their state "
+                                                                 "(default ./flexbatch-data)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request "
+                                                   "(default: $FLEXBATCH_API_KEY; none if unset)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's "
+                                                             "folder or file name)")
+    p.add_argument("--max-upload-bytes", type=int, default=512 << 20, help="largest file accepted (default 512 MiB)")
+    p.add_argument("--collect-ms", type=float, default=10.0,
+                   help="how long an online request waits for others to share its block (default 10 ms)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per block (default: the planner's choice; 32 with --no-plan)")
+    add_model_args(p)
+    add_sampling_args(p)
+    add_policy_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..errors import ConfigError
+    from ..serve.app import ServerState, create_app
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in [1, 65535], got {args.port}")
+    api_key = args.api_key or os.environ.get("FLEXBATCH_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
+              "(set --api-key or FLEXBATCH_API_KEY)", file=sys.stderr)
+    data_dir = Path(args.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    opened, policy, batch_size = _server_policy(args, data_dir)
+    llm = make_llm(args, policy, opened, batch_size)
+    name = args.served_model_name or llm.model_path.name
+    state = ServerState.start(llm, data_dir, name, sampling_params(args), api_key, args.max_upload_bytes,
+                              args.collect_ms / 1000)
+    print(f"serving {name} (block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}) "
+          f"on http://{args.host}:{args.port}/v1, data in {data_dir}", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    finally:
+        llm.close()
+    return 0
+
+
+def _server_policy(args, data_dir: Path):
+    """(opened model, policy or None, block size): from the flags if given, else as recorded in
+    the data dir by an earlier start (so resumed batches form the same blocks), else planned."""
+    from ..config import Policy
+    from ..default_model import default_model_path
+    from ..weights.source import open_model
+
+    opened = open_model(args.model or default_model_path())
+    record_path = data_dir / SERVER_RECORD
+    policy = build_policy(args, planned=True)
+    if policy is not None:
+        batch_size = policy.block_size
+    elif args.no_plan:
+        batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    elif record_path.exists() and args.batch_size is None:
+        recorded = json.loads(record_path.read_text())
+        print(f"policy and block size as recorded in {record_path}", file=sys.stderr)
+        policy = Policy(**recorded["policy"]) if recorded["policy"] else None
+        batch_size = recorded["block_size"]
+    else:
+        from .plan import auto_policy
+
+        # A server's prompts are unknown in advance: plan for prompts of 512 tokens.
+        policy = auto_policy(args, 512, args.max_new_tokens, 10_000, opened, args.batch_size)
+        batch_size = policy.block_size
+    from dataclasses import asdict
+
+    record_path.write_text(json.dumps({"policy": asdict(policy) if policy else None, "block_size": batch_size}))
+    return opened, policy, batch_size
