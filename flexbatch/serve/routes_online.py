@@ -60,6 +60,14 @@ async def get_model(model_id: str, request: Request):
     return _model_card(state)
 
 
+@router.get("/flexbatch/stats")
+async def stats(request: Request):
+    """How requests were grouped into blocks (not an OpenAI endpoint)."""
+    from dataclasses import asdict
+
+    return asdict(request.app.state.server.engine.stats)
+
+
 def _model_card(state) -> dict:
     return {"id": state.model_name, "object": "model", "created": state.started_at, "owned_by": "flexbatch",
             "max_model_len": state.engine.llm.config.max_position_embeddings}
