@@ -211,3 +211,18 @@ def test_concurrent_clients_are_answered_correctly_and_share_blocks(server, llm,
     requests = after["online_requests"] - before["online_requests"]
     blocks = after["online_blocks"] - before["online_blocks"]
     assert requests == len(prompts) and blocks < requests and after["largest_online_block"] > 1
+
+
+def test_cancel_keeps_finished_results_and_stops_the_rest(server, model_name, tmp_path):
+    requests = write_jsonl(tmp_path / "many.jsonl", batch_lines(64, model_name))
+    client = server.client()
+    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    batch = wait_batch(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    results = batch_results(client, batch)
+    counts = batch.request_counts
+    assert len(results) == counts.completed + counts.failed < 64
+    assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling again changes nothing
