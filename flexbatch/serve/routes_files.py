@@ -36,6 +36,8 @@ async def upload_file(request: Request):
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+    finally:
+        await form.close()  # the parser's temporary copy
     stored = state.store.add_file(path, _clean_name(upload.filename), purpose)
     return stored.to_api()
 
