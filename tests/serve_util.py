@@ -75,22 +75,21 @@ class ServerProcess:
         self.log.close()
 
 
-def batch_lines(n: int, model: str) -> list[dict]:
-    """A mixed batch: completions with and without sampling fields, chats, and bad lines."""
+def batch_lines(n: int, model: str, endpoint: str = "/v1/completions") -> list[dict]:
+    """A batch for one endpoint: greedy and seeded sampled requests of several lengths, and
+    every seventh line invalid (it gets an error record)."""
     lines = []
     for i in range(n):
-        if i % 7 == 6:  # invalid: gets an error record
-            lines.append({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
-                          "body": {"model": model, "prompt": 12345}})
-            continue
-        if i % 5 == 3:
+        if endpoint == "/v1/chat/completions":
             body = {"model": model, "messages": [{"role": "user", "content": f"Name a color, number {i}."}]}
-            lines.append({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
-            continue
-        body = {"model": model, "prompt": f"Fact {i}: the sky is", "max_tokens": 4 + i % 5}
+        else:
+            body = {"model": model, "prompt": f"Fact {i}: the sky is"}
+        body["max_tokens"] = 4 + i % 5
         if i % 4 == 1:
             body.update(temperature=0.8, seed=i, top_p=0.9)
-        lines.append({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions", "body": body})
+        if i % 7 == 6:
+            body = {"model": model, "prompt": 12345, "messages": "none"}
+        lines.append({"custom_id": f"req-{i}", "method": "POST", "url": endpoint, "body": body})
     return lines
 
 

@@ -54,7 +54,7 @@ def test_batch_through_the_api_equals_flexbatch_run(server, default_model_store,
     assert batch.request_counts.completed == 18
     served = batch_results(client, batch)
     errors = records_by_id(client.files.content(batch.error_file_id).text)
-    assert set(errors) == {"req-6", "req-13"}
+    assert set(errors) == {"req-6", "req-13"} and errors["req-6"]["response"]["status_code"] == 400
 
     output = tmp_path / "run.jsonl"
     subprocess.run([sys.executable, "-m", "flexbatch", "run", str(requests), "-o", str(output), "--model",
@@ -63,6 +63,16 @@ def test_batch_through_the_api_equals_flexbatch_run(server, default_model_store,
     assert served == records_by_id(output.read_text())
     assert any(b.id == batch.id for b in client.batches.list())
     assert {f.id for f in client.files.list()} >= {uploaded.id, batch.output_file_id, batch.error_file_id}
+
+
+def test_a_batch_mixing_endpoints_fails_validation(server, model_name, tmp_path):
+    lines = batch_lines(3, model_name) + batch_lines(2, model_name, "/v1/chat/completions")
+    client = server.client()
+    uploaded = client.files.create(file=write_jsonl(tmp_path / "mixed.jsonl", lines).open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    batch = wait_batch(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
+    assert batch.errors.data[0].code == "invalid_url" and "4, 5" in batch.errors.data[0].message
 
 
 def test_completion_logprobs_and_echo_equal_score_and_generate(server, llm, model_name):

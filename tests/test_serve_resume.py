@@ -37,12 +37,12 @@ def _kill_mid_batch(server: ServerProcess, batch_id: str, done_before: int) -> i
 
 def test_sigkill_during_a_batch_loses_and_duplicates_nothing(default_model_store, tmp_path):
     name = default_model_store.name
-    requests = write_jsonl(tmp_path / "requests.jsonl", batch_lines(NUM_REQUESTS, name))
+    requests = write_jsonl(tmp_path / "requests.jsonl", batch_lines(NUM_REQUESTS, name, "/v1/chat/completions"))
     data_dir = tmp_path / "data"
     server = ServerProcess(default_model_store, data_dir)
     client = server.client()
     uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
-    batch_id = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+    batch_id = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                      completion_window="24h").id
     done = 0
     for _ in range(KILLS):

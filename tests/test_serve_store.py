@@ -52,3 +52,12 @@ def test_split_records_ignores_a_torn_last_line(tmp_path):
 def test_key_check():
     assert key_matches("Bearer sk-1", "sk-1") and key_matches("bearer sk-1", "sk-1")
     assert not any(key_matches(h, "sk-1") for h in (None, "", "sk-1", "Bearer sk-12", "Bearer sk-", "Basic sk-1"))
+
+
+def test_lines_with_another_endpoint_are_found(tmp_path):
+    from flexbatch.serve.batch_worker import other_endpoints
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"url": "/v1/completions"}\nnot json\n[1]\n{"url": "/v1/chat/completions"}\n')
+    assert other_endpoints(path, "/v1/completions") == [4]
+    assert other_endpoints(path, "/v1/chat/completions") == [1]

@@ -72,6 +72,10 @@ class BatchWorker:
         if batch["status"] in ("finalizing", "cancelling"):
             self._finalize(batch_id, job_dir, cancelled=batch["status"] == "cancelling")
             return
+        if batch["status"] == "validating" and (wrong := other_endpoints(job_dir / "input.jsonl", batch["endpoint"])):
+            self._fail(batch_id, "invalid_url", f"line(s) {', '.join(map(str, wrong))} use another url than the "
+                                                f"batch's endpoint {batch['endpoint']}; every line must use it")
+            return
         try:
             job = Job.open(JobSpec(job_dir / "input.jsonl", job_dir / OUTPUT_NAME, "openai", defaults=self.defaults))
         except FlexbatchError as e:
@@ -164,6 +168,23 @@ def split_records(output: Path) -> tuple[list[bytes], list[bytes]]:
                 continue  # a torn last line is not a result (the runner cuts it on resume)
             (failed if json.loads(line).get("error") else answered).append(line)
     return answered, failed
+
+
+def other_endpoints(input_path: Path, endpoint: str, limit: int = 10) -> list[int]:
+    """Numbers of the first lines whose `url` is not the batch's endpoint (as OpenAI, a batch
+    holds one kind of request). Lines that are not JSON objects get error records later."""
+    wrong = []
+    with open(input_path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                url = json.loads(line).get("url")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if isinstance(url, str) and url != endpoint:
+                wrong.append(number)
+                if len(wrong) == limit:
+                    break
+    return wrong
 
 
 def count_records(output: Path) -> tuple[int, int]:
