@@ -126,14 +126,14 @@ class Policy:
     @property
     def weight_quant(self) -> "QuantConfig | None":
         """How layer weights are compressed (groups along input features), or None."""
-        from .storage.quantize import QuantConfig
+        from .kernels.quant import QuantConfig
 
         return QuantConfig(self.compress_bits, self.compress_group, 1) if self.compress_weight else None
 
     @property
     def cache_quant(self) -> "QuantConfig | None":
         """How the KV cache is compressed (groups along the head dimension), or None."""
-        from .storage.quantize import QuantConfig
+        from .kernels.quant import QuantConfig
 
         return QuantConfig(self.compress_bits, self.compress_group, -1) if self.compress_cache else None
 

@@ -18,10 +18,12 @@ import torch
 
 from ..config import Policy
 from ..models.family import Family
-from ..models.ops import CacheSegments
+from ..kernels import KernelChoice
+from ..kernels.attention import CacheSegments, orthonormal
+from ..kernels.linear import dequantize_for_block
+from ..kernels.packed import PackedLinear, free_dense_buffers
 from ..models.spec import ModelConfig
-from ..storage.kv_rows import RowCodec, orthonormal
-from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
+from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
@@ -50,7 +52,7 @@ class _Done:
 class OffloadRunner:
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
                  dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
         self.cfg, self.family, self.policy = cfg, family, policy
         self.dtype, self.device = dtype, device
         self.budget = budget or MemoryBudget.detect(device)
@@ -58,7 +60,7 @@ class OffloadRunner:
         self._own_dir = offload_dir is None
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
         self._check_weights_fit()
-        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
+        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels)
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
         self.blocks: list[list[KVBlock]] = []

@@ -9,8 +9,8 @@ from ..config import Policy
 from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..storage.packed_linear import element_size, stored_bytes
-from ..storage.quantize import QuantConfig, quantized_row_bytes
+from ..kernels.packed import element_size, stored_bytes
+from ..kernels.quant import QuantConfig, quantized_row_bytes
 
 GiB = 1 << 30
 STAGING_BLOCKS = 4  # disk KV blocks in flight: computing, loading next, two storing
