@@ -141,7 +141,8 @@ class LLM:
             raise ConfigError("empty prompt: a prompt needs at least one token.")
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids). `params` is one for all or one each."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
-from ..models.family import Family
 from ..kernels import KernelChoice
 from ..kernels.attention import CacheSegments, orthonormal
 from ..kernels.linear import dequantize_for_block
 from ..kernels.packed import PackedLinear, free_dense_buffers
+from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
+from ..kernels import KernelChoice
+from ..kernels.packed import PackedLinear, element_size, pack_linear, packable, stored_bytes, stored_parts
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.aligned import align_up, aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
-from ..kernels import KernelChoice
-from ..kernels.packed import PackedLinear, element_size, pack_linear, packable, stored_bytes, stored_parts
 from ..storage.placement import place_by_fraction
 from ..storage.tiers import Tier
 from ..weights.loader import resolve_names

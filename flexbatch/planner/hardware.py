@@ -161,8 +161,8 @@ def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, toke
 def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
                       head_dim: int = 64, device: torch.device = CPU) -> float:
     """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second."""
-    from ..storage.kv_rows import RowCodec
     from ..kernels.quant import QuantConfig
+    from ..storage.kv_rows import RowCodec
 
     codec = RowCodec(batch, heads, head_dim, dtype, QuantConfig(4, 64))
     rows = codec.encode(torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype))

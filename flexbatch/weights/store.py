@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFormatError, WeightFileError
-from ..models.spec import config_from_hf_dict
 from ..kernels.packed import PackedLinear, dequantize_linear, pack_linear, packable
 from ..kernels.quant import QuantConfig
+from ..models.spec import config_from_hf_dict
 from .source import OpenedModel
 
 STORE_INDEX = "flexbatch.json"
