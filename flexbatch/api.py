@@ -92,7 +92,8 @@ class LLM:
             from .engine.memory import MemoryBudget
 
             budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
-            kernels = kernels or kernel_choice(policy, self.device, self.dtype, offload_dir)
+            if kernels is None:
+                kernels = kernel_choice(policy, self.device, self.dtype, offload_dir)
             self.runner = OffloadRunner(self.config, self.family, opened.source, policy, self.dtype,
                                         self.device, offload_dir, budget, kernels)
             self.batch_size = policy.block_size

@@ -50,9 +50,6 @@ class PackedLinear:
     def nbytes(self) -> int:
         return self.data.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.data, self.scale_zero]
-
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T + bias, by the kernel `choice` names for this many rows."""
         rows = x.numel() // x.shape[-1]
