@@ -35,8 +35,9 @@ def make_requests(n: int, max_tokens: int, model: str) -> list[dict]:
     """Short prompts of similar length, greedy, a fixed number of tokens each (ignore_eos,
     so every request generates exactly max_tokens and both sides do the same work)."""
     return [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-             "body": {"model": model, "prompt": f"Request {i}: write about a {WORDS[i % 10]} and a {WORDS[i // 10 % 10]}",
-                      "max_tokens": max_tokens, "ignore_eos": True}} for i in range(n)]
+             "body": {"model": model, "max_tokens": max_tokens, "ignore_eos": True,
+                      "prompt": f"Request {i}: write about a {WORDS[i % 10]} and a {WORDS[i // 10 % 10]}"}}
+            for i in range(n)]
 
 
 def engine_flags(args) -> list[str]:

@@ -228,3 +228,20 @@ def test_cpu_memory_is_checked_without_the_planner(default_model_store, tmp_path
                          "--cpu-memory", "64MiB")  # less than the weights alone
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "memory budget of 0.06 GiB" in proc.stderr and "model " not in proc.stderr
+
+
+def test_output_on_a_read_only_disk_is_one_line_before_the_model_loads(default_model_store, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        src = tmp_path / "in.txt"
+        src.write_text("Hello\n")
+        proc = flexbatch_run(src, "-o", mount / "out.jsonl", "--model", default_model_store)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(error) == 1 and "EROFS" in error[0] and "read-only" in error[0] and str(mount) in error[0]

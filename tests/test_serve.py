@@ -15,8 +15,19 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from serve_util import (API_KEY, BLOCK, MAX_NEW_TOKENS, REPO, ServerProcess, batch_lines, batch_results,  # noqa: E402
-                        records_by_id, stats, wait_batch, write_jsonl)
+from serve_util import (  # noqa: E402
+    API_KEY,
+    BLOCK,
+    MAX_NEW_TOKENS,
+    REPO,
+    ServerProcess,
+    batch_lines,
+    batch_results,
+    records_by_id,
+    stats,
+    wait_batch,
+    write_jsonl,
+)
 
 from flexbatch import LLM, SamplingParams  # noqa: E402
 

@@ -9,8 +9,16 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 
-from serve_util import BLOCK, MAX_NEW_TOKENS, ServerProcess, batch_lines, batch_results, records_by_id, wait_batch, \
-    write_jsonl  # noqa: E402
+from serve_util import (  # noqa: E402
+    BLOCK,
+    MAX_NEW_TOKENS,
+    ServerProcess,
+    batch_lines,
+    batch_results,
+    records_by_id,
+    wait_batch,
+    write_jsonl,
+)
 
 from flexbatch import LLM, SamplingParams  # noqa: E402
 from flexbatch.jobs.runner import run_job  # noqa: E402

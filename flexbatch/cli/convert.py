@@ -24,7 +24,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..config import parse_dtype
-    from ..storage.quantize import QuantConfig
+    from ..kernels.quant import QuantConfig
     from ..weights.source import open_model
     from ..weights.store import write_store
 

@@ -17,19 +17,20 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
+from ..kernels import KernelChoice
+from ..kernels.attention import CacheSegments, orthonormal
+from ..kernels.linear import dequantize_for_block
+from ..kernels.packed import PackedLinear, free_dense_buffers
 from ..models.family import Family
-from ..models.ops import CacheSegments
 from ..models.spec import ModelConfig
-from ..storage.kv_rows import RowCodec, orthonormal
-from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
-from ..storage.placement import split_sequences
 from ..storage.disk import require_free_space
+from ..storage.kv_rows import RowCodec
+from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .kv_cache import CPU, KVBlock, staging_pools
 from .kv_encoded import EncodedKVBlock
-from .memory import (STAGING_BLOCKS, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory,
-                     weight_memory)
+from .memory import STAGING_BLOCKS, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
 from .runner import make_context, score_in_pieces, target_logprobs
 from .schedule import Op, token_schedule
 from .streams import CopyStreams
@@ -52,7 +53,7 @@ class _Done:
 class OffloadRunner:
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
                  dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
         self.cfg, self.family, self.policy = cfg, family, policy
         self.dtype, self.device = dtype, device
         self.budget = budget or MemoryBudget.detect(device)
@@ -62,7 +63,7 @@ class OffloadRunner:
         self._check_weights_fit()
         self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
                               * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
-        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
+        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels)
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
         self.blocks: list[list[KVBlock]] = []
@@ -92,8 +93,9 @@ class OffloadRunner:
         plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
                           prompt_width or capacity, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
-        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers
-                              * kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant), "the KV cache kept on disk")
+        kv_bytes = kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant)
+        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers * kv_bytes,
+                              "the KV cache kept on disk")
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}
