@@ -247,3 +247,16 @@ def test_cancel_keeps_finished_results_and_stops_the_rest(server, model_name, tm
     counts = batch.request_counts
     assert len(results) == counts.completed + counts.failed < 64
     assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling again changes nothing
+
+
+def test_online_requests_are_answered_while_a_batch_runs(server, llm, model_name, tmp_path):
+    requests = write_jsonl(tmp_path / "long.jsonl", batch_lines(48, model_name))
+    client = server.client()
+    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    wait_batch(client, batch.id, until=("in_progress", "completed"))
+    answer = client.completions.create(model=model_name, prompt="Two plus two is", max_tokens=4)
+    during = client.batches.retrieve(batch.id)
+    assert answer.choices[0].text == llm.generate("Two plus two is", max_new_tokens=4)[0].text
+    assert during.status == "in_progress" and during.request_counts.completed < 42  # waited one block at most
+    assert wait_batch(client, batch.id).status == "completed"
