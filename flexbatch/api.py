@@ -19,7 +19,7 @@ from .default_model import default_model_path
 from .engine.generation import Completion, Request, generate_batch
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
-from .hardware import default_dtype, pick_device
+from .devices import default_dtype, pick_device
 from .models import get_family
 from .progress import TokenProgress
 from .weights import load_weights, open_model

@@ -80,7 +80,9 @@ class Policy:
     A block of `gpu_batch_size * num_gpu_batches` sequences advances one token at a time; each
     layer's weights are loaded once per token and reused by every GPU batch. Fractions are of
     bytes; what is not on the device or the host is on disk. On a CPU-only machine the device
-    and the host are the same memory.
+    and the host are the same memory. Activations always stay on the compute device: they are
+    one block's hidden states, small next to weights and cache, so FlexGen's activation
+    placement is not modelled (its two `--percent` numbers are checked and ignored).
     """
 
     gpu_batch_size: int = 8
@@ -89,8 +91,6 @@ class Policy:
     weights_host: float = 0.0
     cache_device: float = 1.0
     cache_host: float = 0.0
-    act_device: float = 1.0
-    act_host: float = 0.0
     overlap: bool = True
     cpu_attention: bool = False
     pin_weights: bool = True
@@ -108,9 +108,6 @@ class Policy:
                f"num_gpu_batches must be an integer >= 1, got {self.num_gpu_batches!r}")
         _fraction_pair("weights", self.weights_device, self.weights_host)
         _fraction_pair("cache", self.cache_device, self.cache_host)
-        _fraction_pair("activations", self.act_device, self.act_host)
-        _check(self.act_device in (0, 1) or self.act_host in (0, 1),
-               "activations live on one tier: set act_device or act_host to 1 (or both to 0 for disk)")
         _check(0 < self.attn_sparsity <= 1,
                f"attn_sparsity is the fraction of attention weights kept, in (0, 1]; got {self.attn_sparsity!r}")
         _check(isinstance(self.cache_window, int) and self.cache_window >= 0,
@@ -147,9 +144,12 @@ class Policy:
 
     @classmethod
     def from_percent(cls, percent: list[float], **kwargs) -> "Policy":
-        """FlexGen's six numbers: weights GPU%, CPU%, cache GPU%, CPU%, activations GPU%, CPU%."""
+        """FlexGen's six numbers: weights GPU%, CPU%, cache GPU%, CPU%, activations GPU%, CPU%.
+
+        The activation pair is validated like the others so FlexGen command lines carry over,
+        then ignored: activations always stay on the compute device (see the class doc)."""
         _check(len(percent) == 6, f"--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu), got {len(percent)}")
         _check(all(0 <= p <= 100 for p in percent), f"--percent values must be in [0, 100], got {percent}")
         f = [p / 100 for p in percent]
-        return cls(weights_device=f[0], weights_host=f[1], cache_device=f[2], cache_host=f[3],
-                   act_device=f[4], act_host=f[5], **kwargs)
+        _fraction_pair("activations", f[4], f[5])
+        return cls(weights_device=f[0], weights_host=f[1], cache_device=f[2], cache_host=f[3], **kwargs)

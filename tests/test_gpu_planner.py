@@ -212,14 +212,14 @@ def test_a_probe_can_run_while_other_work_repeats():
 def test_flexbatch_plan_on_a_gpu_plans_within_the_gpu_budget(tiny_model, tmp_path, monkeypatch, capsys):
     """The CLI path on a (pretended) GPU: the GPU budget reaches the search, which plans with
     the profile's GPU rates, and the written policy fits the GPU budget."""
-    import flexbatch.hardware
+    import flexbatch.devices
     import flexbatch.planner
     from flexbatch.cli.main import main
     from flexbatch.weights.source import open_model
 
     folder, _ = tiny_model("llama_gqa_tied_llama3")
     cfg = open_model(folder).config
-    monkeypatch.setattr(flexbatch.hardware, "pick_device", lambda name="auto": torch.device("cuda"))
+    monkeypatch.setattr(flexbatch.devices, "pick_device", lambda name="auto": torch.device("cuda"))
     monkeypatch.setattr(flexbatch.planner, "hardware_profile", lambda *a, **kw: RAMP)
 
     def planned(gpu_memory: str) -> Policy:

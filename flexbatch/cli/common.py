@@ -54,7 +54,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offloading policy (omit all to keep the model in memory)")
     g.add_argument("--percent", type=float, nargs=6, metavar="P",
                    help="FlexGen's six numbers: weights GPU%% CPU%%, cache GPU%% CPU%%, activations GPU%% "
-                        "CPU%%; the rest of each goes to disk (on a CPU-only machine GPU means RAM too)")
+                        "CPU%%; the rest of each goes to disk (on a CPU-only machine GPU means RAM too). "
+                        "The activation pair is accepted and ignored: activations stay on the compute device")
     g.add_argument("--gpu-batch-size", type=int, default=None, help="sequences per GPU batch")
     g.add_argument("--num-gpu-batches", type=int, default=None, help="GPU batches per block")
     g.add_argument("--no-overlap", action="store_true", help="run loads, compute and stores sequentially")
@@ -109,6 +110,9 @@ def build_policy(args, planned: bool = False):
                 fields = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read --policy {args.policy_file}: {e}") from e
+        # files written before activations were pinned to the compute device name them
+        for gone in ("act_device", "act_host"):
+            fields.pop(gone, None)
     extra = {k: v for k, v in (("gpu_batch_size", args.gpu_batch_size), ("num_gpu_batches", args.num_gpu_batches))
              if v is not None}
     if args.no_overlap:

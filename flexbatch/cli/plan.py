@@ -80,7 +80,7 @@ def describe(candidate, gpu: bool = False) -> str:
 def run_plan(args) -> int:
     from ..config import parse_dtype
     from ..default_model import default_model_path
-    from ..hardware import default_dtype, pick_device
+    from ..devices import default_dtype, pick_device
     from ..models import get_family
     from ..planner import Workload
     from ..weights.source import open_model
@@ -109,7 +109,7 @@ def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
     """The planner's policy for a command given no policy flags (printed on stderr)."""
     from ..config import parse_dtype
     from ..default_model import default_model_path
-    from ..hardware import default_dtype, pick_device
+    from ..devices import default_dtype, pick_device
     from ..models import get_family
     from ..planner import Workload
     from ..weights.source import open_model

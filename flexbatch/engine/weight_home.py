@@ -127,9 +127,6 @@ class WeightHome:
         file.write_from(buf, 0, nbytes)
         return DiskLayer(file, entries, nbytes)
 
-    def disk_bytes(self) -> int:
-        return sum(d.nbytes for d in self.disk if d is not None)
-
     def tier_bytes(self) -> dict[Tier, int]:
         """Stored bytes of layer weights on each tier (global tensors are always in memory)."""
         out = {t: 0 for t in Tier}

@@ -81,7 +81,7 @@ def _cache_file():
 
 
 def _machine() -> str:
-    from ..hardware import cpu_name
+    from ..devices import cpu_name
 
     return f"{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}"
 

@@ -18,14 +18,6 @@ class ModelWeights:
     globals: dict[str, torch.Tensor]
     layers: list[dict[str, torch.Tensor]]
 
-    def nbytes(self) -> int:
-        seen, total = set(), 0
-        for t in [*self.globals.values(), *(t for layer in self.layers for t in layer.values())]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
-
 
 def resolve_names(cfg: ModelConfig, family: Family, source: TensorSource) -> dict[str, str]:
     """Map every required tensor name to the checkpoint name that provides it.

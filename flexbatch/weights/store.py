@@ -60,9 +60,6 @@ class StoreSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
-    def entry(self, name: str) -> dict:
-        return self._entries[name]
-
     def read(self, name: str) -> torch.Tensor:
         """The tensor, dense (a packed weight is dequantized)."""
         packed = self.read_packed(name)
