@@ -280,6 +280,12 @@ def test_kernel_choice_is_measured_once_per_shape_and_cached(monkeypatch, tmp_pa
     assert kernel_choice.fused_max_rows((256, 64)) == 0
 
 
-def test_kernel_choice_measurement_returns_a_measured_row_count():
-    rows = kernel_choice.measure((256, 128))
-    assert rows == 0 or rows in kernel_choice.ROWS
+def test_kernel_choice_measurement_returns_the_last_row_count_where_fused_wins(monkeypatch):
+    # timings made up per call (fused, then dense, for 1, 2, 4, ... rows): the fused kernel
+    # takes `rows` seconds, dequantize + matmul 20, so fused wins up to 16 rows and the
+    # measurement must stop at 32 and report 16
+    monkeypatch.setattr(packed_linear, "_fused_kernel_matches", lambda: True)
+    timings = iter(t for rows in kernel_choice.ROWS for t in (float(rows), 20.0))
+    monkeypatch.setattr(kernel_choice, "_seconds", lambda fn: next(timings))
+    assert kernel_choice.measure((256, 128)) == 16
+    assert next(timings) == 64.0  # nothing timed after the first loss (32 rows: 32 s vs 20 s)
