@@ -59,7 +59,9 @@ class LLM:
     fp32), "float32", "bfloat16" or "float16". batch_size: sequences generated together.
 
     policy: where weights and KV cache live and how the block schedule runs (see `Policy`);
-    None keeps everything in memory. With a policy, a block of `policy.block_size` sequences
+    None keeps everything in memory, dense. Any policy, including one that only compresses
+    (everything in memory), runs on the offloading runner: it alone keeps weights packed
+    and the KV cache quantized. With a policy, a block of `policy.block_size` sequences
     is generated at a time, layer weights stream from `offload_dir` (a temporary folder by
     default), and `cpu_memory` / `gpu_memory` (bytes; default: what is free) bound what
     the policy may use, checked before anything is allocated.
@@ -80,11 +82,11 @@ class LLM:
         self.batch_size = batch_size
         self.tokenizer = opened.load_tokenizer()
         policy = self.policy = _with_store_compression(opened, policy, batch_size)
-        if policy is None:
+        if policy is None:  # dense and in memory; compression needs the offloading runner
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
         else:
-            from .engine.executor import OffloadRunner
+            from .engine.offload_runner import OffloadRunner
             from .engine.memory import MemoryBudget
 
             budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
@@ -98,9 +100,7 @@ class LLM:
 
     def close(self) -> None:
         """Release offload files and I/O threads (also done at interpreter exit)."""
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        self.runner.close()
 
     def __enter__(self):
         return self
