@@ -23,6 +23,7 @@ from .devices import default_dtype, pick_device
 from .models import get_family
 from .progress import TokenProgress
 from .weights import load_weights, open_model
+from .weights.loader import layer_weight_grid
 
 Prompt = str | Sequence[int]
 Message = dict  # {"role": ..., "content": ...}
@@ -81,7 +82,7 @@ class LLM:
         self.dtype = parse_dtype(dtype) or default_dtype(self.device)
         self.batch_size = batch_size
         self.tokenizer = opened.load_tokenizer()
-        policy = self.policy = _with_store_compression(opened, policy, batch_size)
+        policy = self.policy = _with_source_grid(opened, self.family, _with_store_compression(opened, policy, batch_size))
         if policy is None:  # dense and in memory; compression needs the offloading runner
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
@@ -215,6 +216,16 @@ def _with_store_compression(opened, policy: Policy | None, batch_size: int) -> P
     bits, group = found.pop()
     base = policy or Policy(gpu_batch_size=batch_size)
     return replace(base, compress_weight=True, compress_bits=bits, compress_group=group)
+
+
+def _with_source_grid(opened, family, policy: Policy | None) -> Policy | None:
+    """Compressed weights with no group size given are grouped on the grid the source was
+    quantized on, if it was (see Policy.group_size): the default model is Q4_1, where groups
+    of 64 cost 44% perplexity and groups of 32 nothing. Weights and KV cache share the size."""
+    if policy is None or not policy.compress_weight or policy.compress_group is not None:
+        return policy
+    grid = layer_weight_grid(opened.config, family, opened.source)
+    return policy if grid is None else replace(policy, compress_group=grid)
 
 
 def _broadcast_params(params, n: int) -> list[SamplingParams]:

@@ -7,6 +7,7 @@ import torch
 
 from .errors import ConfigError
 
+DEFAULT_COMPRESS_GROUP = 64  # FlexGen's group size, for sources not already quantized on a grid
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -97,7 +98,7 @@ class Policy:
     compress_weight: bool = False
     compress_cache: bool = False
     compress_bits: int = 4
-    compress_group: int = 64
+    compress_group: int | None = None  # None: the source's quantization grid, else 64 (see group_size)
     cache_window: int = 32
     attn_sparsity: float = 1.0
 
@@ -113,7 +114,8 @@ class Policy:
         _check(isinstance(self.cache_window, int) and self.cache_window >= 0,
                f"cache_window must be an integer >= 0, got {self.cache_window!r}")
         _check(self.compress_bits in (4, 8), f"compress_bits must be 4 or 8, got {self.compress_bits!r}")
-        _check(isinstance(self.compress_group, int) and self.compress_group >= 2 and self.compress_group % 2 == 0,
+        _check(self.compress_group is None or (isinstance(self.compress_group, int) and self.compress_group >= 2
+                                               and self.compress_group % 2 == 0),
                f"compress_group must be an even integer >= 2, got {self.compress_group!r}")
 
     @property
@@ -121,18 +123,25 @@ class Policy:
         return self.gpu_batch_size * self.num_gpu_batches
 
     @property
+    def group_size(self) -> int:
+        """Values per quantization group. Left unset, the LLM sets it to the grid its source
+        was quantized on (a GGUF Q4_1 file: 32), where re-quantizing loses nothing more;
+        until then, and for a dense source, it is FlexGen's 64."""
+        return self.compress_group or DEFAULT_COMPRESS_GROUP
+
+    @property
     def weight_quant(self) -> "QuantConfig | None":
         """How layer weights are compressed (groups along input features), or None."""
         from .storage.quantize import QuantConfig
 
-        return QuantConfig(self.compress_bits, self.compress_group, 1) if self.compress_weight else None
+        return QuantConfig(self.compress_bits, self.group_size, 1) if self.compress_weight else None
 
     @property
     def cache_quant(self) -> "QuantConfig | None":
         """How the KV cache is compressed (groups along the head dimension), or None."""
         from .storage.quantize import QuantConfig
 
-        return QuantConfig(self.compress_bits, self.compress_group, -1) if self.compress_cache else None
+        return QuantConfig(self.compress_bits, self.group_size, -1) if self.compress_cache else None
 
     @property
     def weights_disk(self) -> float:

@@ -77,22 +77,27 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 def add_compression_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("compression (group-wise quantization; the planner takes it into account)")
     c.add_argument("--compress-weight", action="store_true",
-                   help="store, move and compute with layer weights quantized (default 4 bits, groups of 64)")
+                   help="store, move and compute with layer weights quantized (default 4 bits, groups as "
+                        "below)")
     c.add_argument("--compress-cache", action="store_true", help="store and move the KV cache quantized")
     c.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per value (default 4)")
-    c.add_argument("--compress-group", type=int, default=64, help="values per quantization group (default 64)")
+    c.add_argument("--compress-group", type=int, default=None,
+                   help="values per quantization group, of weights and KV cache (default: with --compress-weight, "
+                        "the grid the model file is already quantized on, e.g. 32 for GGUF Q4_0/Q4_1/Q8_0; else 64)")
     c.add_argument("--cache-window", type=int, default=32,
                    help="with --compress-cache, keep each sequence's last N tokens unquantized too (default 32; "
                         "0 quantizes everything, as FlexGen does)")
 
 
-def compression_fields(args) -> dict:
-    """The Policy fields the compression flags set ({} when compression is off)."""
+def compression_fields(args, grid: int | None = None) -> dict:
+    """The Policy fields the compression flags set ({} when compression is off). `grid`: the
+    model's quantization grid, the group size of compressed weights when none was given (the
+    LLM applies the same rule, see Policy.group_size; the planner needs it to size them)."""
     if not (args.compress_weight or args.compress_cache):
         return {}
+    group = args.compress_group or (grid if args.compress_weight else None)
     return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
-            "compress_bits": args.compress_bits, "compress_group": args.compress_group,
-            "cache_window": args.cache_window}
+            "compress_bits": args.compress_bits, "compress_group": group, "cache_window": args.cache_window}
 
 
 def build_policy(args, planned: bool = False):

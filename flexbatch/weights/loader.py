@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from ..errors import WeightFileError
@@ -51,6 +53,20 @@ def resolve_names(cfg: ModelConfig, family: Family, source: TensorSource) -> dic
             "Check that config.json belongs to these weights."
         )
     return mapping
+
+
+def layer_weight_grid(cfg: ModelConfig, family: Family, source: TensorSource) -> int | None:
+    """The group size that fits the grid the source quantized every layer matrix on (GGUF
+    blocks, K-quant sub-blocks), or None if it quantized none: groups of it never straddle
+    two of the source's scales, so compressing on it adds little or no error."""
+    grid_of = getattr(source, "quant_grid", None)
+    if grid_of is None:
+        return None
+    mapping = resolve_names(cfg, family, source)
+    names = [mapping[family.layer_prefix(j) + s.name] for j in range(cfg.num_layers)
+             for s in family.layer_specs(cfg) if len(s.shape) == 2]
+    grids = {grid_of(n) for n in names} - {None}
+    return math.gcd(*grids) if grids else None
 
 
 def load_weights(cfg: ModelConfig, family: Family, source: TensorSource,
