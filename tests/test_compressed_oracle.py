@@ -145,6 +145,16 @@ def test_default_group_follows_the_source_grid(default_model_store, tiny_model):
         assert llm.policy.compress_group is None and llm.policy.weight_quant.group_size == 64
 
 
+def test_a_store_packed_on_its_own_group_keeps_it(tiny_model, tmp_path):
+    from flexbatch.cli.main import main
+
+    folder, _ = tiny_model("opt_pre_ln")
+    dst = tmp_path / "packed16"
+    assert main(["convert", str(folder), str(dst), "--compress-weight", "--compress-group", "16"]) == 0
+    with LLM(dst, dtype="float32", policy=Policy(compress_weight=True)) as llm:
+        assert llm.policy.compress_group == 16  # its values lie on that grid: read packed, not re-quantized
+
+
 def parse(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_policy_args(parser)

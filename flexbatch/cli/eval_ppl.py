@@ -59,5 +59,5 @@ def run(args) -> int:
     print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
                       "num_tokens": result.num_tokens, "num_chunks": result.num_chunks,
                       "dtype": str(llm.dtype).removeprefix("torch."), "piece": piece,
-                      "policy": str(policy)}))
+                      "policy": str(llm.policy)}))  # as run: the group size filled in
     return 0

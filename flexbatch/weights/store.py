@@ -76,10 +76,10 @@ class StoreSource:
         return PackedLinear(parts["data"], parts["scale_zero"], info["bits"], info["group"])
 
     def quant_grid(self, name: str) -> int | None:
-        """The grid the tensor was quantized on: the source's when converted from a quantized
-        file, else the group of a weight stored compressed, else None."""
+        """The grid the tensor's values lie on: the group of a weight stored compressed, else
+        the source's when converted from a quantized file, else None."""
         entry = self._entries[name]
-        return entry.get("grid") or (entry["packed"]["group"] if "packed" in entry else None)
+        return entry["packed"]["group"] if "packed" in entry else entry.get("grid")
 
     def packing(self, name: str) -> tuple[int, int] | None:
         """(bits, group) of a weight stored compressed, else None."""
