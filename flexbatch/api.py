@@ -24,6 +24,7 @@ from .models import get_family
 from .progress import TokenProgress
 from .weights import load_weights, open_model
 from .weights.loader import layer_weight_grid
+from .weights.source import OpenedModel
 
 Prompt = str | Sequence[int]
 Message = dict  # {"role": ..., "content": ...}
@@ -55,8 +56,8 @@ class ScoreOutput:
 class LLM:
     """A model loaded for batch generation.
 
-    model: a Hugging Face folder, a .gguf file, a folder written by `flexbatch convert`, or
-    None for the default model. dtype: "auto" (bf16 where the CPU or GPU runs it fast, else
+    model: a Hugging Face folder, a .gguf file, a folder written by `flexbatch convert`, a
+    model already opened with `flexbatch.weights.open_model`, or None for the default model. dtype: "auto" (bf16 where the CPU or GPU runs it fast, else
     fp32), "float32", "bfloat16" or "float16". batch_size: sequences generated together.
 
     policy: where weights and KV cache live and how the block schedule runs (see `Policy`);
@@ -65,16 +66,17 @@ class LLM:
     and the KV cache quantized. With a policy, a block of `policy.block_size` sequences
     is generated at a time, layer weights stream from `offload_dir` (a temporary folder by
     default), and `cpu_memory` / `gpu_memory` (bytes; default: what is free) bound what
-    the policy may use, checked before anything is allocated.
+    the policy may use, checked before anything is allocated. Without a policy, a given
+    `cpu_memory` is checked against the weights kept in memory.
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
+    def __init__(self, model: str | Path | OpenedModel | None = None, dtype: str | torch.dtype = "auto",
                  device: str = "auto", batch_size: int = 32, policy: Policy | None = None,
                  offload_dir: str | Path | None = None, cpu_memory: int | None = None,
                  gpu_memory: int | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        opened = open_model(default_model_path() if model is None else model)
+        opened = model if isinstance(model, OpenedModel) else open_model(default_model_path() if model is None else model)
         self.model_path = opened.path
         self.config = opened.config
         self.family = get_family(self.config)
@@ -82,8 +84,10 @@ class LLM:
         self.dtype = parse_dtype(dtype) or default_dtype(self.device)
         self.batch_size = batch_size
         self.tokenizer = opened.load_tokenizer()
-        policy = self.policy = _with_source_grid(opened, self.family, _with_store_compression(opened, policy, batch_size))
+        policy = self.policy = with_source_grid(opened, self.family, with_store_compression(opened, policy, batch_size))
         if policy is None:  # dense and in memory; compression needs the offloading runner
+            if cpu_memory is not None:
+                self._check_in_memory_fit(cpu_memory, gpu_memory)
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
         else:
@@ -98,6 +102,15 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = next((i for i in (self.config.pad_token_id, *sorted(self.eos_ids)) if i is not None), 0)
+
+    def _check_in_memory_fit(self, cpu_memory: int, gpu_memory: int | None) -> None:
+        from .engine.memory import MemoryBudget, weight_memory
+
+        budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
+        plan = weight_memory(self.config, self.family, Policy(gpu_batch_size=self.batch_size), self.dtype, self.device)
+        plan.check(budget, self.device.type != "cuda",
+                   "Let the planner choose a policy (drop --no-plan), give one (--percent, --policy), or raise "
+                   "--cpu-memory.")
 
     def close(self) -> None:
         """Release offload files and I/O threads (also done at interpreter exit)."""
@@ -206,7 +219,7 @@ class LLM:
         return outputs
 
 
-def _with_store_compression(opened, policy: Policy | None, batch_size: int) -> Policy | None:
+def with_store_compression(opened, policy: Policy | None, batch_size: int) -> Policy | None:
     """A store converted with --compress-weight runs with its weights compressed: the policy
     (everything in memory if none was given) gets the store's bits and group size."""
     packing = getattr(opened.source, "packing", None)
@@ -218,7 +231,7 @@ def _with_store_compression(opened, policy: Policy | None, batch_size: int) -> P
     return replace(base, compress_weight=True, compress_bits=bits, compress_group=group)
 
 
-def _with_source_grid(opened, family, policy: Policy | None) -> Policy | None:
+def with_source_grid(opened, family, policy: Policy | None) -> Policy | None:
     """Compressed weights with no group size given are grouped on the grid the source was
     quantized on, if it was (see Policy.group_size): the default model is Q4_1, where groups
     of 64 cost 44% perplexity and groups of 32 nothing. Weights and KV cache share the size."""

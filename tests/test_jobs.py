@@ -12,7 +12,7 @@ import pytest
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.errors import ConfigError
-from flexbatch.jobs.output import OutputLock
+from flexbatch.jobs.output import OutputFile
 from flexbatch.jobs.runner import run_job
 
 PROMPTS = ["The capital of France is", "Water boils at", "def square(x):", "My favourite colour is",
@@ -167,17 +167,23 @@ def test_kill_9_then_resume_gives_exactly_the_uninterrupted_results(job_input, d
     assert comparable(out) == comparable(reference)
 
 
-def test_second_concurrent_job_is_refused(job_input, default_model_store, tmp_path):
+@pytest.mark.parametrize("via", ["same path", "symlink", "hard link"])
+def test_second_concurrent_job_is_refused(job_input, default_model_store, tmp_path, via):
     src, _ = job_input
     out = tmp_path / "out.jsonl"
-    lock = OutputLock(out)
+    held = OutputFile(out)  # what a running job holds
+    target = {"same path": out, "symlink": tmp_path / "sym.jsonl", "hard link": tmp_path / "hard.jsonl"}[via]
+    if via == "symlink":
+        target.symlink_to(out)
+    elif via == "hard link":
+        os.link(out, target)
     try:
-        proc = run_cli(src, out, "--model", str(default_model_store))
+        proc = run_cli(src, target, "--model", str(default_model_store))
         assert proc.wait(timeout=300) == 2
         assert "another flexbatch job is writing" in proc.stderr.read()
     finally:
-        lock.release()
-    assert not out.exists()
+        held.close()
+    assert out.stat().st_size == 0
 
 
 def test_show_prints_each_result(default_model_store, tmp_path):
@@ -189,3 +195,33 @@ def test_show_prints_each_result(default_model_store, tmp_path):
     assert proc.returncode == 0, stderr
     for record in read(out):
         assert f"[{record['id']}] {record['text']}" in stdout
+
+
+def test_kill_9_at_random_points_with_the_planner_on(default_model_store, tmp_path):
+    """The planner chooses the block on the first run; every resume takes it from the job
+    manifest, so the result equals an uninterrupted run with that policy."""
+    import random
+
+    src, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    src.write_text("".join(f"Name a city whose name starts with the letter {chr(65 + i)}.\n" for i in range(24)))
+    planned = [sys.executable, "-m", "flexbatch", "run", str(src), "--dtype", "float32", "--max-new-tokens", "10",
+               "--window", "8", "--model", str(default_model_store)]
+    rng = random.Random(20261130)
+    for _ in range(3):
+        proc = subprocess.Popen([*planned, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(2.0, 12.0))
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = subprocess.run([*planned, "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads(out.with_name("out.jsonl.job.json").read_text())
+    assert "recorded in the job manifest" in resumed.stderr and len(manifest["runs"]) >= 2
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(manifest["settings"]["policy"]))
+    reference = tmp_path / "reference.jsonl"
+    uninterrupted = subprocess.run([*planned, "-o", str(reference), "--policy", str(policy)], capture_output=True,
+                                   text=True, timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert len(read(out)) == 24 and comparable(out) == comparable(reference)

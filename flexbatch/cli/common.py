@@ -141,9 +141,11 @@ def build_policy(args, planned: bool = False):
     return None
 
 
-def make_llm(args, policy):
-    """The LLM a command's model, dtype, device, batch and budget flags describe."""
+def make_llm(args, policy, opened=None, batch_size: int | None = None):
+    """The LLM a command's model, dtype, device, batch and budget flags describe (`opened`:
+    the model if the command has opened it already)."""
     from ..api import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, policy=policy,
+    return LLM(opened or args.model, dtype=args.dtype, device=args.device, batch_size=batch_size or args.batch_size,
+               policy=policy,
                offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                    help="treat each prompt as a user message and apply the model's chat template")
     add_sampling_args(p)
     p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities (with --json)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences generated together (default 32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences generated together (default: the planner's choice; 32 with --no-plan)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     add_policy_args(p)
     p.set_defaults(run=run)
@@ -56,13 +57,17 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     params = sampling_params(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.no_plan and args.batch_size is None:
+        args.batch_size = 32
     policy = build_policy(args, planned=True)
     if policy is None and not args.no_plan:
         from .plan import auto_policy
 
         policy = auto_policy(args, prompt_len=estimate_prompt_len(args, prompts), gen_len=args.max_new_tokens,
-                             num_sequences=len(prompts))
-    llm = make_llm(args, policy)
+                             num_sequences=len(prompts), block_size=args.batch_size)
+    llm = make_llm(args, policy, batch_size=policy.block_size if policy else args.batch_size or 32)
     if policy is not None:
         print(f"policy: {policy}", file=sys.stderr)
     start = time.perf_counter()

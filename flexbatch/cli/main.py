@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except FlexbatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk or file problem no command caught: still one line, naming the file
+        from ..errors import storage_error
+
+        print(f"error: {storage_error(e, e.filename or 'a file', 'read or write')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -45,7 +45,7 @@ def run_profile(args) -> int:
     return 0
 
 
-def choose(opened, dtype, device, work, args, max_block):
+def choose(opened, dtype, device, work, args, max_block, block_size=None):
     """The planner's plan for the command's flags, with progress messages on stderr."""
     from ..engine.memory import MemoryBudget
     from ..models import get_family
@@ -57,7 +57,7 @@ def choose(opened, dtype, device, work, args, max_block):
     budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
     compression = compression_fields(args, layer_weight_grid(cfg, family, opened.source))
     return plan_policy(cfg, family, dtype, device, work, budget, max_block, args.offload_dir,
-                       compression=compression, log=lambda m: print(m, file=sys.stderr))
+                       compression=compression, log=lambda m: print(m, file=sys.stderr), block_size=block_size)
 
 
 def describe(candidate, gpu: bool = False) -> str:
@@ -107,17 +107,20 @@ def run_plan(args) -> int:
     return 0
 
 
-def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int):
-    """The planner's policy for a command given no policy flags (printed on stderr)."""
+def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int, opened=None, block_size=None):
+    """The planner's policy for a command given no policy flags (printed on stderr).
+
+    `opened`: the model, if the caller has opened it already; `block_size`: a block the user
+    fixed (the planner then chooses only the GPU batches and the placement)."""
     from ..config import parse_dtype
     from ..default_model import default_model_path
     from ..devices import default_dtype, pick_device
     from ..planner import Workload
     from ..weights.source import open_model
 
-    opened = open_model(args.model or default_model_path())
+    opened = opened or open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
-    plan = choose(opened, dtype, device, Workload(prompt_len, gen_len), args, num_sequences)
+    plan = choose(opened, dtype, device, Workload(prompt_len, gen_len), args, num_sequences, block_size)
     print(f"planner: {describe(plan.best, device.type == 'cuda')}", file=sys.stderr)
     return plan.best.policy

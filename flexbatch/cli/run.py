@@ -6,12 +6,16 @@ from pathlib import Path
 
 from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
 
+DEFAULT_BATCH_SIZE = 32
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "run", help="run a resumable batch job over a file of requests",
         description="Generate for every request in INPUT and append one result line per request to "
                     "OUTPUT. Rerun the same command after a crash: finished requests are skipped. "
+                    "The first run records the job's settings in OUTPUT.job.json; a rerun with other "
+                    "settings or an edited input is refused unless --force-new or --continue-changed. "
                     "Inputs: OpenAI Batch API JSONL (/v1/completions, /v1/chat/completions), JSONL "
                     "with `prompt`, a text file with one prompt per line, or a CSV.")
     p.add_argument("input", help="requests file (.jsonl, .txt or .csv)")
@@ -23,33 +27,120 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities by default")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per block without a policy (default 32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per block (default: the planner's choice; 32 with --no-plan)")
+    p.add_argument("--window", type=int, default=None,
+                   help="requests read, tokenized and sorted by length at a time (default 50000): bounds "
+                        "memory on large inputs; blocks never span two windows")
+    p.add_argument("--force-new", action="store_true",
+                   help="start a new job even if OUTPUT holds one (the old output and manifest are renamed "
+                        "OUTPUT.<time>.old*, never deleted)")
+    p.add_argument("--continue-changed", action="store_true",
+                   help="resume although the settings or the input changed since the job started (results "
+                        "already written are kept; the change is noted in OUTPUT.job.json)")
     p.add_argument("--show", action="store_true", help="at the end, print every result's text (id: text)")
     add_policy_args(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from ..jobs.runner import run_job
+    from ..jobs.job import Job, JobSpec
+    from ..jobs.runner import WindowRunner
 
-    defaults = sampling_params(args)
-    policy = build_policy(args, planned=True)
-    if policy is None and not args.no_plan:
-        from .plan import auto_policy
-
-        prompt_len, num_requests = estimate_workload(args)
-        policy = auto_policy(args, prompt_len, args.max_new_tokens, num_requests)
-    with make_llm(args, policy) as llm:
-        print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
-              f"block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}", file=sys.stderr)
-        summary = run_job(llm, args.input, args.output, fmt=args.format, column=args.column, defaults=defaults,
-                          chat=args.chat)
+    _check_counts(args)
+    if args.no_plan and args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE
+    spec = JobSpec(Path(args.input), Path(args.output), args.format, args.column, args.chat, sampling_params(args),
+                   args.window, args.force_new, args.continue_changed)
+    job = Job.open(spec)  # every check of the input and output runs before the model loads
+    try:
+        opened, policy, batch_size = _job_policy(args, job)
+        job.bind(_settings(args, job, opened, policy, batch_size))
+        with make_llm(args, policy, opened, batch_size) as llm:
+            print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
+                  f"block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}", file=sys.stderr)
+            summary = WindowRunner(job, llm, llm.model_path.name, progress=True).run()
+    finally:
+        job.close()
     for line in summary.lines():
         print(line, file=sys.stderr)
     print(f"results: {args.output}", file=sys.stderr)
     if args.show:
         show_results(Path(args.output))
     return 0
+
+
+def _check_counts(args) -> None:
+    from ..errors import ConfigError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--window", args.window)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+
+
+def _job_policy(args, job):
+    """(opened model, policy or None, block size): from the flags if any were given, else as
+    the job's manifest recorded them (a resume forms the same blocks), else the planner's."""
+    from ..config import Policy
+    from ..default_model import default_model_path
+    from ..errors import ConfigError
+    from ..weights.source import open_model
+
+    opened = open_model(args.model or default_model_path())
+    policy = build_policy(args, planned=True)
+    if policy is not None:
+        if args.batch_size is not None and args.batch_size != policy.block_size:
+            raise ConfigError(f"--batch-size {args.batch_size} conflicts with the policy's block of "
+                              f"{policy.gpu_batch_size} x {policy.num_gpu_batches} = {policy.block_size} sequences; "
+                              "drop one of them.")
+        return opened, policy, policy.block_size
+    recorded = job.manifest.settings if job.manifest else None
+    if recorded and not args.no_plan and args.batch_size in (None, recorded.block_size):
+        print("policy and block size as recorded in the job manifest", file=sys.stderr)
+        return opened, Policy(**recorded.policy) if recorded.policy else None, recorded.block_size
+    if args.no_plan:
+        return opened, None, args.batch_size or DEFAULT_BATCH_SIZE
+    from .plan import auto_policy
+
+    limit = opened.config.max_position_embeddings - args.max_new_tokens
+    prompt_len = sample_prompt_tokens(job, opened.load_tokenizer(), args.chat, limit)
+    policy = auto_policy(args, prompt_len, args.max_new_tokens, len(job.index), opened, args.batch_size)
+    return opened, policy, policy.block_size
+
+
+def _settings(args, job, opened, policy, batch_size):
+    from ..api import with_store_compression
+    from ..config import parse_dtype
+    from ..devices import default_dtype, pick_device
+    from ..jobs.settings import job_settings
+
+    dtype = parse_dtype(args.dtype) or default_dtype(pick_device(args.device))
+    policy = with_store_compression(opened, policy, batch_size)
+    return job_settings(job, opened.path, dtype, policy, policy.block_size if policy else batch_size)
+
+
+def sample_prompt_tokens(job, tokenizer, chat: bool, limit: int, sample: int = 512) -> int:
+    """Tokens of the longest prompt among the job's first `sample` valid requests (at least
+    64), for the planner; reads only those requests. Prompts over `limit` tokens will get error
+    records, so they do not count."""
+    from itertools import islice
+
+    lengths = [64]
+    for request in islice(job.requests(), sample):
+        if request.error or tokenizer is None:
+            continue
+        if request.kind == "chat" or (chat and isinstance(request.prompt, str)):
+            messages = request.messages or [{"role": "user", "content": request.prompt}]
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception:  # a request the template rejects gets its error record later
+                continue
+        else:
+            text = request.prompt
+        length = len(text) if not isinstance(text, str) else len(tokenizer(text)["input_ids"])
+        if length <= limit:
+            lengths.append(length)
+    return max(lengths)
 
 
 def show_results(output: Path) -> None:
@@ -67,23 +158,3 @@ def show_results(output: Path) -> None:
         choice = (body.get("choices") or [{}])[0]
         text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
         print(f"[{rid}] {record.get('text', text)}\n")
-
-
-def estimate_workload(args, sample: int = 512) -> tuple[int, int]:
-    """(longest prompt in tokens among the first `sample` requests, number of requests)."""
-    from ..default_model import default_model_path
-    from ..jobs.inputs import detect_format, read_requests
-    from ..weights.source import open_model
-
-    requests = [r for r in read_requests(args.input, detect_format(Path(args.input), args.format), args.column)
-                if not r.error]
-    tokenizer = open_model(args.model or default_model_path()).load_tokenizer()
-    lengths = [64]
-    for r in requests[:sample]:
-        if r.kind == "chat" or args.chat:
-            messages = r.messages or [{"role": "user", "content": r.prompt}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = r.prompt
-        lengths.append(len(tokenizer(text)["input_ids"]))
-    return max(lengths), max(len(requests), 1)

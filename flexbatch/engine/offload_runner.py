@@ -23,13 +23,14 @@ from ..models.ops import CacheSegments
 from ..models.spec import ModelConfig
 from ..storage.kv_rows import RowCodec, orthonormal
 from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
+from ..storage.disk import require_free_space
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .executor import Executor, InlineIO
 from .kv_cache import CPU, BatchKV, staging_pools
 from .kv_encoded import EncodedBatchKV
-from .memory import KV_IN_FLIGHT, MemoryBudget, run_memory, weight_memory
+from .memory import KV_IN_FLIGHT, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
 from .runner import Runner, make_context, score_in_pieces, target_logprobs
 from .streams import CopyStreams
 from .weight_home import LayerLoad, WeightHome
@@ -49,6 +50,8 @@ class OffloadRunner(Runner):
         self._own_dir = offload_dir is None
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
         self._check_weights_fit()
+        self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
+                              * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
         self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
@@ -65,6 +68,11 @@ class OffloadRunner(Runner):
         plan = weight_memory(self.cfg, self.family, self.policy, self.dtype, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
 
+    def _check_disk_room(self, nbytes: float, what: str) -> None:
+        if nbytes > 0:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            require_free_space(self.offload_dir, int(nbytes), what)
+
     # ---- batch lifecycle ------------------------------------------------------------------
     def gpu_batches(self, batch_size: int) -> list[slice]:
         gbs = self.policy.gpu_batch_size
@@ -74,6 +82,8 @@ class OffloadRunner(Runner):
         plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
                           prompt_width or capacity, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
+        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers
+                              * kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant), "the KV cache kept on disk")
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}

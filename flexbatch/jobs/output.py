@@ -1,92 +1,127 @@
-"""The job's output file: append-only, flushed and fsynced after every block, resumable.
+"""The job's output file: append-only, fsynced after every block, resumable, locked.
 
-On start the existing file is scanned: complete lines give the ids already finished; a torn
-last line (the process died inside a write) is cut off, the only change ever made to lines
-already written. A lock file next to the output refuses a second job on the same output.
+The lock is an exclusive flock on the output file itself, so it follows the real file: a
+symbolic or hard link to an output another job is writing is refused like the file itself.
+On start the file is scanned line by line: every complete line must be a result of this job
+(its id among the job's ids, with the fields of a result record), or the file is refused and
+never appended to; a torn last line (the process died inside a write) is cut off, the only
+change ever made to lines already written.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+from array import array
 from pathlib import Path
 
-from ..errors import ConfigError
+import numpy as np
+
+from ..errors import ConfigError, storage_error
+from .index import contains, hash64
+
+RESULT_FIELDS = {"custom_id": ("response", "error"), "id": ("text", "error")}
 
 
-class OutputLock:
-    """An exclusive, non-blocking flock on `<output>.lock`, released when the process ends."""
+class OutputFile:
+    """The locked output file: scan what is there, then append whole blocks of records."""
 
-    def __init__(self, output: Path):
-        self.path = output.with_name(output.name + ".lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            raise ConfigError(f"the output {path} is a folder; give a file name, e.g. {path}/results.jsonl") from None
+        except OSError as e:
+            raise storage_error(e, path, "create the output") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise ConfigError(f"another flexbatch job is writing {output} (lock {self.path} is held); "
+            raise ConfigError(f"another flexbatch job is writing {path} (it holds a lock on the file); "
                               "wait for it to finish or choose another output file.") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
 
-    def release(self) -> None:
+    def is_empty(self) -> bool:
+        return os.fstat(self.fd).st_size == 0
+
+    def scan(self, id_key: str, job_ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """(sorted hashes of the ids with a result, bytes cut from a torn last line).
+
+        `job_ids`: the sorted id hashes of the job's requests. Refuses a file holding lines
+        that are not results of this job.
+        """
+        ids, keep, torn = array("Q"), 0, None
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if torn is not None:  # only the last line may be torn
+                    raise self._foreign(torn, "is not a flexbatch result record")
+                result_id = _result_id(raw, id_key)
+                if result_id is None and raw.endswith(b"\n") and _is_json(raw):
+                    raise self._foreign(number, "is not a flexbatch result record")
+                if result_id is None or not raw.endswith(b"\n"):
+                    torn = number
+                    continue
+                ids.append(hash64(result_id))
+                keep += len(raw)
+        finished = np.sort(np.frombuffer(ids, dtype="<u8")) if ids else np.zeros(0, "<u8")
+        foreign = ~contains(job_ids, finished)
+        if foreign.any():
+            raise self._foreign(None, f"holds {int(foreign.sum())} result(s) whose ids are not requests of this job")
+        return finished, self._cut_to(keep)
+
+    def _foreign(self, line: int | None, what: str) -> ConfigError:
+        where = f"line {line} of {self.path}" if line else str(self.path)
+        return ConfigError(f"{where} {what}; it is not this job's output, so flexbatch will not append to it. "
+                           "Choose another output file (or --force-new to move this one aside and start again).")
+
+    def _cut_to(self, keep: int) -> int:
+        cut = os.fstat(self.fd).st_size - keep
+        if cut:
+            try:
+                os.truncate(self.path, keep)
+                os.fsync(self.fd)
+            except OSError as e:
+                raise storage_error(e, self.path, "repair the torn last line of", resumable=True) from None
+        return cut
+
+    def append(self, records: list[dict]) -> None:
+        """Write `records` and make them durable before returning."""
+        if not records:
+            return
+        blob = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[write_fd(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            raise storage_error(e, self.path, "write results to", resumable=True) from None
+
+    def close(self) -> None:
         if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            os.close(self.fd)  # also releases the lock
             self.fd = -1
 
 
-def scan_finished(output: Path, id_key: str) -> tuple[set[str], int]:
-    """Ids with a complete line in `output`, after cutting a torn last line.
-
-    Returns (finished ids, bytes cut). A last line without its newline, or one that is not
-    valid JSON, is a write the process did not finish.
-    """
-    if not output.exists():
-        return set(), 0
-    data = output.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    lines = data[:keep].splitlines()
-    if lines and not _is_record(lines[-1]):  # a full-length line can still be garbage
-        keep -= len(lines[-1]) + 1
-        lines = lines[:-1]
-    finished = set()
-    for number, line in enumerate(lines, start=1):
-        try:
-            finished.add(str(json.loads(line)[id_key]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigError(f"{output} line {number} is not a flexbatch result; "
-                              "is this the output of another program? Choose a new output file.") from None
-    cut = len(data) - keep
-    if cut:
-        with open(output, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-    return finished, cut
+def write_fd(fd: int, data) -> int:
+    """os.write, by a name tests can replace to make a disk fail."""
+    return os.write(fd, data)
 
 
-def _is_record(line: bytes) -> bool:
+def _is_json(raw: bytes) -> bool:
     try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
+        json.loads(raw)
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
 
 
-class DurableWriter:
-    """Appends JSON lines; `commit` makes everything written so far survive a crash."""
-
-    def __init__(self, output: Path):
-        output.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(output, "ab")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.commit()
-        self.file.close()
+def _result_id(raw: bytes, id_key: str) -> str | None:
+    """The id of a result line, or None if the line is not one."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get(id_key), str):
+        return None
+    return obj[id_key] if any(k in obj for k in RESULT_FIELDS[id_key]) else None

@@ -1,15 +1,23 @@
-"""Per-request sampling fields (OpenAI names) merged over the job-wide defaults."""
+"""Per-request sampling fields (OpenAI names) merged over the job-wide defaults.
+
+Every field is checked for its type and range here, so a bad value becomes that request's
+error record instead of an exception deep in the engine.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 from ..config import SamplingParams
 from ..errors import ConfigError
+from .validate import short_json
 
-IGNORED = {"model", "user", "metadata", "service_tier", "store"}
+IGNORED = {"model", "user", "metadata", "service_tier", "store", "stream_options"}
 MUST_EQUAL = {"n": 1, "stream": False, "echo": False, "best_of": 1, "top_logprobs": 0,
               "presence_penalty": 0, "frequency_penalty": 0}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take
+MAX_STOP_STRINGS = 16
 
 
 def request_params(fields: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
@@ -19,40 +27,60 @@ def request_params(fields: dict[str, Any], defaults: SamplingParams) -> Sampling
         if name in IGNORED or value is None:
             continue
         if name in MUST_EQUAL:
-            if value != MUST_EQUAL[name]:
-                raise ConfigError(f"field {name}={value!r} is not supported (only {MUST_EQUAL[name]!r})")
+            expected = MUST_EQUAL[name]
+            if value != expected or isinstance(value, bool) != isinstance(expected, bool):
+                raise ConfigError(f"field {name}={short_json(value)} is not supported (only {expected!r})")
         elif name in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
-            changes["max_new_tokens"] = _int(name, value)
-        elif name in ("temperature", "top_p"):
-            changes[name] = _number(name, value)
-        elif name in ("top_k", "seed"):
-            changes[name] = _int(name, value)
+            changes["max_new_tokens"] = _int(name, value, 1, 2**31)
+        elif name == "temperature":
+            changes[name] = _number(name, value, 0.0, 2.0)
+        elif name == "top_p":
+            changes[name] = _number(name, value, 0.0, 1.0, open_low=True)
+        elif name == "top_k":
+            changes[name] = _int(name, value, 0, 2**31)
+        elif name == "seed":
+            changes[name] = _int(name, value, *SEED_RANGE)
         elif name == "stop":
             changes["stop"] = _stop(value)
-        elif name == "logprobs":
-            changes["logprobs"] = bool(value)
-        elif name == "ignore_eos":
-            changes["ignore_eos"] = bool(value)
+        elif name in ("logprobs", "ignore_eos"):
+            changes[name] = _flag(name, value)
         else:
             raise ConfigError(f"field {name!r} is not supported by flexbatch")
     return replace(defaults, **changes) if changes else defaults
 
 
-def _int(name: str, value: Any) -> int:
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"field {name} must be an integer, got {value!r}")
+        raise ConfigError(f"field {name} must be an integer, got {short_json(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"field {name} must be in [{low}, {high}], got {value}")
     return value
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"field {name} must be a number, got {value!r}")
+def _number(name: str, value: Any, low: float, high: float, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"field {name} must be a finite number, got {short_json(value)}")
+    if value > high or value < low or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"field {name} must be in {bracket}{low:g}, {high:g}], got {value}")
     return float(value)
 
 
+def _flag(name: str, value: Any) -> bool:
+    """true/false; for logprobs also the completions API's integer count (0 = off)."""
+    if isinstance(value, bool):
+        return value
+    if name == "logprobs" and isinstance(value, int) and 0 <= value <= 20:
+        return value > 0
+    raise ConfigError(f"field {name} must be true or false, got {short_json(value)}")
+
+
 def _stop(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ConfigError(f"field stop must be a string or a list of strings, got {value!r}")
+    stops = (value,) if isinstance(value, str) else value
+    if (not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ConfigError(f"field stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
+                          f"non-empty strings, got {short_json(value)}")
+    return tuple(stops)

@@ -17,12 +17,16 @@ def _stable_id(prefix: str, request_id: str) -> str:
     return f"{prefix}-{uuid.uuid5(NAMESPACE, request_id).hex}"
 
 
-def openai_record(req: JobRequest, model: str, output=None, error: str | None = None) -> dict:
+def openai_record(req: JobRequest, model: str, output=None, error: str | None = None,
+                  server_error: bool = False) -> dict:
+    """A batch output line. `server_error`: the engine failed on the request (status 500),
+    rather than the request being invalid (400)."""
     request_id = _stable_id("flexbatch", req.id)
     if error is not None:
+        status, code = (500, "server_error") if server_error else (400, "invalid_request")
         return {"id": _stable_id("batch_req", req.id), "custom_id": req.id,
-                "response": {"status_code": 400, "request_id": request_id, "body": None},
-                "error": {"code": "invalid_request", "message": error}}
+                "response": {"status_code": status, "request_id": request_id, "body": None},
+                "error": {"code": code, "message": error}}
     usage = {"prompt_tokens": len(output.prompt_token_ids), "completion_tokens": len(output.token_ids),
              "total_tokens": len(output.prompt_token_ids) + len(output.token_ids)}
     if req.kind == "chat":
@@ -44,7 +48,8 @@ def _chat_logprobs(output) -> dict:
     return {"content": [{"token_id": t, "logprob": lp} for t, lp in zip(output.token_ids, output.logprobs)]}
 
 
-def simple_record(req: JobRequest, model: str, output=None, error: str | None = None) -> dict:
+def simple_record(req: JobRequest, model: str, output=None, error: str | None = None,
+                  server_error: bool = False) -> dict:
     if error is not None:
         return {"id": req.id, "error": error}
     record = {"id": req.id, "text": output.text, "finish_reason": output.finish_reason,

@@ -1,21 +1,27 @@
-"""Running a job: read requests, skip finished ones, generate block by block, append results.
+"""Running a job: the input in windows, each window's requests sorted into blocks, results
+appended after every block.
 
-Blocks are formed from all valid requests of the input, finished or not, sorted by prompt
-length, so a resumed job recomputes a block with exactly the sequences (and padding) it had
-before the crash: greedy and seeded results are identical to an uninterrupted run. Only
-results not already in the output are written.
+A window is `job.window` consecutive requests of the input; its valid requests, finished or
+not, are sorted by prompt length and cut into blocks of the block size, so a resumed job
+recomputes a block with exactly the sequences (and padding) it had before the crash, and
+memory holds one window's token lists at a time. Only results not already in the output are
+written. No request can stop the job: a request that fails validation or preparation gets an
+error record, and a block on which the engine raises is split in halves until only the
+requests that fail alone get error records.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from ..config import SamplingParams
 from ..errors import ConfigError
 from ..progress import TokenProgress
-from .inputs import JobRequest, detect_format, read_requests
-from .output import DurableWriter, OutputLock, scan_finished
+from .index import contains, duplicate_id
+from .inputs import JobRequest
+from .job import Job, JobSpec
 from .params import request_params
 from .records import openai_record, simple_record
 
@@ -33,11 +39,13 @@ class JobSummary:
     already_done: int = 0
     completed: int = 0
     errors: int = 0
+    engine_errors: int = 0
     prompt_tokens: int = 0
     padded_prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
     repaired_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -46,16 +54,24 @@ class JobSummary:
 
     @property
     def padding_overhead(self) -> float:
-        return self.padded_prompt_tokens / max(self.prompt_tokens, 1) - 1.0
+        return self.padded_prompt_tokens / self.prompt_tokens - 1.0 if self.prompt_tokens else 0.0
+
+    def count_error(self, request: JobRequest, message: str, engine: bool = False) -> None:
+        self.errors += 1
+        self.engine_errors += engine
+        if len(self.error_samples) < 5:
+            self.error_samples.append(f"{request.id}: {message}")
 
     def lines(self) -> list[str]:
         out = [f"requests: {self.requests} ({self.already_done} already done before this run, "
-               f"{self.completed} completed now, {self.errors} errors)",
+               f"{self.completed} completed now, {self.errors} errors"
+               + (f", {self.engine_errors} of them raised in the engine" if self.engine_errors else "") + ")",
                f"generated tokens: {self.generated_tokens} in {self.seconds:.1f}s "
                f"({self.tokens_per_second:.1f} tokens/s)",
                f"prompt tokens: {self.prompt_tokens}, padding overhead {100 * self.padding_overhead:.1f}%"]
         if self.repaired_bytes:
             out.append(f"repaired a torn last line ({self.repaired_bytes} bytes) left by an interrupted run")
+        out += self.notes
         out += [f"  error: {e}" for e in self.error_samples]
         return out
 
@@ -69,11 +85,28 @@ def prepare(llm, request: JobRequest, defaults: SamplingParams, chat: bool = Fal
         raise ConfigError(request.error)
     params = request_params(request.fields, defaults)
     if chat and request.kind == "completion":
+        if not isinstance(request.prompt, str):
+            raise ConfigError("--chat needs text prompts; this request gives token ids")
         request.kind, request.messages = "chat", [{"role": "user", "content": request.prompt}]
-    text = llm.apply_chat_template(request.messages) if request.kind == "chat" else request.prompt
-    ids = llm.encode(text)
+    if request.kind == "chat":
+        ids = llm.encode(llm.apply_chat_template(request.messages))
+    else:
+        ids = llm.encode(request.prompt)
+        vocab = llm.config.vocab_size
+        if not isinstance(request.prompt, str) and max(ids) >= vocab:
+            raise ConfigError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
     llm.check_length(len(ids), params)
     return Prepared(request, ids, params)
+
+
+def prepare_or_error(llm, request: JobRequest, defaults: SamplingParams, chat: bool) -> Prepared | str:
+    """`prepare`, with any failure turned into the message of the request's error record."""
+    try:
+        return prepare(llm, request, defaults, chat)
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # a template or tokenizer failing on odd input: this request's problem alone
+        return f"cannot prepare this request ({type(e).__name__}: {e})"
 
 
 def make_blocks(prepared: list[Prepared], block_size: int) -> list[list[Prepared]]:
@@ -81,70 +114,105 @@ def make_blocks(prepared: list[Prepared], block_size: int) -> list[list[Prepared
     return [ordered[s:s + block_size] for s in range(0, len(ordered), block_size)]
 
 
+def generate_isolated(llm, block: list[Prepared]) -> list:
+    """Outputs of `block`, or for a request on which the engine raises, the error's message.
+
+    OSErrors (a full or failing disk) are not any request's fault: they stop the job, which
+    the same command resumes.
+    """
+    try:
+        return llm.generate_ids([p.token_ids for p in block], [p.params for p in block])
+    except OSError:
+        raise
+    except Exception as e:
+        if len(block) == 1:
+            return [f"the engine failed on this request ({type(e).__name__}: {e})"]
+        mid = len(block) // 2
+        return generate_isolated(llm, block[:mid]) + generate_isolated(llm, block[mid:])
+
+
+class WindowRunner:
+    """Runs an opened job's windows with one LLM, appending records to its output."""
+
+    def __init__(self, job: Job, llm, model_name: str, progress: bool):
+        self.job, self.llm, self.model_name = job, llm, model_name
+        self.record = openai_record if job.format == "openai" else simple_record
+        self.summary = JobSummary(requests=len(job.index), already_done=len(job.finished),
+                                  repaired_bytes=job.repaired_bytes, notes=list(job.notes))
+        self.bar = TokenProgress(total=len(job.index), enabled=progress, desc="job",
+                                 initial=self.summary.already_done)
+
+    def run(self) -> JobSummary:
+        started = time.perf_counter()
+        requests, position = self.job.requests(), 0
+        while window := list(islice(requests, self.job.window)):
+            self._run_window(window, position)
+            position += len(window)
+        self.bar.close()
+        self.summary.seconds = time.perf_counter() - started
+        return self.summary
+
+    def _run_window(self, window: list[JobRequest], position: int) -> None:
+        ids = self.job.index.rows["id"][position:position + len(window)]
+        done = contains(self.job.finished, ids)
+        if done.all():
+            return
+        for request, duplicate in zip(window, self.job.index.duplicate[position:position + len(window)]):
+            if duplicate:
+                request.error = request.error or f"id {request.id!r} appears more than once; ids must be unique"
+                request.id = duplicate_id(request.id, request.line)
+        finished = {r.id for r, d in zip(window, done) if d}
+        prepared, errors = [], []
+        for request in window:
+            item = prepare_or_error(self.llm, request, self.job.spec.defaults, self.job.spec.chat)
+            if isinstance(item, Prepared):
+                prepared.append(item)
+            elif request.id not in finished:
+                errors.append(self._error(request, item))
+        self.job.out.append(errors)
+        self.bar.add_requests(len(errors))
+        for block in make_blocks(prepared, self.llm.batch_size):
+            if not all(p.request.id in finished for p in block):
+                self._run_block(block, finished)
+
+    def _error(self, request: JobRequest, message: str, engine: bool = False) -> dict:
+        self.summary.count_error(request, message, engine)
+        return self.record(request, self.model_name, error=message, server_error=engine)
+
+    def _run_block(self, block: list[Prepared], finished: set[str]) -> None:
+        outputs = generate_isolated(self.llm, block)
+        width = max(len(p.token_ids) for p in block)
+        records = []
+        for p, out in zip(block, outputs):
+            if p.request.id in finished:
+                continue
+            if isinstance(out, str):
+                records.append(self._error(p.request, out, engine=True))
+                continue
+            records.append(self.record(p.request, self.model_name, output=out))
+            self.summary.completed += 1
+            self.summary.prompt_tokens += len(p.token_ids)
+            self.summary.padded_prompt_tokens += width
+            self.summary.generated_tokens += len(out.token_ids)
+            self.bar.add_tokens(len(out.token_ids))
+        self.job.out.append(records)
+        self.bar.add_requests(len(records))
+
+
 def run_job(llm, input_path: str | Path, output_path: str | Path, fmt: str = "auto", column: str = "prompt",
             defaults: SamplingParams = SamplingParams(), progress: bool = True, model_name: str | None = None,
-            chat: bool = False) -> JobSummary:
-    input_path, output_path = Path(input_path), Path(output_path)
-    if input_path.resolve() == output_path.resolve():
-        raise ConfigError("the output file must differ from the input file (the input is never modified).")
-    if output_path.is_dir():
-        raise ConfigError(f"the output {output_path} is a folder; give a file name, e.g. {output_path}/results.jsonl")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = detect_format(input_path, fmt)
-    requests = read_requests(input_path, fmt, column)
-    if not requests:
-        raise ConfigError(f"{input_path} holds no requests (it is empty or blank); nothing to do.")
-    record = openai_record if fmt == "openai" else simple_record
-    model_name = model_name or llm.model_path.name
-    lock = OutputLock(output_path)
+            chat: bool = False, window: int | None = None, **resume) -> JobSummary:
+    """Run (or resume) the job of `input_path` into `output_path` with a loaded LLM.
+
+    `resume` takes JobSpec's force_new and continue_changed. The CLI opens the job before
+    loading the model instead (cli/run.py), so file problems show up first.
+    """
+    from .settings import job_settings
+
+    spec = JobSpec(Path(input_path), Path(output_path), fmt, column, chat, defaults, window, **resume)
+    job = Job.open(spec)
     try:
-        finished, cut = scan_finished(output_path, "custom_id" if fmt == "openai" else "id")
-        summary = JobSummary(requests=len(requests), already_done=len(finished & {r.id for r in requests}),
-                             repaired_bytes=cut)
-        writer = DurableWriter(output_path)
-        started = time.perf_counter()
-        bar = TokenProgress(total=len(requests), enabled=progress, desc="job", initial=summary.already_done)
-        prepared = _prepare_all(llm, requests, defaults, chat, finished, writer, record, model_name, summary, bar)
-        for block in make_blocks(prepared, llm.batch_size):
-            _run_block(llm, block, finished, writer, record, model_name, summary, bar)
-        writer.close()
-        bar.close()
-        summary.seconds = time.perf_counter() - started
+        job.bind(job_settings(job, llm.model_path, llm.dtype, llm.policy, llm.batch_size))
+        return WindowRunner(job, llm, model_name or llm.model_path.name, progress).run()
     finally:
-        lock.release()
-    return summary
-
-
-def _prepare_all(llm, requests, defaults, chat, finished, writer, record, model_name, summary,
-                 bar) -> list[Prepared]:
-    prepared = []
-    for request in requests:
-        try:
-            prepared.append(prepare(llm, request, defaults, chat))
-        except ConfigError as e:
-            if request.id not in finished:
-                writer.write(record(request, model_name, error=str(e)))
-                summary.errors += 1
-                bar.add_requests(1)
-                if len(summary.error_samples) < 5:
-                    summary.error_samples.append(f"{request.id}: {e}")
-    writer.commit()
-    return prepared
-
-
-def _run_block(llm, block, finished, writer, record, model_name, summary, bar) -> None:
-    if all(p.request.id in finished for p in block):
-        return
-    outputs = llm.generate_ids([p.token_ids for p in block], [p.params for p in block])
-    width = max(len(p.token_ids) for p in block)
-    for p, out in zip(block, outputs):
-        if p.request.id in finished:
-            continue
-        writer.write(record(p.request, model_name, output=out))
-        summary.completed += 1
-        summary.prompt_tokens += len(p.token_ids)
-        summary.padded_prompt_tokens += width
-        summary.generated_tokens += len(out.token_ids)
-    writer.commit()
-    bar.add_tokens(sum(len(o.token_ids) for o in outputs))
-    bar.add_requests(sum(p.request.id not in finished for p in block))
+        job.close()

@@ -36,8 +36,9 @@ def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=l
 
 def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: torch.device, work: Workload,
                 budget: MemoryBudget, max_block: int | None = None, offload_dir: Path | None = None,
-                compression: dict | None = None, log=lambda msg: None) -> Plan:
-    """The best policy for `work`; `compression` holds Policy's compress_* fields to plan with."""
+                compression: dict | None = None, log=lambda msg: None, block_size: int | None = None) -> Plan:
+    """The best policy for `work`; `compression` holds Policy's compress_* fields to plan with;
+    `block_size`, if given, is the block every candidate has."""
     # The engine checks the policy again once the model is open, when the process holds a
     # little more (tokenizer, file handles): plan with that much headroom. On a GPU the
     # caching allocator also rounds and fragments: plan for GPU_PLAN_SHARE of its budget.
@@ -45,4 +46,5 @@ def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: to
     device_bytes = int(budget.device_bytes * GPU_PLAN_SHARE) if gpu else budget.device_bytes
     budget = MemoryBudget(device_bytes, budget.host_bytes - PLAN_HEADROOM)
     hw = at_current_speed(hardware_profile(offload_dir, log=log), dtype)
-    return search(cfg, family, dtype, hw, work, budget, max_block, compression=compression, gpu=gpu)
+    return search(cfg, family, dtype, hw, work, budget, max_block, compression=compression, gpu=gpu,
+                  block_size=block_size)

@@ -147,7 +147,7 @@ def evaluate(cfg, family, dtype, hw, policy: Policy, work: Workload, gpu: bool =
 
 def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwareProfile, work: Workload,
            budget: MemoryBudget, max_block: int | None = None, keep: int = 5,
-           compression: dict | None = None, gpu: bool = False) -> Plan:
+           compression: dict | None = None, gpu: bool = False, block_size: int | None = None) -> Plan:
     """The best policy for `work` within `budget`; `compression` holds the compress_* fields
     every candidate gets. With `gpu` the model has a GPU (the profile's `gpu` rates), and
     CPU attention is tried both ways.
@@ -158,7 +158,8 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
     predictions were measured to be optimistic (8 x 8 sequences ran 32% below its prediction
     on the planner benchmark, while 64 x 1 was within 4%). The GPU model prices those costs
     (engine_probe.py), and a GPU's decode matmuls stay far below its peak at any batch that
-    fits, so there every size is tried."""
+    fits, so there every size is tried. `block_size` fixes the block (sequences generated
+    together) and leaves the planner the split into GPU batches and the placement."""
     if gpu and hw.gpu is None:
         raise ConfigError("the hardware profile has no GPU measurements; run `flexbatch profile --force` on this "
                           "machine with the GPU visible.")
@@ -168,7 +169,9 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
         peak = max(hw.flops(dtype, rows) for rows in (1 << p for p in range(14)))
         efficient = [g for g in GPU_BATCH_SIZES if hw.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
         small = [g for g in GPU_BATCH_SIZES if g not in efficient]
-    templates = lambda sizes: _templates(sizes, max_block, compression or {}, gpu)
+    if block_size is not None:
+        efficient, small = _divisors(block_size), []
+    templates = lambda sizes: _templates(sizes, max_block, compression or {}, gpu, block_size)
     candidates = _candidates(cfg, family, dtype, hw, work, budget, templates(efficient), gpu) \
         or _candidates(cfg, family, dtype, hw, work, budget, templates(small), gpu)
     if not candidates:
@@ -177,10 +180,16 @@ def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, hw: HardwarePro
     return Plan(candidates[0], candidates[1:keep])
 
 
-def _templates(gpu_batch_sizes, max_block: int | None, compression: dict, gpu: bool) -> list[Policy]:
-    """The policies to place: every block shape up to max_block; on a GPU each with its KV
-    cache all on the GPU, and with it free to leave, attended on the GPU or (a plain cache)
-    on the CPU."""
+def _divisors(block_size: int) -> list[int]:
+    """GPU batch sizes that split a block of `block_size` into a searched number of batches."""
+    return [g for g in range(1, block_size + 1) if block_size % g == 0 and block_size // g in NUM_GPU_BATCHES]
+
+
+def _templates(gpu_batch_sizes, max_block: int | None, compression: dict, gpu: bool,
+               block_size: int | None = None) -> list[Policy]:
+    """The policies to place: every block shape up to max_block (or of exactly `block_size`
+    sequences); on a GPU each with its KV cache all on the GPU, and with it free to leave,
+    attended on the GPU or (a plain cache) on the CPU."""
     if gpu:
         free = dict(cache_device=0.0, cache_host=0.0)
         attention = (False,) if compression.get("compress_cache") else (False, True)
@@ -189,7 +198,13 @@ def _templates(gpu_batch_sizes, max_block: int | None, compression: dict, gpu: b
         variants = [{}]
     return [Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, **variant, **compression)
             for gbs in gpu_batch_sizes for ngb in NUM_GPU_BATCHES for variant in variants
-            if max_block is None or gbs * ngb <= max(max_block, 1) or (gbs == 1 and ngb == 1)]
+            if _block_allowed(gbs * ngb, max_block, block_size)]
+
+
+def _block_allowed(block: int, max_block: int | None, block_size: int | None) -> bool:
+    if block_size is not None:
+        return block == block_size
+    return max_block is None or block <= max(max_block, 1) or block == 1
 
 
 def _candidates(cfg, family, dtype, hw, work, budget, templates: list[Policy], gpu: bool) -> list[Candidate]:

@@ -4,6 +4,7 @@ we fall back to buffered I/O, drop the pages we touched, and say so once."""
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -73,3 +74,14 @@ class DiskFile:
         self.close()
 
 
+
+
+def require_free_space(folder: Path, nbytes: int, what: str) -> None:
+    """Refuse, before writing, to put `nbytes` of `what` in a folder whose disk lacks room."""
+    from ..errors import ConfigError
+
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise ConfigError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB in {folder}, but its disk has {free / 2**30:.2f} GiB free. "
+            "Free space there, pass --offload-dir on a disk with room, or keep more in memory.")

@@ -1,0 +1,201 @@
+"""Opening a job: every check that can fail on the user's files runs here, before a model is
+loaded. The input is indexed (streamed once), the output locked and scanned, and the job
+manifest compared with what this run is asked to do.
+
+    job = Job.open(JobSpec(Path("in.jsonl"), Path("out.jsonl")))   # input/output checks, lock
+    job.bind(settings)               # first run: write the manifest; resume: refuse a change
+    summary = run_job_windows(job, llm)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import SamplingParams
+from ..errors import ConfigError, storage_error
+from .index import RequestIndex
+from .inputs import detect_format, iter_requests
+from .manifest import JobSettings, Manifest, RequestChanges, manifest_paths
+from .output import OutputFile
+
+DEFAULT_WINDOW = 50_000
+# Bytes of output a request needs at the least: the record's fields, ids and usage counts
+# plus about four bytes of text per generated token.
+RECORD_BYTES, BYTES_PER_TOKEN = 400, 4
+
+
+@dataclass
+class JobSpec:
+    """What the user asked for: files, input format and the job-wide sampling defaults."""
+
+    input: Path
+    output: Path
+    format: str = "auto"
+    column: str = "prompt"
+    chat: bool = False
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    window: int | None = None  # requests read, tokenized and sorted at a time (default: as recorded, or 50,000)
+    force_new: bool = False  # move an existing output aside and start again
+    continue_changed: bool = False  # resume even though settings or requests changed
+
+
+class Job:
+    """An opened job, holding the output's lock until `close`."""
+
+    def __init__(self, spec: JobSpec, output: Path, fmt: str, out: OutputFile, index: RequestIndex,
+                 manifest: Manifest | None):
+        self.spec, self.output, self.format, self.out = spec, output, fmt, out
+        self.index, self.manifest = index, manifest
+        self.id_key = "custom_id" if fmt == "openai" else "id"
+        self.finished = np.zeros(0, "<u8")
+        self.repaired_bytes = 0
+        self.notes: list[str] = []
+
+    @classmethod
+    def open(cls, spec: JobSpec) -> "Job":
+        input_path = _checked_input(Path(spec.input).expanduser())
+        output = _checked_output(Path(spec.output).expanduser(), input_path)
+        fmt = detect_format(input_path, spec.format)
+        index = RequestIndex.of_file(input_path, fmt, spec.column)
+        if len(index) == 0:
+            raise ConfigError(f"{input_path} holds no requests (it is empty or blank); nothing to do.")
+        out = OutputFile(output)
+        if spec.force_new and (not out.is_empty() or manifest_paths(output)[0].exists()):
+            _move_aside(output)  # while holding the lock, so a running job's file is never moved
+            out.close()
+            out = OutputFile(output)
+        try:
+            job = cls(spec, output, fmt, out, index, Manifest.load(output))
+            job._check_output_belongs()
+            job._check_output_space()
+        except BaseException:
+            out.close()
+            raise
+        return job
+
+    @property
+    def window(self) -> int:
+        recorded = self.manifest.settings.window if self.manifest else None
+        return self.spec.window or recorded or DEFAULT_WINDOW
+
+    def _check_output_belongs(self) -> None:
+        if self.manifest is None:
+            if not self.out.is_empty():
+                raise ConfigError(
+                    f"{self.output} already holds data but has no job manifest ({manifest_paths(self.output)[0].name}), "
+                    "so it is not the output of a flexbatch job (or was written by a flexbatch without manifests); "
+                    "flexbatch will not append to it. Choose another output file, or pass --force-new to move "
+                    "it aside and start again.")
+            return
+        changes = RequestChanges.between(self.manifest.rows, self.index.rows)
+        if changes.breaking and not self.spec.continue_changed:
+            raise ConfigError(self._changed_requests_message(changes))
+        if changes.added:
+            self.notes.append(f"{changes.added} request(s) were added to the input since the job started; "
+                              "they are run now")
+        known = np.concatenate([self.index.rows["id"], self.manifest.rows["id"]])
+        self.finished, self.repaired_bytes = self.out.scan(self.id_key, np.unique(known))
+
+    def _changed_requests_message(self, changes: RequestChanges) -> str:
+        parts = []
+        if len(changes.changed):
+            lines = self._describe_positions(changes.changed[:5])
+            parts.append(f"{len(changes.changed)} request(s) changed since the job started ({lines})")
+        if changes.removed:
+            parts.append(f"{changes.removed} request(s) were removed from the end of the input")
+        return (f"{self.spec.input} is not the input this job started with: {'; '.join(parts)}. "
+                f"To start a new job, choose another output file or pass --force-new (moves {self.output.name} "
+                "aside); to keep the results already written and go on with the input as it is now, pass "
+                "--continue-changed.")
+
+    def _describe_positions(self, positions: np.ndarray) -> str:
+        wanted, found = set(int(p) for p in positions), []
+        for position, request in enumerate(iter_requests(self.spec.input, self.format, self.spec.column)):
+            if position in wanted:
+                found.append(f"line {request.line}, id {request.id!r}")
+            if len(found) == len(wanted):
+                break
+        return "; ".join(found) or "requests past the end of the input"
+
+    def bind(self, settings: JobSettings) -> None:
+        """Record `settings` on the first run; on a resume, refuse settings that differ from
+        the recorded ones (unless continue_changed), then note this run in the manifest."""
+        if self.manifest is None:
+            self.manifest = Manifest(settings, self.index.rows, [], str(Path(self.spec.input).resolve()))
+            self.manifest.add_run("first run")
+        else:
+            differences = settings.differences(self.manifest.settings)
+            if differences and not self.spec.continue_changed:
+                raise ConfigError(
+                    f"{self.output} belongs to a job with other settings; changed: {'; '.join(differences)}. "
+                    "Rerun with the job's settings to resume it, choose another output file (or --force-new "
+                    "to move this one aside) to start a new job, or pass --continue-changed to go on with "
+                    "the new settings for the requests not finished yet.")
+            note = f"continued with changes: {'; '.join(differences)}" if differences else "resumed"
+            self.manifest.settings, self.manifest.rows = settings, self.index.rows
+            self.manifest.input = str(Path(self.spec.input).resolve())
+            self.manifest.add_run(note)
+        self.manifest.save(self.output)
+
+    def _check_output_space(self) -> None:
+        remaining = len(self.index) - len(self.finished)
+        tokens = self.spec.defaults.max_new_tokens
+        need = remaining * (RECORD_BYTES + BYTES_PER_TOKEN * tokens)
+        free = shutil.disk_usage(self.output.parent).free
+        if need > free:
+            raise ConfigError(
+                f"the output folder {self.output.parent} has {free / 2**20:.1f} MiB free, but {remaining} results "
+                f"of up to {tokens} tokens need about {need / 2**20:.1f} MiB; free space there or choose an "
+                "output on another disk.")
+
+    def requests(self):
+        """The input's requests in file order (streamed)."""
+        return iter_requests(self.spec.input, self.format, self.spec.column)
+
+    def close(self) -> None:
+        self.out.close()
+
+
+def _checked_input(path: Path) -> Path:
+    if not path.exists():
+        raise ConfigError(f"input file {path} does not exist; check the path.")
+    if path.is_dir():
+        raise ConfigError(f"the input {path} is a folder; pass the requests file inside it.")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise storage_error(e, path, "read the input") from None
+    return path
+
+
+def _checked_output(output: Path, input_path: Path) -> Path:
+    """The output's real path (links resolved), its folder created; never the input itself."""
+    output = output.resolve()
+    if output.is_dir():
+        raise ConfigError(f"the output {output} is a folder; give a file name, e.g. {output}/results.jsonl")
+    if output.exists() and os.path.samefile(output, input_path):
+        raise ConfigError(f"the output {output} is the input file (perhaps through a link); the input is never "
+                          "modified: choose another output file.")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(e, output.parent, "create the output folder") from None
+    return output
+
+
+def _move_aside(output: Path) -> None:
+    """--force-new: keep an existing output and its manifest under a dated name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (output, *manifest_paths(output)):
+        if path.exists():
+            target = path.with_name(f"{output.name}.{stamp}.old{path.name[len(output.name):]}")
+            try:
+                os.replace(path, target)
+            except OSError as e:
+                raise storage_error(e, path, "move aside") from None
