@@ -59,10 +59,16 @@ def main() -> None:
         rows.append({"batch": batch, "bf16": plain, "compressed": packed, "ratio": ratio, "decode_ratio": decode_ratio})
         print(f"batch {batch:4d}: bf16 {plain['throughput']:8.1f} tok/s, {args.bits}-bit {packed['throughput']:8.1f} "
               f"tok/s, ratio {ratio:.2f} (decode only {decode_ratio:.2f})")
-    from flexbatch.storage import kernel_choice
+    import torch
 
+    from flexbatch.api import kernel_choice
+    from flexbatch.config import Policy
+
+    # the choice every run above was given (the override, else the hardware profile's rates)
+    choice = kernel_choice(Policy(gpu_batch_size=1, compress_weight=True, compress_bits=args.bits),
+                           torch.device("cpu"), torch.bfloat16)
     print(json.dumps({"bits": args.bits, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                      "fused_max_rows": kernel_choice._load(), "rows": rows}))
+                      "fused_max_rows": choice.fused_max_rows, "rows": rows}))
 
 
 if __name__ == "__main__":

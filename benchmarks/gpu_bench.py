@@ -137,7 +137,8 @@ def main() -> None:
         policy = json.loads(text)
         r = run_child("flexbatch", {**common, "policy": policy, "offload_dir": str(work / "offload")})
         on_disk = 1 - policy.get("weights_device", 1) - policy.get("weights_host", 0) > 0
-        if "error" not in r and not on_disk and not policy.get("compress_weight"):  # the floor models bf16 over the link
+        # the floor models bf16 over the link
+        if "error" not in r and not on_disk and not policy.get("compress_weight"):
             r["roofline_s"] = transfer_floor(args.shape, policy, args.gen_len, bandwidth)
             r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
         results["flexbatch"].append({"policy": policy, **r})

@@ -48,7 +48,6 @@ def child_flexbatch(spec: dict) -> dict:
     (as `flexbatch run` does without policy flags; with spec["compress"] as its compression
     switches); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
-
     from flexbatch.planner import at_current_speed, hardware_profile
 
     policy = choose_policy(spec)
@@ -230,7 +229,8 @@ def main() -> None:
     p.add_argument("--memory", default="1.5GiB", help="memory limit for each system, page cache included")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--blocks", default="16x2,32x2", help="flexbatch GPU batch size x number of GPU batches, comma separated")
+    p.add_argument("--blocks", default="16x2,32x2",
+                   help="flexbatch GPU batch size x number of GPU batches, comma separated")
     p.add_argument("--hf-batches", default="4,16", help="HF Accelerate batch sizes (empty to skip)")
     p.add_argument("--compress", default="none",
                    help="flexbatch compression settings to run each block with, comma separated: "

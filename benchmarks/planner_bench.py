@@ -127,7 +127,8 @@ def describe(r: dict) -> str:
     else:
         placement = f"weights {pol['weights_device']:.2f} cache {pol['cache_device']:.2f} in memory"
         peak = f"peak {r['peak_bytes'] / 2**30:.2f} GiB"
-    return (f"{name}: block {pol['gpu_batch_size']}x{pol['num_gpu_batches']}{' ' + packed + ' 4-bit' if packed else ''}, "
+    bits = f" {packed} 4-bit" if packed else ""
+    return (f"{name}: block {pol['gpu_batch_size']}x{pol['num_gpu_batches']}{bits}, "
             f"{placement}: measured {r['throughput']:.3f} tok/s, predicted "
             f"{r['predicted_throughput']:.3f} ({100 * error:+.0f}%), prefill {r['prefill_s']:.1f}s "
             f"(pred {r['predicted_prefill_s']:.1f}), decode {r['decode_s']:.1f}s (pred {r['predicted_decode_s']:.1f}), "

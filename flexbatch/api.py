@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-
+import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -16,10 +17,11 @@ import torch
 
 from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
+from .devices import default_dtype, pick_device
 from .engine.generation import Completion, Request, generate_batch
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
-from .devices import default_dtype, pick_device
+from .kernels import KernelChoice
 from .models import get_family
 from .progress import TokenProgress
 from .weights import load_weights, open_model
@@ -57,8 +59,9 @@ class LLM:
     """A model loaded for batch generation.
 
     model: a Hugging Face folder, a .gguf file, a folder written by `flexbatch convert`, a
-    model already opened with `flexbatch.weights.open_model`, or None for the default model. dtype: "auto" (bf16 where the CPU or GPU runs it fast, else
-    fp32), "float32", "bfloat16" or "float16". batch_size: sequences generated together.
+    model already opened with `flexbatch.weights.open_model`, or None for the default model.
+    dtype: "auto" (bf16 where the CPU or GPU runs it fast, else fp32), "float32", "bfloat16"
+    or "float16". batch_size: sequences generated together.
 
     policy: where weights and KV cache live and how the block schedule runs (see `Policy`);
     None keeps everything in memory, dense. Any policy, including one that only compresses
@@ -67,16 +70,20 @@ class LLM:
     is generated at a time, layer weights stream from `offload_dir` (a temporary folder by
     default), and `cpu_memory` / `gpu_memory` (bytes; default: what is free) bound what
     the policy may use, checked before anything is allocated. Without a policy, a given
-    `cpu_memory` is checked against the weights kept in memory.
+    `cpu_memory` is checked against the weights kept in memory. kernels: which kernel
+    multiplies by 4-bit weights (`KernelChoice`); None takes FLEXBATCH_INT4_FUSED_MAX_ROWS
+    if set, else this machine's hardware profile (measured once and cached).
     """
 
     def __init__(self, model: str | Path | OpenedModel | None = None, dtype: str | torch.dtype = "auto",
                  device: str = "auto", batch_size: int = 32, policy: Policy | None = None,
                  offload_dir: str | Path | None = None, cpu_memory: int | None = None,
-                 gpu_memory: int | None = None):
+                 gpu_memory: int | None = None, kernels: KernelChoice | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        opened = model if isinstance(model, OpenedModel) else open_model(default_model_path() if model is None else model)
+        if not isinstance(model, OpenedModel):
+            model = open_model(default_model_path() if model is None else model)
+        opened = model
         self.model_path = opened.path
         self.config = opened.config
         self.family = get_family(self.config)
@@ -91,12 +98,14 @@ class LLM:
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
         else:
-            from .engine.offload_runner import OffloadRunner
             from .engine.memory import MemoryBudget
+            from .engine.offload_runner import OffloadRunner
 
             budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
+            if kernels is None:
+                kernels = kernel_choice(policy, self.device, self.dtype, offload_dir)
             self.runner = OffloadRunner(self.config, self.family, opened.source, policy, self.dtype,
-                                        self.device, offload_dir, budget)
+                                        self.device, offload_dir, budget, kernels)
             self.batch_size = policy.block_size
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -150,7 +159,8 @@ class LLM:
             raise ConfigError("empty prompt: a prompt needs at least one token.")
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids). `params` is one for all or one each."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -217,6 +227,28 @@ class LLM:
                 n = len(r.token_ids)
                 outputs.append(ScoreOutput(r.token_ids, logprobs[b, width - n:].tolist()))
         return outputs
+
+
+INT4_ROWS_ENV = "FLEXBATCH_INT4_FUSED_MAX_ROWS"
+
+
+def kernel_choice(policy: Policy, device: torch.device, dtype: torch.dtype,
+                  offload_dir: str | Path | None = None) -> KernelChoice:
+    """Which kernel multiplies by 4-bit weights, decided once here, above the engine: the
+    FLEXBATCH_INT4_FUSED_MAX_ROWS override (0: never the fused kernel), else the rates of the
+    hardware profile the planner uses (`flexbatch profile`; measured now if there is none)."""
+    quant = policy.weight_quant
+    if quant is None or quant.bits != 4 or device.type != "cpu":
+        return KernelChoice()  # the fused kernel is CPU-only and 4-bit only
+    forced = os.environ.get(INT4_ROWS_ENV)
+    if forced is not None:
+        if not forced.strip().isdigit():
+            raise ConfigError(f"{INT4_ROWS_ENV} must be a row count >= 0, got {forced!r}")
+        return KernelChoice(int(forced))
+    from .planner import hardware_profile
+
+    profile = hardware_profile(offload_dir, log=lambda msg: print(msg, file=sys.stderr))
+    return profile.kernel_choice(dtype)
 
 
 def with_store_compression(opened, policy: Policy | None, batch_size: int) -> Policy | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConfigError
+from .kernels.quant import QuantConfig
 
 DEFAULT_COMPRESS_GROUP = 64  # FlexGen's group size, for sources not already quantized on a grid
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -58,7 +59,8 @@ class SamplingParams:
                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         _check(math.isfinite(self.temperature) and self.temperature >= 0,
                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
         _check(self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
@@ -135,15 +137,11 @@ class Policy:
     @property
     def weight_quant(self) -> "QuantConfig | None":
         """How layer weights are compressed (groups along input features), or None."""
-        from .storage.quantize import QuantConfig
-
         return QuantConfig(self.compress_bits, self.group_size, 1) if self.compress_weight else None
 
     @property
     def cache_quant(self) -> "QuantConfig | None":
         """How the KV cache is compressed (groups along the head dimension), or None."""
-        from .storage.quantize import QuantConfig
-
         return QuantConfig(self.compress_bits, self.group_size, -1) if self.compress_cache else None
 
     @property
@@ -160,7 +158,8 @@ class Policy:
 
         The activation pair is validated like the others so FlexGen command lines carry over,
         then ignored: activations always stay on the compute device (see the class doc)."""
-        _check(len(percent) == 6, f"--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu), got {len(percent)}")
+        _check(len(percent) == 6, "--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu), "
+                                  f"got {len(percent)}")
         _check(all(0 <= p <= 100 for p in percent), f"--percent values must be in [0, 100], got {percent}")
         f = [p / 100 for p in percent]
         _fraction_pair("activations", f[4], f[5])

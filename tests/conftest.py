@@ -6,11 +6,17 @@ object returned alongside the saved folder.
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+# A fixed 4-bit kernel choice, so that a compressed run does not measure this machine's
+# hardware profile (LLM reads the knob at construction). 16 rows: decode steps of the tiny
+# models use the fused kernel and prompts dequantize, so both kernels run. Tests of the
+# choice itself set or delete it.
+os.environ.setdefault("FLEXBATCH_INT4_FUSED_MAX_ROWS", "16")
 
 COMMON_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                     num_attention_heads=4, max_position_embeddings=512, eos_token_id=None,

@@ -1,4 +1,4 @@
-"""Decode attention (`ops.grouped_attention`) against torch's SDPA in fp32, for every way the
+"""Decode attention (`kernels.grouped_attention`) against torch's SDPA in fp32, for every way the
 engine hands it a cache: contiguous, a slice of a longer cache, a strided view of token-major
 disk rows; with GQA, padding, and the sequences split into groups or not."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flexbatch import kernels
 from flexbatch.models import ops
 
 
@@ -21,7 +22,7 @@ def _layouts(batch, kv_heads, length, dim, capacity):
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["per-sequence", "groups", "whole"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_grouped_attention_matches_sdpa(monkeypatch, layout, chunk_bytes, heads, kv_heads):
-    monkeypatch.setattr(ops, "ATTENTION_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(kernels.attention, "ATTENTION_CHUNK_BYTES", chunk_bytes)
     batch, length, dim = 5, 9, 8
     keys = _layouts(batch, kv_heads, length, dim, 12)[layout]
     values = _layouts(batch, kv_heads, length, dim, 12)[layout].flip(-1)
@@ -30,14 +31,14 @@ def test_grouped_attention_matches_sdpa(monkeypatch, layout, chunk_bytes, heads,
     mask[1, ..., :4] = torch.finfo(mask.dtype).min  # a left-padded sequence
     expected = F.scaled_dot_product_attention(q, keys.contiguous(), values.contiguous(), attn_mask=mask,
                                               scale=0.3, enable_gqa=heads != kv_heads)
-    got = ops.grouped_attention(q, keys, values, mask, 0.3)
+    got = kernels.grouped_attention(q, keys, values, mask, 0.3)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_a_rotated_cache_gives_the_same_attention(heads, kv_heads):
     """A compressed cache holds K R and V R; attention through it equals plain attention."""
-    from flexbatch.storage.kv_rows import orthonormal
+    from flexbatch.kernels.attention import orthonormal
 
     g = torch.Generator().manual_seed(5)
     batch, dim, prompt = 3, 16, 6
@@ -68,7 +69,7 @@ def test_attention_over_cache_segments_equals_one_cache(sizes):
     valid = torch.ones(batch, prompt + 2, dtype=torch.bool)
     valid[-1, :3] = False
     whole = [torch.zeros(batch, kv_heads, prompt + 2, dim) for _ in range(2)]
-    split = [ops.CacheSegments([torch.zeros(n, kv_heads, prompt + 2, dim) for n in sizes]) for _ in range(2)]
+    split = [kernels.CacheSegments([torch.zeros(n, kv_heads, prompt + 2, dim) for n in sizes]) for _ in range(2)]
     for start, width in ((0, prompt), (prompt, 1), (prompt + 1, 1)):
         q = torch.randn(batch, heads, width, dim, generator=g)
         k, v = (torch.randn(batch, kv_heads, width, dim, generator=g) for _ in range(2))

@@ -14,16 +14,15 @@ import copy
 
 import pytest
 import torch
+from test_models_vs_hf import hf_with_logits, ours_with_logits
 
 from flexbatch import LLM
 from flexbatch.cli.common import add_policy_args, compression_fields
 from flexbatch.cli.eval_ppl import default_piece
 from flexbatch.config import Policy
-from flexbatch.storage.packed_linear import packable
+from flexbatch.kernels.packed import packable
 from flexbatch.weights.gguf_file import open_gguf
 from flexbatch.weights.loader import layer_weight_grid
-
-from test_models_vs_hf import hf_with_logits, ours_with_logits
 
 GROUP = 32
 

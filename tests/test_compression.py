@@ -3,8 +3,6 @@ kernel against dequantize-then-matmul, and every placement of compressed tensors
 the tokens of the compressed in-memory run."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,10 +11,12 @@ from hypothesis import strategies as st
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine.memory import layer_weight_bytes
-from flexbatch.storage import kernel_choice, packed_linear
-from flexbatch.storage.kv_rows import RowCodec, orthonormal
-from flexbatch.storage.packed_linear import dequantize_linear, pack_linear, unpack_levels
-from flexbatch.storage.quantize import QuantConfig
+from flexbatch.kernels import KernelChoice
+from flexbatch.kernels import packed as packed_linear
+from flexbatch.kernels.attention import orthonormal
+from flexbatch.kernels.packed import dequantize_linear, pack_linear, unpack_levels
+from flexbatch.kernels.quant import QuantConfig
+from flexbatch.storage.kv_rows import RowCodec
 
 PROMPTS = [[5, 6, 7], list(range(10, 31)), [200], [3, 1, 4, 1, 5, 9, 2, 6, 5], [77, 78], list(range(40, 52)), [9, 9]]
 PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -42,27 +42,26 @@ def test_packed_weight_round_trip_within_half_a_step(tiles, groups, group, bits,
 
 
 def test_fused_kernel_reads_our_layout():
-    if not packed_linear._fused_kernel_matches():
+    if not packed_linear.fused_kernel_available():
         pytest.skip("this torch build has no CPU int4 kernel; the dequantize path is used")
     torch.manual_seed(0)
     p = pack_linear(torch.randn(192, 256, dtype=torch.bfloat16), 4, 64)
     for rows in (1, 5, 64):
         x = torch.randn(rows, 256, dtype=torch.bfloat16)
-        fused = packed_linear._fused(x, p).float()
+        fused = packed_linear.fused_int4_matmul(x, p).float()
         dense = (x.float() @ dequantize_linear(p).float().T)
         # both round to bf16 once per output; the tolerance is a few bf16 ulps of the output scale
         assert torch.allclose(fused, dense, atol=0.03 * dense.abs().max().item(), rtol=0.02)
 
 
 @pytest.mark.parametrize("fused_rows", [0, 1024])
-def test_linear_uses_either_kernel_with_the_same_result(monkeypatch, fused_rows):
-    monkeypatch.setattr(kernel_choice, "_FORCED", fused_rows)
+def test_linear_uses_either_kernel_with_the_same_result(fused_rows):
     torch.manual_seed(1)
     w = torch.randn(128, 128)
-    p = pack_linear(w, 4, 32)
+    p = pack_linear(w, 4, 32, KernelChoice(fused_rows))
     x = torch.randn(3, 7, 128)
     expected = x @ dequantize_linear(p).T + 1.0
-    got = packed_linear.linear(x, p.to(torch.device("cpu")), torch.ones(128))
+    got = p.to(torch.device("cpu")).linear(x, torch.ones(128))
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -213,7 +212,7 @@ def test_corrupted_packed_weight_is_named(tiny_model, tmp_path):
 def test_sparse_attention_matches_a_loop_oracle(keep):
     import math
 
-    from flexbatch.models.ops import grouped_attention
+    from flexbatch.kernels import grouped_attention
 
     torch.manual_seed(3)
     b, h, hkv, t, d = 2, 4, 2, 13, 8
@@ -251,7 +250,7 @@ def test_bf16_compressed_placements_match(tiny_model, tmp_path, monkeypatch, fus
     """The compute dtype the CLI picks on this CPU: scales stored in bf16 on every tier.
     The placements use different batch sizes, so which kernel runs is pinned (in bf16 the two
     round differently)."""
-    monkeypatch.setattr(kernel_choice, "_FORCED", fused_max_rows)
+    monkeypatch.setenv("FLEXBATCH_INT4_FUSED_MAX_ROWS", str(fused_max_rows))  # the knob LLM reads
     folder, _ = tiny_model("llama_gqa_tied_llama3")
     switches = dict(compress_weight=True, compress_cache=True, cache_window=2)
     results = []
@@ -260,32 +259,3 @@ def test_bf16_compressed_placements_match(tiny_model, tmp_path, monkeypatch, fus
                  offload_dir=tmp_path / name) as llm:
             results.append([o.token_ids for o in llm.generate(PROMPTS, PARAMS)])
     assert results[1] == results[0] and results[2] == results[0]
-
-
-def test_kernel_choice_is_measured_once_per_shape_and_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("FLEXBATCH_CACHE", str(tmp_path))
-    monkeypatch.delenv("FLEXBATCH_INT4_FUSED_MAX_ROWS", raising=False)
-    monkeypatch.setattr(kernel_choice, "_measured", {})
-    calls = []
-    monkeypatch.setattr(kernel_choice, "measure", lambda shape: calls.append(shape) or 16 * len(calls))
-    assert kernel_choice.fused_max_rows((128, 64)) == 16
-    assert kernel_choice.fused_max_rows((128, 64)) == 16
-    assert kernel_choice.fused_max_rows((256, 64)) == 32
-    assert calls == [(128, 64), (256, 64)]
-    saved = json.loads((tmp_path / "int4-crossover.json").read_text())["fused_max_rows"]
-    assert saved == {"128x64": 16, "256x64": 32}
-    monkeypatch.setattr(kernel_choice, "_measured", {})  # a new process reads the file
-    assert kernel_choice.fused_max_rows((256, 64)) == 32 and len(calls) == 2
-    monkeypatch.setenv("FLEXBATCH_INT4_FUSED_MAX_ROWS", "0")
-    assert kernel_choice.fused_max_rows((256, 64)) == 0
-
-
-def test_kernel_choice_measurement_returns_the_last_row_count_where_fused_wins(monkeypatch):
-    # timings made up per call (fused, then dense, for 1, 2, 4, ... rows): the fused kernel
-    # takes `rows` seconds, dequantize + matmul 20, so fused wins up to 16 rows and the
-    # measurement must stop at 32 and report 16
-    monkeypatch.setattr(packed_linear, "_fused_kernel_matches", lambda: True)
-    timings = iter(t for rows in kernel_choice.ROWS for t in (float(rows), 20.0))
-    monkeypatch.setattr(kernel_choice, "_seconds", lambda fn: next(timings))
-    assert kernel_choice.measure((256, 128)) == 16
-    assert next(timings) == 64.0  # nothing timed after the first loss (32 rows: 32 s vs 20 s)

@@ -116,5 +116,6 @@ def test_gguf_model_generates_like_hf(tiny_model, tmp_path, kind, arch):
     from_gguf = LLM(path, dtype="float32").generate([prompt], params)[0].token_ids
     from_hf_folder = LLM(folder, dtype="float32").generate([prompt], params)[0].token_ids
     with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                             pad_token_id=0)
     assert from_gguf == from_hf_folder == hf_out[0, len(prompt):].tolist()

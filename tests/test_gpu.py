@@ -58,7 +58,8 @@ def test_gpu_matches_cpu(tiny_model, tmp_path):
     assert on_gpu_tokens(folder) == cpu
 
 
-@pytest.mark.parametrize("cache", [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0), (0.3, 0.4)], ids=["gpu", "disk", "host", "mixed"])
+@pytest.mark.parametrize("cache", [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0), (0.3, 0.4)],
+                         ids=["gpu", "disk", "host", "mixed"])
 def test_gpu_compressed_placements_equal_compressed_on_gpu(tiny_model, tmp_path, cache):
     folder, _ = tiny_model("opt_pre_ln")
     compression = dict(compress_weight=True, compress_cache=True, compress_group=32)

@@ -14,11 +14,12 @@ import torch
 from flexbatch.config import Policy
 from flexbatch.engine.memory import GiB, MemoryBudget, run_memory
 from flexbatch.errors import ConfigError
+from flexbatch.models import get_family
 from flexbatch.planner import HardwareProfile, evaluate, search
 from flexbatch.planner.cost_model import term_value
 from flexbatch.planner.gpu_cost import THREAD_LANES, gpu_layer_costs
 from flexbatch.planner.rates import GpuRates
-from flexbatch.models import get_family
+
 from test_planner import CFG, FAMILY, FLAT, HW, WORK
 
 GPU = GpuRates("test GPU", 80 << 30, host_to_gpu_bps=2e10, gpu_to_host_bps=1e10,
@@ -53,8 +54,9 @@ def test_gpu_lanes_by_hand():
     assert costs.gen["cache_load"] == pytest.approx(
         lane(context * (1 / R + 1 / H), c_gpu=-context * (1 / R + 1 / H), c_host=-context / R))
     assert costs.gen["compute"] == pytest.approx(lane(B * 2 * PARAMS / 1e14 + context / 1e12))
-    assert costs.gen["disk"] == pytest.approx(lane(W / R + context / R + B * K / WR, w_gpu=-W / R, w_host=-W / R,
-                                                   c_gpu=-(context / R + B * K / WR), c_host=-(context / R + B * K / WR)))
+    disk_cache = context / R + B * K / WR
+    assert costs.gen["disk"] == pytest.approx(lane(W / R + disk_cache, w_gpu=-W / R, w_host=-W / R,
+                                                   c_gpu=-disk_cache, c_host=-disk_cache))
     assert costs.gen["host_to_gpu"] == pytest.approx(lane(W / H + context / H, w_gpu=-W / H, c_gpu=-context / H))
     assert costs.gen["gpu_to_host"] == pytest.approx(lane(B * K / G, c_gpu=-B * K / G))
 
@@ -205,8 +207,8 @@ def test_costly_operations_steer_the_planner_to_fewer_gpu_batches():
 
 
 def test_the_engine_probe_runs_the_engine_on_a_model_it_makes():
-    from flexbatch.planner.engine_probe import TINY, RandomSource, operation_seconds
     from flexbatch.models.spec import config_from_hf_dict
+    from flexbatch.planner.engine_probe import TINY, RandomSource, operation_seconds
     from flexbatch.weights.loader import resolve_names
 
     cfg = config_from_hf_dict(TINY)

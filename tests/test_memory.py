@@ -60,7 +60,8 @@ def test_weights_on_disk_keep_peak_rss_under_budget(big_model, tmp_path):
     report = json.loads(out.stdout.splitlines()[-1])
     assert report["tokens"] == 64
     growth = report["peak"] - report["baseline"]
-    assert growth < BUDGET + OVERHEAD, f"peak RSS grew {growth / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model"
+    assert growth < BUDGET + OVERHEAD, \
+        f"peak RSS grew {growth / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model"
 
 
 def test_gpu_memory_plan_puts_staging_and_streamed_layers_on_the_gpu(tiny_model):

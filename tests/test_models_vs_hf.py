@@ -95,5 +95,6 @@ def test_hf_left_padded_batch_agrees(tiny_model):
     ids = torch.tensor([[9, 8, 7, 6, 5], [0, 0, 0, 4, 3]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                          pad_token_id=0)
     assert ours == out[:, 5:].tolist()

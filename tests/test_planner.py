@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flexbatch.config import Policy
-from flexbatch.engine.memory import GiB, MemoryBudget, run_memory
+from flexbatch.engine.memory import MemoryBudget, run_memory
 from flexbatch.errors import ConfigError
 from flexbatch.models import get_family
 from flexbatch.models.spec import config_from_hf_dict
@@ -73,7 +73,8 @@ def test_overlapped_reads_use_the_busy_disk_rate(overlap):
 
 @pytest.mark.parametrize("dequantize_rate,fused_wins", [(1e9, True), (1e12, False)])
 def test_compressed_layer_costs_by_hand(dequantize_rate, fused_wins):
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}},
+    rates = {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}}
+    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, rates,
                          attention_bps=1e10, kv_decode_bps=2e9, dequantize_params_per_s={"int4": dequantize_rate})
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)
     costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexbatch.storage.quantize import QuantConfig, dequantize, pack_nibbles, quantize, unpack_nibbles
+from flexbatch.kernels.quant import QuantConfig, dequantize, pack_nibbles, quantize, unpack_nibbles
 
 
 @st.composite

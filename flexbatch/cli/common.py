@@ -66,9 +66,11 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="during decode, attend only to the top fraction F of keys per query (FlexGen's sparse "
                         "attention; 1 = dense)")
     g.add_argument("--offload-dir", default=None, help="folder for disk-resident tensors (default: a temp folder)")
-    g.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the whole process may use on the host, e.g. 8GiB (default: free RAM)")
+    g.add_argument("--cpu-memory", type=parse_bytes, default=None,
+                   help="memory the whole process may use on the host, e.g. 8GiB (default: free RAM)")
     g.add_argument("--gpu-memory", type=parse_bytes, default=None, help="GPU memory budget (default: free GPU memory)")
-    g.add_argument("--policy", dest="policy_file", default=None, help="a policy JSON file (fields of flexbatch.config.Policy)")
+    g.add_argument("--policy", dest="policy_file", default=None,
+                   help="a policy JSON file (fields of flexbatch.config.Policy)")
     g.add_argument("--no-plan", action="store_true",
                    help="without policy flags, keep everything in memory instead of asking the planner")
     add_compression_args(p)

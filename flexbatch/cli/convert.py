@@ -26,8 +26,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..config import DEFAULT_COMPRESS_GROUP, parse_dtype
+    from ..kernels.quant import QuantConfig
     from ..models import get_family
-    from ..storage.quantize import QuantConfig
     from ..weights.loader import layer_weight_grid
     from ..weights.source import open_model
     from ..weights.store import write_store

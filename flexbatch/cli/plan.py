@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, required=True, help="prompt tokens per sequence")
     p.add_argument("--gen-len", type=int, required=True, help="generated tokens per sequence")
     p.add_argument("--num-sequences", type=int, default=None, help="cap the block size at this many sequences")
-    p.add_argument("--cpu-memory", type=parse_bytes, default=None, help="memory the process may use (default: free RAM)")
+    p.add_argument("--cpu-memory", type=parse_bytes, default=None,
+                   help="memory the process may use (default: free RAM)")
     p.add_argument("--gpu-memory", type=parse_bytes, default=None,
                    help="GPU memory the policy may use (default: free GPU memory; only with a GPU)")
     p.add_argument("--offload-dir", default=None, help="where offloaded tensors would go (its disk is profiled)")
@@ -27,8 +28,9 @@ def add_parser(sub) -> None:
                        description="Measure what the cost model needs (O_DIRECT disk read/write bandwidth, idle "
                                    "and while the CPU computes, and how much the reads slow compute; bf16 and fp32 "
                                    "matmul FLOP/s by batch size; the fused int4 kernel and dequantization speed for "
-                                   "compressed weights; decode attention and KV cache dequantization speed; with a GPU, "
-                                   "the host-GPU copy bandwidth and the same compute speeds on the GPU) and cache it for later plans.")
+                                   "compressed weights; decode attention and KV cache dequantization speed; "
+                                   "with a GPU, the host-GPU copy bandwidth and the same compute speeds on the "
+                                   "GPU) and cache it for later plans.")
     q.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: the cache folder)")
     q.add_argument("--force", action="store_true", help="measure again even if a cached profile matches")
     q.add_argument("--disk-only", action="store_true",

@@ -1,7 +1,7 @@
 """The KV cache of one (layer, GPU batch), split by sequence over the tiers.
 
 Each tier's sequences form one segment, and attention runs over each segment on the device
-where its K and V are (`ops.CacheSegments`), so nothing is concatenated:
+where its K and V are (`kernels.CacheSegments`), so nothing is concatenated:
 
 - Resident: [n, Hkv, capacity, D] tensors that never move (the GPU's share, or on a CPU-only
   machine the whole in-memory share).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.ops import CacheSegments
+from ..kernels.attention import CacheSegments
 from ..storage.aligned import aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
 from ..storage.kv_rows import RowCodec

@@ -7,10 +7,10 @@ import torch
 
 from ..config import Policy
 from ..errors import ConfigError
+from ..kernels.packed import element_size, stored_bytes
+from ..kernels.quant import QuantConfig, quantized_row_bytes
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..storage.packed_linear import element_size, stored_bytes
-from ..storage.quantize import QuantConfig, quantized_row_bytes
 
 GiB = 1 << 30
 KV_IN_FLIGHT = 4  # (layer, GPU batch) caches in flight: computing, loading next, two storing
@@ -87,7 +87,8 @@ class MemoryPlan:
         for label, parts, limit in tiers:
             need = sum(parts.values())
             if need > limit:
-                detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+                largest_first = sorted(parts.items(), key=lambda kv: -kv[1])
+                detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in largest_first if v)
                 raise ConfigError(
                     f"this policy needs {need / GiB:.2f} GiB of {label} ({detail}) but the budget is "
                     f"{limit / GiB:.2f} GiB. {hint}"

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
+from ..kernels import KernelChoice
+from ..kernels.attention import CacheSegments, orthonormal
+from ..kernels.linear import dequantize_for_block
+from ..kernels.packed import PackedLinear, free_dense_buffers
 from ..models.family import Family
-from ..models.ops import CacheSegments
 from ..models.spec import ModelConfig
-from ..storage.kv_rows import RowCodec, orthonormal
-from ..storage.packed_linear import PackedLinear, dequantize_for_block, free_dense_buffers
 from ..storage.disk import require_free_space
+from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
@@ -42,7 +44,7 @@ FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_g
 class OffloadRunner(Runner):
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
                  dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
         self.cfg, self.family, self.policy = cfg, family, policy
         self.dtype, self.device = dtype, device
         self.budget = budget or MemoryBudget.detect(device)
@@ -52,7 +54,7 @@ class OffloadRunner(Runner):
         self._check_weights_fit()
         self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
                               * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
-        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights")
+        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels)
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
@@ -82,8 +84,9 @@ class OffloadRunner(Runner):
         plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
                           prompt_width or capacity, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
-        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers
-                              * kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant), "the KV cache kept on disk")
+        kv_bytes = kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant)
+        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers * kv_bytes,
+                              "the KV cache kept on disk")
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}

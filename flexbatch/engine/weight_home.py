@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
+from ..kernels import KernelChoice
+from ..kernels.packed import PackedLinear, element_size, pack_linear, packable, stored_bytes, stored_parts
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.aligned import align_up, aligned_bytes, as_dtype
 from ..storage.disk import DiskFile
-from ..storage.packed_linear import PackedLinear, element_size, pack_linear, packable, stored_bytes, stored_parts
 from ..storage.placement import place_by_fraction
 from ..storage.tiers import Tier
 from ..weights.loader import resolve_names
@@ -57,9 +58,10 @@ def weight_fractions(policy: Policy) -> dict[Tier, float]:
 
 class WeightHome:
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
-                 dtype: torch.dtype, device: torch.device, offload_dir: Path):
+                 dtype: torch.dtype, device: torch.device, offload_dir: Path, kernels: KernelChoice = KernelChoice()):
         self.cfg, self.family, self.dtype, self.device = cfg, family, dtype, device
         self.quant = policy.weight_quant
+        self.kernels = kernels  # carried by every packed weight to the matmul
         mapping = resolve_names(cfg, family, source)
         self.tiers = self._place(policy)
         read = lambda name: source.read(mapping[name]).to(dtype)
@@ -108,8 +110,8 @@ class WeightHome:
         provider = self._mapping[name]
         if getattr(self._source, "packing", lambda _: None)(provider) == (bits, group):
             packed = self._source.read_packed(provider)
-            return PackedLinear(packed.data, packed.scale_zero.to(self.dtype), bits, group)
-        return pack_linear(read(name), bits, group)
+            return PackedLinear(packed.data, packed.scale_zero.to(self.dtype), bits, group, self.kernels)
+        return pack_linear(read(name), bits, group, self.kernels)
 
     def _home_layer(self, j: int, read, offload_dir: Path, policy: Policy) -> None:
         prefix = self.family.layer_prefix(j)
@@ -169,7 +171,7 @@ class WeightHome:
         for name, parts in disk.entries.items():
             views = {part: as_dtype(slot, dtype, shape, offset) for part, (offset, shape, dtype) in parts.items()}
             stored = views[""] if "" in views else PackedLinear(**views, bits=self.quant.bits,
-                                                                 group=self.quant.group_size)
+                                                                 group=self.quant.group_size, choice=self.kernels)
             weights[name] = _to(stored, self.device)
         return LayerLoad(j, weights, slot)
 
@@ -195,6 +197,4 @@ def _to(stored: torch.Tensor | PackedLinear, device: torch.device) -> torch.Tens
 
 
 def _pinned(stored: torch.Tensor | PackedLinear) -> torch.Tensor | PackedLinear:
-    if isinstance(stored, PackedLinear):
-        return PackedLinear(stored.data.pin_memory(), stored.scale_zero.pin_memory(), stored.bits, stored.group)
     return stored.pin_memory()

@@ -86,8 +86,9 @@ class Job:
     def _check_output_belongs(self) -> None:
         if self.manifest is None:
             if not self.out.is_empty():
+                manifest = manifest_paths(self.output)[0].name
                 raise ConfigError(
-                    f"{self.output} already holds data but has no job manifest ({manifest_paths(self.output)[0].name}), "
+                    f"{self.output} already holds data but has no job manifest ({manifest}), "
                     "so it is not the output of a flexbatch job (or was written by a flexbatch without manifests); "
                     "flexbatch will not append to it. Choose another output file, or pass --force-new to move "
                     "it aside and start again.")

@@ -101,9 +101,16 @@ class Manifest:
         _write_atomically(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
 
     def add_run(self, note: str) -> None:
-        from .. import __version__
+        self.runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flexbatch": _version(), "note": note})
 
-        self.runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flexbatch": __version__, "note": note})
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flexbatch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

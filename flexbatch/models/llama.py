@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import linear
 from . import ops
 from .family import Family, Weights
 from .ops import StepContext
@@ -54,7 +55,7 @@ def embed(cfg: ModelConfig, w: Weights, input_ids: torch.Tensor, ctx: StepContex
 
 
 def _proj(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return ops.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
@@ -75,7 +76,7 @@ def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
 
 def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
     x = ops.rms_norm(h, w["model.norm.weight"], cfg.norm_eps)
-    return ops.linear(x, w["lm_head.weight"]).float()
+    return linear(x, w["lm_head.weight"]).float()
 
 
 FAMILY = Family(

@@ -1,4 +1,5 @@
-"""Shared tensor operations: norms, rotary embeddings, attention masks and attention.
+"""Shared tensor operations: norms, rotary embeddings, attention masks, and the step's
+attention (the kernel itself, and the cache it runs over, are in kernels/).
 
 Shapes in comments: B batch, S new tokens this step, T keys (cache length after this step),
 H query heads, Hkv key/value heads, D head dim, C hidden size.
@@ -6,13 +7,13 @@ H query heads, Hkv key/value heads, D head dim, C hidden size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..storage.packed_linear import PackedLinear
-from ..storage.packed_linear import linear as packed_linear
+from .. import kernels
+from ..kernels import AttentionStep
 from .spec import RopeConfig
 
 
@@ -31,22 +32,8 @@ class StepContext:
     sin: torch.Tensor | None = None
     attn_keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
     # [D, D] orthonormal, compute dtype: the KV cache holds keys and values times it (a
-    # compressed cache; see storage/kv_rows.py). None: the cache holds them as computed.
+    # compressed cache; see kernels/attention.py). None: the cache holds them as computed.
     kv_rotation: torch.Tensor | None = None
-
-    @property
-    def num_new(self) -> int:
-        return self.positions.shape[1]
-
-
-@dataclass
-class CacheSegments:
-    """The K (or V) cache of one GPU batch split by sequence into consecutive groups that
-    may live on different devices, [n_i, Hkv, capacity, D] each. Attention runs over each
-    group on its own device (the paper's CPU attention delegation, when a GPU computes and
-    part of the cache is in host RAM): only queries, new keys and values, and outputs move."""
-
-    parts: list[torch.Tensor]
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
@@ -84,13 +71,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, for a dense weight or a compressed `PackedLinear`."""
-    if isinstance(weight, PackedLinear):
-        return packed_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -144,108 +124,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, h * d)
 
 
-def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext,
-                     scale: float | None = None) -> torch.Tensor:
-    """Write this step's keys/values into the cache, then attend over [0, start + S).
+def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache, v_cache,
+                     ctx: StepContext, scale: float | None = None) -> torch.Tensor:
+    """Write this step's keys/values into the cache, then attend over [0, start + S)
+    (`kernels.cached_attention`; the cache may be split into `CacheSegments`).
 
-    q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]; caches: [B, Hkv, capacity, D].
-    Returns [B, H, S, D]. With ctx.kv_rotation R the cache holds K R and V R; queries are
-    rotated to match and the output rotated back (R is orthonormal, so nothing changes but
-    rounding).
+    q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]. Returns [B, H, S, D].
     """
-    rotation = ctx.kv_rotation
-    if rotation is not None:
-        q, k_new, v_new = q @ rotation, k_new @ rotation, v_new @ rotation
-    out = _attend_cache(q, k_new, v_new, k_cache, v_cache, ctx, scale)
-    return out if rotation is None else out @ rotation.T
-
-
-def _attend_cache(q, k_new, v_new, k_cache, v_cache, ctx: StepContext, scale: float | None) -> torch.Tensor:
-    if isinstance(k_cache, CacheSegments):
-        return _attend_segments(q, k_new, v_new, k_cache, v_cache, ctx, scale)
-    end = ctx.start + ctx.num_new
-    k_cache[:, :, ctx.start:end] = k_new
-    v_cache[:, :, ctx.start:end] = v_new
-    keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if ctx.num_new == 1:
-        # torch's CPU SDPA is ~10x slower than two matmuls for one query token in bf16.
-        return grouped_attention(q, keys, values, ctx.attn_mask, scale, ctx.attn_keep)
-    return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=ctx.attn_mask, scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
-    )
-
-
-def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegments, ctx: StepContext,
-                     scale: float | None) -> torch.Tensor:
-    out, first = torch.empty_like(q), 0
-    end = ctx.start + ctx.num_new
-    for keys, values in zip(k_cache.parts, v_cache.parts):
-        rows = slice(first, first + keys.shape[0])
-        first = rows.stop
-        part_ctx = replace(ctx, attn_mask=ctx.attn_mask if ctx.attn_mask.shape[0] == 1 else ctx.attn_mask[rows])
-        q_part, k_part, v_part = q[rows], k_new[rows], v_new[rows]
-        if keys.device != q.device and ctx.start == 0:
-            # A prompt: its own keys are all the keys there are, so attend where the queries
-            # are (the new keys serve as the cache) and only store them where they live.
-            out[rows] = _attend_cache(q_part, k_part, v_part, k_part, v_part, part_ctx, scale)
-            keys[:, :, :end] = k_part
-            values[:, :, :end] = v_part
-            continue
-        there = keys.device
-        part_ctx = replace(part_ctx, attn_mask=part_ctx.attn_mask.to(there))
-        out[rows] = _attend_cache(q_part.to(there), k_part.to(there), v_part.to(there), keys, values,
-                                  part_ctx, scale).to(q.device)
-    return out
-
-
-def _keep_top(scores: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
-    """-inf all but each row's ceil(keep * visible) largest scores (ties at the cut stay);
-    a key is visible where the additive mask is not (close to) the dtype's minimum."""
-    visible = (mask > torch.finfo(mask.dtype).min / 2).sum(-1, keepdim=True)
-    kept = torch.clamp(torch.ceil(visible * keep), min=1).long()
-    ranked = scores.sort(dim=-1, descending=True).values
-    threshold = ranked.gather(-1, (kept - 1).expand(*ranked.shape[:-1], 1))  # gather does not broadcast
-    return scores.masked_fill(scores < threshold, float("-inf"))
-
-
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor, scale: float, keep: float = 1.0) -> torch.Tensor:
-    """Attention as matmuls, query heads grouped over their shared KV head (GQA), softmax
-    in fp32. q: [B, H, S, D]; keys, values: [B, Hkv, T, D] (any strides); mask: [B, 1, S, T]
-    additive.
-
-    keep < 1 is FlexGen's sparse attention: each query keeps the ceil(keep * n) highest of
-    its n visible keys' scores (padding does not count) and the softmax runs over those alone.
-
-    Runs over a few sequences at a time, each group's K and V first copied contiguous: a
-    group then stays in cache from the score matmul to the value matmul. On a 75 MB cache
-    (64 sequences x 144 tokens x 32 heads) that is 5x faster than one pass over all of it,
-    and 9x when the cache is a strided view of token-major disk rows.
-    """
-    b, h, s, d = q.shape
-    per_sequence = 2 * keys[0].numel() * keys.element_size()
-    chunk = b if q.is_cuda else max(1, ATTENTION_CHUNK_BYTES // max(per_sequence, 1))  # a CPU cache effect
-    out = torch.empty_like(q)
-    for i in range(0, b, chunk):
-        rows = slice(i, i + chunk)
-        out[rows] = _attend(q[rows], keys[rows].contiguous(), values[rows].contiguous(),
-                            mask if mask.shape[0] == 1 else mask[rows], scale, keep)
-    return out
-
-
-ATTENTION_CHUNK_BYTES = 4 << 20  # K and V of one group of sequences: measured best of 1-8 MiB here
-
-
-def _attend(q, keys, values, mask, scale, keep):
-    b, h, s, d = q.shape
-    hkv, t = keys.shape[1], keys.shape[2]
-    g = h // hkv  # query head i uses KV head i // g
-    scores = torch.matmul(q.reshape(b, hkv, g * s, d), keys.transpose(-1, -2)).view(b, hkv, g, s, t)
-    scores = scores.float() * scale + mask.unsqueeze(2)
-    if keep < 1.0:
-        scores = _keep_top(scores, mask.unsqueeze(2), keep)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * s, t)
-    return torch.matmul(probs, values).view(b, h, s, d)
+    step = AttentionStep(ctx.start, ctx.attn_mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                         ctx.attn_keep, ctx.kv_rotation)
+    return kernels.cached_attention(q, k_new, v_new, k_cache, v_cache, step)

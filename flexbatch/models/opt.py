@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import linear
 from . import ops
 from .family import Family, Weights
 from .ops import StepContext
@@ -58,13 +59,13 @@ def prepare_step(cfg: ModelConfig, ctx: StepContext, dtype: torch.dtype) -> None
 def embed(cfg: ModelConfig, w: Weights, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     tokens = F.embedding(input_ids, w[PREFIX + "embed_tokens.weight"])
     if _has_projection(cfg):
-        tokens = ops.linear(tokens, w[PREFIX + "project_in.weight"])
+        tokens = linear(tokens, w[PREFIX + "project_in.weight"])
     positions = F.embedding(ctx.positions + POSITION_OFFSET, w[PREFIX + "embed_positions.weight"])
     return tokens + positions
 
 
 def _proj(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return ops.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 def _norm(cfg: ModelConfig, w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +101,8 @@ def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
     if cfg.final_layer_norm:
         h = _norm(cfg, w, PREFIX + "final_layer_norm", h)
     if _has_projection(cfg):
-        h = ops.linear(h, w[PREFIX + "project_out.weight"])
-    return ops.linear(h, w["lm_head.weight"]).float()
+        h = linear(h, w[PREFIX + "project_out.weight"])
+    return linear(h, w["lm_head.weight"]).float()
 
 
 FAMILY = Family(

@@ -45,9 +45,9 @@ import torch
 
 from ..config import Policy
 from ..engine.memory import kv_bytes_per_token, layer_params, layer_weight_bytes
+from ..kernels.packed import element_size
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..storage.packed_linear import element_size
 from .cost_model import Workload, weight_matmul_seconds
 from .hardware import HardwareProfile
 

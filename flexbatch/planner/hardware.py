@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import KernelChoice
 from .engine_probe import operation_seconds
 from .rates import GpuRates, int_rows, table_rate
 
@@ -51,6 +52,15 @@ class HardwareProfile:
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float | None:
         """Measured CPU FLOP/s for a matmul with `rows` rows (see `table_rate`)."""
         return table_rate(self.matmul_flops, dtype, rows, packed_bits)
+
+    def kernel_choice(self, dtype: torch.dtype) -> KernelChoice:
+        """Where the engine switches from the fused int4 kernel to dequantize + matmul, from
+        the rates measured here: the trade the cost model prices (`weight_matmul_seconds`),
+        so the engine and the planner decide alike from one measurement."""
+        if not self.matmul_flops.get("int4"):
+            return KernelChoice()  # this torch has no fused kernel
+        return KernelChoice.from_rates(lambda rows: self.flops(dtype, rows, 4), lambda rows: self.flops(dtype, rows),
+                                       self.dequantize_params_per_s.get("int4", 0.0))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -135,7 +145,7 @@ def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, toke
                       head_dim: int = 64, device: torch.device = CPU, token_major: bool = False) -> float:
     """Decode attention's speed in K and V bytes per second, over a cache larger than L3;
     token_major: over K and V laid out token by token, as host-RAM rows are on a GPU machine."""
-    from ..models.ops import grouped_attention
+    from ..kernels import grouped_attention
 
     q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
     if token_major:
@@ -151,8 +161,8 @@ def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, toke
 def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
                       head_dim: int = 64, device: torch.device = CPU) -> float:
     """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second."""
+    from ..kernels.quant import QuantConfig
     from ..storage.kv_rows import RowCodec
-    from ..storage.quantize import QuantConfig
 
     codec = RowCodec(batch, heads, head_dim, dtype, QuantConfig(4, 64))
     rows = codec.encode(torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype))
@@ -180,15 +190,15 @@ def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = Fa
     matrices run at a lower rate than the MLP's at few rows, so a layer's mix is what the
     cost model needs. With fused_int4: torch's fused kernel on the matrices packed to 4 bits
     ({} without one)."""
-    from ..storage.packed_linear import _fused, _fused_kernel_matches, pack_linear
+    from ..kernels.packed import fused_int4_matmul, fused_kernel_available, pack_linear
 
     shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
     weights = [torch.randn(n, k, dtype=dtype, device=device) for n, k in shapes]
     if fused_int4:
-        if not _fused_kernel_matches():
+        if not fused_kernel_available():
             return {}
         packed = [pack_linear(w, 4) for w in weights]
-        multiply = lambda x, i: _fused(x, packed[i])
+        multiply = lambda x, i: fused_int4_matmul(x, packed[i])
     else:
         multiply = lambda x, i: torch.nn.functional.linear(x, weights[i])
     flop_per_row = sum(2 * n * k for n, k in shapes)
@@ -222,7 +232,7 @@ def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat
 
 def measure_dequantize(bits: int, hidden: int = 2048, device: torch.device = CPU) -> float:
     """Parameters per second dequantized from `bits`-bit packed weights into a dense buffer."""
-    from ..storage.packed_linear import dequantize_transposed, pack_linear
+    from ..kernels.packed import dequantize_transposed, pack_linear
 
     packed = pack_linear(torch.randn(4 * hidden, hidden, dtype=torch.bfloat16), bits).to(device)
     buffer = torch.empty(hidden, 4 * hidden, dtype=torch.bfloat16, device=device)

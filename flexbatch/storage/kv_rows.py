@@ -7,7 +7,7 @@ step's new tokens are a short range at the end (one small write). Quantized rows
 groups along the head dimension (FlexGen's cache compression).
 
 A compressed cache holds keys and values multiplied by a fixed orthonormal matrix
-(`orthonormal`, a Hadamard matrix when the head dimension is a power of two). Keys have a
+(`kernels.attention.orthonormal`, a Hadamard matrix when the head dimension is a power of two). Keys have a
 few channels far larger than the rest, which would set every group's range; the rotation
 spreads them over all channels, so 4-bit groups keep far more precision (the idea of QuaRot,
 Ashkboos et al. 2024). Attention applies it (`StepContext.kv_rotation`): it rotates the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import QuantConfig, quantize, quantized_row_bytes, row_group
+from ..kernels.quant import QuantConfig, dequantize_into, quantize, quantized_row_bytes, row_group
 
 
 class RowCodec:
@@ -56,31 +56,12 @@ class RowCodec:
         data_cols = vectors * groups * group * bits // 8
         scale_cols = (rows.shape[1] - data_cols) // 2
         data, minimum, step = rows.split([data_cols, scale_cols, scale_cols], dim=1)
-        # levels written straight into the compute dtype, then scaled in place: few passes
         levels = torch.empty(t, vectors, groups, group, dtype=self.dtype, device=rows.device)
-        packed = data.reshape(t, vectors, groups, -1)
-        if bits == 4:
-            pairs = levels.view(t, vectors, groups, group // 2, 2)
-            pairs[..., 0] = packed >> 4
-            pairs[..., 1] = packed & 0x0F
-        else:
-            levels.copy_(packed)
         grid = (t, vectors, groups, 1)
         scale = lambda part: part.view(self.dtype).reshape(grid)
-        levels.mul_(scale(step)).add_(scale(minimum))  # (torch's bf16 addcmul is several times slower)
+        dequantize_into(levels, data.reshape(t, vectors, groups, -1), scale(minimum), scale(step), bits)
         vectors_out = levels.view(t, vectors, groups * group)
         if groups * group != self.head_dim:
             vectors_out = vectors_out[..., :self.head_dim]
         return vectors_out.reshape(shape).permute(1, 2, 0, 3)
 
-
-def orthonormal(n: int) -> torch.Tensor:
-    """A fixed orthonormal [n, n] fp32 matrix: normalised Sylvester-Hadamard for powers of
-    two, else the Q of a QR decomposition of a seeded Gaussian matrix."""
-    if n & (n - 1) == 0:
-        h = torch.ones(1, 1)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        return h / n ** 0.5
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0)))
-    return q

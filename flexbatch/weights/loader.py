@@ -1,9 +1,8 @@
 """Validate a checkpoint against a family's weight specs and load it into memory."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 

@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFormatError, WeightFileError
+from ..kernels.packed import PackedLinear, dequantize_linear, pack_linear, packable
+from ..kernels.quant import QuantConfig
 from ..models.spec import config_from_hf_dict
-from ..storage.packed_linear import PackedLinear, dequantize_linear, pack_linear, packable
-from ..storage.quantize import QuantConfig
 from .source import OpenedModel
 
 STORE_INDEX = "flexbatch.json"
 STORE_FORMAT = "flexbatch-store"
 STORE_VERSION = 1
-PACKED_LAYOUT = {4: "int4-cpu-tile64", 8: "uint8-rows"}  # see storage/packed_linear.py
+PACKED_LAYOUT = {4: "int4-cpu-tile64", 8: "uint8-rows"}  # see kernels/packed.py
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
 

@@ -1,8 +1,8 @@
 """Compressed linear-layer weights: group-wise 4- or 8-bit, stored the way they are computed.
 
 A weight W [N, K] (output features, input features) is quantized in groups of `group`
-consecutive input features, asymmetrically (min/max per group, as `storage.quantize` does),
-and kept as two tensors:
+consecutive input features (`quant.group_levels`, the quantizer the KV cache uses too) and
+kept as two tensors:
 
   data         uint8. 8 bits: q [N, K]. 4 bits: [N, K/2] in the tile layout of torch's CPU
                int4 kernel: rows in tiles of 64, and for each tile and input feature k, byte i
@@ -11,20 +11,20 @@ and kept as two tensors:
                the middle level, so W = (q - 2^(bits-1)) * s + z (the kernel's convention).
 
 Because the packed bytes are the kernel's own input, a 4-bit weight moves from disk to the
-matmul with no conversion. Small batches use the fused kernel (`_weight_int4pack_mm_for_cpu`,
-which reads 4-bit weights directly); large ones dequantize once into a dense tensor, cached
-on the object so every GPU batch of a block reuses it, and use the ordinary matmul. Which
-is faster depends on the machine and the shape: see `kernel_choice`.
+matmul with no conversion. Few rows use the fused kernel (`_weight_int4pack_mm_for_cpu`,
+which reads 4-bit weights directly); many dequantize once into a dense tensor, cached on the
+object so every GPU batch of a block reuses it, and use the ordinary matmul. The weight
+carries the `KernelChoice` that says where the crossover is; whoever builds it sets it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .kernel_choice import fused_max_rows
-from .quantize import QuantConfig
+from .choice import KernelChoice
+from .quant import QuantConfig, group_levels
 from .tensor_pool import TensorPool
 
 TILE = 64  # output rows per tile in the CPU int4 kernel's layout
@@ -36,6 +36,7 @@ class PackedLinear:
     scale_zero: torch.Tensor
     bits: int
     group: int
+    choice: KernelChoice = KernelChoice()
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -48,6 +49,25 @@ class PackedLinear:
 
     def nbytes(self) -> int:
         return self.data.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + bias, by the kernel `choice` names for this many rows."""
+        rows = x.numel() // x.shape[-1]
+        if self._fused_fits(x.device, rows) and self._dense is None:
+            y = fused_int4_matmul(x.reshape(rows, x.shape[-1]), self).reshape(*x.shape[:-1], self.shape[0])
+        else:
+            y = torch.matmul(x, self.dense_transposed())
+        return y if bias is None else y + bias
+
+    def prepare(self, rows: int) -> None:
+        """Dequantize now if `rows` (all the rows a block will multiply by this weight before
+        it is dropped) is past the fused kernel's crossover: every GPU batch then shares one
+        dequantization, where the fused kernel would run once per batch."""
+        if self.bits == 4 and self.data.device.type == "cpu" and not self.choice.fused(rows):
+            self.dense_transposed()
+
+    def _fused_fits(self, device: torch.device, rows: int) -> bool:
+        return self.bits == 4 and device.type == "cpu" and self.choice.fused(rows)
 
     def dense_transposed(self) -> torch.Tensor:
         """W.T [K, N] in the compute dtype (computed once per object, into a pooled buffer)."""
@@ -62,8 +82,12 @@ class PackedLinear:
         self._dense = None
 
     def to(self, device: torch.device) -> "PackedLinear":
-        return PackedLinear(self.data.to(device, non_blocking=True), self.scale_zero.to(device, non_blocking=True),
-                            self.bits, self.group)
+        """A new object on `device` (so a dense copy lives only as long as one load's weights)."""
+        return replace(self, data=self.data.to(device, non_blocking=True),
+                       scale_zero=self.scale_zero.to(device, non_blocking=True), _dense=None)
+
+    def pin_memory(self) -> "PackedLinear":
+        return replace(self, data=self.data.pin_memory(), scale_zero=self.scale_zero.pin_memory(), _dense=None)
 
 
 def packable(shape: tuple[int, ...], bits: int, group: int) -> bool:
@@ -90,20 +114,16 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def pack_linear(w: torch.Tensor, bits: int = 4, group: int = 64) -> PackedLinear:
+def pack_linear(w: torch.Tensor, bits: int = 4, group: int = 64, choice: KernelChoice = KernelChoice()) -> PackedLinear:
     if not packable(tuple(w.shape), bits, group):
         raise ValueError(f"a weight of shape {tuple(w.shape)} cannot be packed with {bits} bits, group {group}")
     n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
-    low, high = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
-    levels = (1 << bits) - 1
-    step = (high - low) / levels
-    q = torch.round((g - low) / torch.where(step > 0, step, torch.ones_like(step)))
-    q = q.clamp(0, levels).to(torch.uint8).reshape(n, k)
-    middle = low + step * (1 << (bits - 1))
+    q, low, step = group_levels(w.float().reshape(n, k // group, group), bits, dim=2)
+    q = q.reshape(n, k)
+    middle = low + step * (1 << (bits - 1))  # the kernel's zero point: the middle level's value
     scale_zero = torch.stack([step.squeeze(2), middle.squeeze(2)], dim=-1).transpose(0, 1)
     data = _to_tiles(q) if bits == 4 else q.contiguous()
-    return PackedLinear(data, scale_zero.contiguous().to(w.dtype), bits, group)
+    return PackedLinear(data, scale_zero.contiguous().to(w.dtype), bits, group, choice)
 
 
 def _to_tiles(q: torch.Tensor) -> torch.Tensor:
@@ -182,30 +202,12 @@ def dequantize_linear(p: PackedLinear) -> torch.Tensor:
     return dequantize_transposed(p).T
 
 
-def linear(x: torch.Tensor, p: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if p.bits == 4 and x.device.type == "cpu" and p._dense is None and rows <= fused_max_rows(p.shape):
-        y = _fused(x.reshape(rows, x.shape[-1]), p).reshape(*x.shape[:-1], p.shape[0])
-        return y if bias is None else y + bias
-    y = torch.matmul(x, p.dense_transposed())
-    return y if bias is None else y + bias
-
-
-def dequantize_for_block(weights, rows: int) -> None:
-    """Dequantize the 4-bit weights for which `rows` (all the rows the block will multiply
-    by them before the layer is dropped) is past the fused kernel's crossover. Every GPU
-    batch then shares one dequantization, where the fused kernel would run once per batch."""
-    for w in weights:
-        if isinstance(w, PackedLinear) and w.bits == 4 and w.data.device.type == "cpu" \
-                and rows > fused_max_rows(w.shape):
-            w.dense_transposed()
-
-
-def _fused(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
+def fused_int4_matmul(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
+    """x2d [rows, K] @ W.T by torch's fused CPU kernel, straight from the packed bytes."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), p.data, p.group, p.scale_zero)
 
 
-def _fused_kernel_matches() -> bool:
+def fused_kernel_available() -> bool:
     """The kernel exists and reads our tile layout as we write it (checked, not assumed)."""
     try:
         q = torch.randint(0, 16, (TILE, 128), dtype=torch.int32)
