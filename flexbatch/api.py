@@ -91,7 +91,7 @@ class LLM:
         self.dtype = parse_dtype(dtype) or default_dtype(self.device)
         self.batch_size = batch_size
         self.tokenizer = opened.load_tokenizer()
-        policy = self.policy = with_source_grid(opened, self.family, with_store_compression(opened, policy, batch_size))
+        policy = self.policy = effective_policy(opened, policy, batch_size)
         if policy is None:  # dense and in memory; compression needs the offloading runner
             if cpu_memory is not None:
                 self._check_in_memory_fit(cpu_memory, gpu_memory)
@@ -249,6 +249,12 @@ def kernel_choice(policy: Policy, device: torch.device, dtype: torch.dtype,
 
     profile = hardware_profile(offload_dir, log=lambda msg: print(msg, file=sys.stderr))
     return profile.kernel_choice(dtype)
+
+
+def effective_policy(opened, policy: Policy | None, batch_size: int) -> Policy | None:
+    """The policy a model runs with: a compressed store's packing, and the source's
+    quantization grid for compressed weights without a group size, filled in."""
+    return with_source_grid(opened, get_family(opened.config), with_store_compression(opened, policy, batch_size))
 
 
 def with_store_compression(opened, policy: Policy | None, batch_size: int) -> Policy | None:
