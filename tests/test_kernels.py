@@ -77,7 +77,12 @@ def test_profile_gives_the_choice_its_rates_imply():
 
 
 def _packed_choices(llm) -> set[KernelChoice]:
-    return {w.choice for w in llm.runner.home.load(0).values() if isinstance(w, PackedLinear)}
+    home = llm.runner.home
+    loaded = home.load(0)
+    try:
+        return {w.choice for w in loaded.weights.values() if isinstance(w, PackedLinear)}
+    finally:
+        home.release(loaded)  # its read slot, if layer 0 was read from disk
 
 
 def test_llm_takes_the_choice_from_the_override_else_the_profile(tiny_model, tmp_path, monkeypatch):

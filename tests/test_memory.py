@@ -66,23 +66,23 @@ def test_weights_on_disk_keep_peak_rss_under_budget(big_model, tmp_path):
 
 def test_gpu_memory_plan_puts_staging_and_streamed_layers_on_the_gpu(tiny_model):
     """The plan a GPU run is checked against, by hand: KV rows attended on the GPU need
-    device staging for STAGING_BLOCKS blocks in flight (none with CPU attention), and layers
+    device staging for KV_IN_FLIGHT caches in flight (none with CPU attention), and layers
     streamed from host or disk need three layer copies on the GPU."""
     from flexbatch import LLM
     from flexbatch.config import Policy
-    from flexbatch.engine.memory import STAGING_BLOCKS, kv_bytes_per_token, layer_weight_bytes, run_memory
+    from flexbatch.engine.memory import KV_IN_FLIGHT, kv_bytes_per_token, layer_weight_bytes, run_memory
 
     llm = LLM(tiny_model("opt_pre_ln")[0], dtype="float32", device="cpu")
     cfg, family, gpu = llm.config, llm.family, torch.device("cuda")
     capacity, gbs = 64, 4
     per_layer_batch = kv_bytes_per_token(cfg, torch.float32) * capacity * gbs  # K and V of one block
     layer = layer_weight_bytes(cfg, family, torch.float32)
-    for cpu_attention, staged in ((False, STAGING_BLOCKS * per_layer_batch * 0.7), (True, 0)):
+    for cpu_attention, staged in ((False, KV_IN_FLIGHT * per_layer_batch * 0.7), (True, 0)):
         policy = Policy(gpu_batch_size=gbs, num_gpu_batches=2, weights_device=0.25, weights_host=0.5,
                         cache_device=0.3, cache_host=0.5, cpu_attention=cpu_attention)
         plan = run_memory(cfg, family, policy, torch.float32, 8, capacity, 32, gpu)
         assert plan.device.get("KV staging buffers", 0) == pytest.approx(staged, abs=1)  # whole bytes
-        assert plan.host["KV staging buffers"] == pytest.approx(STAGING_BLOCKS * per_layer_batch * 0.2, abs=1)
+        assert plan.host["KV staging buffers"] == pytest.approx(KV_IN_FLIGHT * per_layer_batch * 0.2, abs=1)
         assert plan.device["streamed layer weights"] == pytest.approx(3 * layer * 0.75, abs=1)
     assert "streamed layer weights" not in run_memory(cfg, family, policy, torch.float32, 8, capacity, 32).device
 

@@ -6,13 +6,14 @@ import torch
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.engine.generation import Request, generate_batch
+from flexbatch.engine.runner import Runner
 
 from conftest import MODEL_KINDS
 
 NEW_TOKENS = 20
 
 
-class RecordingRunner:
+class RecordingRunner(Runner):
     """Wraps a runner and keeps the logits of every step."""
 
     def __init__(self, inner):
@@ -28,6 +29,9 @@ class RecordingRunner:
         out = self.inner.step(input_ids, key_valid, start)
         self.logits.append(out.clone())
         return out
+
+    def score(self, input_ids, key_valid, piece=None):
+        return self.inner.score(input_ids, key_valid, piece)
 
 
 def ours_with_logits(llm: LLM, prompt: list[int]):

@@ -2,12 +2,14 @@
 where the policy says, the schedule orders loads before use, and budgets are enforced."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine.memory import process_rss_bytes
-from flexbatch.engine.schedule import Op
+from flexbatch.engine.schedule import Op, OpKind
 from flexbatch.errors import ConfigError
 from flexbatch.storage.tiers import Tier
 
@@ -93,24 +95,29 @@ def test_schedule_loads_before_use_and_modes_do_the_same_work(tiny_model, tmp_pa
         policy = Policy(gpu_batch_size=2, num_gpu_batches=3, weights_device=0, weights_host=0,
                         cache_device=0, cache_host=0, overlap=overlap)
         with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / str(overlap)) as llm:
-            llm.runner.trace = []
+            llm.runner.executor.trace = []
             llm.generate(PROMPTS[:6], SamplingParams(max_new_tokens=3, ignore_eos=True))
-            traces[overlap] = llm.runner.trace
+            traces[overlap] = llm.runner.executor.trace
     num_layers = 3
-    for trace in traces.values():
-        steps = [trace[i:i + len(trace) // 3] for i in range(0, len(trace), len(trace) // 3)]
+    for overlap, steps in traces.items():
         assert len(steps) == 3
+        carried = []  # weight loads issued by the previous step for this one
         for ops in steps:
             for n, op in enumerate(ops):
-                if op.kind == "compute":
-                    before = ops[:n]
-                    assert Op("load_weight", op.layer) in before
-                    assert Op("load_cache", op.layer, op.batch) in before
-                    assert Op("store_cache", op.layer, op.batch) in ops[n + 1:]
+                if op.kind is OpKind.COMPUTE:
+                    before = carried + [o for o in ops[:n] if o.token == 0]
+                    assert Op(OpKind.LOAD_WEIGHT, op.layer) in before
+                    assert Op(OpKind.LOAD_CACHE, op.layer, op.batch) in before
+                    assert Op(OpKind.STORE_CACHE, op.layer, op.batch) in ops[n + 1:]
             # one weight load per layer per token, reused by all three GPU batches
-            assert sum(op.kind == "load_weight" for op in ops) == num_layers
-            assert sum(op.kind == "compute" for op in ops) == num_layers * 3
-    assert sorted(map(repr, traces[True])) == sorted(map(repr, traces[False]))
+            loads = carried + [o for o in ops if o.kind is OpKind.LOAD_WEIGHT and o.token == 0]
+            assert sorted(o.layer for o in loads) == list(range(num_layers))
+            assert sum(op.kind is OpKind.COMPUTE for op in ops) == num_layers * 3
+            carried = [replace(o, token=0) for o in ops if o.token == 1]
+        # the overlapped order loads the next token's first layer during the last layer
+        assert carried == ([Op(OpKind.LOAD_WEIGHT, 0)] if overlap else [])
+    same_step_work = lambda steps: sorted(repr(replace(o, token=0)) for ops in steps for o in ops)
+    assert same_step_work(traces[True]) == sorted(same_step_work(traces[False]) + [repr(Op(OpKind.LOAD_WEIGHT, 0))])
     assert traces[True] != traces[False]  # the overlapped order really differs
 
 

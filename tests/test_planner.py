@@ -122,7 +122,24 @@ def test_every_returned_policy_fits_its_budget(gib):
         memory = run_memory(CFG, FAMILY, p, torch.bfloat16, p.block_size, WORK.prompt_len + WORK.gen_len,
                             WORK.prompt_len)
         memory.check(budget(gib), unified=True, hint="")  # raises if over
-        assert c.throughput == pytest.approx(evaluate(CFG, FAMILY, torch.bfloat16, HW, p, WORK).throughput)
+        assert c.throughput >= best_on_grid(p, budget(gib)) * (1 - 1e-3)
+
+
+def best_on_grid(policy: Policy, limit: MemoryBudget, step: float = 0.05) -> float:
+    """Independent of the LP: the best predicted throughput of `policy`'s block shape over a
+    grid of placements (weights and cache in memory, in `step`s), among those that fit."""
+    grid = [i * step for i in range(round(1 / step) + 1)]
+    best = 0.0
+    for w in grid:
+        for c in grid:
+            p = replace(policy, weights_device=w, weights_host=0.0, cache_device=c, cache_host=0.0)
+            candidate = evaluate(CFG, FAMILY, torch.bfloat16, HW, p, WORK)
+            try:
+                candidate.memory.check(limit, unified=True, hint="")
+            except ConfigError:
+                continue
+            best = max(best, candidate.throughput)
+    return best
 
 
 def test_planner_prefers_memory_when_it_fits_and_disk_when_not():

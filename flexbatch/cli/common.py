@@ -54,7 +54,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offloading policy (omit all to keep the model in memory)")
     g.add_argument("--percent", type=float, nargs=6, metavar="P",
                    help="FlexGen's six numbers: weights GPU%% CPU%%, cache GPU%% CPU%%, activations GPU%% "
-                        "CPU%%; the rest of each goes to disk (on a CPU-only machine GPU means RAM too)")
+                        "CPU%%; the rest of each goes to disk (on a CPU-only machine GPU means RAM too). "
+                        "The activation pair is accepted and ignored: activations stay on the compute device")
     g.add_argument("--gpu-batch-size", type=int, default=None, help="sequences per GPU batch")
     g.add_argument("--num-gpu-batches", type=int, default=None, help="GPU batches per block")
     g.add_argument("--no-overlap", action="store_true", help="run loads, compute and stores sequentially")
@@ -78,22 +79,27 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 def add_compression_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("compression (group-wise quantization; the planner takes it into account)")
     c.add_argument("--compress-weight", action="store_true",
-                   help="store, move and compute with layer weights quantized (default 4 bits, groups of 64)")
+                   help="store, move and compute with layer weights quantized (default 4 bits, groups as "
+                        "below)")
     c.add_argument("--compress-cache", action="store_true", help="store and move the KV cache quantized")
     c.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per value (default 4)")
-    c.add_argument("--compress-group", type=int, default=64, help="values per quantization group (default 64)")
+    c.add_argument("--compress-group", type=int, default=None,
+                   help="values per quantization group, of weights and KV cache (default: with --compress-weight, "
+                        "the grid the model file is already quantized on, e.g. 32 for GGUF Q4_0/Q4_1/Q8_0; else 64)")
     c.add_argument("--cache-window", type=int, default=32,
                    help="with --compress-cache, keep each sequence's last N tokens unquantized too (default 32; "
                         "0 quantizes everything, as FlexGen does)")
 
 
-def compression_fields(args) -> dict:
-    """The Policy fields the compression flags set ({} when compression is off)."""
+def compression_fields(args, grid: int | None = None) -> dict:
+    """The Policy fields the compression flags set ({} when compression is off). `grid`: the
+    model's quantization grid, the group size of compressed weights when none was given (the
+    LLM applies the same rule, see Policy.group_size; the planner needs it to size them)."""
     if not (args.compress_weight or args.compress_cache):
         return {}
+    group = args.compress_group or (grid if args.compress_weight else None)
     return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
-            "compress_bits": args.compress_bits, "compress_group": args.compress_group,
-            "cache_window": args.cache_window}
+            "compress_bits": args.compress_bits, "compress_group": group, "cache_window": args.cache_window}
 
 
 def build_policy(args, planned: bool = False):
@@ -111,6 +117,9 @@ def build_policy(args, planned: bool = False):
                 fields = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read --policy {args.policy_file}: {e}") from e
+        # files written before activations were pinned to the compute device name them
+        for gone in ("act_device", "act_host"):
+            fields.pop(gone, None)
     extra = {k: v for k, v in (("gpu_batch_size", args.gpu_batch_size), ("num_gpu_batches", args.num_gpu_batches))
              if v is not None}
     if args.no_overlap:

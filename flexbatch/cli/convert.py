@@ -16,22 +16,28 @@ def add_parser(sub) -> None:
     p.add_argument("--compress-weight", action="store_true",
                    help="store layer weights quantized (group-wise, asymmetric); the model then runs compressed")
     p.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per weight (default 4)")
-    p.add_argument("--compress-group", type=int, default=64, help="weights per quantization group (default 64)")
+    p.add_argument("--compress-group", type=int, default=None,
+                   help="weights per quantization group (default: the grid the source file is already quantized "
+                        "on, e.g. 32 for GGUF Q4_0/Q4_1/Q8_0; else 64)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ..config import parse_dtype
+    from ..config import DEFAULT_COMPRESS_GROUP, parse_dtype
     from ..kernels.quant import QuantConfig
+    from ..models import get_family
+    from ..weights.loader import layer_weight_grid
     from ..weights.source import open_model
     from ..weights.store import write_store
 
     model = open_model(args.src)
     names = model.source.names()
     with tqdm(total=len(names), desc="converting", unit="tensor", file=sys.stderr) as bar:
-        quant = QuantConfig(args.compress_bits, args.compress_group, 1) if args.compress_weight else None
+        group = args.compress_group or layer_weight_grid(model.config, get_family(model.config), model.source) \
+            or DEFAULT_COMPRESS_GROUP
+        quant = QuantConfig(args.compress_bits, group, 1) if args.compress_weight else None
         dst = write_store(model, args.dst, parse_dtype(args.dtype), progress=lambda name, n: bar.update(1),
                           quant=quant)
     print(f"wrote {len(names)} tensors of {model.config.model_type} model to {dst}", file=sys.stderr)

@@ -22,9 +22,23 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="chunks scored together (default 4)")
     p.add_argument("--piece", type=int, default=None,
                    help="run each chunk this many tokens at a time, reading earlier tokens back from the KV "
-                        "cache (default: whole chunk). Use 1 to measure a compressed KV cache as generation sees it.")
+                        "cache (default: the whole chunk at once; with --compress-cache, --cache-window tokens, "
+                        "at least 1, so the score reads the compressed cache). 1 is generation's exact view.")
     add_policy_args(p)
     p.set_defaults(run=run)
+
+
+def default_piece(args) -> int | None:
+    """The given --piece; else, with a compressed cache, its exact window (at least 1 token).
+
+    A whole chunk at once attends over its own dense keys and values and never reads the
+    cache back, so a compressed cache would not be measured at all. In pieces of the window,
+    a token sees the window before its piece exactly (as generation does) plus the tokens of
+    its own piece, so up to twice the window exact; piece 1 is generation's view exactly but
+    re-decodes the cache for every token (far slower)."""
+    if args.piece is not None or not args.compress_cache:
+        return args.piece
+    return max(args.cache_window, 1)
 
 
 def run(args) -> int:
@@ -32,14 +46,18 @@ def run(args) -> int:
 
     text = load_text(args.text or default_text_path(), args.max_chars)
     policy = build_policy(args)
+    piece = default_piece(args)
+    if piece != args.piece:
+        print(f"scoring {piece} token(s) at a time, so each reads the tokens before it back from the compressed "
+              f"KV cache (--piece; 1 is exactly generation's view)", file=sys.stderr)
     with make_llm(args, policy) as llm:
         start = time.perf_counter()
-        result = perplexity(llm, text, args.chunk_len, args.num_chunks, args.piece)
+        result = perplexity(llm, text, args.chunk_len, args.num_chunks, piece)
         seconds = time.perf_counter() - start
     print(f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f}) over {result.num_tokens} tokens "
           f"in {result.num_chunks} chunks, {seconds:.1f}s", file=sys.stderr)
     print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
                       "num_tokens": result.num_tokens, "num_chunks": result.num_chunks,
-                      "dtype": str(llm.dtype).removeprefix("torch."), "piece": args.piece,
-                      "policy": str(policy)}))
+                      "dtype": str(llm.dtype).removeprefix("torch."), "piece": piece,
+                      "policy": str(llm.policy)}))  # as run: the group size filled in
     return 0

@@ -47,16 +47,19 @@ def run_profile(args) -> int:
     return 0
 
 
-def choose(cfg, family, dtype, device, work, args, max_block, block_size=None):
+def choose(opened, dtype, device, work, args, max_block, block_size=None):
     """The planner's plan for the command's flags, with progress messages on stderr."""
     from ..engine.memory import MemoryBudget
+    from ..models import get_family
     from ..planner import plan_policy
+    from ..weights.loader import layer_weight_grid
     from .common import compression_fields
 
+    cfg, family = opened.config, get_family(opened.config)
     budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
+    compression = compression_fields(args, layer_weight_grid(cfg, family, opened.source))
     return plan_policy(cfg, family, dtype, device, work, budget, max_block, args.offload_dir,
-                       compression=compression_fields(args), log=lambda m: print(m, file=sys.stderr),
-                       block_size=block_size)
+                       compression=compression, log=lambda m: print(m, file=sys.stderr), block_size=block_size)
 
 
 def describe(candidate, gpu: bool = False) -> str:
@@ -83,16 +86,14 @@ def describe(candidate, gpu: bool = False) -> str:
 def run_plan(args) -> int:
     from ..config import parse_dtype
     from ..default_model import default_model_path
-    from ..hardware import default_dtype, pick_device
-    from ..models import get_family
+    from ..devices import default_dtype, pick_device
     from ..planner import Workload
     from ..weights.source import open_model
 
     opened = open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
-    plan = choose(opened.config, get_family(opened.config), dtype, device,
-                  Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
+    plan = choose(opened, dtype, device, Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
     gpu = device.type == "cuda"
     print(f"chosen:    {describe(plan.best, gpu)}")
     for c in plan.runners_up:
@@ -115,15 +116,13 @@ def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int, opened=
     fixed (the planner then chooses only the GPU batches and the placement)."""
     from ..config import parse_dtype
     from ..default_model import default_model_path
-    from ..hardware import default_dtype, pick_device
-    from ..models import get_family
+    from ..devices import default_dtype, pick_device
     from ..planner import Workload
     from ..weights.source import open_model
 
     opened = opened or open_model(args.model or default_model_path())
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
-    plan = choose(opened.config, get_family(opened.config), dtype, device, Workload(prompt_len, gen_len),
-                  args, num_sequences, block_size)
+    plan = choose(opened, dtype, device, Workload(prompt_len, gen_len), args, num_sequences, block_size)
     print(f"planner: {describe(plan.best, device.type == 'cuda')}", file=sys.stderr)
     return plan.best.policy

@@ -109,13 +109,13 @@ def _job_policy(args, job):
 
 
 def _settings(args, job, opened, policy, batch_size):
-    from ..api import with_store_compression
+    from ..api import effective_policy
     from ..config import parse_dtype
-    from ..hardware import default_dtype, pick_device
+    from ..devices import default_dtype, pick_device
     from ..jobs.settings import job_settings
 
     dtype = parse_dtype(args.dtype) or default_dtype(pick_device(args.device))
-    policy = with_store_compression(opened, policy, batch_size)
+    policy = effective_policy(opened, policy, batch_size)
     return job_settings(job, opened.path, dtype, policy, policy.block_size if policy else batch_size)
 
 

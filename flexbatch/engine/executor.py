@@ -1,218 +1,124 @@
-"""The offloading runner: executes the block schedule with weights and KV cache on tiers.
+"""The executor: runs token steps' schedules, the one loop of prefetch -> compute -> write
+back -> sync.
 
-Implements the same begin/step/end interface as the in-memory runner, so the decoding loop
-does not change. Loads and stores run on a small thread pool (disk reads release the GIL);
-the main thread computes. On a GPU the I/O threads' copies run on their own CUDA streams,
-ordered against compute as streams.py describes. A token step ends with a barrier on
-outstanding stores, so the next step's loads always see this step's cache rows.
+Loads and stores go to an I/O pool (a thread pool when overlapping, inline otherwise) and
+run on the I/O side's CUDA streams on a GPU (streams.py); compute runs on the calling
+thread and waits on a load only when it needs it. A step ends with a barrier on its
+stores, so the next step's loads see this step's cache rows. Layer weights come from a
+`WeightHome`-like object (load -> a held load, release); cache loads, compute and stores
+from the step's `StepWork`. The overlapped schedule loads the next step's first layer
+during this step's last (schedule.py): the executor keeps that load across steps.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import Future
+from typing import Any, Protocol
 
-import torch
-
-from ..config import Policy
-from ..kernels import KernelChoice
-from ..kernels.attention import CacheSegments, orthonormal
-from ..kernels.linear import dequantize_for_block
-from ..kernels.packed import PackedLinear, free_dense_buffers
-from ..models.family import Family
-from ..models.spec import ModelConfig
-from ..storage.disk import require_free_space
-from ..storage.kv_rows import RowCodec
-from ..storage.placement import split_sequences
-from ..storage.tiers import Tier
-from ..weights.source import TensorSource
-from .kv_cache import CPU, KVBlock, staging_pools
-from .kv_encoded import EncodedKVBlock
-from .memory import STAGING_BLOCKS, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
-from .runner import make_context, score_in_pieces, target_logprobs
-from .schedule import Op, token_schedule
+from .schedule import Op, OpKind, token_schedule
 from .streams import CopyStreams
-from .weight_home import WeightHome
-
-FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_gpu_batches, "
-            "or raise the budget (--cpu-memory / --gpu-memory).")
 
 
-class _Done:
-    """A completed future, for the sequential mode."""
+class StepWork(Protocol):
+    """What one token step's cache and compute operations do."""
 
-    def __init__(self, value):
-        self._value = value
+    def load_cache(self, layer: int, batch: int) -> Any: ...
 
-    def result(self):
-        return self._value
+    def compute(self, layer: int, batch: int, weights: Any, cache: Any) -> None: ...
 
-
-class OffloadRunner:
-    def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
-                 dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
-                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
-        self.cfg, self.family, self.policy = cfg, family, policy
-        self.dtype, self.device = dtype, device
-        self.budget = budget or MemoryBudget.detect(device)
-        self.unified = device.type != "cuda"  # device and host are the same RAM
-        self._own_dir = offload_dir is None
-        self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
-        self._check_weights_fit()
-        self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
-                              * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
-        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels)
-        self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
-        self.streams = CopyStreams(device)
-        self.blocks: list[list[KVBlock]] = []
-        self.trace: list[Op] | None = None  # set to a list to record executed operations
-        self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
-        self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
-        self.kv_rotation = None  # a compressed cache is kept rotated (storage/kv_rows.py)
-        if policy.compress_cache:
-            self.kv_rotation = orthonormal(cfg.head_dim).to(device=device, dtype=dtype)
-
-    # ---- memory ---------------------------------------------------------------------------
-    def _check_weights_fit(self) -> None:
-        plan = weight_memory(self.cfg, self.family, self.policy, self.dtype, self.device)
-        plan.check(self.budget, self.unified, FIT_HINT)
-
-    def _check_disk_room(self, nbytes: float, what: str) -> None:
-        if nbytes > 0:
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
-            require_free_space(self.offload_dir, int(nbytes), what)
-
-    # ---- batch lifecycle ------------------------------------------------------------------
-    def gpu_batches(self, batch_size: int) -> list[slice]:
-        gbs = self.policy.gpu_batch_size
-        return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
-
-    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
-        plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
-                          prompt_width or capacity, self.device)
-        plan.check(self.budget, self.unified, FIT_HINT)
-        kv_bytes = kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant)
-        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers * kv_bytes,
-                              "the KV cache kept on disk")
-        self.batches = self.gpu_batches(batch_size)
-        fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
-                     Tier.DISK: self.policy.cache_disk}
-        cache_dir = self.offload_dir / "cache"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
-        splits = [split_sequences(s[0], fractions) for s in shapes]
-        quant = self.policy.cache_quant
-        row_bytes = lambda n: RowCodec(n, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
-        cpu_attention = self.policy.cpu_attention and not self.unified
-        # where host and disk token rows are attended (a compressed cache decodes on its own)
-        attend = CPU if cpu_attention or self.unified or quant is not None else self.device
-        self.pools = staging_pools(splits, capacity, row_bytes, attend, 2 * STAGING_BLOCKS)
-
-        def block(j: int, k: int, shape, split) -> KVBlock | EncodedKVBlock:
-            path = cache_dir / f"l{j}_b{k}"
-            if quant is None:
-                return KVBlock(shape, split, self.dtype, self.device, path, self.pools, cpu_attention)
-            return EncodedKVBlock(shape, split, self.dtype, self.device, path, self.pools.get("disk_host"), quant,
-                                  self.policy.cache_window)
-
-        self.blocks = [[block(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
-                       for j in range(self.cfg.num_layers)]
-
-    def end(self) -> None:
-        for layer in self.blocks:
-            for block in layer:
-                block.close()
-        self.blocks, self.pools = [], {}
-        shutil.rmtree(self.offload_dir / "cache", ignore_errors=True)
-
-    def close(self) -> None:
-        self.end()
-        self.io.shutdown(wait=True)
-        self.home.close()
-        free_dense_buffers()
-        if self._own_dir:
-            shutil.rmtree(self.offload_dir, ignore_errors=True)
-
-    # ---- one token step -------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
-        """Run the block schedule for one token step; return last-position logits [B, V]."""
-        began = time.perf_counter()
-        hidden = self._hidden(input_ids, key_valid, start)
-        logits = [self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]
-        out = torch.cat(logits).cpu()
-        self.step_seconds.append(time.perf_counter() - began)
-        return out
-
-    @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
-        """Log-probability [B, S-1] of each token given the tokens before it."""
-        hidden_of = lambda ids, valid, start: torch.cat(self._hidden(ids, valid, start))
-        logprobs_of = lambda h, targets: torch.cat([
-            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b]) for b in self.batches])
-        return score_in_pieces(hidden_of, logprobs_of, input_ids, key_valid, piece)
-
-    def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
-        """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
-        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
-                             self.policy.attn_sparsity, self.kv_rotation)
-                for b in self.batches]
-        hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
-                  for b, ctx in zip(self.batches, ctxs)]
-        self._run_schedule(hidden, ctxs, start, start + input_ids.shape[1])
-        return hidden
-
-    def _run_schedule(self, hidden, ctxs, start: int, end: int) -> None:
-        run = self.streams.run  # loads and stores on I/O-side CUDA streams (see streams.py)
-        submit = self.io.submit if self.policy.overlap else (lambda fn, *a, **kw: _Done(fn(*a, **kw)))
-        weights: dict[int, Future] = {}
-        caches: dict[tuple[int, int], Future] = {}
-        stores: list = []
-        rows = sum(h.shape[0] * h.shape[1] for h in hidden)  # token rows each layer multiplies this step
-        for op in token_schedule(self.cfg.num_layers, len(self.batches), self.policy.overlap):
-            if self.trace is not None:
-                self.trace.append(op)
-            j, k = op.layer, op.batch
-            if op.kind == "load_weight":
-                weights[j] = submit(run, self.home.load, j)
-                weights.pop(j - 2, None)
-            elif op.kind == "load_cache":
-                caches[j, k] = submit(run, self.blocks[j][k].load, start)
-            elif op.kind == "compute":
-                waited = time.perf_counter()
-                k_cache, v_cache = caches.pop((j, k)).result()
-                layer_weights = weights[j].result()
-                self.wait_seconds += time.perf_counter() - waited
-                self.streams.claim(_tensors_of([k_cache, v_cache, *layer_weights.values()]))
-                if k == 0:
-                    dequantize_for_block(layer_weights.values(), rows)
-                hidden[k] = self.family.layer(self.cfg, layer_weights, hidden[k], ctxs[k], k_cache, v_cache)
-                if k == len(self.batches) - 1:
-                    _drop_dense_copies(layer_weights)
-            else:  # store_cache, after the compute that wrote the rows it stores
-                stores.append(submit(run, self.blocks[j][k].store, start, end, after=self.streams.mark()))
-        for future in stores:
-            future.result()
+    def store_cache(self, layer: int, batch: int) -> None: ...
 
 
-def _tensors_of(values) -> list[torch.Tensor]:
-    """The tensors inside loaded weights and caches (compressed weights hold two)."""
-    out = []
-    for v in values:
-        if isinstance(v, PackedLinear):
-            out += [v.data, v.scale_zero]
-        elif isinstance(v, CacheSegments):
-            out += v.parts
+class WeightLoader(Protocol):
+    def load(self, layer: int) -> Any: ...
+
+    def release(self, loaded: Any) -> None: ...
+
+
+class InlineIO:
+    """Runs each submitted function at once: the sequential mode (and recording tests)."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+class Executor:
+    def __init__(self, weights: WeightLoader, io, streams: CopyStreams, overlap: bool):
+        self.weights, self.io, self.streams, self.overlap = weights, io, streams, overlap
+        self.trace: list[list[Op]] | None = None  # set to a list to record each step's operations
+        self._next_first: Future | None = None  # the next step's first layer, loaded ahead
+
+    def run_step(self, work: StepWork, num_layers: int, num_gpu_batches: int) -> float:
+        """Run one token step; returns the seconds compute waited for loads (I/O not hidden)."""
+        ops = token_schedule(num_layers, num_gpu_batches, self.overlap, self._next_first is not None)
+        if self.trace is not None:
+            self.trace.append(ops)
+        step = _Step(self, work, num_gpu_batches)
+        if self._next_first is not None:
+            step.weights[0], self._next_first = self._next_first, None
+        try:
+            for op in ops:
+                step.handlers[op.kind](op)
+        finally:
+            step.release_held()  # only after an error: a finished step holds none
+            for future in step.stores:
+                future.result()
+        return step.waited
+
+    def carry_to_next_step(self, first_layer: Future) -> None:
+        self._next_first = first_layer
+
+    def drain(self) -> None:
+        """Give back a load kept for a step that will not come (the batch ended)."""
+        if self._next_first is not None:
+            self.weights.release(self._next_first.result())
+            self._next_first = None
+
+    def submit(self, fn, *args, after=None) -> Future:
+        return self.io.submit(self.streams.run, fn, *args, after=after)
+
+
+class _Step:
+    """The state of one step's run: loads in flight, stores to wait for, time spent waiting."""
+
+    def __init__(self, executor: Executor, work: StepWork, num_gpu_batches: int):
+        self.executor, self.work, self.last_batch = executor, work, num_gpu_batches - 1
+        self.weights: dict[int, Future] = {}
+        self.caches: dict[tuple[int, int], Future] = {}
+        self.stores: list[Future] = []
+        self.waited = 0.0
+        self.handlers = {OpKind.LOAD_WEIGHT: self.load_weight, OpKind.LOAD_CACHE: self.load_cache,
+                         OpKind.COMPUTE: self.compute, OpKind.STORE_CACHE: self.store_cache}
+
+    def load_weight(self, op: Op) -> None:
+        future = self.executor.submit(self.executor.weights.load, op.layer)
+        if op.token == 0:
+            self.weights[op.layer] = future
         else:
-            out.append(v)
-    return out
+            self.executor.carry_to_next_step(future)
 
+    def load_cache(self, op: Op) -> None:
+        self.caches[op.layer, op.batch] = self.executor.submit(self.work.load_cache, op.layer, op.batch)
 
-def _drop_dense_copies(layer_weights: dict) -> None:
-    """Free the dequantized copies compressed weights made for this layer: the last GPU batch
-    has used them, so at most one layer is held dense at a time."""
-    for w in layer_weights.values():
-        if isinstance(w, PackedLinear):
-            w.release_dense()
+    def compute(self, op: Op) -> None:
+        began = time.perf_counter()
+        cache = self.caches.pop((op.layer, op.batch)).result()
+        weights = self.weights[op.layer].result()
+        self.waited += time.perf_counter() - began
+        self.work.compute(op.layer, op.batch, weights, cache)
+        if op.batch == self.last_batch:  # every GPU batch has used this layer's weights
+            self.executor.weights.release(self.weights.pop(op.layer).result())
+
+    def release_held(self) -> None:
+        """Give back weight loads no compute released, so a failed step does not keep read slots."""
+        for future in self.weights.values():
+            if future.exception() is None:
+                self.executor.weights.release(future.result())
+        self.weights = {}
+
+    def store_cache(self, op: Op) -> None:
+        # issued after the compute that wrote the rows it stores (the mark orders it on a GPU)
+        after = self.executor.streams.mark()
+        self.stores.append(self.executor.submit(self.work.store_cache, op.layer, op.batch, after=after))

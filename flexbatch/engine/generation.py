@@ -3,20 +3,12 @@ sequence has met its EOS, stop string, stop token or length limit."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from ..config import SamplingParams
+from .runner import Runner
 from .sampling import Sampler, token_logprobs, top_alternatives
-
-
-class Runner(Protocol):
-    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None: ...
-
-    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor: ...
-
-    def end(self) -> None: ...
 
 
 @dataclass

@@ -122,7 +122,7 @@ class TokenRows:
             f.close()
 
 
-class KVBlock:
+class BatchKV:
     """K and V of one (layer, GPU batch): `split` sequences per tier, in that order
     (device, host, disk). `pools` holds the staging pools by name ("disk_host",
     "disk_device", "host_device"); `cpu_attention` keeps host and disk rows' attention on
@@ -148,7 +148,7 @@ class KVBlock:
             self.segments.append(rows(split[Tier.DISK], files, pools["disk_host"], pools.get("disk_device")))
 
     def load(self, length: int):
-        """K, V for attention, tokens [0, length) filled: one tensor each when the block is
+        """K, V for attention, tokens [0, length) filled: one tensor each when the cache is
         one segment on the compute device, else `CacheSegments`."""
         parts = [s.load(length) for s in self.segments]
         if len(parts) == 1 and parts[0][0].device.type == self.device.type:
@@ -166,7 +166,7 @@ class KVBlock:
 
 def staging_pools(splits: list[dict[Tier, int]], capacity: int, row_bytes, attend: torch.device,
                   count: int) -> dict[str, BufferPool]:
-    """The staging pools for blocks split over the tiers like `splits`, `count` buffers
+    """The staging pools for GPU batches' caches split over the tiers like `splits`, `count` buffers
     each, every buffer as large as the largest segment it stages; row_bytes(n) is the bytes
     of one token of n sequences. `attend`: where token rows are attended (a GPU: host and
     disk rows are copied there through device buffers, and host staging is pinned)."""

@@ -1,4 +1,4 @@
-"""A compressed KV cache block: K and V of one (layer, GPU batch) kept as quantized rows.
+"""A compressed KV cache: K and V of one (layer, GPU batch) kept as quantized rows.
 
 Resident sequences keep their rows in tensors (on a GPU: the device share there, the host
 share in host RAM); disk-resident ones in token-major files staged through pooled
@@ -18,7 +18,7 @@ from ..storage.tiers import Tier
 from .kv_cache import CPU, BufferPool
 
 
-class EncodedKVBlock:
+class EncodedBatchKV:
     """K and V of `batch` sequences kept as quantized token rows (`RowCodec`), split over
     the tiers as `split` says (in order: device, host, disk).
 

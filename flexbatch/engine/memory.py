@@ -13,7 +13,7 @@ from ..models.family import Family
 from ..models.spec import ModelConfig
 
 GiB = 1 << 30
-STAGING_BLOCKS = 4  # disk KV blocks in flight: computing, loading next, two storing
+KV_IN_FLIGHT = 4  # (layer, GPU batch) caches in flight: computing, loading next, two storing
 # Memory a run takes beyond its tensors: allocator arenas of the I/O threads, torch's
 # temporaries and first-use caches. Measured growth beyond the tensors was 35-50 MiB.
 RUNTIME_OVERHEAD = 64 << 20
@@ -156,17 +156,17 @@ def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dt
     per_seq = kv_bytes_per_token(cfg, dtype, policy.cache_quant) * capacity * cfg.num_layers
     plan.add(True, "KV cache", per_seq * batch_size * policy.cache_device)
     plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)
-    staging = STAGING_BLOCKS * per_seq / cfg.num_layers * policy.gpu_batch_size  # blocks in flight
+    staging = KV_IN_FLIGHT * per_seq / cfg.num_layers * policy.gpu_batch_size  # caches in flight
     plan.add(False, "KV staging buffers", staging * policy.cache_disk)
     gpu = device.type == "cuda"
     if gpu and not policy.cpu_attention and not policy.compress_cache:
         # host and disk rows are attended on the GPU, copied into device buffers
         plan.add(True, "KV staging buffers", staging * (policy.cache_disk + policy.cache_host))
     if policy.compress_cache:
-        # blocks in flight hold their cache dequantized for attention; each sequence keeps its
+        # caches in flight are held dequantized for attention; each sequence keeps its
         # last cache_window tokens unquantized too
         dense = kv_bytes_per_token(cfg, dtype)
-        plan.add(True, "dequantized KV blocks", STAGING_BLOCKS * dense * capacity * policy.gpu_batch_size)
+        plan.add(True, "dequantized KV in flight", KV_IN_FLIGHT * dense * capacity * policy.gpu_batch_size)
         window = min(policy.cache_window, capacity) * dense * cfg.num_layers * batch_size
         plan.add(True, "recent KV window", window * policy.cache_device)
         plan.add(False, "recent KV window", window * policy.cache_host)

@@ -1,9 +1,12 @@
-"""Runs a model's forward steps over a batch with a KV cache, all weights in memory.
+"""The runner interface, and the runner that keeps every weight in memory.
 
-A runner owns the KV cache of the batch it is generating. The generation loop only calls
-`begin`, `step` and `end`, so offloading runners can replace this one without changing it.
+A runner owns the KV cache of the batch it is generating. The generation loop and scoring
+only call `begin`, `step` / `score` and `end`, and the LLM `close`s it, so the offloading
+runner (offload_runner.py) replaces this one without changing them.
 """
 from __future__ import annotations
+
+import abc
 
 import torch
 
@@ -30,7 +33,31 @@ def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, star
     return ctx
 
 
-class InMemoryRunner:
+class Runner(abc.ABC):
+    """Forward steps over one batch at a time, with the batch's KV cache."""
+
+    @abc.abstractmethod
+    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
+        """Start a batch of `batch_size` sequences of up to `capacity` tokens (KV cache slots)."""
+
+    @abc.abstractmethod
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
+        """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
+
+    @abc.abstractmethod
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+        """Log-probability [B, S-1] of each token given the tokens before it."""
+
+    @abc.abstractmethod
+    def end(self) -> None:
+        """Free the batch's KV cache."""
+
+    def close(self) -> None:
+        """Release everything the runner holds (files, threads); it is not used again."""
+        self.end()
+
+
+class InMemoryRunner(Runner):
     def __init__(self, cfg: ModelConfig, family: Family, weights: ModelWeights,
                  dtype: torch.dtype, device: torch.device):
         self.cfg, self.family, self.weights = cfg, family, weights
@@ -55,13 +82,11 @@ class InMemoryRunner:
 
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
-        """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
         h = self._hidden(input_ids, key_valid, start)
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
-        """Log-probability [B, S-1] of each token given the tokens before it."""
         logprobs_of = lambda h, targets: target_logprobs(self.cfg, self.family, self.weights.globals, h, targets)
         return score_in_pieces(self._hidden, logprobs_of, input_ids, key_valid, piece)
 

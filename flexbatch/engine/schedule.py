@@ -4,42 +4,66 @@ The block's GPU batches all advance one token; the loop order is layer -> GPU ba
 layer's weights are loaded once per token and reused by every GPU batch. In the overlapped
 order, loads are issued one unit of work ahead of the compute that needs them and stores
 complete in the background; the executor waits on a load only when its compute starts.
+The overlapped order also reaches across token steps: during the last layer it loads the
+next step's first layer (an Op with `token` 1), so the next step starts with its weights
+already read and the time between steps (sampling, the next call) hides that read too.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class OpKind(enum.Enum):
+    LOAD_WEIGHT = "load_weight"
+    LOAD_CACHE = "load_cache"
+    COMPUTE = "compute"
+    STORE_CACHE = "store_cache"
 
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # load_weight | load_cache | compute | store_cache
+    kind: OpKind
     layer: int
     batch: int | None = None  # None for weight loads
+    token: int = 0  # 0: this token step; 1: a weight load for the next one
 
 
 def sequential_schedule(num_layers: int, num_gpu_batches: int) -> list[Op]:
     """Each load right before its use: simple and easy to debug, no overlap."""
     ops = []
     for j in range(num_layers):
-        ops.append(Op("load_weight", j))
+        ops.append(Op(OpKind.LOAD_WEIGHT, j))
         for k in range(num_gpu_batches):
-            ops += [Op("load_cache", j, k), Op("compute", j, k), Op("store_cache", j, k)]
+            ops += [Op(OpKind.LOAD_CACHE, j, k), Op(OpKind.COMPUTE, j, k), Op(OpKind.STORE_CACHE, j, k)]
     return ops
 
 
-def overlapped_schedule(num_layers: int, num_gpu_batches: int) -> list[Op]:
-    """Issue the next layer's weights and the next GPU batch's cache before this compute."""
+def overlapped_schedule(num_layers: int, num_gpu_batches: int, first_layer_loaded: bool = False) -> list[Op]:
+    """Issue the next layer's weights (after the last layer: the next token's first) and the
+    next GPU batch's cache before this compute. `first_layer_loaded`: the previous step
+    already loaded this step's first layer."""
     units = [(j, k) for j in range(num_layers) for k in range(num_gpu_batches)]
-    ops = [Op("load_weight", 0), Op("load_cache", 0, 0)]
+    ops = [] if first_layer_loaded else [Op(OpKind.LOAD_WEIGHT, 0)]
+    ops.append(Op(OpKind.LOAD_CACHE, 0, 0))
     for n, (j, k) in enumerate(units):
-        if k == 0 and j + 1 < num_layers:
-            ops.append(Op("load_weight", j + 1))
+        if k == 0:
+            ops.append(Op(OpKind.LOAD_WEIGHT, j + 1) if j + 1 < num_layers else Op(OpKind.LOAD_WEIGHT, 0, token=1))
         if n + 1 < len(units):
-            ops.append(Op("load_cache", *units[n + 1]))
-        ops += [Op("compute", j, k), Op("store_cache", j, k)]
+            ops.append(Op(OpKind.LOAD_CACHE, *units[n + 1]))
+        ops += [Op(OpKind.COMPUTE, j, k), Op(OpKind.STORE_CACHE, j, k)]
     return ops
 
 
-def token_schedule(num_layers: int, num_gpu_batches: int, overlap: bool) -> list[Op]:
-    make = overlapped_schedule if overlap else sequential_schedule
-    return make(num_layers, num_gpu_batches)
+def token_schedule(num_layers: int, num_gpu_batches: int, overlap: bool, first_layer_loaded: bool = False) -> list[Op]:
+    if overlap:
+        return overlapped_schedule(num_layers, num_gpu_batches, first_layer_loaded)
+    return sequential_schedule(num_layers, num_gpu_batches)
+
+
+def token_schedules(num_layers: int, num_gpu_batches: int, overlap: bool, num_tokens: int) -> list[list[Op]]:
+    """The schedules of `num_tokens` consecutive token steps, as the executor runs them."""
+    out = []
+    for i in range(num_tokens):
+        out.append(token_schedule(num_layers, num_gpu_batches, overlap, first_layer_loaded=overlap and i > 0))
+    return out

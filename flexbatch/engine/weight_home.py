@@ -10,6 +10,7 @@ so disk traffic and resident bytes shrink with it.
 from __future__ import annotations
 
 import math
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..weights.loader import resolve_names
 from ..weights.source import TensorSource
 
 READ_CHUNK = 4 << 20  # O_DIRECT reads in 4 MiB requests, several in flight
+READ_SLOTS = 2  # layers read from disk at once: the one computing and the one loading next
 
 Part = tuple[int, tuple[int, ...], torch.dtype]  # byte offset, shape, dtype
 
@@ -38,6 +40,16 @@ class DiskLayer:
     file: DiskFile
     entries: dict[str, dict[str, Part]]  # tensor name -> its stored parts
     nbytes: int
+
+
+@dataclass
+class LayerLoad:
+    """One layer's weights on the compute device, and the read slot their disk-resident
+    tensors are views into (None when none are on disk): give it back with `release`."""
+
+    layer: int
+    weights: dict[str, torch.Tensor | PackedLinear]
+    slot: torch.Tensor | None = None
 
 
 def weight_fractions(policy: Policy) -> dict[Tier, float]:
@@ -62,7 +74,9 @@ class WeightHome:
             self._home_layer(j, read, offload_dir, policy)
         slot_bytes = max((d.nbytes for d in self.disk if d is not None), default=0)
         # pinned on a GPU machine, so the copy from a slot to the GPU runs at full speed
-        self.slots = [aligned_bytes(slot_bytes, pinned=device.type == "cuda") for _ in range(2)] if slot_bytes else []
+        self._free_slots: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(READ_SLOTS if slot_bytes else 0):
+            self._free_slots.put(aligned_bytes(slot_bytes, pinned=device.type == "cuda"))
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexbatch-read")
         self.bytes_read = 0  # disk bytes read by `load`, for bandwidth reports
 
@@ -129,9 +143,6 @@ class WeightHome:
         file.write_from(buf, 0, nbytes)
         return DiskLayer(file, entries, nbytes)
 
-    def disk_bytes(self) -> int:
-        return sum(d.nbytes for d in self.disk if d is not None)
-
     def tier_bytes(self) -> dict[Tier, int]:
         """Stored bytes of layer weights on each tier (global tensors are always in memory)."""
         out = {t: 0 for t in Tier}
@@ -140,23 +151,35 @@ class WeightHome:
                 out[layer[spec.name]] += self._spec_bytes(spec)
         return out
 
-    def load(self, j: int) -> dict[str, torch.Tensor | PackedLinear]:
-        """Layer j's weights on the compute device. Disk-resident tensors are views into slot
-        j % 2, which stays valid until layer j + 2 is loaded."""
+    def load(self, j: int) -> LayerLoad:
+        """Layer j's weights on the compute device. Disk-resident tensors are read into a free
+        slot (waiting for one if READ_SLOTS loads are still held) and may be views into it,
+        valid until the load is released."""
         weights = {name: _to(t, self.device) for name, t in self.memory[j].items()}
         disk = self.disk[j]
-        if disk is not None:
-            slot = self.slots[j % 2]
+        if disk is None:
+            return LayerLoad(j, weights)
+        slot = self._free_slots.get()
+        try:
             chunks = [(s, min(s + READ_CHUNK, disk.nbytes)) for s in range(0, disk.nbytes, READ_CHUNK)]
             for future in [self._readers.submit(disk.file.read_into, slot, a, b) for a, b in chunks]:
                 future.result()
-            self.bytes_read += disk.nbytes
-            for name, parts in disk.entries.items():
-                views = {part: as_dtype(slot, dtype, shape, offset) for part, (offset, shape, dtype) in parts.items()}
-                stored = views[""] if "" in views else PackedLinear(**views, bits=self.quant.bits,
-                                                                     group=self.quant.group_size, choice=self.kernels)
-                weights[name] = _to(stored, self.device)
-        return weights
+        except BaseException:
+            self._free_slots.put(slot)
+            raise
+        self.bytes_read += disk.nbytes
+        for name, parts in disk.entries.items():
+            views = {part: as_dtype(slot, dtype, shape, offset) for part, (offset, shape, dtype) in parts.items()}
+            stored = views[""] if "" in views else PackedLinear(**views, bits=self.quant.bits,
+                                                                 group=self.quant.group_size, choice=self.kernels)
+            weights[name] = _to(stored, self.device)
+        return LayerLoad(j, weights, slot)
+
+    def release(self, load: LayerLoad) -> None:
+        """Done with `load`'s weights: its read slot may take the next layer."""
+        if load.slot is not None:
+            self._free_slots.put(load.slot)
+            load.slot = None
 
     def close(self) -> None:
         self._readers.shutdown(wait=True)

@@ -77,10 +77,6 @@ class WeightSpec:
         return n
 
 
-def load_config(model_dir: Path) -> ModelConfig:
-    return config_from_hf_dict(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
-
-
 def read_config_json(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():

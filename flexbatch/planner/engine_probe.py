@@ -62,7 +62,7 @@ def operation_seconds(device: torch.device, dtype: torch.dtype = torch.bfloat16)
 
 def _decode_step_seconds(cfg: ModelConfig, policy: Policy, device: torch.device, dtype: torch.dtype) -> float:
     """The median wall time of a decode step of the offloading engine."""
-    from ..engine.executor import OffloadRunner
+    from ..engine.offload_runner import OffloadRunner
 
     capacity = PROMPT + STEPS + 1
     with tempfile.TemporaryDirectory(prefix="flexbatch-probe-") as folder:

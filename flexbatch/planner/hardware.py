@@ -77,7 +77,7 @@ class HardwareProfile:
 def fingerprint(folder: Path) -> str:
     import psutil
 
-    from ..hardware import cpu_name
+    from ..devices import cpu_name
 
     cpu = cpu_name()
     dev = os.stat(folder).st_dev
@@ -292,7 +292,7 @@ def measure_gpu(log=lambda msg: None) -> GpuRates:
     """The GPU's part of the profile: the pinned link both ways, then the CPU's compute
     measurements repeated on the GPU (at a hidden size of 4096: models that need offloading
     on a GPU are that large or larger, and a GPU's rate depends on the matrix size)."""
-    from ..hardware import default_dtype
+    from ..devices import default_dtype
 
     gpu = torch.device("cuda")
     dtype = default_dtype(gpu)  # bf16, or fp16 on GPUs without bf16

@@ -8,7 +8,3 @@ class Tier(enum.Enum):
     DEVICE = "device"  # the compute device's memory (GPU; on a CPU-only machine, RAM)
     HOST = "host"      # host RAM (the same memory as DEVICE on a CPU-only machine)
     DISK = "disk"      # files in the offload folder, read with O_DIRECT
-
-    @property
-    def in_memory(self) -> bool:
-        return self is not Tier.DISK

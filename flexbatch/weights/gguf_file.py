@@ -32,6 +32,9 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Values per scale along a row: the block of the legacy formats, the sub-block of K-quants.
+QUANT_GRID = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q8_1": 32, "IQ4_NL": 32,
+              "Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -129,6 +132,11 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+
+    def quant_grid(self, name: str) -> int | None:
+        """Values per scale along the tensor's rows (its input features) in this file, or None
+        for a dense tensor or a format without one fixed size."""
+        return QUANT_GRID.get(self._tensors[name].tensor_type.name)
 
     def read(self, name: str) -> torch.Tensor:
         try:

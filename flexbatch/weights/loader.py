@@ -1,6 +1,7 @@
 """Validate a checkpoint against a family's weight specs and load it into memory."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +18,6 @@ class ModelWeights:
 
     globals: dict[str, torch.Tensor]
     layers: list[dict[str, torch.Tensor]]
-
-    def nbytes(self) -> int:
-        seen, total = set(), 0
-        for t in [*self.globals.values(), *(t for layer in self.layers for t in layer.values())]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
 
 
 def resolve_names(cfg: ModelConfig, family: Family, source: TensorSource) -> dict[str, str]:
@@ -59,6 +52,20 @@ def resolve_names(cfg: ModelConfig, family: Family, source: TensorSource) -> dic
             "Check that config.json belongs to these weights."
         )
     return mapping
+
+
+def layer_weight_grid(cfg: ModelConfig, family: Family, source: TensorSource) -> int | None:
+    """The group size that fits the grid the source quantized every layer matrix on (GGUF
+    blocks, K-quant sub-blocks), or None if it quantized none: groups of it never straddle
+    two of the source's scales, so compressing on it adds little or no error."""
+    grid_of = getattr(source, "quant_grid", None)
+    if grid_of is None:
+        return None
+    mapping = resolve_names(cfg, family, source)
+    names = [mapping[family.layer_prefix(j) + s.name] for j in range(cfg.num_layers)
+             for s in family.layer_specs(cfg) if len(s.shape) == 2]
+    grids = {grid_of(n) for n in names} - {None}
+    return math.gcd(*grids) if grids else None
 
 
 def load_weights(cfg: ModelConfig, family: Family, source: TensorSource,

@@ -60,9 +60,6 @@ class StoreSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
-    def entry(self, name: str) -> dict:
-        return self._entries[name]
-
     def read(self, name: str) -> torch.Tensor:
         """The tensor, dense (a packed weight is dequantized)."""
         packed = self.read_packed(name)
@@ -77,6 +74,12 @@ class StoreSource:
             return None
         parts = {part: self._read_file(f"{name}#{part}", entry) for part, entry in info["parts"].items()}
         return PackedLinear(parts["data"], parts["scale_zero"], info["bits"], info["group"])
+
+    def quant_grid(self, name: str) -> int | None:
+        """The grid the tensor's values lie on: the group of a weight stored compressed, else
+        the source's when converted from a quantized file, else None."""
+        entry = self._entries[name]
+        return entry["packed"]["group"] if "packed" in entry else entry.get("grid")
 
     def packing(self, name: str) -> tuple[int, int] | None:
         """(bits, group) of a weight stored compressed, else None."""
@@ -156,6 +159,9 @@ def write_store(model: OpenedModel, dst: Path, dtype: torch.dtype | None = None,
                                         "layout": PACKED_LAYOUT[quant.bits], "parts": parts}}
         else:
             entries[name] = _write_file(tmp, name, tensor)
+        grid = getattr(model.source, "quant_grid", lambda _: None)(name)
+        if grid:  # dense now, but quantized on this grid at the source: compression follows it
+            entries[name]["grid"] = grid
         if progress is not None:
             progress(name, tensor.numel() * tensor.element_size())
     index = {"format": STORE_FORMAT, "version": STORE_VERSION, "source": str(model.path), "tensors": entries}

@@ -1,4 +1,4 @@
-"""Facts about this machine that choose defaults: compute device and dtype."""
+"""The compute device and its facts that choose defaults: which device, which dtype, the CPU."""
 from __future__ import annotations
 
 import functools

@@ -1,0 +1,202 @@
+"""The offloading runner: the block schedule with weights and KV cache on tiers.
+
+Implements the runner interface (runner.py), so the decoding loop does not change. Weights
+stay in their `WeightHome`; each (layer, GPU batch) KV cache is a `BatchKV` (compressed: an
+`EncodedBatchKV`); the `Executor` runs each token step's schedule over them. It also runs
+compressed models whose weights and cache all stay in memory: `InMemoryRunner` holds dense
+weights only, and here the packed weights and quantized cache rows are native (with no
+I/O to overlap, the schedule just computes).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..config import Policy
+from ..kernels import KernelChoice
+from ..kernels.attention import CacheSegments, orthonormal
+from ..kernels.linear import dequantize_for_block
+from ..kernels.packed import PackedLinear, free_dense_buffers
+from ..models.family import Family
+from ..models.spec import ModelConfig
+from ..storage.disk import require_free_space
+from ..storage.kv_rows import RowCodec
+from ..storage.placement import split_sequences
+from ..storage.tiers import Tier
+from ..weights.source import TensorSource
+from .executor import Executor, InlineIO
+from .kv_cache import CPU, BatchKV, staging_pools
+from .kv_encoded import EncodedBatchKV
+from .memory import KV_IN_FLIGHT, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
+from .runner import Runner, make_context, score_in_pieces, target_logprobs
+from .streams import CopyStreams
+from .weight_home import LayerLoad, WeightHome
+
+FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_gpu_batches, "
+            "or raise the budget (--cpu-memory / --gpu-memory).")
+
+
+class OffloadRunner(Runner):
+    def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
+                 dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
+                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
+        self.cfg, self.family, self.policy = cfg, family, policy
+        self.dtype, self.device = dtype, device
+        self.budget = budget or MemoryBudget.detect(device)
+        self.unified = device.type != "cuda"  # device and host are the same RAM
+        self._own_dir = offload_dir is None
+        self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
+        self._check_weights_fit()
+        self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
+                              * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
+        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels)
+        self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
+        self.streams = CopyStreams(device)
+        self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
+        self.kv: list[list[BatchKV | EncodedBatchKV]] = []  # [layer][GPU batch]
+        self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
+        self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
+        self.kv_rotation = None  # a compressed cache is kept rotated (storage/kv_rows.py)
+        if policy.compress_cache:
+            self.kv_rotation = orthonormal(cfg.head_dim).to(device=device, dtype=dtype)
+
+    # ---- memory ---------------------------------------------------------------------------
+    def _check_weights_fit(self) -> None:
+        plan = weight_memory(self.cfg, self.family, self.policy, self.dtype, self.device)
+        plan.check(self.budget, self.unified, FIT_HINT)
+
+    def _check_disk_room(self, nbytes: float, what: str) -> None:
+        if nbytes > 0:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            require_free_space(self.offload_dir, int(nbytes), what)
+
+    # ---- batch lifecycle ------------------------------------------------------------------
+    def gpu_batches(self, batch_size: int) -> list[slice]:
+        gbs = self.policy.gpu_batch_size
+        return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
+
+    def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
+        plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
+                          prompt_width or capacity, self.device)
+        plan.check(self.budget, self.unified, FIT_HINT)
+        kv_bytes = kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant)
+        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers * kv_bytes,
+                              "the KV cache kept on disk")
+        self.batches = self.gpu_batches(batch_size)
+        fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
+                     Tier.DISK: self.policy.cache_disk}
+        cache_dir = self.offload_dir / "cache"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
+        splits = [split_sequences(s[0], fractions) for s in shapes]
+        quant = self.policy.cache_quant
+        row_bytes = lambda n: RowCodec(n, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
+        cpu_attention = self.policy.cpu_attention and not self.unified
+        # where host and disk token rows are attended (a compressed cache decodes on its own)
+        attend = CPU if cpu_attention or self.unified or quant is not None else self.device
+        self.pools = staging_pools(splits, capacity, row_bytes, attend, 2 * KV_IN_FLIGHT)
+
+        def batch_kv(j: int, k: int, shape, split) -> BatchKV | EncodedBatchKV:
+            path = cache_dir / f"l{j}_b{k}"
+            if quant is None:
+                return BatchKV(shape, split, self.dtype, self.device, path, self.pools, cpu_attention)
+            return EncodedBatchKV(shape, split, self.dtype, self.device, path, self.pools.get("disk_host"), quant,
+                                  self.policy.cache_window)
+
+        self.kv = [[batch_kv(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
+                   for j in range(self.cfg.num_layers)]
+
+    def end(self) -> None:
+        self.executor.drain()
+        for layer in self.kv:
+            for kv in layer:
+                kv.close()
+        self.kv, self.pools = [], {}
+        shutil.rmtree(self.offload_dir / "cache", ignore_errors=True)
+
+    def close(self) -> None:
+        self.end()
+        self.io.shutdown(wait=True)
+        self.home.close()
+        free_dense_buffers()
+        if self._own_dir:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+
+    # ---- one token step -------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
+        began = time.perf_counter()
+        hidden = self._hidden(input_ids, key_valid, start)
+        logits = [self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]
+        out = torch.cat(logits).cpu()
+        self.step_seconds.append(time.perf_counter() - began)
+        return out
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+        hidden_of = lambda ids, valid, start: torch.cat(self._hidden(ids, valid, start))
+        logprobs_of = lambda h, targets: torch.cat([
+            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b]) for b in self.batches])
+        return score_in_pieces(hidden_of, logprobs_of, input_ids, key_valid, piece)
+
+    def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
+        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
+                             self.policy.attn_sparsity, self.kv_rotation)
+                for b in self.batches]
+        hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
+                  for b, ctx in zip(self.batches, ctxs)]
+        work = _TokenStep(self, hidden, ctxs, start, start + input_ids.shape[1])
+        self.wait_seconds += self.executor.run_step(work, self.cfg.num_layers, len(self.batches))
+        return hidden
+
+
+class _TokenStep:
+    """One token step's cache and compute operations (the executor's `StepWork`): GPU batch
+    k's hidden states [b, S, C] advance through layer j over the cache self.runner.kv[j][k]."""
+
+    def __init__(self, runner: OffloadRunner, hidden: list[torch.Tensor], ctxs: list, start: int, end: int):
+        self.runner, self.hidden, self.ctxs, self.start, self.end = runner, hidden, ctxs, start, end
+        self.rows = sum(h.shape[0] * h.shape[1] for h in hidden)  # token rows each layer multiplies
+
+    def load_cache(self, layer: int, batch: int):
+        return self.runner.kv[layer][batch].load(self.start)
+
+    def compute(self, layer: int, batch: int, loaded: LayerLoad, cache) -> None:
+        r, (k_cache, v_cache) = self.runner, cache
+        r.streams.claim(_tensors_of([k_cache, v_cache, *loaded.weights.values()]))
+        if batch == 0:
+            dequantize_for_block(loaded.weights.values(), self.rows)
+        self.hidden[batch] = r.family.layer(r.cfg, loaded.weights, self.hidden[batch], self.ctxs[batch],
+                                            k_cache, v_cache)
+        if batch == len(self.hidden) - 1:
+            _drop_dense_copies(loaded.weights)
+
+    def store_cache(self, layer: int, batch: int) -> None:
+        self.runner.kv[layer][batch].store(self.start, self.end)
+
+
+def _tensors_of(values) -> list[torch.Tensor]:
+    """The tensors inside loaded weights and caches (compressed weights hold two)."""
+    out = []
+    for v in values:
+        if isinstance(v, PackedLinear):
+            out += [v.data, v.scale_zero]
+        elif isinstance(v, CacheSegments):
+            out += v.parts
+        else:
+            out.append(v)
+    return out
+
+
+def _drop_dense_copies(layer_weights: dict) -> None:
+    """Free the dequantized copies compressed weights made for this layer: the last GPU batch
+    has used them, so at most one layer is held dense at a time."""
+    for w in layer_weights.values():
+        if isinstance(w, PackedLinear):
+            w.release_dense()
