@@ -43,6 +43,7 @@ def run(args) -> int:
 
     from ..errors import ConfigError
     from ..serve.app import ServerState, create_app
+    from ..serve.engine import compute_thread
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in [1, 65535], got {args.port}")
@@ -52,11 +53,12 @@ def run(args) -> int:
               "(set --api-key or FLEXBATCH_API_KEY)", file=sys.stderr)
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
-    opened, policy, batch_size = _server_policy(args, data_dir)
-    llm = make_llm(args, policy, opened, batch_size)
+    pool = compute_thread()  # every model computation runs on this one thread: planning and loading too
+    opened, policy, batch_size = pool.submit(_server_policy, args, data_dir).result()
+    llm = pool.submit(make_llm, args, policy, opened, batch_size).result()
     name = args.served_model_name or llm.model_path.name
     state = ServerState.start(llm, data_dir, name, sampling_params(args), api_key, args.max_upload_bytes,
-                              args.collect_ms / 1000)
+                              args.collect_ms / 1000, pool)
     print(f"serving {name} (block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}) "
           f"on http://{args.host}:{args.port}/v1, data in {data_dir}", file=sys.stderr)
     try:

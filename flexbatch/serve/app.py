@@ -36,12 +36,14 @@ class ServerState:
 
     @classmethod
     def start(cls, llm, data_dir: Path, model_name: str, defaults: SamplingParams, api_key: str | None,
-              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, collect_seconds: float = 0.01) -> "ServerState":
+              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, collect_seconds: float = 0.01,
+              pool=None) -> "ServerState":
+        """`pool`: the compute thread the LLM was loaded on (serve/engine.py says why)."""
         store = Store(data_dir)
         removed = store.remove_orphan_files()
         if removed:
             print(f"removed {removed} unregistered file(s) left by an interrupted run", file=sys.stderr)
-        engine = Engine(llm, collect_seconds)
+        engine = Engine(llm, collect_seconds, pool)
         worker = BatchWorker(store, engine, model_name, defaults)
         resumed = store.active_batches()
         if resumed:
