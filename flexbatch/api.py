@@ -141,7 +141,11 @@ class LLM:
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return list(self._require_tokenizer()(prompt)["input_ids"])
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise ConfigError(f"token id {outside[0]} is outside the model's vocabulary of {self.config.vocab_size}")
+        return ids
 
     def apply_chat_template(self, messages: list[Message]) -> str:
         tok = self._require_tokenizer()

@@ -92,9 +92,6 @@ def prepare(llm, request: JobRequest, defaults: SamplingParams, chat: bool = Fal
         ids = llm.encode(llm.apply_chat_template(request.messages))
     else:
         ids = llm.encode(request.prompt)
-        vocab = llm.config.vocab_size
-        if not isinstance(request.prompt, str) and max(ids) >= vocab:
-            raise ConfigError(f"token id {max(ids)} is outside the model's vocabulary of {vocab}")
     llm.check_length(len(ids), params)
     return Prepared(request, ids, params)
 
