@@ -245,3 +245,16 @@ def test_output_on_a_read_only_disk_is_one_line_before_the_model_loads(default_m
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     error = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert len(error) == 1 and "EROFS" in error[0] and "read-only" in error[0] and str(mount) in error[0]
+
+
+def test_a_sampling_field_added_since_the_job_started_counts_at_its_default():
+    from dataclasses import asdict, replace
+
+    from flexbatch.jobs.manifest import JobSettings
+
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(PARAMS).items()}
+    recorded = {k: v for k, v in now.items() if k != "top_logprobs"}  # written before the field existed
+    job = JobSettings("text", "prompt", False, "m", "fp", "float32", None, 3, 50_000, recorded)
+    assert replace(job, defaults=now).differences(job) == []
+    changed = replace(job, defaults={**now, "top_logprobs": 2})
+    assert changed.differences(job) == ["--top-logprobs: 0 -> 2"]

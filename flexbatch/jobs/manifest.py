@@ -53,11 +53,22 @@ class JobSettings:
             if f.name == "model" and self.model_fingerprint == other.model_fingerprint:
                 continue  # the same files, moved or reached by another path
             if f.name == "defaults":
+                # a field added to SamplingParams after the job started counts at its default
+                known = _default_sampling()
+                old, new = {**known, **old}, {**known, **new}
                 out += [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}"
                         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             elif old != new:
                 out.append(f"{SETTING_NAMES[f.name]}: {_brief(old)} -> {_brief(new)}")
         return out
+
+
+def _default_sampling() -> dict:
+    from dataclasses import asdict
+
+    from ..config import SamplingParams
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(SamplingParams()).items()}
 
 
 def _brief(value) -> str:
