@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -141,6 +142,37 @@ def build_policy(args, planned: bool = False):
         except TypeError as e:
             raise ConfigError(f"--policy {args.policy_file}: {e}") from e
     return None
+
+
+DEFAULT_BATCH_SIZE = 32  # sequences per block without a policy or the planner
+
+
+def resolve_policy(args, opened, recorded, workload, recorded_where: str):
+    """(policy or None, block size) a command runs with: the policy flags if any were given;
+    else what an earlier run recorded (`recorded`: (policy fields or None, block size), named
+    `recorded_where` in the message), so a resume forms the same blocks; else with --no-plan
+    everything in memory; else the planner's choice for `workload()` -> (prompt tokens,
+    sequences). A --batch-size that conflicts with the policy flags is refused."""
+    from ..config import Policy
+    from ..errors import ConfigError
+
+    policy = build_policy(args, planned=True)
+    if policy is not None:
+        if args.batch_size is not None and args.batch_size != policy.block_size:
+            raise ConfigError(f"--batch-size {args.batch_size} conflicts with the policy's block of "
+                              f"{policy.gpu_batch_size} x {policy.num_gpu_batches} = {policy.block_size} sequences; "
+                              "drop one of them.")
+        return policy, policy.block_size
+    if recorded and not args.no_plan and args.batch_size in (None, recorded[1]):
+        print(f"policy and block size as recorded in {recorded_where}", file=sys.stderr)
+        return (Policy(**recorded[0]) if recorded[0] else None), recorded[1]
+    if args.no_plan:
+        return None, args.batch_size or DEFAULT_BATCH_SIZE
+    from .plan import auto_policy
+
+    prompt_len, num_sequences = workload()
+    policy = auto_policy(args, prompt_len, args.max_new_tokens, num_sequences, opened, args.batch_size)
+    return policy, policy.block_size
 
 
 def make_llm(args, policy, opened=None, batch_size: int | None = None):

@@ -4,9 +4,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
-
-DEFAULT_BATCH_SIZE = 32
+from .common import (
+    DEFAULT_BATCH_SIZE,
+    add_model_args,
+    add_policy_args,
+    add_sampling_args,
+    make_llm,
+    resolve_policy,
+    sampling_params,
+)
 
 
 def add_parser(sub) -> None:
@@ -79,33 +85,20 @@ def _check_counts(args) -> None:
 
 
 def _job_policy(args, job):
-    """(opened model, policy or None, block size): from the flags if any were given, else as
-    the job's manifest recorded them (a resume forms the same blocks), else the planner's."""
-    from ..config import Policy
+    """(opened model, policy or None, block size), as `resolve_policy` decides for this job."""
     from ..default_model import default_model_path
-    from ..errors import ConfigError
     from ..weights.source import open_model
 
     opened = open_model(args.model or default_model_path())
-    policy = build_policy(args, planned=True)
-    if policy is not None:
-        if args.batch_size is not None and args.batch_size != policy.block_size:
-            raise ConfigError(f"--batch-size {args.batch_size} conflicts with the policy's block of "
-                              f"{policy.gpu_batch_size} x {policy.num_gpu_batches} = {policy.block_size} sequences; "
-                              "drop one of them.")
-        return opened, policy, policy.block_size
-    recorded = job.manifest.settings if job.manifest else None
-    if recorded and not args.no_plan and args.batch_size in (None, recorded.block_size):
-        print("policy and block size as recorded in the job manifest", file=sys.stderr)
-        return opened, Policy(**recorded.policy) if recorded.policy else None, recorded.block_size
-    if args.no_plan:
-        return opened, None, args.batch_size or DEFAULT_BATCH_SIZE
-    from .plan import auto_policy
+    settings = job.manifest.settings if job.manifest else None
+    recorded = (settings.policy, settings.block_size) if settings else None
 
-    limit = opened.config.max_position_embeddings - args.max_new_tokens
-    prompt_len = sample_prompt_tokens(job, opened.load_tokenizer(), args.chat, limit)
-    policy = auto_policy(args, prompt_len, args.max_new_tokens, len(job.index), opened, args.batch_size)
-    return opened, policy, policy.block_size
+    def workload():
+        limit = opened.config.max_position_embeddings - args.max_new_tokens
+        return sample_prompt_tokens(job, opened.load_tokenizer(), args.chat, limit), len(job.index)
+
+    policy, batch_size = resolve_policy(args, opened, recorded, workload, "the job manifest")
+    return opened, policy, batch_size
 
 
 def _settings(args, job, opened, policy, batch_size):

@@ -6,9 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
+from .common import add_model_args, add_policy_args, add_sampling_args, make_llm, resolve_policy, sampling_params
 
-DEFAULT_BATCH_SIZE = 32
 SERVER_RECORD = "server.json"  # the policy the data dir's batches run with, so resumes form the same blocks
 
 
@@ -69,31 +68,20 @@ def run(args) -> int:
 
 
 def _server_policy(args, data_dir: Path):
-    """(opened model, policy or None, block size): from the flags if given, else as recorded in
-    the data dir by an earlier start (so resumed batches form the same blocks), else planned."""
-    from ..config import Policy
+    """(opened model, policy or None, block size), as `resolve_policy` decides, recorded in the
+    data dir so that a restart (and the batches it resumes) forms the same blocks."""
+    from dataclasses import asdict
+
     from ..default_model import default_model_path
     from ..weights.source import open_model
 
     opened = open_model(args.model or default_model_path())
     record_path = data_dir / SERVER_RECORD
-    policy = build_policy(args, planned=True)
-    if policy is not None:
-        batch_size = policy.block_size
-    elif args.no_plan:
-        batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    elif record_path.exists() and args.batch_size is None:
-        recorded = json.loads(record_path.read_text())
-        print(f"policy and block size as recorded in {record_path}", file=sys.stderr)
-        policy = Policy(**recorded["policy"]) if recorded["policy"] else None
-        batch_size = recorded["block_size"]
-    else:
-        from .plan import auto_policy
-
-        # A server's prompts are unknown in advance: plan for prompts of 512 tokens.
-        policy = auto_policy(args, 512, args.max_new_tokens, 10_000, opened, args.batch_size)
-        batch_size = policy.block_size
-    from dataclasses import asdict
-
+    recorded = None
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        recorded = (record["policy"], record["block_size"])
+    # A server's prompts are unknown in advance: plan for prompts of 512 tokens.
+    policy, batch_size = resolve_policy(args, opened, recorded, lambda: (512, 10_000), str(record_path))
     record_path.write_text(json.dumps({"policy": asdict(policy) if policy else None, "block_size": batch_size}))
     return opened, policy, batch_size
