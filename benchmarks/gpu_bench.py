@@ -44,7 +44,7 @@ def child_flexbatch(spec: dict) -> dict:
     from offload_bench import choose_policy, predict, prompts
 
     from flexbatch import LLM, SamplingParams
-    from flexbatch.planner import at_current_speed, hardware_profile
+    from flexbatch.profiling import at_current_speed, hardware_profile
 
     cap_gpu(spec["gpu_memory"])
     policy = choose_policy({**spec, "device": "cuda"})

@@ -100,15 +100,15 @@ def time_hf(prompts, max_new_tokens: int, batch: int, dtype) -> dict:
 
 def compute_ceiling(llm, prompt_tokens: int, generated_tokens: int, mean_context: float) -> dict:
     """Generated tokens per second if all work ran at the best measured matmul FLOP/s."""
-    from flexbatch.engine.memory import layer_params
-    from flexbatch.planner import hardware_profile
+    from flexbatch.profiling import hardware_profile
+    from flexbatch.sizing import layer_params
 
     cfg = llm.config
     per_token = 2 * layer_params(cfg, llm.family) * cfg.num_layers
     attention = 4 * mean_context * cfg.num_heads * cfg.head_dim * cfg.num_layers  # scores + weighted sum
     head = 2 * cfg.vocab_size * cfg.hidden_size
     flops = (prompt_tokens + generated_tokens) * (per_token + attention) + generated_tokens * head
-    peak = max(hardware_profile().matmul_flops[str(llm.dtype).removeprefix("torch.")].values())
+    peak = max(hardware_profile().cpu.matmul_flops[str(llm.dtype).removeprefix("torch.")].values())
     seconds = flops / peak
     return {"flops": flops, "peak_flops": peak, "seconds": seconds, "throughput": generated_tokens / seconds}
 

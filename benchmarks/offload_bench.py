@@ -48,7 +48,7 @@ def child_flexbatch(spec: dict) -> dict:
     (as `flexbatch run` does without policy flags; with spec["compress"] as its compression
     switches); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
-    from flexbatch.planner import at_current_speed, hardware_profile
+    from flexbatch.profiling import at_current_speed, hardware_profile
 
     policy = choose_policy(spec)
     # the profile as the planner sees it, compute speed checked now (before the model fills memory)
@@ -72,28 +72,29 @@ def choose_policy(spec: dict):
     import torch
 
     from flexbatch.config import Policy
-    from flexbatch.engine.memory import MemoryBudget
+    from flexbatch.engine.memory import detect_budget
     from flexbatch.models import get_family
     from flexbatch.planner import Workload, plan_policy
+    from flexbatch.profiling import at_current_speed, hardware_profile
     from flexbatch.weights.source import open_model
 
     if spec["policy"] != "plan":
         return Policy(**spec["policy"])
     cfg = open_model(spec["model"]).config
     device = torch.device(spec.get("device", "cpu"))
-    budget = MemoryBudget.detect(device, spec.get("gpu_memory"), spec.get("memory"))
-    plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, device,
+    budget = detect_budget(device, spec.get("gpu_memory"), spec.get("memory"))
+    profile = at_current_speed(hardware_profile(Path(spec["offload_dir"])))
+    plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, device, profile,
                        Workload(spec["prompt_len"], spec["gen_len"]), budget, max_block=spec.get("max_block"),
-                       offload_dir=Path(spec["offload_dir"]),
                        compression=COMPRESSION[spec.get("compress", "none")])
     return plan.best.policy
 
 
 def predict(llm, policy, spec: dict, hw) -> dict:
-    from flexbatch.planner import Workload, evaluate
+    from flexbatch.planner import Workload, evaluate, machine_model
 
-    c = evaluate(llm.config, llm.family, llm.dtype, hw, policy, Workload(spec["prompt_len"], spec["gen_len"]),
-                 gpu=llm.device.type == "cuda")
+    c = evaluate(llm.config, llm.family, llm.dtype, machine_model(hw, llm.device), policy,
+                 Workload(spec["prompt_len"], spec["gen_len"]))
     return {"predicted_throughput": c.throughput, "predicted_prefill_s": c.prefill_seconds,
             "predicted_decode_s": c.decode_seconds, "predicted_memory_bytes": c.memory_bytes}
 
@@ -254,7 +255,7 @@ def main() -> None:
     model = write_dummy(args.shape, work / args.shape)
     cfg = opt_config(args.shape)
     bandwidth = disk_read_bandwidth(work)
-    from flexbatch.planner import hardware_profile
+    from flexbatch.profiling import hardware_profile
 
     hardware_profile(work, log=print)  # measured here, outside the memory limit, and cached for the children
     print(f"model {args.shape}: {sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GiB, "

@@ -57,7 +57,7 @@ def main() -> None:
     from offload_bench import run_child
 
     from flexbatch.cli.common import parse_bytes
-    from flexbatch.planner import hardware_profile
+    from flexbatch.profiling import hardware_profile
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="opt-1.3b")

@@ -99,10 +99,10 @@ class LLM:
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
         else:
-            from .engine.memory import MemoryBudget
+            from .engine.memory import detect_budget
             from .engine.offload_runner import OffloadRunner
 
-            budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
+            budget = detect_budget(self.device, gpu_memory, cpu_memory)
             if kernels is None:
                 kernels = kernel_choice(policy, self.device, self.dtype, offload_dir)
             self.runner = OffloadRunner(self.config, self.family, opened.source, policy, self.dtype,
@@ -114,9 +114,10 @@ class LLM:
         self.pad_id = next((i for i in (self.config.pad_token_id, *sorted(self.eos_ids)) if i is not None), 0)
 
     def _check_in_memory_fit(self, cpu_memory: int, gpu_memory: int | None) -> None:
-        from .engine.memory import MemoryBudget, weight_memory
+        from .engine.memory import detect_budget
+        from .sizing import weight_memory
 
-        budget = MemoryBudget.detect(self.device, gpu_memory, cpu_memory)
+        budget = detect_budget(self.device, gpu_memory, cpu_memory)
         plan = weight_memory(self.config, self.family, Policy(gpu_batch_size=self.batch_size), self.dtype, self.device)
         plan.check(budget, self.device.type != "cuda",
                    "Let the planner choose a policy (drop --no-plan), give one (--percent, --policy), or raise "
@@ -261,7 +262,7 @@ def kernel_choice(policy: Policy, device: torch.device, dtype: torch.dtype,
         if not forced.strip().isdigit():
             raise ConfigError(f"{INT4_ROWS_ENV} must be a row count >= 0, got {forced!r}")
         return KernelChoice(int(forced))
-    from .planner import hardware_profile
+    from .profiling import hardware_profile
 
     profile = hardware_profile(offload_dir, log=lambda msg: print(msg, file=sys.stderr))
     return profile.kernel_choice(dtype)

@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
-from flexbatch.engine.memory import layer_weight_bytes
 from flexbatch.kernels import KernelChoice
 from flexbatch.kernels import packed as packed_linear
 from flexbatch.kernels.attention import orthonormal
 from flexbatch.kernels.packed import dequantize_linear, pack_linear, unpack_levels
 from flexbatch.kernels.quant import QuantConfig
+from flexbatch.sizing import layer_weight_bytes
 from flexbatch.storage.kv_rows import RowCodec
 
 PROMPTS = [[5, 6, 7], list(range(10, 31)), [200], [3, 1, 4, 1, 5, 9, 2, 6, 5], [77, 78], list(range(40, 52)), [9, 9]]

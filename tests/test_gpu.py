@@ -94,15 +94,17 @@ def test_pinned_staging_is_page_aligned_and_reads_o_direct(tmp_path):
 
 
 def test_profile_measures_the_gpu():
-    from flexbatch.planner.hardware import HardwareProfile, measure_gpu
+    from flexbatch.planner import ComputeRates, DiskRates, HardwareProfile
+    from flexbatch.profiling.gpu import measure_gpu
 
     gpu = measure_gpu()
     assert 1e9 < gpu.host_to_gpu_bps < 1e12 and 1e9 < gpu.gpu_to_host_bps < 1e12  # PCIe 3 x16 to NVLink-C2C
     assert gpu.memory_bytes == torch.cuda.get_device_properties(0).total_memory
-    (table,) = gpu.matmul_flops.values()  # in the GPU's compute dtype
+    (table,) = gpu.compute.matmul_flops.values()  # in the GPU's compute dtype
     assert 1e12 < table[8192] < 1e16 and table[1] < table[8192]  # a GPU needs rows to reach its peak
-    assert gpu.attention_bps > 1e10 and gpu.kv_decode_bps > 1e9 and gpu.dequantize_params_per_s["int4"] > 1e9
-    assert 1e8 < gpu.cpu_attention_bps < gpu.attention_bps  # the CPU, over host rows, while the link streams
+    rates = gpu.compute
+    assert rates.attention_bps > 1e10 and rates.kv_decode_bps > 1e9 and rates.dequantize_params_per_s["int4"] > 1e9
+    assert 1e8 < gpu.cpu_attention_bps < rates.attention_bps  # the CPU, over host rows, while the link streams
     assert set(gpu.op_seconds) == {"compute", "cache_load", "cpu_attention"} and 0 < gpu.op_seconds["compute"] < 0.1
-    profile = HardwareProfile("t", 1e9, 1e9, 1, {"float32": {1: 1.0}}, gpu=gpu)
+    profile = HardwareProfile("t", 1, ComputeRates({"float32": {1: 1.0}}), DiskRates(1e9, 1e9), gpu)
     assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile

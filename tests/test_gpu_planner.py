@@ -12,22 +12,23 @@ import pytest
 import torch
 
 from flexbatch.config import Policy
-from flexbatch.engine.memory import GiB, MemoryBudget, run_memory
 from flexbatch.errors import ConfigError
 from flexbatch.models import get_family
-from flexbatch.planner import HardwareProfile, evaluate, search
-from flexbatch.planner.cost_model import term_value
-from flexbatch.planner.gpu_cost import THREAD_LANES, gpu_layer_costs
-from flexbatch.planner.rates import GpuRates
+from flexbatch.planner import ComputeRates, GpuRates, HardwareProfile, evaluate, search
+from flexbatch.planner.gpu_model import THREAD_LANES, GpuModel
+from flexbatch.planner.terms import term_value
+from flexbatch.sizing import GiB, MemoryBudget, run_memory
 
-from test_planner import CFG, FAMILY, FLAT, HW, WORK
+from test_planner import CFG, FAMILY, HW, WORK
 
 GPU = GpuRates("test GPU", 80 << 30, host_to_gpu_bps=2e10, gpu_to_host_bps=1e10,
-               matmul_flops={"bfloat16": {1: 1e14, 8192: 1e14}}, attention_bps=1e12, kv_decode_bps=1e11,
-               dequantize_params_per_s={"int4": 1e12}, cpu_attention_bps=5e9)
-HW_GPU = replace(HW, gpu=GPU)  # disk reads 1e9 B/s, writes 5e8
+               compute=ComputeRates({"bfloat16": {1: 1e14, 8192: 1e14}}, attention_bps=1e12, kv_decode_bps=1e11,
+                                    dequantize_params_per_s={"int4": 1e12}),
+               cpu_attention_bps=5e9)
+HW_GPU = replace(HW.profile, gpu=GPU)  # disk reads 1e9 B/s, writes 5e8
 # for the planner's choices: a GPU reaches its peak only with many rows, as real ones do
-RAMP = replace(HW_GPU, gpu=replace(GPU, matmul_flops={"bfloat16": {1: 2e11, 64: 1e13, 8192: 1e14}}))
+RAMP = replace(HW_GPU, gpu=replace(GPU, compute=replace(GPU.compute,
+                                                        matmul_flops={"bfloat16": {1: 2e11, 64: 1e13, 8192: 1e14}})))
 PARAMS = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
 W = 2 * PARAMS  # one layer's bf16 bytes
 K = 2 * 16 * 64 * 2  # one token's K and V in one layer, bf16
@@ -40,7 +41,7 @@ def lane(constant, w_gpu=0.0, w_host=0.0, c_gpu=0.0, c_host=0.0) -> np.ndarray:
 
 
 def test_gpu_lanes_by_hand():
-    costs = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    costs = GpuModel(HW_GPU).layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
     # weights not on the GPU cross the link; those on disk are read first
     weight_load = lane(W / R + W / H, w_gpu=-(W / R + W / H), w_host=-W / R)
     assert costs.pre["weight_load"] == pytest.approx(weight_load)
@@ -63,7 +64,7 @@ def test_gpu_lanes_by_hand():
 
 def test_cpu_attention_lanes_by_hand():
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cpu_attention=True)
-    costs = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK)
+    costs = GpuModel(HW_GPU).layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
     context = B * T * K
     # only the disk part is read, into host RAM, where the CPU attends over it with the host part
     assert costs.gen["cache_load"] == pytest.approx(lane(context / R, c_gpu=-context / R, c_host=-context / R))
@@ -79,12 +80,12 @@ def test_cpu_attention_lanes_by_hand():
 def test_block_time_is_the_longest_lane_or_the_threads_in_sequence(overlap):
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.25, weights_host=0.5, cache_device=0.5,
                     cache_host=0.25, overlap=overlap)
-    costs = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK)
+    costs = GpuModel(HW_GPU).layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
     x = (0.25, 0.5, 0.5, 0.25)
     layer = lambda terms: (max(term_value(t, x) for t in terms.values()) if overlap
                            else sum(term_value(terms[name], x) for name in THREAD_LANES))
     head = B * 11 * 2 * 1000 * 1024 / 1e14
-    c = evaluate(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK, gpu=True)
+    c = evaluate(CFG, FAMILY, torch.bfloat16, GpuModel(HW_GPU), policy, WORK)
     assert c.prefill_seconds == pytest.approx(8 * layer(costs.pre))
     assert c.decode_seconds == pytest.approx(8 * 10 * layer(costs.gen) + head)
     assert c.throughput == pytest.approx(B * 11 / (c.prefill_seconds + c.decode_seconds))
@@ -95,7 +96,7 @@ def gpu_budget(gpu_gib: float, host_gib: float = 64) -> MemoryBudget:
 
 
 def plan(budget: MemoryBudget, hw: HardwareProfile = RAMP, **kwargs):
-    return search(CFG, FAMILY, torch.bfloat16, hw, WORK, budget, max_block=256, gpu=True, **kwargs)
+    return search(CFG, FAMILY, torch.bfloat16, GpuModel(hw), WORK, budget, max_block=256, **kwargs)
 
 
 def test_a_model_that_fits_stays_on_the_gpu():
@@ -153,7 +154,7 @@ def best_on_grid(policy: Policy, limit: MemoryBudget, step: float = 0.25) -> flo
     for w_gpu, w_host in pairs:
         for c_gpu, c_host in cache_pairs:
             p = replace(policy, weights_device=w_gpu, weights_host=w_host, cache_device=c_gpu, cache_host=c_host)
-            candidate = evaluate(CFG, FAMILY, torch.bfloat16, RAMP, p, WORK, gpu=True)
+            candidate = evaluate(CFG, FAMILY, torch.bfloat16, GpuModel(RAMP), p, WORK)
             try:
                 candidate.memory.check(limit, unified=False, hint="")
             except ConfigError:
@@ -174,12 +175,11 @@ def test_too_little_gpu_memory_says_how_much_is_missing():
 
 def test_planning_for_a_gpu_needs_its_measurements():
     with pytest.raises(ConfigError, match="no GPU measurements.*flexbatch profile --force"):
-        search(CFG, FAMILY, torch.bfloat16, HW, WORK, gpu_budget(16), gpu=True)
+        GpuModel(HW.profile)
 
 
 def test_gpu_rates_survive_the_profile_cache():
-    profile = HardwareProfile("t", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT}, gpu=GPU)
-    assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+    assert HardwareProfile.from_json(json.loads(json.dumps(HW_GPU.to_json()))) == HW_GPU
 
 
 @pytest.mark.parametrize("cache,ops", [("gpu", 0.1), ("host", 0.1 + 0.2), ("host_cpu_attention", 0.1 + 0.5)])
@@ -189,9 +189,9 @@ def test_each_gpu_batch_operation_adds_its_measured_time_to_compute(cache, ops):
     placement = {"gpu": {}, "host": dict(cache_device=0, cache_host=1),
                  "host_cpu_attention": dict(cache_device=0, cache_host=1, cpu_attention=True)}[cache]
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, **placement)
-    plain = gpu_layer_costs(CFG, FAMILY, torch.bfloat16, HW_GPU, policy, WORK)  # no per-operation time
-    x = plain.placement(policy)
-    predicted = evaluate(CFG, FAMILY, torch.bfloat16, hw, policy, WORK, gpu=True)
+    plain = GpuModel(HW_GPU).layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)  # no per-operation time
+    x = GpuModel(HW_GPU).placement(policy)
+    predicted = evaluate(CFG, FAMILY, torch.bfloat16, GpuModel(hw), policy, WORK)
     head = B * 11 * 2 * 1000 * 1024 / 1e14
     # per layer: prefill pays the compute operations of 2 GPU batches, each decode step all of them
     assert predicted.prefill_seconds == pytest.approx(8 * (term_value(plain.pre["compute"], x) + 2 * 0.1))
@@ -208,7 +208,7 @@ def test_costly_operations_steer_the_planner_to_fewer_gpu_batches():
 
 def test_the_engine_probe_runs_the_engine_on_a_model_it_makes():
     from flexbatch.models.spec import config_from_hf_dict
-    from flexbatch.planner.engine_probe import TINY, RandomSource, operation_seconds
+    from flexbatch.profiling.engine_probe import TINY, RandomSource, operation_seconds
     from flexbatch.weights.loader import resolve_names
 
     cfg = config_from_hf_dict(TINY)
@@ -221,7 +221,7 @@ def test_the_engine_probe_runs_the_engine_on_a_model_it_makes():
 def test_a_probe_can_run_while_other_work_repeats():
     import time
 
-    from flexbatch.planner.hardware import while_repeating
+    from flexbatch.profiling.gpu import while_repeating
 
     calls = []
     result = while_repeating(lambda: time.sleep(0.2) or "measured", lambda: calls.append(time.sleep(0.01)))
@@ -234,14 +234,14 @@ def test_flexbatch_plan_on_a_gpu_plans_within_the_gpu_budget(tiny_model, tmp_pat
     """The CLI path on a (pretended) GPU: the GPU budget reaches the search, which plans with
     the profile's GPU rates, and the written policy fits the GPU budget."""
     import flexbatch.devices
-    import flexbatch.planner
+    import flexbatch.profiling
     from flexbatch.cli.main import main
     from flexbatch.weights.source import open_model
 
     folder, _ = tiny_model("llama_gqa_tied_llama3")
     cfg = open_model(folder).config
     monkeypatch.setattr(flexbatch.devices, "pick_device", lambda name="auto": torch.device("cuda"))
-    monkeypatch.setattr(flexbatch.planner, "hardware_profile", lambda *a, **kw: RAMP)
+    monkeypatch.setattr(flexbatch.profiling, "hardware_profile", lambda *a, **kw: RAMP)
 
     def planned(gpu_memory: str) -> Policy:
         out = tmp_path / f"{gpu_memory}.json"

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import flexbatch.planner
+import flexbatch.profiling
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.errors import ConfigError
 from flexbatch.kernels import KernelChoice, linear
 from flexbatch.kernels.packed import PackedLinear, dequantize_linear, pack_linear, unpack_levels
 from flexbatch.kernels.quant import QuantConfig, quantize
-from flexbatch.planner.hardware import HardwareProfile
+from flexbatch.planner import ComputeRates, DiskRates, HardwareProfile
 from flexbatch.storage.kv_rows import RowCodec
 
 FLAT = {1: 1e10, 2048: 1e10}
@@ -62,17 +62,20 @@ def test_crossover_from_rates_by_hand(dequantize_rate, expected):
     assert choice.fused_max_rows == expected
 
 
+def cpu_profile(flops, **rates) -> HardwareProfile:
+    return HardwareProfile("test", 1 << 34, ComputeRates(flops, **rates), DiskRates(1e9, 1e9))
+
+
 def test_profile_gives_the_choice_its_rates_imply():
-    profile = HardwareProfile("test", 1e9, 1e9, 1 << 34, {"bfloat16": {1: 1e9, 2048: 2e12}, "int4": FLAT},
-                              dequantize_params_per_s={"int4": 1e10})
+    profile = cpu_profile({"bfloat16": {1: 1e9, 2048: 2e12}, "int4": FLAT}, dequantize_params_per_s={"int4": 1e10})
     rows = profile.kernel_choice(torch.bfloat16).fused_max_rows
-    per_param = lambda r: (2 * r / profile.flops(torch.bfloat16, r, 4),
-                           1 / 1e10 + 2 * r / profile.flops(torch.bfloat16, r))
+    per_param = lambda r: (2 * r / profile.cpu.flops(torch.bfloat16, r, 4),
+                           1 / 1e10 + 2 * r / profile.cpu.flops(torch.bfloat16, r))
     fused, dense = per_param(rows)
     assert 0 < rows < 2048 and fused < dense
     fused, dense = per_param(2 * rows)
     assert fused >= dense
-    no_kernel = HardwareProfile("test", 1e9, 1e9, 1 << 34, {"bfloat16": FLAT})
+    no_kernel = cpu_profile({"bfloat16": FLAT})
     assert no_kernel.kernel_choice(torch.bfloat16) == KernelChoice(0)
 
 
@@ -89,13 +92,12 @@ def test_llm_takes_the_choice_from_the_override_else_the_profile(tiny_model, tmp
     folder, _ = tiny_model("llama_mha_bias")
     policy = Policy(gpu_batch_size=2, compress_weight=True, compress_group=32)
     monkeypatch.setenv("FLEXBATCH_INT4_FUSED_MAX_ROWS", "3")
-    monkeypatch.setattr(flexbatch.planner, "hardware_profile", lambda *a, **kw: pytest.fail("profile read"))
+    monkeypatch.setattr(flexbatch.profiling, "hardware_profile", lambda *a, **kw: pytest.fail("profile read"))
     with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / "a") as llm:
         assert _packed_choices(llm) == {KernelChoice(3)}
     monkeypatch.delenv("FLEXBATCH_INT4_FUSED_MAX_ROWS")
-    profile = HardwareProfile("test", 1e9, 1e9, 1 << 34, {"float32": {1: 1e9, 2048: 2e12}, "int4": FLAT},
-                              dequantize_params_per_s={"int4": 1e10})
-    monkeypatch.setattr(flexbatch.planner, "hardware_profile", lambda *a, **kw: profile)
+    profile = cpu_profile({"float32": {1: 1e9, 2048: 2e12}, "int4": FLAT}, dequantize_params_per_s={"int4": 1e10})
+    monkeypatch.setattr(flexbatch.profiling, "hardware_profile", lambda *a, **kw: profile)
     with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / "b") as llm:
         assert _packed_choices(llm) == {profile.kernel_choice(torch.float32)}
         assert len(llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, ignore_eos=True))[0].token_ids) == 2

@@ -70,7 +70,7 @@ def test_gpu_memory_plan_puts_staging_and_streamed_layers_on_the_gpu(tiny_model)
     streamed from host or disk need three layer copies on the GPU."""
     from flexbatch import LLM
     from flexbatch.config import Policy
-    from flexbatch.engine.memory import KV_IN_FLIGHT, kv_bytes_per_token, layer_weight_bytes, run_memory
+    from flexbatch.sizing import KV_IN_FLIGHT, kv_bytes_per_token, layer_weight_bytes, run_memory
 
     llm = LLM(tiny_model("opt_pre_ln")[0], dtype="float32", device="cpu")
     cfg, family, gpu = llm.config, llm.family, torch.device("cuda")
@@ -88,7 +88,7 @@ def test_gpu_memory_plan_puts_staging_and_streamed_layers_on_the_gpu(tiny_model)
 
 
 def test_a_merged_plan_sums_what_both_tiers_hold_for_the_same_purpose():
-    from flexbatch.engine.memory import MemoryPlan
+    from flexbatch.sizing import MemoryPlan
 
     plan = MemoryPlan()
     plan.add(True, "weights", 300)

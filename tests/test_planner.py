@@ -3,7 +3,6 @@ returned policy within the budget, infeasible budgets refused, and the plan's me
 prediction holding for a real run (peak RSS in a subprocess)."""
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -14,18 +13,22 @@ import pytest
 import torch
 
 from flexbatch.config import Policy
-from flexbatch.engine.memory import MemoryBudget, run_memory
 from flexbatch.errors import ConfigError
 from flexbatch.models import get_family
 from flexbatch.models.spec import config_from_hf_dict
-from flexbatch.planner import HardwareProfile, Workload, evaluate, search
-from flexbatch.planner.cost_model import layer_costs
-
-search_module = importlib.import_module("flexbatch.planner.search")  # the package exports a function of that name
+from flexbatch.planner import ComputeRates, DiskRates, HardwareProfile, Workload, evaluate, search
+from flexbatch.planner.cpu_model import CpuModel
+from flexbatch.sizing import MemoryBudget, run_memory
 
 FLAT = {r: 1e12 for r in (1, 2048)}
-HW = HardwareProfile("test", disk_read_bps=1e9, disk_write_bps=5e8, memory_bytes=1 << 34,
-                     matmul_flops={"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9)
+
+
+def profile(flops, read=1e9, write=5e8, busy=None, share=1.0, gpu=None, memory=1 << 34, **cpu) -> HardwareProfile:
+    """A hardware profile with the given rates (CPU fields by name: attention_bps, ...)."""
+    return HardwareProfile("test", memory, ComputeRates(flops, **cpu), DiskRates(read, write, busy, share), gpu)
+
+
+HW = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9))
 # an OPT-style model: hidden 1024, 8 layers
 CFG = config_from_hf_dict({"model_type": "opt", "vocab_size": 1000, "hidden_size": 1024, "ffn_dim": 4096,
                            "num_hidden_layers": 8, "num_attention_heads": 16, "max_position_embeddings": 2048})
@@ -34,73 +37,72 @@ WORK = Workload(prompt_len=100, gen_len=11)
 
 
 def test_layer_costs_by_hand():
-    costs = layer_costs(CFG, FAMILY, torch.bfloat16, HW, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    costs = HW.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
     # q, k, v, out (with biases), fc1, fc2 (with biases), two LayerNorms (weight + bias)
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
     weight_bytes = 2 * params
     kv = 2 * 16 * 64 * 2  # K and V, 16 heads x 64 dims, bf16
     batch, s, t = 8, 100, 100 + 11 / 2
-    assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
-    assert costs.io_pre[1] == pytest.approx(-weight_bytes / 1e9)  # all weights in memory: no weight reads
-    assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
-    assert costs.comp_pre == pytest.approx((batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12, 0, 0))
+    assert costs.pre["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
+    assert costs.pre["io"][1] == pytest.approx(-weight_bytes / 1e9)  # all weights in memory: no weight reads
+    assert costs.gen["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
+    prefill = batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12
+    assert costs.pre["compute"] == pytest.approx((prefill, 0, 0))
     # decode attention reads the whole cache at the measured attention rate
-    assert costs.comp_gen == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
+    assert costs.gen["compute"] == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
 
 
 def test_overlapped_io_slows_compute_by_the_measured_share():
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT},
-                         compute_share_during_reads=0.75, attention_bps=1e10)
-    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
-    alone = layer_costs(CFG, FAMILY, torch.bfloat16, HW, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
-    for comp, comp_alone, io in ((costs.comp_pre, alone.comp_pre, costs.io_pre),
-                                 (costs.comp_gen, alone.comp_gen, costs.io_gen)):
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, share=0.75, attention_bps=1e10))
+    costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    alone = HW.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    for comp, comp_alone, io in ((costs.pre["compute"], alone.pre["compute"], costs.pre["io"]),
+                                 (costs.gen["compute"], alone.gen["compute"], costs.gen["io"])):
         # a quarter of every overlapped I/O second is taken from the matmuls
         assert comp == pytest.approx((comp_alone[0] + 0.25 * io[0], 0.25 * io[1], 0.25 * io[2]))
-    sequential = layer_costs(CFG, FAMILY, torch.bfloat16, hw, Policy(gpu_batch_size=4, num_gpu_batches=2,
+    sequential = hw.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2,
                                                                      overlap=False), WORK)
-    assert sequential.comp_gen == pytest.approx(alone.comp_gen)
+    assert sequential.gen["compute"] == pytest.approx(alone.gen["compute"])
 
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlapped_reads_use_the_busy_disk_rate(overlap):
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT}, disk_read_busy_bps=4e8)
-    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, Policy(gpu_batch_size=4, overlap=overlap), WORK)
-    weight_bytes = -costs.io_gen[1] * (4e8 if overlap else 1e9)
-    plain = layer_costs(CFG, FAMILY, torch.bfloat16, HW, Policy(gpu_batch_size=4), WORK)
-    assert weight_bytes == pytest.approx(-plain.io_gen[1] * 1e9)
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, busy=4e8))
+    costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, overlap=overlap), WORK)
+    weight_bytes = -costs.gen["io"][1] * (4e8 if overlap else 1e9)
+    plain = HW.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4), WORK)
+    assert weight_bytes == pytest.approx(-plain.gen["io"][1] * 1e9)
 
 
 @pytest.mark.parametrize("dequantize_rate,fused_wins", [(1e9, True), (1e12, False)])
 def test_compressed_layer_costs_by_hand(dequantize_rate, fused_wins):
     rates = {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}}
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, rates,
-                         attention_bps=1e10, kv_decode_bps=2e9, dequantize_params_per_s={"int4": dequantize_rate})
+    hw = CpuModel(profile(rates, attention_bps=1e10, kv_decode_bps=2e9,
+                          dequantize_params_per_s={"int4": dequantize_rate}))
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)
-    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)
+    costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
     matrices = 4 * 1024 * 1024 + 2 * 4096 * 1024
     small = 4 * 1024 + 4096 + 1024 + 4 * 1024  # biases and norms stay bf16
     weight_bytes = matrices // 2 + matrices // 64 * 2 * 2 + 2 * small  # 4-bit levels, bf16 step and zero per 64
     kv = 2 * 16 * (64 // 2 + 2 * 2)  # per head: 32 bytes of levels, one bf16 minimum and step
     batch, s, t = 8, 100, 100 + 11 / 2
-    assert costs.io_pre[0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
-    assert costs.io_gen[0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
+    assert costs.pre["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
+    assert costs.gen["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
     params = matrices + small
     fused = batch * 2 * params / 2.5e11  # the fused kernel, once per GPU batch
     dequantized = params / dequantize_rate + batch * 2 * params / 1e12  # one dequantization per load, then bf16
     assert (fused < dequantized) == fused_wins
     dense_kv = 2 * 16 * 64 * 2  # attention runs on the dequantized cache, after dequantizing it
-    assert costs.comp_gen == pytest.approx((min(fused, dequantized) + batch * t * dense_kv * (1 / 1e10 + 1 / 2e9),
+    assert costs.gen["compute"] == pytest.approx((min(fused, dequantized) + batch * t * dense_kv * (1 / 1e10 + 1 / 2e9),
                                             0, 0))
 
 
 def test_compressed_weights_without_a_fused_kernel_are_dequantized():
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT},
-                         dequantize_params_per_s={"int8": 1e9})
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, dequantize_params_per_s={"int8": 1e9}))
     policy = Policy(gpu_batch_size=4, compress_weight=True, compress_bits=8)
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
-    costs = layer_costs(CFG, FAMILY, torch.bfloat16, hw, policy, WORK)
-    assert costs.comp_gen[0] == pytest.approx(params / 1e9 + 4 * 2 * params / 1e12)
+    costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
+    assert costs.gen["compute"][0] == pytest.approx(params / 1e9 + 4 * 2 * params / 1e12)
 
 
 def budget(gib: float) -> MemoryBudget:
@@ -204,7 +206,7 @@ def test_planned_policy_runs_within_its_predicted_memory(tmp_path):
 
 
 def test_planner_with_compression_returns_compressed_policies_that_fit():
-    hw = HardwareProfile("test", 1e9, 5e8, 1 << 34, {"bfloat16": FLAT, "float32": FLAT, "int4": FLAT})
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT, "int4": FLAT}))
     both = {"compress_weight": True, "compress_cache": True}
     tight = budget(0.2)
     plain = search(CFG, FAMILY, torch.bfloat16, hw, WORK, tight)
@@ -217,10 +219,9 @@ def test_planner_with_compression_returns_compressed_policies_that_fit():
 
 
 # this machine's profile, rounded (2-core EPYC, bf16 without AMX)
-EPYC = HardwareProfile("test", 1.53e9, 1.99e9, 24 << 30,
-                       {"bfloat16": {1: 1.69e10, 8: 1.23e11, 32: 2.62e11, 128: 3.73e11, 512: 4.18e11, 2048: 3.97e11},
-                        "float32": {1: 1e10, 2048: 1.5e11}},
-                       disk_read_busy_bps=1.55e9, compute_share_during_reads=0.844, attention_bps=8.15e9)
+EPYC = profile({"bfloat16": {1: 1.69e10, 8: 1.23e11, 32: 2.62e11, 128: 3.73e11, 512: 4.18e11, 2048: 3.97e11},
+                "float32": {1: 1e10, 2048: 1.5e11}},
+               read=1.53e9, write=1.99e9, busy=1.55e9, share=0.844, memory=24 << 30, attention_bps=8.15e9)
 OPT_1_3B = config_from_hf_dict({"model_type": "opt", "vocab_size": 50272, "hidden_size": 2048, "ffn_dim": 8192,
                                 "num_hidden_layers": 24, "num_attention_heads": 32,
                                 "max_position_embeddings": 2048})
@@ -231,15 +232,18 @@ def test_inefficient_gpu_batches_only_when_nothing_else_fits(monkeypatch):
     batches under half the peak matmul rate are passed over while larger ones fit, and used
     when the block allows nothing larger."""
     family, work = get_family(OPT_1_3B), Workload(128, 32)
-    plan = lambda block: search(OPT_1_3B, family, torch.bfloat16, EPYC, work, budget(2), max_block=block).best.policy
+    machine = CpuModel(EPYC)
+    plan = lambda block: search(OPT_1_3B, family, torch.bfloat16, machine, work, budget(2), max_block=block).best.policy
     assert plan(64).gpu_batch_size >= 32
     assert plan(8).block_size <= 8
-    monkeypatch.setattr(search_module, "MIN_MATMUL_EFFICIENCY", 0.0)
+    from flexbatch.planner import cpu_model
+
+    monkeypatch.setattr(cpu_model, "MIN_MATMUL_EFFICIENCY", 0.0)
     assert plan(64).gpu_batch_size < 32  # what the rule prevents: measured 12% slower than 64 x 1
 
 
 def test_disk_only_refresh_keeps_the_rest_of_the_profile(monkeypatch, tmp_path):
-    from flexbatch.planner import hardware
+    from flexbatch import profiling as hardware
 
     cache = tmp_path / "hardware.json"
     monkeypatch.setattr(hardware, "fingerprint", lambda folder: "this machine")
@@ -248,24 +252,22 @@ def test_disk_only_refresh_keeps_the_rest_of_the_profile(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "measure", lambda folder, log: pytest.fail("the whole profile was measured again"))
     monkeypatch.setattr(hardware, "measure_disk", lambda folder: (1e9, 2e9, 5e8, 0.5))
     refreshed = hardware.load_or_measure(cache, tmp_path, disk_only=True)
-    assert (refreshed.disk_read_bps, refreshed.disk_write_bps, refreshed.disk_read_busy_bps,
-            refreshed.compute_share_during_reads) == (1e9, 2e9, 5e8, 0.5)
-    assert refreshed.matmul_flops == first.matmul_flops and refreshed.attention_bps == first.attention_bps
+    assert refreshed.disk == DiskRates(1e9, 2e9, 5e8, 0.5)
+    assert refreshed.cpu == first.cpu
     assert hardware.load_or_measure(cache, tmp_path) == refreshed  # and it is what later plans read
 
 
 def test_compute_rates_follow_a_spot_check_of_current_speed(monkeypatch):
     """A CPU measured 20% slower now than when profiled: every compute-bound rate (matmul
     tables, fused kernel, dequantization) scales by 0.8; memory-bound rates and the disk stay."""
-    from flexbatch.planner import hardware
+    from flexbatch import profiling as hardware
 
-    profile = HardwareProfile("test", 1e9, 5e8, 1 << 34,
-                              {"bfloat16": {1: 1e10, 512: 4e11}, "int4": {512: 1.6e11}},
-                              attention_bps=1e10, dequantize_params_per_s={"int4": 1e9})
+    then = profile({"bfloat16": {1: 1e10, 512: 4e11}, "int4": {512: 1.6e11}},
+                   attention_bps=1e10, dequantize_params_per_s={"int4": 1e9})
     monkeypatch.setattr(hardware, "measure_matmul", lambda dtype, rows_list: {rows_list[0]: 3.2e11})
-    now = hardware.at_current_speed(profile, torch.bfloat16)
-    assert now.matmul_flops == {"bfloat16": {1: pytest.approx(8e9), 512: pytest.approx(3.2e11)},
-                                "int4": {512: pytest.approx(1.28e11)}}
-    assert now.dequantize_params_per_s == {"int4": pytest.approx(8e8)}
-    assert (now.attention_bps, now.disk_read_bps) == (1e10, 1e9)
-    assert hardware.at_current_speed(profile, torch.float16) is profile  # no table to compare with
+    now = hardware.at_current_speed(then, torch.bfloat16)
+    assert now.cpu.matmul_flops == {"bfloat16": {1: pytest.approx(8e9), 512: pytest.approx(3.2e11)},
+                                    "int4": {512: pytest.approx(1.28e11)}}
+    assert now.cpu.dequantize_params_per_s == {"int4": pytest.approx(8e8)}
+    assert (now.cpu.attention_bps, now.disk) == (1e10, then.disk)
+    assert hardware.at_current_speed(then, torch.float16) is then  # no table to compare with

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def run_profile(args) -> int:
-    from ..planner import hardware_profile
+    from ..profiling import hardware_profile
 
     profile = hardware_profile(args.offload_dir, force=args.force, log=lambda m: print(m, file=sys.stderr),
                                disk_only=args.disk_only)
@@ -49,17 +49,19 @@ def run_profile(args) -> int:
 
 def choose(opened, dtype, device, work, args, max_block, block_size=None):
     """The planner's plan for the command's flags, with progress messages on stderr."""
-    from ..engine.memory import MemoryBudget
+    from ..engine.memory import detect_budget
     from ..models import get_family
     from ..planner import plan_policy
+    from ..profiling import at_current_speed, hardware_profile
     from ..weights.loader import layer_weight_grid
     from .common import compression_fields
 
     cfg, family = opened.config, get_family(opened.config)
-    budget = MemoryBudget.detect(device, args.gpu_memory, args.cpu_memory)
+    budget = detect_budget(device, args.gpu_memory, args.cpu_memory)
     compression = compression_fields(args, layer_weight_grid(cfg, family, opened.source))
-    return plan_policy(cfg, family, dtype, device, work, budget, max_block, args.offload_dir,
-                       compression=compression, log=lambda m: print(m, file=sys.stderr), block_size=block_size)
+    profile = at_current_speed(hardware_profile(args.offload_dir, log=lambda m: print(m, file=sys.stderr)), dtype)
+    return plan_policy(cfg, family, dtype, device, profile, work, budget, max_block, compression=compression,
+                       block_size=block_size)
 
 
 def describe(candidate, gpu: bool = False) -> str:

@@ -1,22 +1,10 @@
-"""Memory accounting: what a policy needs on each tier, checked before anything is allocated."""
+"""What this machine has: the memory budget a run may use, detected before anything loads."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Policy
 from ..errors import ConfigError
-from ..kernels.packed import element_size, stored_bytes
-from ..kernels.quant import QuantConfig, quantized_row_bytes
-from ..models.family import Family
-from ..models.spec import ModelConfig
-
-GiB = 1 << 30
-KV_IN_FLIGHT = 4  # (layer, GPU batch) caches in flight: computing, loading next, two storing
-# Memory a run takes beyond its tensors: allocator arenas of the I/O threads, torch's
-# temporaries and first-use caches. Measured growth beyond the tensors was 35-50 MiB.
-RUNTIME_OVERHEAD = 64 << 20
+from ..sizing import GiB, MemoryBudget
 
 
 def available_host_bytes() -> int:
@@ -38,138 +26,18 @@ def available_device_bytes(device: torch.device) -> int:
     return available_host_bytes()
 
 
-@dataclass
-class MemoryBudget:
-    """Bytes flexbatch may use on the compute device and in host RAM. On a CPU-only machine
-    both are the same RAM, and only `host_bytes` applies (to their sum)."""
-
-    device_bytes: int
-    host_bytes: int
-
-    @classmethod
-    def detect(cls, device: torch.device, device_bytes: int | None = None, host_bytes: int | None = None):
-        """A given host budget is for the whole process, so what the process already holds
-        (Python, torch, the tokenizer) is taken off it; by default the budget is free RAM."""
-        if host_bytes is not None:
-            host = host_bytes - process_rss_bytes()
-            if host <= 0:
-                raise ConfigError(
-                    f"the host memory budget of {host_bytes / GiB:.2f} GiB is already used by the running "
-                    f"process ({process_rss_bytes() / GiB:.2f} GiB before loading the model); raise it.")
-        else:
-            host = available_host_bytes()
-        dev = device_bytes if device_bytes is not None else available_device_bytes(device)
-        return cls(dev, host)
-
-
-@dataclass
-class MemoryPlan:
-    """Bytes per purpose on the device and the host."""
-
-    device: dict[str, int] = field(default_factory=dict)
-    host: dict[str, int] = field(default_factory=dict)
-
-    def add(self, on_device: bool, what: str, nbytes: int) -> None:
-        target = self.device if on_device else self.host
-        target[what] = target.get(what, 0) + int(nbytes)
-
-    def merged(self) -> dict[str, int]:
-        """Bytes per purpose over both tiers (a CPU-only machine's one memory)."""
-        out = dict(self.device)
-        for k, v in self.host.items():
-            out[k] = out.get(k, 0) + v
-        return out
-
-    def check(self, budget: MemoryBudget, unified: bool, hint: str) -> None:
-        """Raise ConfigError naming the sizes if the plan exceeds the budget."""
-        tiers = [("memory", self.merged(), budget.host_bytes)] if unified else [
-            ("GPU memory", self.device, budget.device_bytes), ("host memory", self.host, budget.host_bytes)]
-        for label, parts, limit in tiers:
-            need = sum(parts.values())
-            if need > limit:
-                largest_first = sorted(parts.items(), key=lambda kv: -kv[1])
-                detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in largest_first if v)
-                raise ConfigError(
-                    f"this policy needs {need / GiB:.2f} GiB of {label} ({detail}) but the budget is "
-                    f"{limit / GiB:.2f} GiB. {hint}"
-                )
-
-
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> int:
-    """K and V of one token of one sequence in one layer, as stored (compressed or not)."""
-    if quant is None:
-        return 2 * cfg.num_kv_heads * cfg.head_dim * element_size(dtype)
-    return 2 * cfg.num_kv_heads * quantized_row_bytes(cfg.head_dim, quant, dtype)
-
-
-def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_width: int, capacity: int) -> int:
-    """Activations of the whole block and the temporaries of one GPU batch's layer compute."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    block, gbs = policy.block_size, policy.gpu_batch_size
-    hidden = block * prompt_width * cfg.hidden_size * elt
-    temporaries = gbs * prompt_width * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elt
-    scores = gbs * cfg.num_heads * prompt_width * capacity * 4
-    logits = block * cfg.vocab_size * 4 * 2
-    return hidden + temporaries + scores + logits
-
-
-def layer_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype,
-                       quant: QuantConfig | None = None) -> int:
-    """Bytes of one transformer layer's weights as stored (compressed or not)."""
-    return sum(stored_bytes(s.shape, dtype, quant) for s in family.layer_specs(cfg))
-
-
-def layer_params(cfg: ModelConfig, family: Family) -> int:
-    return sum(s.numel() for s in family.layer_specs(cfg))
-
-
-def global_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) -> int:
-    """Embeddings, final norm and head (a tied head counted once); always kept in memory."""
-    tied = set(family.tied_aliases(cfg))
-    return sum(s.numel() for s in family.global_specs(cfg) if s.name not in tied) * element_size(dtype)
-
-
-def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype,
-                  device: torch.device = torch.device("cpu")) -> MemoryPlan:
-    """Memory the weights of `policy` need: resident fractions plus the two layer read slots
-    (and on a GPU the copies of streamed layers there: the one computing, the one loading,
-    and the one just dropped that the allocator frees once its kernels have run)."""
-    plan = MemoryPlan()
-    plan.add(True, "embeddings and head", global_weight_bytes(cfg, family, dtype))
-    per_layer = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
-    plan.add(True, "weights", per_layer * cfg.num_layers * policy.weights_device)
-    plan.add(False, "weights", per_layer * cfg.num_layers * policy.weights_host)
-    if policy.weights_disk > 0:
-        plan.add(False, "weight read buffers", 2 * per_layer * policy.weights_disk + 2 * 4096 * 32)
-    if device.type == "cuda":
-        plan.add(True, "streamed layer weights", 3 * per_layer * (1 - policy.weights_device))
-    if policy.compress_weight:
-        # large batches dequantize a layer once per load, freed after its last GPU batch
-        plan.add(True, "dequantized layer weights", layer_params(cfg, family) * element_size(dtype))
-    return plan
-
-
-def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype, batch_size: int,
-               capacity: int, prompt_width: int, device: torch.device = torch.device("cpu")) -> MemoryPlan:
-    """Everything a block of `batch_size` sequences of up to `capacity` tokens needs."""
-    plan = weight_memory(cfg, family, policy, dtype, device)
-    per_seq = kv_bytes_per_token(cfg, dtype, policy.cache_quant) * capacity * cfg.num_layers
-    plan.add(True, "KV cache", per_seq * batch_size * policy.cache_device)
-    plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)
-    staging = KV_IN_FLIGHT * per_seq / cfg.num_layers * policy.gpu_batch_size  # caches in flight
-    plan.add(False, "KV staging buffers", staging * policy.cache_disk)
-    gpu = device.type == "cuda"
-    if gpu and not policy.cpu_attention and not policy.compress_cache:
-        # host and disk rows are attended on the GPU, copied into device buffers
-        plan.add(True, "KV staging buffers", staging * (policy.cache_disk + policy.cache_host))
-    if policy.compress_cache:
-        # caches in flight are held dequantized for attention; each sequence keeps its
-        # last cache_window tokens unquantized too
-        dense = kv_bytes_per_token(cfg, dtype)
-        plan.add(True, "dequantized KV in flight", KV_IN_FLIGHT * dense * capacity * policy.gpu_batch_size)
-        window = min(policy.cache_window, capacity) * dense * cfg.num_layers * batch_size
-        plan.add(True, "recent KV window", window * policy.cache_device)
-        plan.add(False, "recent KV window", window * policy.cache_host)
-    plan.add(True, "activations and temporaries", working_bytes(cfg, policy, dtype, prompt_width, capacity))
-    plan.add(False, "runtime overhead", RUNTIME_OVERHEAD)
-    return plan
+def detect_budget(device: torch.device, device_bytes: int | None = None,
+                  host_bytes: int | None = None) -> MemoryBudget:
+    """The budget of a run: the given bytes, else what is free. A given host budget is for the
+    whole process, so what the process already holds (Python, torch, the tokenizer) is taken
+    off it."""
+    if host_bytes is not None:
+        host = host_bytes - process_rss_bytes()
+        if host <= 0:
+            raise ConfigError(
+                f"the host memory budget of {host_bytes / GiB:.2f} GiB is already used by the running "
+                f"process ({process_rss_bytes() / GiB:.2f} GiB before loading the model); raise it.")
+    else:
+        host = available_host_bytes()
+    dev = device_bytes if device_bytes is not None else available_device_bytes(device)
+    return MemoryBudget(dev, host)

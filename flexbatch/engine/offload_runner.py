@@ -24,6 +24,7 @@ from ..kernels.linear import dequantize_for_block
 from ..kernels.packed import PackedLinear, free_dense_buffers
 from ..models.family import Family
 from ..models.spec import ModelConfig
+from ..sizing import KV_IN_FLIGHT, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
 from ..storage.disk import require_free_space
 from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
@@ -32,7 +33,7 @@ from ..weights.source import TensorSource
 from .executor import Executor, InlineIO
 from .kv_cache import CPU, BatchKV, staging_pools
 from .kv_encoded import EncodedBatchKV
-from .memory import KV_IN_FLIGHT, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
+from .memory import detect_budget
 from .runner import Runner, make_context, score_in_pieces, target_logprobs
 from .streams import CopyStreams
 from .weight_home import LayerLoad, WeightHome
@@ -47,7 +48,7 @@ class OffloadRunner(Runner):
                  budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
         self.cfg, self.family, self.policy = cfg, family, policy
         self.dtype, self.device = dtype, device
-        self.budget = budget or MemoryBudget.detect(device)
+        self.budget = budget or detect_budget(device)
         self.unified = device.type != "cuda"  # device and host are the same RAM
         self._own_dir = offload_dir is None
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))

@@ -4,7 +4,7 @@ dequantization into a dense copy followed by the dense matmul.
 The fused kernel reads a quarter of the bytes but computes more slowly; dequantizing costs a
 pass over the weight (shared by every GPU batch of a block) and then runs the fast dense
 matmul. Which wins depends on the machine and on how many rows are multiplied, so nothing
-here measures it: the hardware profile measures both kernels once (planner/hardware.py), and
+here measures it: the hardware profile measures both kernels once (profiling/cpu.py), and
 the engine is handed the resulting `KernelChoice`, or an explicit one from the top.
 """
 from __future__ import annotations

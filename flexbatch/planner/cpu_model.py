@@ -1,0 +1,110 @@
+"""FlexGen's cost model (paper §4.3; the study's §5) on a CPU-only machine (gpu_model.py has
+the model for a machine with a GPU; both are `MachineModel`s the same search uses).
+
+Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n new tokens:
+
+    T = L * T_pre + L * (n - 1) * T_gen                      (per-layer terms, L layers)
+    T_pre = max(io_pre, comp_pre)   (sum instead of max without overlap)
+    T_gen = max(io_gen, comp_gen)
+    io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
+    io_gen  = w_disk * W / R + c_disk * B * t * K / R + c_disk * B * K / Wr,   t = s + n / 2
+    comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s) + cpu_io * io_pre
+    comp_gen = B * 2 * P / Fw(gbs) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
+
+W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
+stored, Kd: the same in the compute dtype, C: hidden size, R / Wr: disk read / write
+bandwidth (R measured while the CPU computes when I/O overlaps compute), F(rows): measured
+matmul FLOP/s at that many rows, Fw: the same with the weights as stored (compressed weights
+cost the cheaper of the fused int4 kernel, measured, and one measured dequantization per
+layer load plus dense matmuls).
+
+Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
+decode attention is bound by memory, not FLOPs, so it costs the cache's bytes over the
+measured attention rate A (and, for a compressed cache, over the measured dequantization
+rate Dq); and overlapped disk reads slow the matmuls on the same cores, so every second of
+overlapped I/O adds cpu_io = (1 - f) seconds of compute, f being the measured share of
+matmul speed left while the disk reads.
+
+Throughput = B * n / T. On a CPU-only machine the device and host tiers are the same RAM, so
+the placement variables are the Policy's `weights_device` and `cache_device` (what is in
+memory; w_disk = 1 - weights_device, c_disk = 1 - cache_device, and the host shares stay 0).
+Every term is linear in them for a fixed (gbs, num_gpu_batches): the search solves a linear
+program over them.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..config import Policy
+from ..models.family import Family
+from ..models.spec import ModelConfig
+from ..sizing import kv_bytes_per_token, layer_params, layer_weight_bytes
+from .machine import MachineModel
+from .profile import ComputeRates
+from .terms import LayerCosts, Workload, weight_matmul_seconds
+
+ONE, W_MEM, C_MEM = np.eye(3)
+W_DISK, C_DISK = ONE - W_MEM, ONE - C_MEM
+MIN_MATMUL_EFFICIENCY = 0.5  # see `CpuModel.batch_sizes`
+
+
+class CpuModel(MachineModel):
+    variables = ("weights_device", "cache_device")
+    device = torch.device("cpu")
+    unified = True
+
+    @property
+    def rates(self) -> ComputeRates:
+        return self.profile.cpu
+
+    def placement(self, policy: Policy) -> np.ndarray:
+        # the device and host tiers are the same RAM here: both count as in memory
+        return np.array([policy.weights_device + policy.weights_host, policy.cache_device + policy.cache_host])
+
+    def with_placement(self, policy: Policy, x) -> Policy:
+        w_mem, c_mem = (float(v) for v in x)
+        return replace(policy, weights_device=w_mem, weights_host=0.0, cache_device=c_mem, cache_host=0.0)
+
+    def batch_sizes(self, dtype: torch.dtype, sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the
+        machine's peak are tried only when no larger one fits: there, per-operation costs
+        this model does not price (many small loads, stores and kernel calls per layer)
+        dominate, and predictions were measured to be optimistic (8 x 8 sequences ran 32%
+        below its prediction on the planner benchmark, while 64 x 1 was within 4%)."""
+        peak = max(self.rates.flops(dtype, rows) for rows in (1 << p for p in range(14)))
+        efficient = [g for g in sizes if self.rates.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
+        return efficient, [g for g in sizes if g not in efficient]
+
+    def variants(self, compression: dict) -> list[dict]:
+        return [{}]
+
+    def layer_costs(self, cfg: ModelConfig, family: Family, dtype: torch.dtype, policy: Policy,
+                    work: Workload) -> LayerCosts:
+        """The per-layer terms for `policy`'s batch sizes; disk terms count bytes as stored
+        (compressed weights and KV cache move fewer bytes)."""
+        cpu, disk = self.profile.cpu, self.profile.disk
+        gpu_batch_size, batch = policy.gpu_batch_size, policy.block_size
+        s, n = work.prompt_len, work.gen_len
+        t = s + n / 2
+        weight = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
+        params = layer_params(cfg, family)
+        kv, kv_dense = kv_bytes_per_token(cfg, dtype, policy.cache_quant), kv_bytes_per_token(cfg, dtype)
+        read = disk.read_busy_bps if policy.overlap and disk.read_busy_bps else disk.read_bps
+        # overlapped reads compete with compute for the cores (read_busy_bps)
+        weight_io = weight * W_DISK / read
+        io_pre = weight_io + batch * s * kv * C_DISK / disk.write_bps
+        io_gen = weight_io + batch * t * kv * C_DISK / read + batch * kv * C_DISK / disk.write_bps
+        bits = policy.compress_bits if policy.compress_weight else None
+        attention = batch * t * kv_dense / cpu.attention_bps
+        if policy.compress_cache:
+            attention += batch * t * kv_dense / cpu.kv_decode_bps
+        comp_pre = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, s) \
+            + batch * 2 * s * s * cfg.hidden_size / cpu.flops(dtype, gpu_batch_size * s)
+        comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1) + attention
+        io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
+        return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre},
+                          gen={"io": io_gen, "compute": comp_gen * ONE + io_cpu * io_gen},
+                          serial_lanes=("io", "compute"))

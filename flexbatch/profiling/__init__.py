@@ -1,0 +1,111 @@
+"""Measuring this machine for the planner: the hardware profile, measured once and cached.
+
+A profile is reused while the machine looks the same (CPU model, core count, total memory,
+torch version, offload folder's filesystem); `flexbatch profile --force` measures again.
+The planner (planner/) reads profiles and measures nothing; the probes live here, above both
+the planner and the engine, because one of them runs the engine itself (engine_probe.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..planner.profile import ComputeRates, DiskRates, HardwareProfile
+from .cpu import measure_attention, measure_dequantize, measure_disk, measure_kv_decode, measure_matmul
+
+PROFILE_VERSION = 7  # bump when the measured fields change, so cached profiles are redone
+
+__all__ = ["at_current_speed", "hardware_profile", "load_or_measure", "measure"]
+
+
+def hardware_profile(offload_dir: Path | None = None, force: bool = False, log=lambda msg: None,
+                     disk_only: bool = False) -> HardwareProfile:
+    """This machine's profile, cached in flexbatch's cache folder; the disk measured is the
+    one `offload_dir` is on (default: the cache folder's)."""
+    from ..default_model import cache_dir
+
+    folder = Path(offload_dir) if offload_dir else cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return load_or_measure(cache_dir() / "hardware.json", folder, force=force, log=log, disk_only=disk_only)
+
+
+def fingerprint(folder: Path) -> str:
+    """What identifies the machine a profile was measured on (and this code's measurements)."""
+    import psutil
+
+    from ..devices import cpu_name
+
+    cpu = cpu_name()
+    dev = os.stat(folder).st_dev
+    gpu = f"|gpu {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"v{PROFILE_VERSION}|{cpu}|{os.cpu_count()}|{psutil.virtual_memory().total}|torch {torch.__version__}"
+            f"|dev {dev}{gpu}")
+
+
+SPOT_ROWS = 512  # a spot check of compute speed: one point of the matmul table, about a second
+
+
+def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat16) -> HardwareProfile:
+    """The profile with its compute-bound rates (matmul tables, dequantization) scaled by how
+    fast the machine multiplies now against when it was profiled. A shared or throttled CPU
+    drifts: this VM measured 0.42 and then 0.35 TFLOP/s on the same bf16 matmul within a day,
+    which the cost model would otherwise take for its own error. Memory-bound rates stay."""
+    key = str(dtype).removeprefix("torch.")
+    then = profile.cpu.matmul_flops.get(key, {}).get(SPOT_ROWS)
+    if not then:
+        return profile
+    factor = measure_matmul(dtype, rows_list=(SPOT_ROWS,))[SPOT_ROWS] / then
+    return replace(profile, cpu=profile.cpu.scaled(factor))
+
+
+def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
+    import psutil
+
+    log("measuring disk bandwidth (O_DIRECT)...")
+    disk = DiskRates(*measure_disk(folder))
+    flops = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        log(f"measuring {str(dtype).removeprefix('torch.')} matmul throughput...")
+        flops[str(dtype).removeprefix("torch.")] = measure_matmul(dtype)
+    log("measuring compressed weights: the fused int4 kernel and dequantization...")
+    fused = measure_matmul(torch.bfloat16, fused_int4=True)
+    if fused:
+        flops["int4"] = fused
+    dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
+    log("measuring decode attention and KV cache dequantization...")
+    attention, kv_decode = measure_attention(torch.bfloat16), measure_kv_decode(torch.bfloat16)
+    cpu = ComputeRates(flops, attention, kv_decode, dequantize)
+    gpu = None
+    if torch.cuda.is_available():
+        from .gpu import measure_gpu
+
+        gpu = measure_gpu(log)
+    return HardwareProfile(fingerprint(folder), psutil.virtual_memory().total, cpu, disk, gpu)
+
+
+def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None,
+                    disk_only: bool = False) -> HardwareProfile:
+    """The cached profile if it matches this machine, else a new measurement (then cached).
+    disk_only re-measures only the disk fields of a matching profile: a shared or virtual
+    disk's speed drifts over hours (compute drifts too; see `at_current_speed`)."""
+    if disk_only and cache_file.is_file():
+        profile = load_or_measure(cache_file, offload_folder, log=log)
+        log("measuring disk bandwidth (O_DIRECT)...")
+        profile = replace(profile, disk=DiskRates(*measure_disk(offload_folder)))
+        cache_file.write_text(json.dumps(profile.to_json(), indent=1))
+        return profile
+    if cache_file.is_file() and not force:
+        try:
+            profile = HardwareProfile.from_json(json.loads(cache_file.read_text()))
+            if profile.fingerprint == fingerprint(offload_folder):
+                return profile
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # a stale or damaged cache is measured again
+    profile = measure(offload_folder, log)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(profile.to_json(), indent=1))
+    return profile

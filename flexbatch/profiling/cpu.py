@@ -1,0 +1,155 @@
+"""Measuring the CPU and the disk: the rates of the hardware profile (planner/profile.py).
+
+Each probe runs what the engine runs (O_DIRECT requests of the engine's size, a layer's mix
+of matmuls, the attention and dequantization kernels) and reports a rate.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+CPU = torch.device("cpu")
+MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
+PROBE_BYTES = 512 << 20
+CHUNK = 4 << 20
+
+
+def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float]:
+    """(read, write, read while computing) bytes/s with O_DIRECT, 4 MiB requests, 4 in
+    flight, as the engine does; the third with bf16 matmuls running on the main thread, whose
+    speed then, as a share of their speed alone, is the fourth."""
+    from ..storage.aligned import aligned_bytes
+    from ..storage.disk import DiskFile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "flexbatch-disk-probe"
+    buf = aligned_bytes(nbytes)
+    buf.fill_(1)
+    file = DiskFile(path, nbytes)
+    chunks = range(0, nbytes, CHUNK)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda s: file.write_from(buf, s, s + CHUNK), chunks))
+            os.fsync(file.fd)
+            write = nbytes / (time.perf_counter() - start)
+            start = time.perf_counter()
+            list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), chunks))
+            read = nbytes / (time.perf_counter() - start)
+            busy, share = _read_while_computing(pool, file, buf, chunks, nbytes)
+    finally:
+        file.close()
+        path.unlink(missing_ok=True)
+    return read, write, busy, share
+
+
+def _read_while_computing(pool, file, buf, chunks, nbytes: int, passes: int = 3) -> tuple[float, float]:
+    """Read the probe `passes` times over while the main thread multiplies matrices; the
+    matmul rate is compared with its rate alone, measured just before and just after."""
+    x = torch.randn(512, 2048, dtype=torch.bfloat16)
+    w = torch.randn(8192, 2048, dtype=torch.bfloat16)
+    multiply = lambda: torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
+
+    def rate(until) -> float:
+        start, count = time.perf_counter(), 0
+        while not until(time.perf_counter() - start):
+            multiply()
+            count += 1
+        return count / (time.perf_counter() - start)
+
+    multiply()
+    alone = rate(lambda elapsed: elapsed > 0.5)
+    pending = [pool.submit(file.read_into, buf, s, s + CHUNK) for _ in range(passes) for s in chunks]
+    start = time.perf_counter()
+    during = rate(lambda elapsed: all(f.done() for f in pending))
+    seconds = time.perf_counter() - start
+    for f in pending:
+        f.result()
+    alone = (alone + rate(lambda elapsed: elapsed > 0.5)) / 2
+    return passes * nbytes / seconds, min(1.0, during / alone)
+
+
+def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
+                      head_dim: int = 64, device: torch.device = CPU, token_major: bool = False) -> float:
+    """Decode attention's speed in K and V bytes per second, over a cache larger than L3;
+    token_major: over K and V laid out token by token, as host-RAM rows are on a GPU machine."""
+    from ..kernels import grouped_attention
+
+    q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
+    if token_major:
+        keys, values = (torch.randn(tokens, batch, heads, head_dim, device=device).to(dtype).permute(1, 2, 0, 3)
+                        for _ in range(2))
+    else:
+        keys, values = (torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, tokens, dtype=dtype, device=device)
+    seconds = best_seconds(lambda: grouped_attention(q, keys, values, mask, head_dim ** -0.5), device=device)
+    return 2 * keys.numel() * keys.element_size() / seconds
+
+
+def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
+                      head_dim: int = 64, device: torch.device = CPU) -> float:
+    """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second."""
+    from ..kernels.quant import QuantConfig
+    from ..storage.kv_rows import RowCodec
+
+    codec = RowCodec(batch, heads, head_dim, dtype, QuantConfig(4, 64))
+    rows = codec.encode(torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype))
+    seconds = best_seconds(lambda: codec.decode(rows), device=device)
+    return batch * heads * tokens * head_dim * torch.empty((), dtype=dtype).element_size() / seconds
+
+
+def best_seconds(fn, repeats: int = 5, device: torch.device = CPU) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run async
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_matmul(dtype: torch.dtype, hidden: int = 2048, fused_int4: bool = False,
+                   rows_list: tuple[int, ...] = MATMUL_ROWS, device: torch.device = CPU) -> dict[int, float]:
+    """FLOP/s of one transformer layer's matmuls (four [h, h] projections, an [4h, h] and an
+    [h, 4h] MLP matrix, h = hidden) on x of `rows` rows, best of a few runs. Small square
+    matrices run at a lower rate than the MLP's at few rows, so a layer's mix is what the
+    cost model needs. With fused_int4: torch's fused kernel on the matrices packed to 4 bits
+    ({} without one)."""
+    from ..kernels.packed import fused_int4_matmul, fused_kernel_available, pack_linear
+
+    shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
+    weights = [torch.randn(n, k, dtype=dtype, device=device) for n, k in shapes]
+    if fused_int4:
+        if not fused_kernel_available():
+            return {}
+        packed = [pack_linear(w, 4) for w in weights]
+        multiply = lambda x, i: fused_int4_matmul(x, packed[i])
+    else:
+        multiply = lambda x, i: torch.nn.functional.linear(x, weights[i])
+    flop_per_row = sum(2 * n * k for n, k in shapes)
+    out = {}
+    for rows in rows_list:
+        inputs = {k: torch.randn(rows, k, dtype=dtype, device=device) for k in (hidden, 4 * hidden)}
+        layer = lambda: [multiply(inputs[k], i) for i, (_, k) in enumerate(shapes)]
+        repeats = max(1, min(10, 512 // rows))
+        seconds = best_seconds(lambda: [layer() for _ in range(repeats)], repeats=3, device=device) / repeats
+        out[rows] = rows * flop_per_row / seconds
+    return out
+
+
+def measure_dequantize(bits: int, hidden: int = 2048, device: torch.device = CPU) -> float:
+    """Parameters per second dequantized from `bits`-bit packed weights into a dense buffer."""
+    from ..kernels.packed import dequantize_transposed, pack_linear
+
+    packed = pack_linear(torch.randn(4 * hidden, hidden, dtype=torch.bfloat16), bits).to(device)
+    buffer = torch.empty(hidden, 4 * hidden, dtype=torch.bfloat16, device=device)
+    return 4 * hidden * hidden / best_seconds(lambda: dequantize_transposed(packed, buffer), device=device)
+
+
