@@ -33,6 +33,29 @@ class MemoryBudget:
     host_bytes: int
 
 
+@dataclass(frozen=True)
+class KVRoute:
+    """How the part of the KV cache kept off the compute device (host RAM, disk) reaches
+    attention under a policy: the one decision the engine (which buffers it stages rows
+    through), the sizing (which buffers it counts) and the planner (which link traffic it
+    prices) all read."""
+
+    gpu: bool  # the model computes on a GPU (else host and device are one RAM)
+    compressed: bool  # rows are quantized: decoded where they live, the dense result moved
+    cpu_attention: bool  # a plain cache on a GPU machine, attended on the CPU where it lives
+
+    @property
+    def rows_to_device(self) -> bool:
+        """Off-device rows are copied as they are into device buffers every step."""
+        return self.gpu and not self.compressed and not self.cpu_attention
+
+
+def kv_route(policy: Policy, gpu: bool) -> KVRoute:
+    """The route `policy` takes: CPU attention applies to a plain cache on a GPU machine (a
+    compressed cache is decoded on the CPU and its dense rows cross to the GPU)."""
+    return KVRoute(gpu, policy.compress_cache, gpu and policy.cpu_attention and not policy.compress_cache)
+
+
 @dataclass
 class MemoryPlan:
     """Bytes per purpose on the device and the host."""
@@ -129,8 +152,7 @@ def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dt
     plan.add(False, "KV cache", per_seq * batch_size * policy.cache_host)
     staging = KV_IN_FLIGHT * per_seq / cfg.num_layers * policy.gpu_batch_size  # caches in flight
     plan.add(False, "KV staging buffers", staging * policy.cache_disk)
-    gpu = device.type == "cuda"
-    if gpu and not policy.cpu_attention and not policy.compress_cache:
+    if kv_route(policy, device.type == "cuda").rows_to_device:
         # host and disk rows are attended on the GPU, copied into device buffers
         plan.add(True, "KV staging buffers", staging * (policy.cache_disk + policy.cache_host))
     if policy.compress_cache:

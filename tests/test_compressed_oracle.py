@@ -21,6 +21,7 @@ from flexbatch.cli.common import add_policy_args, compression_fields
 from flexbatch.cli.eval_ppl import default_piece
 from flexbatch.config import Policy
 from flexbatch.kernels.packed import packable
+from flexbatch.prepare import planned_compression
 from flexbatch.weights.gguf_file import open_gguf
 from flexbatch.weights.loader import layer_weight_grid
 
@@ -162,10 +163,11 @@ def parse(*flags: str) -> argparse.Namespace:
 
 
 def test_cli_group_flag_defaults_to_the_grid():
-    assert compression_fields(parse("--compress-weight"), grid=32)["compress_group"] == 32
-    assert compression_fields(parse("--compress-weight"), grid=None)["compress_group"] is None  # 64 later
-    assert compression_fields(parse("--compress-weight", "--compress-group", "64"), grid=32)["compress_group"] == 64
-    assert compression_fields(parse("--compress-cache"), grid=32)["compress_group"] is None
+    planned = lambda *flags, grid: planned_compression(compression_fields(parse(*flags)), lambda: grid)
+    assert planned("--compress-weight", grid=32)["compress_group"] == 32
+    assert planned("--compress-weight", grid=None)["compress_group"] is None  # 64 later
+    assert planned("--compress-weight", "--compress-group", "64", grid=32)["compress_group"] == 64
+    assert planned("--compress-cache", grid=32)["compress_group"] is None
 
 
 def test_eval_ppl_reads_a_compressed_cache_back_by_default():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -92,15 +91,15 @@ def add_compression_args(p: argparse.ArgumentParser) -> None:
                         "0 quantizes everything, as FlexGen does)")
 
 
-def compression_fields(args, grid: int | None = None) -> dict:
-    """The Policy fields the compression flags set ({} when compression is off). `grid`: the
-    model's quantization grid, the group size of compressed weights when none was given (the
-    LLM applies the same rule, see Policy.group_size; the planner needs it to size them)."""
+def compression_fields(args) -> dict:
+    """The Policy fields the compression flags set ({} when compression is off). Without
+    --compress-group the group size stays None: compressed weights then follow the model's
+    quantization grid (see Policy.group_size and prepare.planned_compression)."""
     if not (args.compress_weight or args.compress_cache):
         return {}
-    group = args.compress_group or (grid if args.compress_weight else None)
     return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
-            "compress_bits": args.compress_bits, "compress_group": group, "cache_window": args.cache_window}
+            "compress_bits": args.compress_bits, "compress_group": args.compress_group,
+            "cache_window": args.cache_window}
 
 
 def build_policy(args, planned: bool = False):
@@ -144,42 +143,13 @@ def build_policy(args, planned: bool = False):
     return None
 
 
-DEFAULT_BATCH_SIZE = 32  # sequences per block without a policy or the planner
+def run_settings(args, planned: bool = True):
+    """The RunSettings a command's model, dtype, device, batch, policy and budget flags
+    describe; `planned`: the command asks the planner when no policy flag is given (unless
+    --no-plan)."""
+    from ..prepare import RunSettings
 
-
-def resolve_policy(args, opened, recorded, workload, recorded_where: str):
-    """(policy or None, block size) a command runs with: the policy flags if any were given;
-    else what an earlier run recorded (`recorded`: (policy fields or None, block size), named
-    `recorded_where` in the message), so a resume forms the same blocks; else with --no-plan
-    everything in memory; else the planner's choice for `workload()` -> (prompt tokens,
-    sequences). A --batch-size that conflicts with the policy flags is refused."""
-    from ..config import Policy
-    from ..errors import ConfigError
-
-    policy = build_policy(args, planned=True)
-    if policy is not None:
-        if args.batch_size is not None and args.batch_size != policy.block_size:
-            raise ConfigError(f"--batch-size {args.batch_size} conflicts with the policy's block of "
-                              f"{policy.gpu_batch_size} x {policy.num_gpu_batches} = {policy.block_size} sequences; "
-                              "drop one of them.")
-        return policy, policy.block_size
-    if recorded and not args.no_plan and args.batch_size in (None, recorded[1]):
-        print(f"policy and block size as recorded in {recorded_where}", file=sys.stderr)
-        return (Policy(**recorded[0]) if recorded[0] else None), recorded[1]
-    if args.no_plan:
-        return None, args.batch_size or DEFAULT_BATCH_SIZE
-    from .plan import auto_policy
-
-    prompt_len, num_sequences = workload()
-    policy = auto_policy(args, prompt_len, args.max_new_tokens, num_sequences, opened, args.batch_size)
-    return policy, policy.block_size
-
-
-def make_llm(args, policy, opened=None, batch_size: int | None = None):
-    """The LLM a command's model, dtype, device, batch and budget flags describe (`opened`:
-    the model if the command has opened it already)."""
-    from ..api import LLM
-
-    return LLM(opened or args.model, dtype=args.dtype, device=args.device, batch_size=batch_size or args.batch_size,
-               policy=policy,
-               offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
+    return RunSettings(model=args.model, dtype=args.dtype, device=args.device,
+                       batch_size=getattr(args, "batch_size", None), policy=build_policy(args, planned=planned),
+                       plan=planned and not args.no_plan, compression=compression_fields(args),
+                       offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from .common import add_model_args, add_policy_args, build_policy, make_llm
+from .common import add_model_args, add_policy_args, run_settings
 
 
 def add_parser(sub) -> None:
@@ -43,14 +43,15 @@ def default_piece(args) -> int | None:
 
 def run(args) -> int:
     from ..evaluation import default_text_path, load_text, perplexity
+    from ..prepare import prepare_run
 
     text = load_text(args.text or default_text_path(), args.max_chars)
-    policy = build_policy(args)
+    run = prepare_run(run_settings(args, planned=False), 0, estimate=None)
     piece = default_piece(args)
     if piece != args.piece:
         print(f"scoring {piece} token(s) at a time, so each reads the tokens before it back from the compressed "
               f"KV cache (--piece; 1 is exactly generation's view)", file=sys.stderr)
-    with make_llm(args, policy) as llm:
+    with run.build_llm() as llm:
         start = time.perf_counter()
         result = perplexity(llm, text, args.chunk_len, args.num_chunks, piece)
         seconds = time.perf_counter() - start

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import ConfigError
-from .common import add_model_args, add_policy_args, add_sampling_args, build_policy, make_llm, sampling_params
+from .common import add_model_args, add_policy_args, add_sampling_args, run_settings, sampling_params
 
 
 def add_parser(sub) -> None:
@@ -26,20 +26,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def estimate_prompt_len(args, prompts: list[str]) -> int:
-    """Tokens in the longest prompt (chat template included), for the planner."""
-    from ..default_model import default_model_path
-    from ..weights.source import open_model
-
-    tokenizer = open_model(args.model or default_model_path()).load_tokenizer()
-    if tokenizer is None:
-        return max(len(p) for p in prompts)
-    if args.chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
-    return max(len(tokenizer(p)["input_ids"]) for p in prompts)
-
-
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -54,25 +40,24 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    from ..prepare import longest_prompt_tokens, prepare_run
 
     prompts = read_prompts(args)
     params = sampling_params(args)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.no_plan and args.batch_size is None:
-        args.batch_size = 32
-    policy = build_policy(args, planned=True)
-    if policy is None and not args.no_plan:
-        from .plan import auto_policy
+    settings = run_settings(args)
+    as_given = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
 
-        policy = auto_policy(args, prompt_len=estimate_prompt_len(args, prompts), gen_len=args.max_new_tokens,
-                             num_sequences=len(prompts), block_size=args.batch_size)
-    llm = make_llm(args, policy, batch_size=policy.block_size if policy else args.batch_size or 32)
-    if policy is not None:
-        print(f"policy: {policy}", file=sys.stderr)
+    def estimate(opened):
+        limit = opened.config.max_position_embeddings - args.max_new_tokens
+        return longest_prompt_tokens(opened.load_tokenizer(), as_given, limit), len(prompts)
+
+    run = prepare_run(settings, args.max_new_tokens, estimate)
+    llm = run.build_llm()
+    if run.policy is not None:
+        print(f"policy: {run.policy}", file=sys.stderr)
     start = time.perf_counter()
     if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, progress=True)
+        outputs = llm.chat(as_given, params, progress=True)
     else:
         outputs = llm.generate(prompts, params, progress=True)
     elapsed = time.perf_counter() - start

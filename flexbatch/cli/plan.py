@@ -47,55 +47,20 @@ def run_profile(args) -> int:
     return 0
 
 
-def choose(opened, dtype, device, work, args, max_block, block_size=None):
-    """The planner's plan for the command's flags, with progress messages on stderr."""
-    from ..engine.memory import detect_budget
-    from ..models import get_family
-    from ..planner import plan_policy
-    from ..profiling import at_current_speed, hardware_profile
-    from ..weights.loader import layer_weight_grid
-    from .common import compression_fields
-
-    cfg, family = opened.config, get_family(opened.config)
-    budget = detect_budget(device, args.gpu_memory, args.cpu_memory)
-    compression = compression_fields(args, layer_weight_grid(cfg, family, opened.source))
-    profile = at_current_speed(hardware_profile(args.offload_dir, log=lambda m: print(m, file=sys.stderr)), dtype)
-    return plan_policy(cfg, family, dtype, device, profile, work, budget, max_block, compression=compression,
-                       block_size=block_size)
-
-
-def describe(candidate, gpu: bool = False) -> str:
-    p = candidate.policy
-    compressed = " + ".join(n for n, on in (("weights", p.compress_weight), ("KV cache", p.compress_cache)) if on)
-    if compressed:
-        compressed = f" ({compressed} compressed to {p.compress_bits} bits)"
-    if gpu:
-        where = lambda on_gpu, on_host: (f"{100 * on_gpu:.1f}% GPU, {100 * on_host:.1f}% host, "
-                                         f"{100 * max(0.0, 1 - on_gpu - on_host):.1f}% disk")
-        placement = (f"weights {where(p.weights_device, p.weights_host)}; KV cache "
-                     f"{where(p.cache_device, p.cache_host)}{', CPU attention' if p.cpu_attention else ''}")
-        memory = (f"GPU {sum(candidate.memory.device.values()) / 2**30:.2f} GiB, "
-                  f"host {sum(candidate.memory.host.values()) / 2**30:.2f} GiB")
-    else:
-        placement = (f"weights {100 * p.weights_device:.1f}% in memory, "
-                     f"KV cache {100 * p.cache_device:.1f}% in memory")
-        memory = f"{candidate.memory_bytes / 2**30:.2f} GiB"
-    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}{compressed}, {placement}: {candidate.throughput:.2f} "
-            f"tok/s predicted (prefill {candidate.prefill_seconds:.1f}s + decode {candidate.decode_seconds:.1f}s "
-            f"per block), {memory}")
-
-
 def run_plan(args) -> int:
     from ..config import parse_dtype
-    from ..default_model import default_model_path
     from ..devices import default_dtype, pick_device
     from ..planner import Workload
-    from ..weights.source import open_model
+    from ..prepare import RunSettings, describe, open_settings_model, plan_for
+    from .common import compression_fields
 
-    opened = open_model(args.model or default_model_path())
+    settings = RunSettings(model=args.model, dtype=args.dtype, device=args.device,
+                           compression=compression_fields(args), offload_dir=args.offload_dir,
+                           cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
-    plan = choose(opened, dtype, device, Workload(args.prompt_len, args.gen_len), args, args.num_sequences)
+    plan = plan_for(settings, open_settings_model(settings), device, dtype, Workload(args.prompt_len, args.gen_len),
+                    args.num_sequences)
     gpu = device.type == "cuda"
     print(f"chosen:    {describe(plan.best, gpu)}")
     for c in plan.runners_up:
@@ -109,22 +74,3 @@ def run_plan(args) -> int:
             json.dump(asdict(plan.best.policy), f, indent=1)
         print(f"policy written to {args.write_policy} (use it with --policy)", file=sys.stderr)
     return 0
-
-
-def auto_policy(args, prompt_len: int, gen_len: int, num_sequences: int, opened=None, block_size=None):
-    """The planner's policy for a command given no policy flags (printed on stderr).
-
-    `opened`: the model, if the caller has opened it already; `block_size`: a block the user
-    fixed (the planner then chooses only the GPU batches and the placement)."""
-    from ..config import parse_dtype
-    from ..default_model import default_model_path
-    from ..devices import default_dtype, pick_device
-    from ..planner import Workload
-    from ..weights.source import open_model
-
-    opened = opened or open_model(args.model or default_model_path())
-    device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype) or default_dtype(device)
-    plan = choose(opened, dtype, device, Workload(prompt_len, gen_len), args, num_sequences, block_size)
-    print(f"planner: {describe(plan.best, device.type == 'cuda')}", file=sys.stderr)
-    return plan.best.policy

@@ -4,15 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import (
-    DEFAULT_BATCH_SIZE,
-    add_model_args,
-    add_policy_args,
-    add_sampling_args,
-    make_llm,
-    resolve_policy,
-    sampling_params,
-)
+from .common import add_model_args, add_policy_args, add_sampling_args, run_settings, sampling_params
 
 
 def add_parser(sub) -> None:
@@ -52,19 +44,20 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..jobs.job import Job, JobSpec
     from ..jobs.runner import WindowRunner
+    from ..jobs.settings import job_settings
 
     _check_counts(args)
-    if args.no_plan and args.batch_size is None:
-        args.batch_size = DEFAULT_BATCH_SIZE
+    settings = run_settings(args)  # the flags are checked before the job opens
     spec = JobSpec(Path(args.input), Path(args.output), args.format, args.column, args.chat, sampling_params(args),
                    args.window, args.force_new, args.continue_changed)
     job = Job.open(spec)  # every check of the input and output runs before the model loads
     try:
-        opened, policy, batch_size = _job_policy(args, job)
-        job.bind(_settings(args, job, opened, policy, batch_size))
-        with make_llm(args, policy, opened, batch_size) as llm:
+        run = _prepare(args, settings, job)
+        job.bind(job_settings(job, run.opened.path, run.dtype, run.policy, run.batch_size))
+        with run.build_llm() as llm:
             print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
-                  f"block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}", file=sys.stderr)
+                  f"block of {llm.batch_size} sequences, policy: {run.policy or 'everything in memory'}",
+                  file=sys.stderr)
             summary = WindowRunner(job, llm, llm.model_path.name, progress=True).run()
     finally:
         job.close()
@@ -84,56 +77,28 @@ def _check_counts(args) -> None:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
 
 
-def _job_policy(args, job):
-    """(opened model, policy or None, block size), as `resolve_policy` decides for this job."""
-    from ..default_model import default_model_path
-    from ..weights.source import open_model
+def _prepare(args, settings, job):
+    """The model opened and its policy chosen for this job: as recorded in the job's
+    manifest if it has one, else from the flags or the planner (prepare.prepare_run)."""
+    from ..prepare import longest_prompt_tokens, prepare_run
 
-    opened = open_model(args.model or default_model_path())
-    settings = job.manifest.settings if job.manifest else None
-    recorded = (settings.policy, settings.block_size) if settings else None
+    manifest = job.manifest.settings if job.manifest else None
+    recorded = (manifest.policy, manifest.block_size) if manifest else None
 
-    def workload():
+    def estimate(opened):
         limit = opened.config.max_position_embeddings - args.max_new_tokens
-        return sample_prompt_tokens(job, opened.load_tokenizer(), args.chat, limit), len(job.index)
+        prompts = (_prompt_of(r, args.chat) for r in job.requests() if not r.error)
+        return longest_prompt_tokens(opened.load_tokenizer(), prompts, limit), len(job.index)
 
-    policy, batch_size = resolve_policy(args, opened, recorded, workload, "the job manifest")
-    return opened, policy, batch_size
-
-
-def _settings(args, job, opened, policy, batch_size):
-    from ..api import effective_policy
-    from ..config import parse_dtype
-    from ..devices import default_dtype, pick_device
-    from ..jobs.settings import job_settings
-
-    dtype = parse_dtype(args.dtype) or default_dtype(pick_device(args.device))
-    policy = effective_policy(opened, policy, batch_size)
-    return job_settings(job, opened.path, dtype, policy, policy.block_size if policy else batch_size)
+    return prepare_run(settings, args.max_new_tokens, estimate, recorded, "the job manifest")
 
 
-def sample_prompt_tokens(job, tokenizer, chat: bool, limit: int, sample: int = 512) -> int:
-    """Tokens of the longest prompt among the job's first `sample` valid requests (at least
-    64), for the planner; reads only those requests. Prompts over `limit` tokens will get error
-    records, so they do not count."""
-    from itertools import islice
-
-    lengths = [64]
-    for request in islice(job.requests(), sample):
-        if request.error or tokenizer is None:
-            continue
-        if request.kind == "chat" or (chat and isinstance(request.prompt, str)):
-            messages = request.messages or [{"role": "user", "content": request.prompt}]
-            try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception:  # a request the template rejects gets its error record later
-                continue
-        else:
-            text = request.prompt
-        length = len(text) if not isinstance(text, str) else len(tokenizer(text)["input_ids"])
-        if length <= limit:
-            lengths.append(length)
-    return max(lengths)
+def _prompt_of(request, chat: bool):
+    """A request's prompt as the model will see it: messages for chat requests (and plain
+    prompts with --chat), else its text or token ids."""
+    if request.kind == "chat" or (chat and isinstance(request.prompt, str)):
+        return request.messages or [{"role": "user", "content": request.prompt}]
+    return request.prompt
 
 
 def show_results(output: Path) -> None:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_model_args, add_policy_args, add_sampling_args, make_llm, resolve_policy, sampling_params
+from .common import add_model_args, add_policy_args, add_sampling_args, run_settings, sampling_params
 
 SERVER_RECORD = "server.json"  # the policy the data dir's batches run with, so resumes form the same blocks
 
@@ -53,8 +53,10 @@ def run(args) -> int:
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     pool = compute_thread()  # every model computation runs on this one thread: planning and loading too
-    opened, policy, batch_size = pool.submit(_server_policy, args, data_dir).result()
-    llm = pool.submit(make_llm, args, policy, opened, batch_size).result()
+    settings = run_settings(args)
+    run = pool.submit(_prepare, settings, args.max_new_tokens, data_dir).result()
+    llm = pool.submit(run.build_llm).result()
+    policy = run.policy
     name = args.served_model_name or llm.model_path.name
     state = ServerState.start(llm, data_dir, name, sampling_params(args), api_key, args.max_upload_bytes,
                               args.collect_ms / 1000, pool)
@@ -67,21 +69,20 @@ def run(args) -> int:
     return 0
 
 
-def _server_policy(args, data_dir: Path):
-    """(opened model, policy or None, block size), as `resolve_policy` decides, recorded in the
-    data dir so that a restart (and the batches it resumes) forms the same blocks."""
+def _prepare(settings, max_new_tokens: int, data_dir: Path):
+    """The model opened and its policy chosen (prepare.prepare_run), recorded in the data
+    dir so that a restart (and the batches it resumes) forms the same blocks."""
     from dataclasses import asdict
 
-    from ..default_model import default_model_path
-    from ..weights.source import open_model
+    from ..prepare import prepare_run
 
-    opened = open_model(args.model or default_model_path())
     record_path = data_dir / SERVER_RECORD
     recorded = None
     if record_path.exists():
         record = json.loads(record_path.read_text())
         recorded = (record["policy"], record["block_size"])
     # A server's prompts are unknown in advance: plan for prompts of 512 tokens.
-    policy, batch_size = resolve_policy(args, opened, recorded, lambda: (512, 10_000), str(record_path))
-    record_path.write_text(json.dumps({"policy": asdict(policy) if policy else None, "block_size": batch_size}))
-    return opened, policy, batch_size
+    run = prepare_run(settings, max_new_tokens, lambda opened: (512, 10_000), recorded, str(record_path))
+    record_path.write_text(json.dumps({"policy": asdict(run.policy) if run.policy else None,
+                                       "block_size": run.batch_size}))
+    return run

@@ -125,16 +125,15 @@ class TokenRows:
 class BatchKV:
     """K and V of one (layer, GPU batch): `split` sequences per tier, in that order
     (device, host, disk). `pools` holds the staging pools by name ("disk_host",
-    "disk_device", "host_device"); `cpu_attention` keeps host and disk rows' attention on
-    the CPU when compute is on a GPU."""
+    "disk_device", "host_device"); host and disk rows are attended on `attend` (the compute
+    device, or the CPU where they live: see sizing.KVRoute)."""
 
     def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
-                 device: torch.device, disk_path: Path, pools: dict[str, BufferPool], cpu_attention: bool = False):
+                 device: torch.device, disk_path: Path, pools: dict[str, BufferPool], attend: torch.device = CPU):
         _, heads, capacity, head_dim = shape
         self.device = device
         gpu = device.type == "cuda"
         resident = split[Tier.DEVICE] + (0 if gpu else split[Tier.HOST])
-        attend = CPU if cpu_attention or not gpu else device
         rows = lambda n, files, host_pool, device_pool: TokenRows(
             RowCodec(n, heads, head_dim, dtype, None), capacity, attend, files, host_pool, device_pool)
         self.segments: list[Resident | TokenRows] = []

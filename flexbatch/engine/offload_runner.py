@@ -24,7 +24,15 @@ from ..kernels.linear import dequantize_for_block
 from ..kernels.packed import PackedLinear, free_dense_buffers
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import KV_IN_FLIGHT, MemoryBudget, kv_bytes_per_token, layer_weight_bytes, run_memory, weight_memory
+from ..sizing import (
+    KV_IN_FLIGHT,
+    MemoryBudget,
+    kv_bytes_per_token,
+    kv_route,
+    layer_weight_bytes,
+    run_memory,
+    weight_memory,
+)
 from ..storage.disk import require_free_space
 from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
@@ -97,15 +105,14 @@ class OffloadRunner(Runner):
         splits = [split_sequences(s[0], fractions) for s in shapes]
         quant = self.policy.cache_quant
         row_bytes = lambda n: RowCodec(n, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
-        cpu_attention = self.policy.cpu_attention and not self.unified
-        # where host and disk token rows are attended (a compressed cache decodes on its own)
-        attend = CPU if cpu_attention or self.unified or quant is not None else self.device
+        route = kv_route(self.policy, not self.unified)
+        attend = self.device if route.rows_to_device else CPU  # where host and disk token rows go
         self.pools = staging_pools(splits, capacity, row_bytes, attend, 2 * KV_IN_FLIGHT)
 
         def batch_kv(j: int, k: int, shape, split) -> BatchKV | EncodedBatchKV:
             path = cache_dir / f"l{j}_b{k}"
             if quant is None:
-                return BatchKV(shape, split, self.dtype, self.device, path, self.pools, cpu_attention)
+                return BatchKV(shape, split, self.dtype, self.device, path, self.pools, attend)
             return EncodedBatchKV(shape, split, self.dtype, self.device, path, self.pools.get("disk_host"), quant,
                                   self.policy.cache_window)
 

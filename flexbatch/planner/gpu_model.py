@@ -48,7 +48,7 @@ from ..config import Policy
 from ..kernels.packed import element_size
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import kv_bytes_per_token, layer_params, layer_weight_bytes
+from ..sizing import kv_bytes_per_token, kv_route, layer_params, layer_weight_bytes
 from .machine import MachineModel
 from .profile import ComputeRates
 from .terms import LayerCosts, Workload, weight_matmul_seconds
@@ -85,8 +85,9 @@ class GpuModel(MachineModel):
         """The KV cache all on the GPU, and free to leave it, attended on the GPU or (a plain
         cache) on the CPU: the engine's per-operation cost differs between them."""
         free = dict(cache_device=0.0, cache_host=0.0)
-        attention = (False,) if compression.get("compress_cache") else (False, True)
-        return [dict(cache_device=1.0)] + [dict(free, cpu_attention=flag) for flag in attention]
+        attention = {kv_route(Policy(cpu_attention=flag, **compression), gpu=True).cpu_attention
+                     for flag in (False, True)}
+        return [dict(cache_device=1.0)] + [dict(free, cpu_attention=flag) for flag in sorted(attention)]
 
     def bounds(self, template: Policy) -> list[tuple[float, float]]:
         pinned = template.cache_device == 1  # the "KV cache all on the GPU" case
@@ -113,7 +114,7 @@ class GpuModel(MachineModel):
         W = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
         K, Kd = kv_bytes_per_token(cfg, dtype, policy.cache_quant), kv_bytes_per_token(cfg, dtype)
         H, G, R, Wr = gpu.host_to_gpu_bps, gpu.gpu_to_host_bps, disk.read_bps, disk.write_bps
-        cpu_attention = policy.cpu_attention and not policy.compress_cache  # a compressed cache decodes to the GPU
+        cpu_attention = kv_route(policy, gpu=True).cpu_attention
         bits = policy.compress_bits if policy.compress_weight else None
         params = layer_params(cfg, family)
         weight_in = {"disk": W * W_DISK / R, "link": W * W_OFF / H}

@@ -1,0 +1,186 @@
+"""Preparing a run: open the model once, choose its policy, then build the LLM.
+
+Every command that runs a model (`run`, `generate`, `serve`, `eval-ppl`) and every
+integration goes through here, so they open the model, estimate the workload, plan and
+load alike. The order a policy is chosen in:
+
+1. the policy the user gave (flags or a policy file); a block size that conflicts with it
+   is refused;
+2. else the policy an earlier run of the same job recorded, so a resume forms the same
+   blocks (unless the user asks for another block size);
+3. else, without planning, everything in memory in blocks of `batch_size` (default 32);
+4. else the planner's choice for the workload, on this machine's hardware profile.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .api import LLM, effective_policy
+from .config import Policy, parse_dtype
+from .default_model import default_model_path
+from .devices import default_dtype, pick_device
+from .errors import ConfigError
+from .models import get_family
+from .planner import Candidate, Plan, Workload, plan_policy
+from .weights.loader import layer_weight_grid
+from .weights.source import OpenedModel, open_model
+
+DEFAULT_BATCH_SIZE = 32  # sequences per block without a policy or the planner
+PROMPT_SAMPLE = 512  # prompts tokenized to estimate a workload's prompt length
+MIN_PROMPT_TOKENS = 64  # the shortest prompt length the planner plans for
+
+log_to_stderr = lambda msg: print(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the user asked for. `policy`: one they gave, else None; `plan`: whether the
+    planner chooses when they gave none; `compression`: Policy's compress_* fields the
+    planner plans with (a compressed-weight group size left None follows the model's grid)."""
+
+    model: str | Path | OpenedModel | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int | None = None
+    policy: Policy | None = None
+    plan: bool = True
+    compression: dict = field(default_factory=dict)
+    offload_dir: str | Path | None = None
+    cpu_memory: int | None = None
+    gpu_memory: int | None = None
+
+    def __post_init__(self):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"the batch size must be >= 1, got {self.batch_size}")
+        if self.policy is not None and self.batch_size not in (None, self.policy.block_size):
+            p = self.policy
+            raise ConfigError(f"--batch-size {self.batch_size} conflicts with the policy's block of "
+                              f"{p.gpu_batch_size} x {p.num_gpu_batches} = {p.block_size} sequences; drop one of them.")
+
+
+@dataclass
+class PreparedRun:
+    """A model opened once and the policy and block size it will run with."""
+
+    settings: RunSettings
+    opened: OpenedModel
+    device: torch.device
+    dtype: torch.dtype
+    policy: Policy | None  # None: everything in memory, dense
+    batch_size: int  # sequences per block
+
+    def build_llm(self) -> LLM:
+        s = self.settings
+        return LLM(self.opened, dtype=self.dtype, device=str(self.device), batch_size=self.batch_size,
+                   policy=self.policy, offload_dir=s.offload_dir, cpu_memory=s.cpu_memory, gpu_memory=s.gpu_memory)
+
+
+def open_settings_model(settings: RunSettings) -> OpenedModel:
+    model = settings.model
+    if isinstance(model, OpenedModel):
+        return model
+    return open_model(default_model_path() if model is None else model)
+
+
+def prepare_run(settings: RunSettings, gen_len: int, estimate: Callable[[OpenedModel], tuple[int, int]],
+                recorded: tuple[dict | None, int] | None = None, recorded_where: str = "",
+                log=log_to_stderr) -> PreparedRun:
+    """Open the model and choose the policy (see the module's docstring). `estimate(opened)`
+    -> (longest prompt in tokens, number of sequences), asked only if the planner runs;
+    `recorded`: (policy fields or None, block size) from an earlier run, named
+    `recorded_where` in the message."""
+    opened = open_settings_model(settings)
+    device = pick_device(settings.device)
+    dtype = parse_dtype(settings.dtype) or default_dtype(device)
+    policy, batch_size = _choose(settings, opened, device, dtype, gen_len, estimate, recorded, recorded_where, log)
+    policy = effective_policy(opened, policy, batch_size)
+    return PreparedRun(settings, opened, device, dtype, policy, policy.block_size if policy else batch_size)
+
+
+def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, recorded_where, log):
+    if settings.policy is not None:
+        return settings.policy, settings.policy.block_size
+    if recorded and settings.plan and settings.batch_size in (None, recorded[1]):
+        log(f"policy and block size as recorded in {recorded_where}")
+        return (Policy(**recorded[0]) if recorded[0] else None), recorded[1]
+    if not settings.plan:
+        return None, settings.batch_size or DEFAULT_BATCH_SIZE
+    prompt_len, num_sequences = estimate(opened)
+    plan = plan_for(settings, opened, device, dtype, Workload(prompt_len, gen_len), num_sequences,
+                    settings.batch_size, log)
+    log(f"planner: {describe(plan.best, device.type == 'cuda')}")
+    return plan.best.policy, plan.best.policy.block_size
+
+
+def plan_for(settings: RunSettings, opened: OpenedModel, device: torch.device, dtype: torch.dtype, work: Workload,
+             max_block: int | None = None, block_size: int | None = None, log=log_to_stderr) -> Plan:
+    """The planner's plan for `work` within the settings' budgets, on this machine's profile
+    (measured now if there is none, its compute speed checked now)."""
+    from .engine.memory import detect_budget
+    from .profiling import at_current_speed, hardware_profile
+
+    cfg, family = opened.config, get_family(opened.config)
+    budget = detect_budget(device, settings.gpu_memory, settings.cpu_memory)
+    compression = planned_compression(settings.compression, lambda: layer_weight_grid(cfg, family, opened.source))
+    profile = at_current_speed(hardware_profile(settings.offload_dir, log=log), dtype)
+    return plan_policy(cfg, family, dtype, device, profile, work, budget, max_block, compression=compression,
+                       block_size=block_size)
+
+
+def planned_compression(compression: dict, grid: Callable[[], int | None]) -> dict:
+    """The compression fields with the group size the LLM will use filled in (compressed
+    weights without one follow the model's quantization grid, `grid()`; see
+    Policy.group_size), since the planner must size them."""
+    if compression.get("compress_weight") and compression.get("compress_group") is None:
+        return {**compression, "compress_group": grid()}
+    return compression
+
+
+def describe(candidate: Candidate, gpu: bool = False) -> str:
+    """One line: the candidate's block, placement, predicted speed and memory."""
+    p = candidate.policy
+    compressed = " + ".join(n for n, on in (("weights", p.compress_weight), ("KV cache", p.compress_cache)) if on)
+    if compressed:
+        compressed = f" ({compressed} compressed to {p.compress_bits} bits)"
+    if gpu:
+        where = lambda on_gpu, on_host: (f"{100 * on_gpu:.1f}% GPU, {100 * on_host:.1f}% host, "
+                                         f"{100 * max(0.0, 1 - on_gpu - on_host):.1f}% disk")
+        placement = (f"weights {where(p.weights_device, p.weights_host)}; KV cache "
+                     f"{where(p.cache_device, p.cache_host)}{', CPU attention' if p.cpu_attention else ''}")
+        memory = (f"GPU {sum(candidate.memory.device.values()) / 2**30:.2f} GiB, "
+                  f"host {sum(candidate.memory.host.values()) / 2**30:.2f} GiB")
+    else:
+        placement = (f"weights {100 * p.weights_device:.1f}% in memory, "
+                     f"KV cache {100 * p.cache_device:.1f}% in memory")
+        memory = f"{candidate.memory_bytes / 2**30:.2f} GiB"
+    return (f"block {p.gpu_batch_size}x{p.num_gpu_batches}{compressed}, {placement}: {candidate.throughput:.2f} "
+            f"tok/s predicted (prefill {candidate.prefill_seconds:.1f}s + decode {candidate.decode_seconds:.1f}s "
+            f"per block), {memory}")
+
+
+def longest_prompt_tokens(tokenizer, prompts: Iterable[str | list[int] | list[dict]], limit: int,
+                          sample: int = PROMPT_SAMPLE) -> int:
+    """Tokens of the longest of the first `sample` prompts (text, token ids, or chat
+    messages, which get the chat template), at least MIN_PROMPT_TOKENS, for the planner.
+    Prompts over `limit` tokens will be refused one by one, so they do not count; neither
+    does a conversation the template rejects."""
+    from itertools import islice
+
+    lengths = [MIN_PROMPT_TOKENS]
+    for prompt in islice(prompts, sample):
+        if tokenizer is None:
+            continue
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            try:
+                prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            except Exception:  # the request gets its error later
+                continue
+        length = len(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else len(prompt)
+        if length <= limit:
+            lengths.append(length)
+    return max(lengths)
