@@ -28,7 +28,8 @@ class Family:
     layer_prefix: Callable[[int], str]
     # embed(cfg, weights, input_ids [B, S], ctx) -> hidden [B, S, C]
     embed: Callable[[ModelConfig, Weights, torch.Tensor, StepContext], torch.Tensor]
-    # layer(cfg, layer_weights, hidden, ctx, k_cache, v_cache) -> hidden
+    # layer(cfg, layer_weights, hidden, ctx, k_cache, v_cache, j) -> hidden; j is the layer's
+    # index, for families whose layers differ (Gemma's local and global attention)
     layer: Callable[..., torch.Tensor]
     # head(cfg, weights, hidden [B, S, C]) -> logits [B, S, V] in fp32
     head: Callable[[ModelConfig, Weights, torch.Tensor], torch.Tensor]
@@ -38,7 +39,7 @@ class Family:
     tied_aliases: Callable[[ModelConfig], dict[str, str]]
 
 
-FAMILY_MODULES = {"opt": "opt", "llama": "llama"}
+FAMILY_MODULES = {"opt": "opt", "llama": "llama", "gemma": "gemma", "phi3": "phi3", "moe": "moe"}
 
 
 def get_family(cfg: ModelConfig) -> Family:
