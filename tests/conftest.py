@@ -64,10 +64,10 @@ def _family_configs():
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
         "phi3": Phi3Config(**{**COMMON_LLAMA, "max_position_embeddings": 64}, num_key_value_heads=2,
                            original_max_position_embeddings=8, rope_parameters=longrope),
-        "mixtral": MixtralConfig(**{**COMMON_LLAMA, "intermediate_size": 48}, num_key_value_heads=2,
+        "mixtral": MixtralConfig(**{**COMMON_LLAMA, "intermediate_size": 64}, num_key_value_heads=2,
                                  num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": Qwen2MoeConfig(**COMMON_LLAMA, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                    moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                     norm_topk_prob=False),
     }
 
