@@ -18,7 +18,7 @@ MIXED = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [200, 100], list(range(30
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
 ON_DISK = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0,
                  cache_host=0)
-COMPRESSED = dict(compress_weight=True, compress_group=32, cache_window=0)
+COMPRESSED = dict(compress_weight=True, compress_cache=True, compress_group=32, cache_window=2)
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
@@ -84,3 +84,63 @@ def test_compressed_on_disk_equals_compressed_in_memory(tiny_model, tmp_path, ki
         with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path / name) as llm:
             results.append([o.token_ids for o in llm.generate(MIXED, PARAMS)])
     assert results[0] == results[1]
+
+
+def test_experts_are_placed_per_tier_like_any_weight(tiny_model, tmp_path):
+    """Half the weights on disk: a layer's experts are split between memory and disk, and the
+    tokens are those of the in-memory run."""
+    folder, _ = tiny_model("mixtral")
+    expected = [o.token_ids for o in LLM(folder, dtype="float32", batch_size=4).generate(MIXED, PARAMS)]
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0.5, weights_host=0)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        for layer in llm.runner.home.tiers:
+            expert_tiers = {tier for name, tier in layer.items() if ".experts." in name}
+            assert expert_tiers == {Tier.DEVICE, Tier.DISK}
+        assert [o.token_ids for o in llm.generate(MIXED, PARAMS)] == expected
+
+
+def test_active_parameters_count_top_k_experts(tiny_model):
+    """Hand count for the tiny Mixtral: attention, norms and router, plus 2 of 4 experts."""
+    folder, hf = tiny_model("mixtral")
+    llm = LLM(folder, dtype="float32")
+    c, i, q, kv = 64, 64, 2 * 32, 1 * 32
+    attention = c * q + 2 * c * kv + q * c
+    assert llm.family.active_layer_params(llm.config) == attention + 2 * c + 4 * c + 2 * 3 * c * i
+
+
+def test_compression_changes_the_computation(tiny_model, tmp_path):
+    """Guards the compressed test above: a compressed run really computes with quantized values."""
+    folder, _ = tiny_model("gemma2")
+    prompt = [list(range(3, 30))]
+    plain = LLM(folder, dtype="float32").score(prompt)[0].logprobs
+    with LLM(folder, dtype="float32", policy=Policy(gpu_batch_size=4, **COMPRESSED), offload_dir=tmp_path) as llm:
+        assert llm.score(prompt)[0].logprobs != plain
+
+
+def test_chat_text_gets_one_bos(tiny_model, tmp_path):
+    """A chat template that writes BOS itself (as Gemma's does) and a tokenizer that adds BOS
+    (as Gemma's does): the prompt holds one BOS, the ids transformers' own chat tokenization gives."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder, _ = tiny_model("gemma2")
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 3, "<end_of_turn>": 4, "user": 5, "model": 6,
+             "hello": 7, "there": 8, "<unk>": 9}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn> {{ m['role'] }} {{ m['content'] }} "
+                "<end_of_turn> {% endfor %}<start_of_turn> model ")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>", chat_template=template)
+    with_tokenizer = tmp_path / "with_tokenizer"
+    shutil.copytree(folder, with_tokenizer)
+    tokenizer.save_pretrained(with_tokenizer)
+    llm = LLM(with_tokenizer, dtype="float32")
+    messages = [{"role": "user", "content": "hello there"}]
+    ids = llm.encode(llm.apply_chat_template(messages))
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert ids.count(2) == 1 and llm.encode("hello there") == [2, 7, 8]

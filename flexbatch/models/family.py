@@ -37,6 +37,10 @@ class Family:
     prepare_step: Callable[[ModelConfig, StepContext, torch.dtype], None]
     # Checkpoint names that may be absent because they are tied to another tensor.
     tied_aliases: Callable[[ModelConfig], dict[str, str]]
+    # Parameters of one layer that one token multiplies by, for compute estimates; None: all of
+    # the layer's (a mixture of experts: the shared part and its top-k experts only, though a
+    # large block's tokens together reach, and load, every expert).
+    active_layer_params: Callable[[ModelConfig], int] | None = None
 
 
 FAMILY_MODULES = {"opt": "opt", "llama": "llama", "gemma": "gemma", "phi3": "phi3", "moe": "moe"}

@@ -51,6 +51,12 @@ def layer_specs(cfg: ModelConfig) -> list[WeightSpec]:
     return specs
 
 
+def active_layer_params(cfg: ModelConfig) -> int:
+    every = sum(spec.numel() for spec in layer_specs(cfg))
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    return every - (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+
+
 def _experts(cfg: ModelConfig, w: Weights, x: torch.Tensor) -> torch.Tensor:
     # x: [N, C], the step's tokens of this GPU batch flattened
     block = EXPERT_LAYOUT[cfg.model_type][0]
@@ -79,5 +85,5 @@ def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
 FAMILY = Family(
     name="moe", global_specs=global_specs, layer_specs=layer_specs,
     layer_prefix=lambda j: f"model.layers.{j}.", embed=embed, layer=layer, head=head,
-    prepare_step=prepare_step, tied_aliases=tied_aliases,
+    prepare_step=prepare_step, tied_aliases=tied_aliases, active_layer_params=active_layer_params,
 )
