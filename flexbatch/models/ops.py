@@ -203,11 +203,14 @@ def mix_experts(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, nu
     expert: one call per expert over all the tokens routed to it, so each expert's weights
     are multiplied once per step by a block's tokens however they are spread.
     x [N, C]; weights, chosen [N, k]; expert(e, rows [n_e, C]) -> [n_e, C]."""
-    out = torch.zeros_like(x)
-    for e in range(num_experts):
-        token, slot = torch.nonzero(chosen == e, as_tuple=True)
-        if token.numel() == 0:
-            continue
-        y = expert(e, x[token]) * weights[token, slot].unsqueeze(-1)
-        out.index_add_(0, token, y.to(out.dtype))
+    k = chosen.shape[1]
+    order = chosen.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
+    counts = torch.bincount(chosen.flatten(), minlength=num_experts).tolist()  # the one host sync
+    token, routed_weight = order // k, weights.flatten()[order].unsqueeze(-1)
+    out, first = torch.zeros_like(x), 0
+    for e, count in enumerate(counts):
+        if count:
+            rows = slice(first, first + count)
+            first += count
+            out.index_add_(0, token[rows], (expert(e, x[token[rows]]) * routed_weight[rows]).to(out.dtype))
     return out
