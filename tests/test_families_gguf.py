@@ -36,6 +36,8 @@ def _metadata(writer: GGUFWriter, cfg, arch: str) -> None:
     if rope.get("rope_type") == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", rope["factor"])
+    if arch == "phi3":
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if arch in GEMMA:
         writer.add_sliding_window(cfg.sliding_window)
     if arch == "gemma2":
@@ -86,11 +88,14 @@ def test_tensors_load_like_gguf_dequantize(tiny_model, tmp_path, kind, qtype):
 
 def _llama_cpp_shaped(kind: str):
     """A tiny model whose config is what llama.cpp assumes of a GGUF it reads: attention scaled
-    by head_dim, Gemma 3's global layer every sixth."""
+    by head_dim, Gemma 3's global layer every sixth, Phi-3 without LongRoPE factors."""
     from transformers import AutoModelForCausalLM
 
     config = _family_configs()[kind]
-    config.query_pre_attn_scalar = config.head_dim
+    if kind in GEMMA:
+        config.query_pre_attn_scalar = config.head_dim
+    if kind == "phi3":
+        config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     if kind == "gemma3":
         config.num_hidden_layers = 6
         config.layer_types = ["sliding_attention"] * 5 + ["full_attention"]
@@ -102,8 +107,8 @@ def _llama_cpp_shaped(kind: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", GEMMA)
-def test_gemma_gguf_generates_like_hf(tmp_path, kind):
+@pytest.mark.parametrize("kind", [*GEMMA, "phi3"])
+def test_gguf_generates_like_hf(tmp_path, kind):
     hf = _llama_cpp_shaped(kind)
     path = tmp_path / "m.gguf"
     write_gguf(path, hf, kind)
