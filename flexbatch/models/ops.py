@@ -212,5 +212,7 @@ def mix_experts(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, nu
         if count:
             rows = slice(first, first + count)
             first += count
-            out.index_add_(0, token[rows], (expert(e, x[token[rows]]) * routed_weight[rows]).to(out.dtype))
+            tokens = token[rows]  # distinct: a token picks an expert at most once
+            # a gather, add and scatter: index_add_ is ~50x slower on CPU in bf16 (measured)
+            out[tokens] += (expert(e, x[tokens]) * routed_weight[rows]).to(out.dtype)
     return out
