@@ -1,10 +1,12 @@
-"""Write a Hugging Face folder with random weights in a published model shape.
+"""Write a Hugging Face folder with random weights in a published model shape (OPT), or
+Mixtral's shape (8 experts, top-2) at its size or scaled down.
 
 Benchmarks need models larger than memory; downloading them is impossible here, and their
 values do not change the time a step takes. Weights are N(0, 0.02) in bf16 (fp16 on request),
 saved as safetensors shards of at most 2 GiB, so both flexbatch and transformers load them.
 
     python benchmarks/dummy_model.py opt-6.7b /data/opt-6.7b-dummy
+    python benchmarks/dummy_model.py mixtral-8x0.4b /data/mixtral-small-dummy
 """
 from __future__ import annotations
 
@@ -23,6 +25,14 @@ OPT_SHAPES = {  # name: (hidden, layers, heads); ffn = 4 * hidden
     "opt-13b": (5120, 40, 40),
     "opt-30b": (7168, 48, 56),
 }
+# name: (hidden, layers, heads, kv heads, expert intermediate); 8 experts, 2 per token, vocab 32000.
+# mixtral-8x0.4b keeps Mixtral-8x7B's ratios (head_dim 128, 4 query heads per KV head,
+# intermediate 3.5 x hidden) at a quarter of the width and half the depth: 1.5 B parameters.
+MIXTRAL_SHAPES = {
+    "mixtral-8x7b": (4096, 32, 32, 8, 14336),
+    "mixtral-8x0.4b": (1024, 16, 8, 2, 3584),
+}
+SHAPES = sorted(OPT_SHAPES) + sorted(MIXTRAL_SHAPES)
 SHARD_BYTES = 2 << 30
 
 
@@ -36,7 +46,23 @@ def opt_config(name: str) -> dict:
             "torch_dtype": "bfloat16"}
 
 
+def mixtral_config(name: str) -> dict:
+    hidden, layers, heads, kv_heads, inner = MIXTRAL_SHAPES[name]
+    return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 32000,
+            "hidden_size": hidden, "intermediate_size": inner, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def model_config(name: str) -> dict:
+    return mixtral_config(name) if name in MIXTRAL_SHAPES else opt_config(name)
+
+
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    if cfg["model_type"] == "mixtral":
+        return mixtral_tensor_shapes(cfg)
     h, f, v = cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"]
     shapes = {"model.decoder.embed_tokens.weight": (v, h),
               "model.decoder.embed_positions.weight": (cfg["max_position_embeddings"] + 2, h),
@@ -53,6 +79,22 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def mixtral_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for j in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{j}."
+        shapes.update({f"{p}input_layernorm.weight": (h,), f"{p}post_attention_layernorm.weight": (h,),
+                       f"{p}self_attn.q_proj.weight": (q, h), f"{p}self_attn.k_proj.weight": (kv, h),
+                       f"{p}self_attn.v_proj.weight": (kv, h), f"{p}self_attn.o_proj.weight": (h, q),
+                       f"{p}block_sparse_moe.gate.weight": (cfg["num_local_experts"], h)})
+        for e in range(cfg["num_local_experts"]):
+            expert = f"{p}block_sparse_moe.experts.{e}."
+            shapes.update({f"{expert}w1.weight": (i, h), f"{expert}w3.weight": (i, h), f"{expert}w2.weight": (h, i)})
+    return shapes
+
+
 def write_dummy(name: str, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
@@ -60,7 +102,7 @@ def write_dummy(name: str, folder: Path, dtype: torch.dtype = torch.bfloat16, se
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = opt_config(name)
+    cfg = model_config(name)
     gen = torch.Generator().manual_seed(seed)
     shard, shard_bytes, weight_map, index = {}, 0, {}, 0
 
@@ -89,7 +131,7 @@ def write_dummy(name: str, folder: Path, dtype: torch.dtype = torch.bfloat16, se
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shape", choices=sorted(OPT_SHAPES))
+    p.add_argument("shape", choices=SHAPES)
     p.add_argument("folder")
     args = p.parse_args()
     print(write_dummy(args.shape, Path(args.folder)))

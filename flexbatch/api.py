@@ -141,7 +141,12 @@ class LLM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return list(self._require_tokenizer()(prompt)["input_ids"])
+            tokenizer = self._require_tokenizer()
+            # Text from a chat template already begins with BOS (Gemma, Llama 3); the
+            # tokenizer adding its own would give two, a prompt the model never saw.
+            bos = getattr(tokenizer, "bos_token", None)
+            add_special = not (bos and prompt.startswith(bos))
+            return list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
         ids = [int(t) for t in prompt]
         outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if outside:

@@ -44,14 +44,46 @@ def _configs():
     }
 
 
+def _family_configs():
+    """Gemma 2/3, Phi-3 and the mixtures of experts, with windows, caps and rope lengths small
+    enough that a 30-token test crosses them."""
+    from transformers import Gemma2Config, Gemma3TextConfig, MixtralConfig, Phi3Config, Qwen2MoeConfig
+
+    # head_dim 32 everywhere, so a compressed KV cache (groups of 32 along it) applies
+    gemma = dict(COMMON_LLAMA, num_key_value_heads=2, head_dim=32, sliding_window=4, query_pre_attn_scalar=24)
+    two_heads = {**COMMON_LLAMA, "num_attention_heads": 2}
+    pairs = torch.arange(8)  # Phi-3 below: head_dim 32, partial_rotary_factor 0.5 -> 8 rotary pairs
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "short_factor": (1.0 + pairs / 8).tolist(), "long_factor": (1.0 + pairs / 2).tolist(),
+                "original_max_position_embeddings": 8}
+    return {
+        "gemma2": Gemma2Config(**gemma, attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "gemma3": Gemma3TextConfig(
+            **{**gemma, "num_hidden_layers": 4},
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        "phi3": Phi3Config(**{**two_heads, "max_position_embeddings": 64}, num_key_value_heads=1,
+                           original_max_position_embeddings=8, rope_parameters=longrope),
+        "mixtral": MixtralConfig(**{**two_heads, "intermediate_size": 64}, num_key_value_heads=1,
+                                 num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": Qwen2MoeConfig(**two_heads, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                    norm_topk_prob=False),
+    }
+
+
 MODEL_KINDS = list(_configs())
+FAMILY_KINDS = ["gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe"]
 
 
 def build_hf_model(kind: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[kind], dtype=torch.float32)
+    config = _configs()[kind] if kind in MODEL_KINDS else _family_configs()[kind]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # spread the weights so logits differ clearly between tokens
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):

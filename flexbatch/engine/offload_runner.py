@@ -181,7 +181,7 @@ class _TokenStep:
         if batch == 0:
             dequantize_for_block(loaded.weights.values(), self.rows)
         self.hidden[batch] = r.family.layer(r.cfg, loaded.weights, self.hidden[batch], self.ctxs[batch],
-                                            k_cache, v_cache)
+                                            k_cache, v_cache, layer)
         if batch == len(self.hidden) - 1:
             _drop_dense_copies(loaded.weights)
 

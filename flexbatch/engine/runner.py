@@ -76,8 +76,8 @@ class InMemoryRunner(Runner):
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
         ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device)
         h = self.family.embed(self.cfg, self.weights.globals, input_ids.to(self.device), ctx)
-        for layer_weights, (k_cache, v_cache) in zip(self.weights.layers, self._cache):
-            h = self.family.layer(self.cfg, layer_weights, h, ctx, k_cache, v_cache)
+        for j, (layer_weights, (k_cache, v_cache)) in enumerate(zip(self.weights.layers, self._cache)):
+            h = self.family.layer(self.cfg, layer_weights, h, ctx, k_cache, v_cache, j)
         return h
 
     @torch.inference_mode()

@@ -34,6 +34,7 @@ class AttentionStep:
     keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
     # [D, D] orthonormal: the cache holds K R and V R (a compressed cache, storage/kv_rows.py)
     rotation: torch.Tensor | None = None
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap) (Gemma 2)
 
     def for_rows(self, rows: slice) -> "AttentionStep":
         """The step for a slice of the batch (a mask shared by all sequences stays shared)."""
@@ -63,9 +64,10 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
     k_cache[:, :, step.start:end] = k_new
     v_cache[:, :, step.start:end] = v_new
     keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-    if q.shape[2] == 1:
-        # torch's CPU SDPA is ~10x slower than two matmuls for one query token in bf16.
-        return grouped_attention(q, keys, values, step.mask, step.scale, step.keep)
+    if q.shape[2] == 1 or step.softcap is not None:
+        # torch's CPU SDPA is ~10x slower than two matmuls for one query token in bf16, and
+        # cannot soft-cap scores.
+        return grouped_attention(q, keys, values, step.mask, step.scale, step.keep, step.softcap)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=step.scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
@@ -94,7 +96,8 @@ def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegm
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor, scale: float, keep: float = 1.0) -> torch.Tensor:
+                      mask: torch.Tensor, scale: float, keep: float = 1.0,
+                      softcap: float | None = None) -> torch.Tensor:
     """Attention as matmuls, query heads grouped over their shared KV head (GQA), softmax
     in fp32. q: [B, H, S, D]; keys, values: [B, Hkv, T, D] (any strides); mask: [B, 1, S, T]
     additive.
@@ -114,16 +117,19 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     for i in range(0, b, chunk):
         rows = slice(i, i + chunk)
         out[rows] = _attend(q[rows], keys[rows].contiguous(), values[rows].contiguous(),
-                            mask if mask.shape[0] == 1 else mask[rows], scale, keep)
+                            mask if mask.shape[0] == 1 else mask[rows], scale, keep, softcap)
     return out
 
 
-def _attend(q, keys, values, mask, scale, keep):
+def _attend(q, keys, values, mask, scale, keep, softcap):
     b, h, s, d = q.shape
     hkv, t = keys.shape[1], keys.shape[2]
     g = h // hkv  # query head i uses KV head i // g
     scores = torch.matmul(q.reshape(b, hkv, g * s, d), keys.transpose(-1, -2)).view(b, hkv, g, s, t)
-    scores = scores.float() * scale + mask.unsqueeze(2)
+    scores = scores.float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask.unsqueeze(2)
     if keep < 1.0:
         scores = _keep_top(scores, mask.unsqueeze(2), keep)
     probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * s, t)

@@ -28,7 +28,8 @@ class Family:
     layer_prefix: Callable[[int], str]
     # embed(cfg, weights, input_ids [B, S], ctx) -> hidden [B, S, C]
     embed: Callable[[ModelConfig, Weights, torch.Tensor, StepContext], torch.Tensor]
-    # layer(cfg, layer_weights, hidden, ctx, k_cache, v_cache) -> hidden
+    # layer(cfg, layer_weights, hidden, ctx, k_cache, v_cache, j) -> hidden; j is the layer's
+    # index, for families whose layers differ (Gemma's local and global attention)
     layer: Callable[..., torch.Tensor]
     # head(cfg, weights, hidden [B, S, C]) -> logits [B, S, V] in fp32
     head: Callable[[ModelConfig, Weights, torch.Tensor], torch.Tensor]
@@ -36,9 +37,13 @@ class Family:
     prepare_step: Callable[[ModelConfig, StepContext, torch.dtype], None]
     # Checkpoint names that may be absent because they are tied to another tensor.
     tied_aliases: Callable[[ModelConfig], dict[str, str]]
+    # Parameters of one layer that one token multiplies by, for compute estimates; None: all of
+    # the layer's (a mixture of experts: the shared part and its top-k experts only, though a
+    # large block's tokens together reach, and load, every expert).
+    active_layer_params: Callable[[ModelConfig], int] | None = None
 
 
-FAMILY_MODULES = {"opt": "opt", "llama": "llama"}
+FAMILY_MODULES = {"opt": "opt", "llama": "llama", "gemma": "gemma", "phi3": "phi3", "moe": "moe"}
 
 
 def get_family(cfg: ModelConfig) -> Family:

@@ -22,10 +22,11 @@ def global_specs(cfg: ModelConfig) -> list[WeightSpec]:
             WeightSpec("lm_head.weight", (v, c))]
 
 
-def layer_specs(cfg: ModelConfig) -> list[WeightSpec]:
-    c, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+def attention_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    """q/k/v/o projections under `self_attn.` (shared by the families built on Llama's attention)."""
+    c, d = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * d, cfg.num_kv_heads * d
-    specs = [WeightSpec("input_layernorm.weight", (c,))]
+    specs = []
     for name, rows in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
         specs.append(WeightSpec(f"self_attn.{name}.weight", (rows, c)))
         if cfg.qkv_bias:
@@ -33,12 +34,24 @@ def layer_specs(cfg: ModelConfig) -> list[WeightSpec]:
     specs.append(WeightSpec("self_attn.o_proj.weight", (c, q_out)))
     if cfg.o_bias:
         specs.append(WeightSpec("self_attn.o_proj.bias", (c,)))
-    specs.append(WeightSpec("post_attention_layernorm.weight", (c,)))
-    for name, shape in (("gate_proj", (i, c)), ("up_proj", (i, c)), ("down_proj", (c, i))):
-        specs.append(WeightSpec(f"mlp.{name}.weight", shape))
-        if cfg.mlp_bias:
-            specs.append(WeightSpec(f"mlp.{name}.bias", (shape[0],)))
     return specs
+
+
+def gated_mlp_specs(prefix: str, hidden: int, inner: int, bias: bool = False) -> list[WeightSpec]:
+    """gate_proj, up_proj, down_proj of one gated MLP (a dense MLP or one expert) under `prefix`."""
+    specs = []
+    for name, shape in (("gate_proj", (inner, hidden)), ("up_proj", (inner, hidden)), ("down_proj", (hidden, inner))):
+        specs.append(WeightSpec(f"{prefix}{name}.weight", shape))
+        if bias:
+            specs.append(WeightSpec(f"{prefix}{name}.bias", (shape[0],)))
+    return specs
+
+
+def layer_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    c = cfg.hidden_size
+    return [WeightSpec("input_layernorm.weight", (c,)), *attention_specs(cfg),
+            WeightSpec("post_attention_layernorm.weight", (c,)),
+            *gated_mlp_specs("mlp.", c, cfg.intermediate_size, cfg.mlp_bias)]
 
 
 def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
@@ -46,32 +59,41 @@ def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
 
 
 def prepare_step(cfg: ModelConfig, ctx: StepContext, dtype: torch.dtype) -> None:
-    inv_freq = ops.rope_inv_freq(cfg.rope, cfg.head_dim).to(ctx.positions.device)
-    ctx.cos, ctx.sin = ops.rotary_tables(inv_freq, ctx.positions, dtype)
+    ctx.cos, ctx.sin = ops.rope_tables(cfg.rope, cfg.head_dim, ctx.positions, dtype)
 
 
 def embed(cfg: ModelConfig, w: Weights, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     return F.embedding(input_ids, w["model.embed_tokens.weight"])
 
 
-def _proj(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
+def proj(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
     return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
-def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
-          k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    x = ops.rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
-    q = ops.split_heads(_proj(w, "self_attn.q_proj", x), cfg.num_heads)
-    k = ops.split_heads(_proj(w, "self_attn.k_proj", x), cfg.num_kv_heads)
-    v = ops.split_heads(_proj(w, "self_attn.v_proj", x), cfg.num_kv_heads)
+def attention(cfg: ModelConfig, w: Weights, x: torch.Tensor, ctx: StepContext,
+              k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Rotary GQA self-attention of normed hidden states x [B, S, C]; returns [B, S, C]."""
+    q = ops.split_heads(proj(w, "self_attn.q_proj", x), cfg.num_heads)
+    k = ops.split_heads(proj(w, "self_attn.k_proj", x), cfg.num_kv_heads)
+    v = ops.split_heads(proj(w, "self_attn.v_proj", x), cfg.num_kv_heads)
     q = ops.apply_rotary(q, ctx.cos, ctx.sin)
     k = ops.apply_rotary(k, ctx.cos, ctx.sin)
     attn = ops.cached_attention(q, k, v, k_cache, v_cache, ctx)
-    h = h + _proj(w, "self_attn.o_proj", ops.merge_heads(attn))
+    return proj(w, "self_attn.o_proj", ops.merge_heads(attn))
+
+
+def gated_mlp(cfg: ModelConfig, w: Weights, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) with the weights under `prefix` (a dense MLP or one expert)."""
+    gated = ACTIVATIONS[cfg.hidden_act](proj(w, f"{prefix}gate_proj", x)) * proj(w, f"{prefix}up_proj", x)
+    return proj(w, f"{prefix}down_proj", gated)
+
+
+def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
+          k_cache: torch.Tensor, v_cache: torch.Tensor, j: int) -> torch.Tensor:
+    x = ops.rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
+    h = h + attention(cfg, w, x, ctx, k_cache, v_cache)
     x = ops.rms_norm(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
-    act = ACTIVATIONS[cfg.hidden_act]
-    gated = act(_proj(w, "mlp.gate_proj", x)) * _proj(w, "mlp.up_proj", x)
-    return h + _proj(w, "mlp.down_proj", gated)
+    return h + gated_mlp(cfg, w, "mlp.", x)
 
 
 def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ H query heads, Hkv key/value heads, D head dim, C hidden size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ class StepContext:
     attn_mask: torch.Tensor  # [B, 1, S, T] additive, compute dtype
     cos: torch.Tensor | None = None  # [B, S, D] rotary tables (Llama family)
     sin: torch.Tensor | None = None
+    # Sliding-window layers of families that alternate them with global ones (Gemma): their
+    # mask, and their rotary tables where their rope differs (Gemma 3's local base).
+    local_mask: torch.Tensor | None = None
+    local_cos: torch.Tensor | None = None
+    local_sin: torch.Tensor | None = None
     attn_keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
     # [D, D] orthonormal, compute dtype: the KV cache holds keys and values times it (a
     # compressed cache; see kernels/attention.py). None: the cache holds them as computed.
@@ -55,6 +60,16 @@ def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
     return mask.unsqueeze(1)
 
 
+def sliding_window_mask(mask: torch.Tensor, start: int, window: int) -> torch.Tensor:
+    """`mask` [B, 1, S, T] for queries at slots [start, start + S), further restricted to keys
+    less than `window` slots back (q - k < window, as transformers counts). Left padding is
+    contiguous, so slot distance is position distance for every real token."""
+    s, t = mask.shape[-2:]
+    q_idx = torch.arange(start, start + s, device=mask.device).unsqueeze(1)  # [S, 1]
+    k_idx = torch.arange(t, device=mask.device).unsqueeze(0)  # [1, T]
+    return mask.masked_fill(q_idx - k_idx >= window, torch.finfo(mask.dtype).min)
+
+
 def positions_from_mask(key_valid: torch.Tensor, start: int) -> torch.Tensor:
     """Position of each token counted over valid tokens only (left padding -> 0)."""
     pos = key_valid.long().cumsum(-1) - 1
@@ -62,11 +77,18 @@ def positions_from_mask(key_valid: torch.Tensor, start: int) -> torch.Tensor:
     return pos[:, start:]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     # Normalise in fp32, as the reference implementation does, then cast back.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:  # Gemma stores w - 1 and scales by (1 + w), in fp32 before the cast
+        return (xf * (1.0 + weight.float())).to(x.dtype)
     return weight * xf.to(x.dtype)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): Gemma 2 bounds its logits smoothly to (-cap, cap)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,8 +96,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies [D/2] in fp32, including linear and Llama 3 scaling."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """Inverse frequencies [R/2] in fp32 over the R = head_dim * partial_rotary_factor rotary
+    dims, including linear and Llama 3 scaling (LongRoPE: `longrope_inv_freq`)."""
+    dim = int(head_dim * rope.partial_rotary_factor)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (rope.theta ** exponents)
     if rope.kind == "linear":
         return inv_freq / rope.factor
@@ -97,15 +121,38 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin [B, S, D] for the half-split rotary layout used by HF Llama checkpoints."""
-    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, S, D/2]
+def longrope_inv_freq(rope: RopeConfig, head_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """LongRoPE inverse frequencies [B, 1, R/2]: a sequence whose furthest position this step
+    is beyond the original context uses `long_factor`, else `short_factor` (as transformers
+    switches, per sequence here so a batch computes what each prompt alone would)."""
+    plain = rope_inv_freq(replace(rope, kind="default"), head_dim)
+    short, long = (torch.tensor(f, dtype=torch.float32) for f in (rope.short_factor, rope.long_factor))
+    beyond = (positions.max(dim=1).values + 1 > rope.original_max_position_embeddings).cpu()  # [B]
+    factors = torch.where(beyond.unsqueeze(1), long, short)  # [B, R/2]
+    return (plain / factors).unsqueeze(1).to(positions.device)
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, S, R] of `rope` at `positions` [B, S], whichever its scaling."""
+    if rope.kind == "longrope":
+        return rotary_tables(longrope_inv_freq(rope, head_dim, positions), positions, dtype,
+                             rope.attention_factor)
+    return rotary_tables(rope_inv_freq(rope, head_dim).to(positions.device), positions, dtype)
+
+
+def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos/sin [B, S, R] for the half-split rotary layout used by HF Llama checkpoints;
+    inv_freq [R/2], or [B, 1, R/2] per sequence. LongRoPE scales both by `scale`."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, S, R/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, S, D]; cos/sin: [B, S, D]
+    # x: [B, heads, S, D]; cos/sin: [B, S, R], R <= D: dims past R pass unrotated (Phi-3's partial rotary)
+    if cos.shape[-1] < x.shape[-1]:
+        rotary = cos.shape[-1]
+        return torch.cat((apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -125,12 +172,47 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache, v_cache,
-                     ctx: StepContext, scale: float | None = None) -> torch.Tensor:
+                     ctx: StepContext, scale: float | None = None, local: bool = False,
+                     softcap: float | None = None) -> torch.Tensor:
     """Write this step's keys/values into the cache, then attend over [0, start + S)
-    (`kernels.cached_attention`; the cache may be split into `CacheSegments`).
+    (`kernels.cached_attention`; the cache may be split into `CacheSegments`). `local`: a
+    sliding-window layer (ctx.local_mask); `softcap`: scores soft-capped before the mask.
 
     q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]. Returns [B, H, S, D].
     """
-    step = AttentionStep(ctx.start, ctx.attn_mask, q.shape[-1] ** -0.5 if scale is None else scale,
-                         ctx.attn_keep, ctx.kv_rotation)
+    step = AttentionStep(ctx.start, ctx.local_mask if local else ctx.attn_mask,
+                         q.shape[-1] ** -0.5 if scale is None else scale,
+                         ctx.attn_keep, ctx.kv_rotation, softcap)
     return kernels.cached_attention(q, k_new, v_new, k_cache, v_cache, step)
+
+
+def route_top_k(router_logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture-of-experts routing: softmax over experts in fp32, the k most probable per token,
+    their probabilities renormalised to sum to 1 if `normalize` (Mixtral; Qwen2-MoE's
+    norm_topk_prob). router_logits [N, E] -> weights [N, k] fp32, expert ids [N, k]."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, chosen = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, chosen
+
+
+def mix_experts(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, num_experts: int,
+                expert) -> torch.Tensor:
+    """sum_k weights[n, k] * expert(chosen[n, k], x[n]) for every token n, computed grouped by
+    expert: one call per expert over all the tokens routed to it, so each expert's weights
+    are multiplied once per step by a block's tokens however they are spread.
+    x [N, C]; weights, chosen [N, k]; expert(e, rows [n_e, C]) -> [n_e, C]."""
+    k = chosen.shape[1]
+    order = chosen.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
+    counts = torch.bincount(chosen.flatten(), minlength=num_experts).tolist()  # the one host sync
+    token, routed_weight = order // k, weights.flatten()[order].unsqueeze(-1)
+    out, first = torch.zeros_like(x), 0
+    for e, count in enumerate(counts):
+        if count:
+            rows = slice(first, first + count)
+            first += count
+            tokens = token[rows]  # distinct: a token picks an expert at most once
+            # a gather, add and scatter: index_add_ is ~50x slower on CPU in bf16 (measured)
+            out[tokens] += (expert(e, x[tokens]) * routed_weight[rows]).to(out.dtype)
+    return out

@@ -84,7 +84,7 @@ def _attention(cfg: ModelConfig, w: Weights, x: torch.Tensor, ctx: StepContext,
 
 
 def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
-          k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+          k_cache: torch.Tensor, v_cache: torch.Tensor, j: int) -> torch.Tensor:
     pre = cfg.do_layer_norm_before
     x = _norm(cfg, w, "self_attn_layer_norm", h) if pre else h
     h = h + _attention(cfg, w, x, ctx, k_cache, v_cache)

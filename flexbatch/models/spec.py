@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,30 @@ from typing import Any
 from ..errors import ModelFormatError
 
 # model_type in config.json -> family module name in flexbatch.models
-FAMILY_OF_MODEL_TYPE = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+FAMILY_OF_MODEL_TYPE = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+                        "gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3",
+                        "mixtral": "moe", "qwen2_moe": "moe"}
+
+
+# model types whose config extends the Llama one, and their parser in family_configs.py
+FAMILY_CONFIG_PARSERS = {"gemma2": "gemma_config", "gemma3_text": "gemma_config", "phi3": "phi3_config",
+                         "mixtral": "moe_config", "qwen2_moe": "moe_config"}
 
 
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    kind: str = "default"  # default | linear | llama3
+    kind: str = "default"  # default | linear | llama3 | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # LongRoPE (Phi-3): per-frequency divisors for sequences up to / beyond the original
+    # length, and the factor cos and sin are scaled by.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    partial_rotary_factor: float = 1.0  # rotary on this leading fraction of each head (Phi-3)
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,21 @@ class ModelConfig:
     o_bias: bool = False  # Llama `attention_bias`
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    sliding_window: int | None = None  # Mistral
+    sliding_window: int | None = None  # Mistral: every layer
+    # Gemma: layers alternate "sliding_attention" (window `local_window`, rope `local_rope`)
+    # and "full_attention"; pre- and post-norms; soft-capped attention scores and logits.
+    layer_types: tuple[str, ...] = ()
+    local_window: int | None = None
+    local_rope: RopeConfig | None = None
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    qk_norm: bool = False  # Gemma 3: RMSNorm over each query and key head
+    # Mixture of experts: `intermediate_size` is each expert's.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    shared_expert_size: int = 0  # Qwen2-MoE: a sigmoid-gated dense expert every token uses
     # OPT
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int | None = None
@@ -100,6 +128,10 @@ def config_from_hf_dict(raw: dict[str, Any], source: str = "config") -> ModelCon
         )
     if model_type == "opt":
         return _opt_config(raw)
+    if model_type in FAMILY_CONFIG_PARSERS:
+        from . import family_configs
+
+        return getattr(family_configs, FAMILY_CONFIG_PARSERS[model_type])(raw, _llama_config(raw, model_type))
     return _llama_config(raw, model_type)
 
 
@@ -138,16 +170,18 @@ def _opt_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _rope_config(raw: dict[str, Any]) -> RopeConfig:
-    # transformers >= 5 writes `rope_parameters`; older files have rope_theta + rope_scaling.
-    params = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+def rope_config(raw: dict[str, Any], params: dict[str, Any] | None = None,
+                default_theta: float = 10000.0) -> RopeConfig:
+    """The rope of a config.json; `params` overrides where they are (one layer type's rope)."""
+    if params is None:
+        # transformers >= 5 writes `rope_parameters`; older files have rope_theta + rope_scaling.
+        params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
+    kind = {"su": "longrope"}.get(kind, kind)  # early Phi-3 configs
+    if kind not in ("default", "linear", "llama3", "longrope"):
         raise ModelFormatError(
-            f"unsupported rope scaling type {kind!r}; flexbatch supports default, linear and llama3."
+            f"unsupported rope scaling type {kind!r}; flexbatch supports default, linear, llama3 and longrope."
         )
     return RopeConfig(
         theta=float(theta),
@@ -156,9 +190,23 @@ def _rope_config(raw: dict[str, Any]) -> RopeConfig:
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
+            params.get("original_max_position_embeddings",
+                       raw.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192)))
         ),
+        short_factor=tuple(float(f) for f in params.get("short_factor") or ()),
+        long_factor=tuple(float(f) for f in params.get("long_factor") or ()),
+        attention_factor=_longrope_attention_factor(raw, params) if kind == "longrope" else 1.0,
+        partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
     )
+
+
+def _longrope_attention_factor(raw: dict[str, Any], params: dict[str, Any]) -> float:
+    # As transformers computes it: given, or from the ratio of the extended to the original length.
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
+    factor = params.get("factor") or raw["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def _llama_config(raw: dict[str, Any], model_type: str) -> ModelConfig:
@@ -182,7 +230,7 @@ def _llama_config(raw: dict[str, Any], model_type: str) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_tuple(raw.get("eos_token_id")),
         pad_token_id=raw.get("pad_token_id"),
-        rope=_rope_config(raw),
+        rope=rope_config(raw),
         qkv_bias=model_type == "qwen2" or raw.get("attention_bias", False),
         o_bias=raw.get("attention_bias", False),
         mlp_bias=raw.get("mlp_bias", False),

@@ -13,7 +13,8 @@ from ..errors import ModelFormatError, WeightFileError
 from ..models.spec import config_from_hf_dict
 from .source import OpenedModel
 
-SUPPORTED_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+SUPPORTED_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma2": "gemma2",
+                   "gemma3": "gemma3_text", "phi3": "phi3"}
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -31,18 +32,30 @@ LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's layer tensors differ from Llama's names (gguf's tensor_mapping.py).
+GEMMA_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm"}
+ARCH_LAYER_NAMES = {"gemma2": GEMMA_NAMES, "gemma3": GEMMA_NAMES,
+                    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+# llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (its norm multiplies by w).
+NORM_SHIFTED_ARCHS = {"gemma2", "gemma3"}
+# llama.cpp scales Gemma's 27B models' attention by hidden / heads, the others by head_dim
+# (the query_pre_attn_scalar the GGUF does not store); it knows them by their layer count.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Values per scale along a row: the block of the legacy formats, the sub-block of K-quants.
 QUANT_GRID = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q8_1": 32, "IQ4_NL": 32,
               "Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
+    names = {**LAYER_NAMES, **ARCH_LAYER_NAMES.get(arch, {})}
     m = LAYER_PATTERN.match(gguf_name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -58,10 +71,10 @@ def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
         raise ModelFormatError(
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}."
         )
-    if "rope_freqs.weight" in tensor_names:
+    if tensor_names & {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}:
         raise ModelFormatError(
-            "this GGUF stores Llama 3.1 rope frequency factors, which flexbatch does not read yet; "
-            "convert the model from its Hugging Face folder instead."
+            "this GGUF stores rope frequency factors (Llama 3.1, Phi-3 LongRoPE), which flexbatch does not "
+            "read from GGUF yet; run the model from its Hugging Face folder instead."
         )
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     heads = _field(reader, f"{arch}.attention.head_count")
@@ -91,7 +104,28 @@ def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
         config["head_dim"] = key_length
     if _field(reader, f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
+    if arch in GEMMA_27B_LAYERS:
+        config.update(_gemma_fields(reader, arch, config))
+    rotary_dims = _field(reader, f"{arch}.rope.dimension_count")
+    if arch == "phi3":
+        config["sliding_window"] = _field(reader, f"{arch}.attention.sliding_window")
+    if arch == "phi3" and rotary_dims:
+        config["partial_rotary_factor"] = rotary_dims / (config.get("head_dim") or config["hidden_size"] // heads)
     return config
+
+
+def _gemma_fields(reader, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    is_27b = config["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]
+    fields = {
+        "sliding_window": _field(reader, f"{arch}.attention.sliding_window"),
+        "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if is_27b else head_dim,
+        "attn_logit_softcapping": _field(reader, f"{arch}.attn_logit_softcapping"),
+        "final_logit_softcapping": _field(reader, f"{arch}.final_logit_softcapping"),
+    }
+    if arch == "gemma3":  # llama.cpp: local layers rotate with base 10000, global ones with freq_base
+        fields["rope_local_base_freq"] = 10000.0
+    return fields
 
 
 def unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -117,8 +151,10 @@ def dequantize(tensor) -> np.ndarray:
 class GGUFSource:
     def __init__(self, reader, config: dict[str, Any]):
         self._tensors = {}
+        arch = _field(reader, "general.architecture")
+        self._norm_shift = 1.0 if arch in NORM_SHIFTED_ARCHS else 0.0
         for t in reader.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, arch)
             if name is not None:
                 self._tensors[name] = t
         # llama.cpp permutes q/k rows for the llama architecture only.
@@ -147,6 +183,8 @@ class GGUFSource:
         for proj, heads in self._rotary_heads.items():
             if f"self_attn.{proj}." in name:
                 tensor = unpermute_rotary(tensor, heads).contiguous()
+        if self._norm_shift and name.endswith("norm.weight"):
+            tensor = tensor - self._norm_shift
         return tensor
 
 
