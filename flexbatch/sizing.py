@@ -117,6 +117,12 @@ def layer_params(cfg: ModelConfig, family: Family) -> int:
     return sum(s.numel() for s in family.layer_specs(cfg))
 
 
+def active_layer_params(cfg: ModelConfig, family: Family) -> int:
+    """Parameters one token multiplies by in one layer: all of them, except in a mixture of
+    experts (there: the shared part and the top-k experts it is routed to)."""
+    return family.active_layer_params(cfg) if family.active_layer_params else layer_params(cfg, family)
+
+
 def global_weight_bytes(cfg: ModelConfig, family: Family, dtype: torch.dtype) -> int:
     """Embeddings, final norm and head (a tied head counted once); always kept in memory."""
     tied = set(family.tied_aliases(cfg))

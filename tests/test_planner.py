@@ -271,3 +271,22 @@ def test_compute_rates_follow_a_spot_check_of_current_speed(monkeypatch):
     assert now.cpu.dequantize_params_per_s == {"int4": pytest.approx(8e8)}
     assert (now.cpu.attention_bps, now.disk) == (1e10, then.disk)
     assert hardware.at_current_speed(then, torch.float16) is then  # no table to compare with
+
+
+def test_a_mixture_of_experts_reads_every_expert_but_computes_with_the_routed_ones():
+    """Mixtral-style, 8 experts, top 2: a layer's weight bytes (read from disk) count every
+    expert, its matmul FLOPs per token only the shared part and two experts."""
+    cfg = config_from_hf_dict({"model_type": "mixtral", "vocab_size": 1000, "hidden_size": 256,
+                               "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+                               "max_position_embeddings": 512})
+    family = get_family(cfg)
+    expert = 3 * 256 * 512  # gate, up and down of one expert
+    attention = 256 * 256 * 2 + 2 * 256 * 128  # q and o; k and v over 2 KV heads of 64
+    shared = attention + 8 * 256 + 2 * 256  # router, two RMSNorms
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.0)
+    costs = HW.layer_costs(cfg, family, torch.bfloat16, policy, WORK)
+    assert costs.gen["io"][0] == pytest.approx(2 * (shared + 8 * expert) / 1e9 + 8 * (100 + 11 / 2) * 2 * 2 * 128 / 1e9
+                                               + 8 * 2 * 2 * 128 / 5e8)
+    attended = 8 * (100 + 11 / 2) * 2 * 2 * 128 / 1e10
+    assert costs.gen["compute"][0] == pytest.approx(8 * 2 * (shared + 2 * expert) / 1e12 + attended)

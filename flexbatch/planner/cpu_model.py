@@ -41,7 +41,7 @@ import torch
 from ..config import Policy
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import kv_bytes_per_token, layer_params, layer_weight_bytes
+from ..sizing import active_layer_params, kv_bytes_per_token, layer_params, layer_weight_bytes
 from .machine import MachineModel
 from .profile import ComputeRates
 from .terms import LayerCosts, Workload, weight_matmul_seconds
@@ -90,7 +90,7 @@ class CpuModel(MachineModel):
         s, n = work.prompt_len, work.gen_len
         t = s + n / 2
         weight = layer_weight_bytes(cfg, family, dtype, policy.weight_quant)
-        params = layer_params(cfg, family)
+        params, active = layer_params(cfg, family), active_layer_params(cfg, family)
         kv, kv_dense = kv_bytes_per_token(cfg, dtype, policy.cache_quant), kv_bytes_per_token(cfg, dtype)
         read = disk.read_busy_bps if policy.overlap and disk.read_busy_bps else disk.read_bps
         # overlapped reads compete with compute for the cores (read_busy_bps)
@@ -101,9 +101,9 @@ class CpuModel(MachineModel):
         attention = batch * t * kv_dense / cpu.attention_bps
         if policy.compress_cache:
             attention += batch * t * kv_dense / cpu.kv_decode_bps
-        comp_pre = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, s) \
+        comp_pre = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, s, active) \
             + batch * 2 * s * s * cfg.hidden_size / cpu.flops(dtype, gpu_batch_size * s)
-        comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1) + attention
+        comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention
         io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
         return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre},
                           gen={"io": io_gen, "compute": comp_gen * ONE + io_cpu * io_gen},

@@ -48,7 +48,7 @@ from ..config import Policy
 from ..kernels.packed import element_size
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import kv_bytes_per_token, kv_route, layer_params, layer_weight_bytes
+from ..sizing import active_layer_params, kv_bytes_per_token, kv_route, layer_params, layer_weight_bytes
 from .machine import MachineModel
 from .profile import ComputeRates
 from .terms import LayerCosts, Workload, weight_matmul_seconds
@@ -116,11 +116,11 @@ class GpuModel(MachineModel):
         H, G, R, Wr = gpu.host_to_gpu_bps, gpu.gpu_to_host_bps, disk.read_bps, disk.write_bps
         cpu_attention = kv_route(policy, gpu=True).cpu_attention
         bits = policy.compress_bits if policy.compress_weight else None
-        params = layer_params(cfg, family)
+        params, active = layer_params(cfg, family), active_layer_params(cfg, family)
         weight_in = {"disk": W * W_DISK / R, "link": W * W_OFF / H}
         operations = _operation_seconds(gpu.op_seconds, policy, cpu_attention)
 
-        prompt_compute = weight_matmul_seconds(rates, dtype, bits, params, B, gbs, s) \
+        prompt_compute = weight_matmul_seconds(rates, dtype, bits, params, B, gbs, s, active) \
             + B * 2 * s * s * cfg.hidden_size / rates.flops(dtype, gbs * s)
         pre_store = {"disk": B * s * K * C_DISK / Wr, "link": B * s * K * C_OFF / G}
         pre = _lanes(weight_in, {}, pre_store, (prompt_compute + operations["pre"]) * ONE, {})
@@ -132,7 +132,7 @@ class GpuModel(MachineModel):
         else:
             cache_in = {"disk": B * t * K * C_DISK / R, "link": 0 * ONE if cpu_attention else B * t * K * C_OFF / H}
         gen_store = {"disk": B * K * C_DISK / Wr, "link": B * K * C_OFF / G}
-        compute = (weight_matmul_seconds(rates, dtype, bits, params, B, gbs, 1) + operations["gen"]) * ONE
+        compute = (weight_matmul_seconds(rates, dtype, bits, params, B, gbs, 1, active) + operations["gen"]) * ONE
         crossing = {}
         if cpu_attention:
             # queries go to the CPU (keys and values are the stored rows) and outputs come back

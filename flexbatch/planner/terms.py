@@ -46,12 +46,14 @@ def term_value(term: np.ndarray, x) -> float:
 
 
 def weight_matmul_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | None, params: int, batch: int,
-                          gpu_batch_size: int, rows_per_sequence: int) -> float:
+                          gpu_batch_size: int, rows_per_sequence: int, active_params: int | None = None) -> float:
     """One layer's weight matmuls for the whole block (`batch` sequences, `rows_per_sequence`
     token rows each, in GPU batches of gpu_batch_size). Compressed weights take the cheaper
     of the two ways the engine has: the fused int4 kernel per GPU batch, or one
-    dequantization per layer load shared by every GPU batch, then dense matmuls."""
-    flop = batch * rows_per_sequence * 2 * params
+    dequantization per layer load shared by every GPU batch, then dense matmuls. A token
+    multiplies by `active_params` of the layer's `params` (fewer in a mixture of experts,
+    though a large block still loads and dequantizes every expert)."""
+    flop = batch * rows_per_sequence * 2 * (active_params or params)
     rows = gpu_batch_size * rows_per_sequence
     dense = flop / rates.flops(dtype, rows)
     if not bits:
