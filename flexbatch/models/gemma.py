@@ -11,18 +11,11 @@ from ..kernels import linear
 from . import ops
 from .family import Family, Weights
 from .family_configs import SLIDING
-from .llama import attention_specs, gated_mlp, gated_mlp_specs, proj, tied_aliases
+from .llama import attention_specs, gated_mlp, gated_mlp_specs, global_specs, proj, tied_aliases
 from .ops import StepContext
 from .spec import ModelConfig, WeightSpec
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-
-
-def global_specs(cfg: ModelConfig) -> list[WeightSpec]:
-    v, c = cfg.vocab_size, cfg.hidden_size
-    return [WeightSpec("model.embed_tokens.weight", (v, c)),
-            WeightSpec("model.norm.weight", (c,)),
-            WeightSpec("lm_head.weight", (v, c))]
 
 
 def layer_specs(cfg: ModelConfig) -> list[WeightSpec]:
