@@ -55,6 +55,24 @@ def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
     return mask.unsqueeze(1)
 
 
+def segment_mask(positions: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype,
+                 sliding_window: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, S, S] for rows that pack several sequences sharing a prefix, with no
+    KV cache before them: segment 0 is the shared prefix, segment i > 0 one continuation of it,
+    -1 padding. A token sees the prefix and its own segment up to its position, so each
+    continuation is scored as if it followed the prefix alone. A token always sees itself.
+    """
+    q_pos, k_pos = positions.unsqueeze(2), positions.unsqueeze(1)  # [B, S, 1], [B, 1, S]
+    q_seg, k_seg = segments.unsqueeze(2), segments.unsqueeze(1)
+    allowed = (k_pos <= q_pos) & ((k_seg == 0) | (k_seg == q_seg))
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    allowed |= torch.eye(positions.shape[1], dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
 def positions_from_mask(key_valid: torch.Tensor, start: int) -> torch.Tensor:
     """Position of each token counted over valid tokens only (left padding -> 0)."""
     pos = key_valid.long().cumsum(-1) - 1
