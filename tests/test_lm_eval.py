@@ -184,3 +184,15 @@ def test_generate_until_equals_llm_generate(ours):
         ours.llm.generate(prompts[2], SamplingParams(max_new_tokens=5))[0].text,
     ]
     assert got == expected
+
+
+def test_flexbatch_eval_command_writes_lm_evals_results(model_folder, task_dir, hf_results, tmp_path, capsys):
+    from flexbatch.cli.main import main
+
+    out = tmp_path / "results"
+    code = main(["eval", "--tasks", "fb_mc", "--include-path", str(task_dir), "--model", str(model_folder),
+                 "--dtype", "float32", "--output-path", str(out)])
+    assert code == 0
+    assert "fb_mc" in capsys.readouterr().out  # lm-eval's table
+    [written] = list(out.glob("flexbatch/results_*.json"))
+    assert json.loads(written.read_text())["results"]["fb_mc"]["acc,none"] == hf_results["results"]["fb_mc"]["acc,none"]
