@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import ConfigError
-from .common import add_model_args, add_policy_args, build_policy, make_llm
+from .common import add_model_args, add_policy_args, make_llm, resolve_policy
 
 
 def add_parser(sub) -> None:
@@ -38,11 +38,9 @@ def run(args) -> int:
     tasks, task_manager = _tasks(args)  # before loading the model: a typo fails at once
     from ..integrations.lm_eval import FlexbatchLM
 
-    policy = build_policy(args)
-    if policy is not None and args.batch_size is not None and args.batch_size != policy.block_size:
-        raise ConfigError(f"--batch-size {args.batch_size} conflicts with the policy's block of {policy.block_size} "
-                          "sequences; drop one of them.")
-    with make_llm(args, policy, batch_size=args.batch_size or 32) as llm:
+    args.no_plan = True  # no planner for scoring workloads yet: in memory unless policy flags say otherwise
+    policy, block = resolve_policy(args, None, None, None, "")
+    with make_llm(args, policy, batch_size=block) as llm:
         results = _evaluate(args, FlexbatchLM(llm=llm), tasks, task_manager)
     _report(args, results)
     return 0
