@@ -142,7 +142,7 @@ def target_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: to
     The head runs over HEAD_ROWS positions at a time so [B, T, V] logits never exist at once.
     """
     b, t = targets.shape
-    flat_hidden, flat_targets = hidden.reshape(1, b * t, -1), targets.reshape(1, b * t).to(hidden.device)
+    flat_hidden, flat_targets = hidden.reshape(1, b * t, hidden.shape[-1]), targets.reshape(1, b * t).to(hidden.device)
     logprobs, greedy = [torch.empty(1, 0)], [torch.empty(1, 0, dtype=torch.bool)]
     for s in range(0, b * t, HEAD_ROWS):
         logits = torch.log_softmax(family.head(cfg, global_weights, flat_hidden[:, s:s + HEAD_ROWS]), dim=-1)
