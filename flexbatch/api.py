@@ -48,12 +48,20 @@ class RequestOutput:
 
 @dataclass
 class ScoreOutput:
+    """Scores of the scored tokens: of a text, tokens 1 .. n-1; of a continuation, all of it."""
+
     token_ids: list[int]
-    logprobs: list[float]  # log p(token_i | tokens before it), for i = 1 .. n-1
+    logprobs: list[float]  # log p(token | tokens before it)
+    greedy: list[bool]  # whether each token is the model's most likely one there
 
     @property
     def total(self) -> float:
         return float(sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy decoding would have produced exactly these tokens."""
+        return all(self.greedy)
 
 
 class LLM:
@@ -242,13 +250,53 @@ class LLM:
             padded, key_valid = left_pad(chunk, width, self.pad_id)
             self.runner.begin(len(chunk), width)
             try:
-                logprobs = self.runner.score(padded, key_valid, piece)
+                scores = self.runner.score(padded, key_valid, piece)
             finally:
                 self.runner.end()
             for b, r in enumerate(chunk):
                 n = len(r.token_ids)
-                outputs.append(ScoreOutput(r.token_ids, logprobs[b, width - n:].tolist()))
+                outputs.append(ScoreOutput(r.token_ids, scores.logprobs[b, width - n:].tolist(),
+                                           scores.greedy[b, width - n:].tolist()))
         return outputs
+
+    def score_continuations(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                            progress: bool = False) -> list[ScoreOutput]:
+        """Scores of each continuation's tokens given its context, for (context ids,
+        continuation ids) pairs: lm-eval's loglikelihood, multiple-choice answers.
+
+        A prefill pass and no KV cache: pairs that share a context are packed into one row
+        that runs the context once (engine/scoring.py), rows longest first, `batch_size`
+        rows a block, and every layer's weights are read once per block.
+        """
+        from .engine.scoring import pack_by_context, to_tensors
+
+        encoded = [(self.encode(context), self.encode(continuation)) for context, continuation in pairs]
+        for context, continuation in encoded:
+            self._check_scored_length(len(context), len(continuation))
+        group = self.family.length_group
+        rows = pack_by_context(encoded, length_group=group and (lambda n: group(self.config, n)))
+        results: list[ScoreOutput | None] = [None] * len(encoded)
+        bar = TokenProgress(total=len(encoded), enabled=progress, desc="scoring")
+        for s in range(0, len(rows), self.batch_size):
+            packed = to_tensors(rows[s:s + self.batch_size], self.pad_id)
+            scores = self.runner.score_packed(packed)
+            for b, spans in enumerate(packed.spans):
+                for index, first, end in spans:
+                    results[index] = ScoreOutput(encoded[index][1], scores.logprobs[b, first:end].tolist(),
+                                                 scores.greedy[b, first:end].tolist())
+                bar.add_requests(len(spans))
+            bar.add_tokens(packed.input_ids.numel())
+        bar.close()
+        return results
+
+    def _check_scored_length(self, context: int, continuation: int) -> None:
+        limit = self.config.max_position_embeddings
+        if context == 0 or continuation == 0:
+            raise ConfigError("a scored pair needs a context and a continuation of at least one token each "
+                              "(for text scored from its start, use a BOS or EOS token as the context).")
+        if context + continuation - 1 > limit:
+            raise ConfigError(f"context of {context} tokens + continuation of {continuation} exceeds the model's "
+                              f"context of {limit} tokens; cut the context from the left.")
 
 
 INT4_ROWS_ENV = "FLEXBATCH_INT4_FUSED_MAX_ROWS"

@@ -42,7 +42,8 @@ from .executor import Executor, InlineIO
 from .kv_cache import CPU, BatchKV, staging_pools
 from .kv_encoded import EncodedBatchKV
 from .memory import detect_budget
-from .runner import Runner, make_context, score_in_pieces, target_logprobs
+from .runner import Runner, TokenScores, make_context, packed_context, score_in_pieces, source_logprobs, target_logprobs
+from .scoring import PackedRows
 from .streams import CopyStreams
 from .weight_home import LayerLoad, WeightHome
 
@@ -146,20 +147,33 @@ class OffloadRunner(Runner):
         return out
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
         hidden_of = lambda ids, valid, start: torch.cat(self._hidden(ids, valid, start))
-        logprobs_of = lambda h, targets: torch.cat([
-            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b]) for b in self.batches])
+        logprobs_of = lambda h, targets: TokenScores.cat([
+            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b]) for b in self.batches], 0)
         return score_in_pieces(hidden_of, logprobs_of, input_ids, key_valid, piece)
+
+    @torch.inference_mode()
+    def score_packed(self, rows: PackedRows) -> TokenScores:
+        """One block of packed rows through every layer (weights stream as in generation), with
+        no KV cache: each layer's keys and values are used where computed and dropped."""
+        self.batches = self.gpu_batches(rows.input_ids.shape[0])
+        ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device) for b in self.batches]
+        hidden = self._run(rows.input_ids, ctxs, _PrefillOnlyStep, 0)
+        return TokenScores.cat([source_logprobs(self.cfg, self.family, self.home.globals, h, rows.rows(b))
+                                for h, b in zip(hidden, self.batches)], 0)
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
         ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
                              self.policy.attn_sparsity, self.kv_rotation)
                 for b in self.batches]
+        return self._run(input_ids, ctxs, _TokenStep, start)
+
+    def _run(self, input_ids: torch.Tensor, ctxs: list, step_kind, start: int) -> list[torch.Tensor]:
         hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
                   for b, ctx in zip(self.batches, ctxs)]
-        work = _TokenStep(self, hidden, ctxs, start, start + input_ids.shape[1])
+        work = step_kind(self, hidden, ctxs, start, start + input_ids.shape[1])
         self.wait_seconds += self.executor.run_step(work, self.cfg.num_layers, len(self.batches))
         return hidden
 
@@ -189,10 +203,22 @@ class _TokenStep:
         self.runner.kv[layer][batch].store(self.start, self.end)
 
 
+class _PrefillOnlyStep(_TokenStep):
+    """A prefill that keeps no KV cache (scoring): nothing to load or store."""
+
+    def load_cache(self, layer: int, batch: int):
+        return None, None
+
+    def store_cache(self, layer: int, batch: int) -> None:
+        return None
+
+
 def _tensors_of(values) -> list[torch.Tensor]:
     """The tensors inside loaded weights and caches (compressed weights hold two)."""
     out = []
     for v in values:
+        if v is None:  # no cache (a prefill that keeps none)
+            continue
         if isinstance(v, PackedLinear):
             out += [v.data, v.scale_zero]
         elif isinstance(v, CacheSegments):

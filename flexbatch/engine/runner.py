@@ -1,12 +1,14 @@
 """The runner interface, and the runner that keeps every weight in memory.
 
 A runner owns the KV cache of the batch it is generating. The generation loop and scoring
-only call `begin`, `step` / `score` and `end`, and the LLM `close`s it, so the offloading
-runner (offload_runner.py) replaces this one without changing them.
+only call `begin`, `step` / `score` and `end` (or `score_packed`, which keeps no cache),
+and the LLM `close`s it, so the offloading runner (offload_runner.py) replaces this one
+without changing them.
 """
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
 
@@ -15,8 +17,21 @@ from ..models.family import Family
 from ..models.ops import StepContext
 from ..models.spec import ModelConfig
 from ..weights.loader import ModelWeights
+from .scoring import PackedRows
 
-HEAD_CHUNK = 256  # positions per head matmul when scoring, to bound the [B, S, V] logits
+HEAD_ROWS = 512  # positions per head matmul when scoring: bounds the [rows, V] fp32 logits
+
+
+@dataclass
+class TokenScores:
+    """Per target token: log p(token | tokens before it), and whether it is the most likely."""
+
+    logprobs: torch.Tensor  # [B, T] fp32, on the CPU
+    greedy: torch.Tensor  # [B, T] bool: the target is the argmax of the model's distribution
+
+    @staticmethod
+    def cat(parts: list["TokenScores"], dim: int) -> "TokenScores":
+        return TokenScores(torch.cat([p.logprobs for p in parts], dim), torch.cat([p.greedy for p in parts], dim))
 
 
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
@@ -33,6 +48,16 @@ def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, star
     return ctx
 
 
+def packed_context(cfg: ModelConfig, family: Family, rows: PackedRows, dtype: torch.dtype,
+                   device: torch.device) -> StepContext:
+    """The context of a prefill over packed rows (engine/scoring.py), with no cache before it."""
+    positions = rows.positions.to(device)
+    ctx = StepContext(positions=positions, start=0, key_positions=positions,
+                      attn_mask=ops.segment_mask(rows.positions, rows.segments, dtype, cfg.sliding_window).to(device))
+    family.prepare_step(cfg, ctx, dtype)
+    return ctx
+
+
 class Runner(abc.ABC):
     """Forward steps over one batch at a time, with the batch's KV cache."""
 
@@ -45,8 +70,12 @@ class Runner(abc.ABC):
         """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
 
     @abc.abstractmethod
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
-        """Log-probability [B, S-1] of each token given the tokens before it."""
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
+        """Scores [B, S-1] of each token given the tokens before it (between begin and end)."""
+
+    def score_packed(self, rows: PackedRows) -> TokenScores:
+        """Scores [B, T] of rows.targets: one prefill pass, no KV cache kept, no begin/end."""
+        raise NotImplementedError(f"{type(self).__name__} does not score packed rows")
 
     @abc.abstractmethod
     def end(self) -> None:
@@ -75,8 +104,11 @@ class InMemoryRunner(Runner):
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
         ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device)
+        return self._forward(input_ids, ctx, self._cache)
+
+    def _forward(self, input_ids: torch.Tensor, ctx: StepContext, caches) -> torch.Tensor:
         h = self.family.embed(self.cfg, self.weights.globals, input_ids.to(self.device), ctx)
-        for j, (layer_weights, (k_cache, v_cache)) in enumerate(zip(self.weights.layers, self._cache)):
+        for j, (layer_weights, (k_cache, v_cache)) in enumerate(zip(self.weights.layers, caches)):
             h = self.family.layer(self.cfg, layer_weights, h, ctx, k_cache, v_cache, j)
         return h
 
@@ -86,34 +118,49 @@ class InMemoryRunner(Runner):
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
         logprobs_of = lambda h, targets: target_logprobs(self.cfg, self.family, self.weights.globals, h, targets)
         return score_in_pieces(self._hidden, logprobs_of, input_ids, key_valid, piece)
 
+    @torch.inference_mode()
+    def score_packed(self, rows: PackedRows) -> TokenScores:
+        ctx = packed_context(self.cfg, self.family, rows, self.dtype, self.device)
+        hidden = self._forward(rows.input_ids, ctx, [(None, None)] * self.cfg.num_layers)
+        return source_logprobs(self.cfg, self.family, self.weights.globals, hidden, rows)
+
+
+def source_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
+                    rows: PackedRows) -> TokenScores:
+    """Scores of rows.targets from the hidden states [B, S, C] at rows.sources."""
+    index = rows.sources.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return target_logprobs(cfg, family, global_weights, hidden.gather(1, index), rows.targets)
+
 
 def target_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets[:, i] | hidden[:, i]) for aligned [B, T] positions, on the CPU.
+                    targets: torch.Tensor) -> TokenScores:
+    """Scores of targets[:, i] from hidden[:, i], for aligned [B, T] positions, on the CPU.
 
-    The head runs over HEAD_CHUNK positions at a time so [B, T, V] logits never exist at once.
+    The head runs over HEAD_ROWS positions at a time so [B, T, V] logits never exist at once.
     """
-    out = [torch.empty(targets.shape[0], 0)]
-    for s in range(0, targets.shape[1], HEAD_CHUNK):
-        logits = family.head(cfg, global_weights, hidden[:, s:s + HEAD_CHUNK])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        out.append(logprobs.gather(-1, targets[:, s:s + HEAD_CHUNK].unsqueeze(-1).to(logits.device))
-                   .squeeze(-1).cpu())
-    return torch.cat(out, dim=1)
+    b, t = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(1, b * t, hidden.shape[-1]), targets.reshape(1, b * t).to(hidden.device)
+    logprobs, greedy = [torch.empty(1, 0)], [torch.empty(1, 0, dtype=torch.bool)]
+    for s in range(0, b * t, HEAD_ROWS):
+        logits = torch.log_softmax(family.head(cfg, global_weights, flat_hidden[:, s:s + HEAD_ROWS]), dim=-1)
+        chunk = flat_targets[:, s:s + HEAD_ROWS]
+        logprobs.append(logits.gather(-1, chunk.unsqueeze(-1)).squeeze(-1).cpu())
+        greedy.append((logits.argmax(-1) == chunk).cpu())
+    return TokenScores(torch.cat(logprobs, 1).view(b, t), torch.cat(greedy, 1).view(b, t))
 
 
 def score_in_pieces(hidden_of, logprobs_of, input_ids: torch.Tensor, key_valid: torch.Tensor,
-                    piece: int | None = None) -> torch.Tensor:
-    """Log-probability [B, S-1] of each token given the tokens before it.
+                    piece: int | None = None) -> TokenScores:
+    """Scores [B, S-1] of each token given the tokens before it.
 
     The forward pass runs `piece` tokens at a time (default: all at once); each piece attends
     to the earlier ones through the KV cache, so with a compressed cache and small pieces
     the scores see the cache as generation does (piece 1 is exactly generation's view).
-    hidden_of(ids, key_valid, start) -> [B, P, C]; logprobs_of(hidden, targets) -> [B, P].
+    hidden_of(ids, key_valid, start) -> [B, P, C]; logprobs_of(hidden, targets) -> TokenScores [B, P].
     """
     width = input_ids.shape[1]
     piece = piece or width
@@ -123,4 +170,4 @@ def score_in_pieces(hidden_of, logprobs_of, input_ids: torch.Tensor, key_valid: 
         hidden = hidden_of(input_ids[:, start:end], key_valid[:, :end], start)
         targets = input_ids[:, start + 1:end + 1]  # one shorter than the piece at the end
         parts.append(logprobs_of(hidden[:, :targets.shape[1]], targets))
-    return torch.cat(parts, dim=1)
+    return TokenScores.cat(parts, dim=1)

@@ -45,8 +45,9 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      step: AttentionStep) -> torch.Tensor:
     """Write this step's keys/values into the cache, then attend over [0, start + S).
 
-    q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]; caches: [B, Hkv, capacity, D] tensors or
-    CacheSegments. Returns [B, H, S, D]. With a rotation R the cache holds K R and V R;
+    q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]; caches: [B, Hkv, capacity, D] tensors,
+    CacheSegments, or None for a prompt whose keys and values are not kept (start 0).
+    Returns [B, H, S, D]. With a rotation R the cache holds K R and V R;
     queries are rotated to match and the output rotated back (R is orthonormal, so nothing
     changes but rounding).
     """
@@ -60,10 +61,13 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> torch.Tensor:
     if isinstance(k_cache, CacheSegments):
         return _attend_segments(q, k_new, v_new, k_cache, v_cache, step)
-    end = step.start + q.shape[2]
-    k_cache[:, :, step.start:end] = k_new
-    v_cache[:, :, step.start:end] = v_new
-    keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+    if k_cache is None:  # a prefill that keeps no cache (scoring): its own keys are all there are
+        keys, values = k_new, v_new
+    else:
+        end = step.start + q.shape[2]
+        k_cache[:, :, step.start:end] = k_new
+        v_cache[:, :, step.start:end] = v_new
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
     if q.shape[2] == 1 or step.softcap is not None:
         # torch's CPU SDPA is ~10x slower than two matmuls for one query token in bf16, and
         # cannot soft-cap scores.

@@ -41,6 +41,10 @@ class Family:
     # the layer's (a mixture of experts: the shared part and its top-k experts only, though a
     # large block's tokens together reach, and load, every expert).
     active_layer_params: Callable[[ModelConfig], int] | None = None
+    # Families whose computation depends on a sequence's whole length (Phi-3's LongRoPE picks
+    # its rotary factors by it): length_group(cfg, tokens) -> a key; sequences share a packed
+    # scoring row (and its prefix's keys) only within one group. None: any lengths may share.
+    length_group: Callable[[ModelConfig, int], object] | None = None
 
 
 FAMILY_MODULES = {"opt": "opt", "llama": "llama", "gemma": "gemma", "phi3": "phi3", "moe": "moe"}

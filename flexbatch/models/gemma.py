@@ -32,7 +32,7 @@ def prepare_step(cfg: ModelConfig, ctx: StepContext, dtype: torch.dtype) -> None
     ctx.local_cos, ctx.local_sin = ctx.cos, ctx.sin
     if cfg.local_rope != cfg.rope:
         ctx.local_cos, ctx.local_sin = ops.rope_tables(cfg.local_rope, cfg.head_dim, ctx.positions, dtype)
-    ctx.local_mask = ops.sliding_window_mask(ctx.attn_mask, ctx.start, cfg.local_window)
+    ctx.local_mask = ops.sliding_window_mask(ctx, cfg.local_window)
 
 
 def embed(cfg: ModelConfig, w: Weights, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:

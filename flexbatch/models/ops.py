@@ -36,6 +36,9 @@ class StepContext:
     local_cos: torch.Tensor | None = None
     local_sin: torch.Tensor | None = None
     attn_keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
+    # [B, T] position of each key, where keys are not in position order (packed rows that
+    # share a prefix, engine/scoring.py); None: slot order, as the left-padded cache keeps them
+    key_positions: torch.Tensor | None = None
     # [D, D] orthonormal, compute dtype: the KV cache holds keys and values times it (a
     # compressed cache; see kernels/attention.py). None: the cache holds them as computed.
     kv_rotation: torch.Tensor | None = None
@@ -60,14 +63,36 @@ def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
     return mask.unsqueeze(1)
 
 
-def sliding_window_mask(mask: torch.Tensor, start: int, window: int) -> torch.Tensor:
-    """`mask` [B, 1, S, T] for queries at slots [start, start + S), further restricted to keys
-    less than `window` slots back (q - k < window, as transformers counts). Left padding is
-    contiguous, so slot distance is position distance for every real token."""
+def sliding_window_mask(ctx: StepContext, window: int) -> torch.Tensor:
+    """The step's mask [B, 1, S, T] further restricted to keys less than `window` positions
+    back (q - k < window, as transformers counts). In a left-padded cache slot distance is
+    position distance for every real token; packed rows give their keys' positions."""
+    mask = ctx.attn_mask
+    if ctx.key_positions is not None:
+        distance = ctx.positions.unsqueeze(2) - ctx.key_positions.unsqueeze(1)  # [B, S, T]
+        return mask.masked_fill((distance >= window).unsqueeze(1), torch.finfo(mask.dtype).min)
     s, t = mask.shape[-2:]
-    q_idx = torch.arange(start, start + s, device=mask.device).unsqueeze(1)  # [S, 1]
+    q_idx = torch.arange(ctx.start, ctx.start + s, device=mask.device).unsqueeze(1)  # [S, 1]
     k_idx = torch.arange(t, device=mask.device).unsqueeze(0)  # [1, T]
     return mask.masked_fill(q_idx - k_idx >= window, torch.finfo(mask.dtype).min)
+
+
+def segment_mask(positions: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype,
+                 sliding_window: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, S, S] for rows that pack several sequences sharing a prefix, with no
+    KV cache before them: segment 0 is the shared prefix, segment i > 0 one continuation of it,
+    -1 padding. A token sees the prefix and its own segment up to its position, so each
+    continuation is scored as if it followed the prefix alone. A token always sees itself.
+    """
+    q_pos, k_pos = positions.unsqueeze(2), positions.unsqueeze(1)  # [B, S, 1], [B, 1, S]
+    q_seg, k_seg = segments.unsqueeze(2), segments.unsqueeze(1)
+    allowed = (k_pos <= q_pos) & ((k_seg == 0) | (k_seg == q_seg))
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    allowed |= torch.eye(positions.shape[1], dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
 
 
 def positions_from_mask(key_valid: torch.Tensor, start: int) -> torch.Tensor:

@@ -42,8 +42,14 @@ def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
     return h + proj(w, "mlp.down_proj", ACTIVATIONS[cfg.hidden_act](gate) * up)
 
 
+def length_group(cfg: ModelConfig, tokens: int) -> bool | None:
+    """LongRoPE rotates a sequence with its long factors once it is longer than the original
+    context (ops.longrope_inv_freq): sequences on either side of that length cannot share keys."""
+    return tokens > cfg.rope.original_max_position_embeddings if cfg.rope.kind == "longrope" else None
+
+
 FAMILY = Family(
     name="phi3", global_specs=global_specs, layer_specs=layer_specs,
     layer_prefix=lambda j: f"model.layers.{j}.", embed=embed, layer=layer, head=head,
-    prepare_step=prepare_step, tied_aliases=tied_aliases,
+    prepare_step=prepare_step, tied_aliases=tied_aliases, length_group=length_group,
 )

@@ -1,0 +1,2 @@
+"""Adapters to other frameworks (lm-evaluation-harness), each an optional extra imported only
+when used: `import flexbatch.integrations.lm_eval`."""
