@@ -53,9 +53,10 @@ def _metadata(writer: GGUFWriter, cfg, kind: str) -> None:
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
-def _gguf_tensors(hf, kind: str):
+def _gguf_tensors(hf, kind: str, split_experts: bool = False):
     """(GGUF name, float32 array, HF names its slices load as) of the model, as llama.cpp's
-    converter lays them out; transformers keeps experts fused as gate_up_proj / down_proj."""
+    converter lays them out (split_experts: as it did before early 2024, one tensor per
+    expert); transformers keeps experts fused as gate_up_proj / down_proj."""
     cfg = hf.config
     names = get_tensor_name_map(MODEL_ARCH[ARCH[kind].upper()], cfg.num_hidden_layers)
     for name, tensor in hf.state_dict().items():
@@ -65,6 +66,11 @@ def _gguf_tensors(hf, kind: str):
             parts = np.split(array, 2, axis=1) if name.endswith("gate_up_proj") else [array]
             for part, p in zip(parts, ("gate", "up") if len(parts) == 2 else ("down",)):
                 proj = PROJ[kind][("gate", "up", "down").index(p)]
+                if split_experts:
+                    for e, matrix in enumerate(part):
+                        yield (f"blk.{j}.ffn_{p}.{e}.weight", matrix,
+                               [f"model.layers.{j}.{EXPERT[kind].format(e=e, p=proj)}.weight"])
+                    continue
                 yield (f"blk.{j}.ffn_{p}_exps.weight", part,
                        [f"model.layers.{j}.{EXPERT[kind].format(e=e, p=proj)}.weight" for e in range(len(part))])
             continue
@@ -78,13 +84,13 @@ def _gguf_tensors(hf, kind: str):
         yield names.get_name(name, try_suffixes=(".weight", ".bias")), array, [hf_name]
 
 
-def write_moe_gguf(path, hf, kind: str, qtype=Q.F32) -> dict[str, np.ndarray]:
+def write_moe_gguf(path, hf, kind: str, qtype=Q.F32, split_experts: bool = False) -> dict[str, np.ndarray]:
     """Write `hf` as a GGUF file, matrices in `qtype`; returns {HF name: what gguf's own
     dequantization of the stored tensor gives for it}."""
     writer = GGUFWriter(str(path), ARCH[kind])
     _metadata(writer, hf.config, kind)
     expected = {}
-    for gguf_name, array, hf_names in _gguf_tensors(hf, kind):
+    for gguf_name, array, hf_names in _gguf_tensors(hf, kind, split_experts):
         stored_kind = qtype if array.ndim >= 2 else Q.F32
         data = array if stored_kind == Q.F32 else quants.quantize(array, stored_kind)
         writer.add_tensor(gguf_name, data, raw_dtype=None if stored_kind == Q.F32 else stored_kind)
@@ -116,6 +122,27 @@ def test_experts_load_like_gguf_dequantize(tmp_path, kind, qtype):
     for name, array in expected.items():
         assert source.shape(name) == array.shape, name
         np.testing.assert_array_equal(source.read(name).float().numpy(), array.astype(np.float32), err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q4_0])
+def test_split_experts_of_older_files_load(tmp_path, qtype):
+    path = tmp_path / "m.gguf"
+    expected = write_moe_gguf(path, build_hf_model("mixtral"), "mixtral", qtype, split_experts=True)
+    source = open_model(path).source
+    assert source.names() == set(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(source.read(name).float().numpy(), array.astype(np.float32), err_msg=name)
+
+
+def test_store_converted_from_a_moe_gguf_keeps_config_and_experts(tmp_path):
+    from flexbatch.weights.store import write_store
+
+    expected = write_moe_gguf(tmp_path / "m.gguf", build_hf_model("qwen2_moe"), "qwen2_moe", Q.Q4_0)
+    gguf = open_model(tmp_path / "m.gguf")
+    store = open_model(write_store(gguf, tmp_path / "store"))
+    assert store.kind == "store" and store.config == gguf.config
+    for name, array in expected.items():
+        np.testing.assert_array_equal(store.source.read(name).float().numpy(), array.astype(np.float32), err_msg=name)
 
 
 def test_config_from_metadata(tmp_path):
