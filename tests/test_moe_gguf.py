@@ -34,7 +34,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _metadata(writer: GGUFWriter, cfg, kind: str) -> None:
+def _metadata(writer: GGUFWriter, cfg, kind: str, expert_sizes: bool) -> None:
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -49,6 +49,7 @@ def _metadata(writer: GGUFWriter, cfg, kind: str) -> None:
         writer.add_expert_count(cfg.num_local_experts)
     else:
         writer.add_expert_count(cfg.num_experts)
+    if kind == "qwen2_moe" and expert_sizes:
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
@@ -84,11 +85,13 @@ def _gguf_tensors(hf, kind: str, split_experts: bool = False):
         yield names.get_name(name, try_suffixes=(".weight", ".bias")), array, [hf_name]
 
 
-def write_moe_gguf(path, hf, kind: str, qtype=Q.F32, split_experts: bool = False) -> dict[str, np.ndarray]:
-    """Write `hf` as a GGUF file, matrices in `qtype`; returns {HF name: what gguf's own
-    dequantization of the stored tensor gives for it}."""
+def write_moe_gguf(path, hf, kind: str, qtype=Q.F32, split_experts: bool = False,
+                   expert_sizes: bool = True) -> dict[str, np.ndarray]:
+    """Write `hf` as a GGUF file, matrices in `qtype` (expert_sizes=False: without Qwen2-MoE's
+    expert sizes in the metadata); returns {HF name: what gguf's own dequantization of the
+    stored tensor gives for it}."""
     writer = GGUFWriter(str(path), ARCH[kind])
-    _metadata(writer, hf.config, kind)
+    _metadata(writer, hf.config, kind, expert_sizes)
     expected = {}
     for gguf_name, array, hf_names in _gguf_tensors(hf, kind, split_experts):
         stored_kind = qtype if array.ndim >= 2 else Q.F32
@@ -145,9 +148,10 @@ def test_store_converted_from_a_moe_gguf_keeps_config_and_experts(tmp_path):
         np.testing.assert_array_equal(store.source.read(name).float().numpy(), array.astype(np.float32), err_msg=name)
 
 
-def test_config_from_metadata(tmp_path):
-    hf = build_hf_model("qwen2_moe")
-    write_moe_gguf(tmp_path / "q.gguf", hf, "qwen2_moe")
+@pytest.mark.parametrize("expert_sizes", [True, False])
+def test_config_from_metadata(tmp_path, expert_sizes):
+    hf = build_hf_model("qwen2_moe")  # a dense intermediate_size of 96 must not be read as the experts'
+    write_moe_gguf(tmp_path / "q.gguf", hf, "qwen2_moe", expert_sizes=expert_sizes)
     cfg = open_model(tmp_path / "q.gguf").config
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size, cfg.shared_expert_size) == (4, 2, 32, 64)
     assert cfg.norm_topk_prob is False  # llama.cpp's qwen2moe graph does not renormalise
@@ -205,3 +209,23 @@ def test_qwen2_moe_gguf_generates_like_transformers_loading_it(tmp_path):
                                                   dtype=torch.float32).eval()
     ours = LLM(path, dtype="float32").generate([PROMPT], SamplingParams(max_new_tokens=12, ignore_eos=True))
     assert ours[0].token_ids == _greedy(theirs, PROMPT, 12)
+
+
+@pytest.mark.parametrize("arch,counts,message", [
+    ("llama", {"expert_count": 4}, "no llama.expert_used_count"),
+    ("qwen2moe", {}, "no qwen2moe.expert_count"),
+    ("qwen2", {"expert_count": 4, "expert_used_count": 2}, "'qwen2' with experts is not supported"),
+])
+def test_incomplete_moe_metadata_is_refused_by_name(tmp_path, arch, counts, message):
+    from flexbatch.errors import ModelFormatError
+
+    writer = GGUFWriter(str(tmp_path / "m.gguf"), arch)
+    for key, value in counts.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFormatError, match=message):
+        open_model(tmp_path / "m.gguf")

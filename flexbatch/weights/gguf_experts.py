@@ -35,6 +35,11 @@ class Entry:
     shape: tuple[int, ...]
 
 
+def numpy_shape(tensor) -> tuple[int, ...]:
+    """A GGUF tensor's shape in numpy (row-major) order; GGUF lists dimensions innermost first."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
 def moe_config_fields(arch: str, field: Callable[..., Any], tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
     """The config.json fields of a GGUF mixture of experts; {} for a dense model. Sizes the
     metadata leaves out come from the tensors' shapes, as llama.cpp reads them."""
@@ -74,7 +79,7 @@ def expert_entries(tensors, model_type: str) -> dict[str, Entry]:
     block = EXPERT_LAYOUT[model_type][0]
     entries = {}
     for t in tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = numpy_shape(t)
         if m := MERGED_EXPERTS.match(t.name):
             j, which = m.group(1), PROJECTIONS.index(m.group(2))
             for e in range(shape[0]):

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ModelFormatError, WeightFileError
 from ..models.spec import config_from_hf_dict
-from .gguf_experts import Entry, expert_entries, moe_config_fields
+from .gguf_experts import Entry, expert_entries, moe_config_fields, numpy_shape
 from .source import OpenedModel
 
 SUPPORTED_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma2": "gemma2",
@@ -106,7 +106,7 @@ def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
         config["head_dim"] = key_length
     if _field(reader, f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    shapes = {t.name: numpy_shape(t) for t in reader.tensors}
     config.update(moe_config_fields(arch, lambda key, default=None: _field(reader, key, default), shapes))
     if arch in GEMMA_27B_LAYERS:
         config.update(_gemma_fields(reader, arch, config))
@@ -161,7 +161,7 @@ class GGUFSource:
         for t in reader.tensors:
             name = hf_name(t.name, arch)
             if name is not None:
-                self._tensors[name] = Entry(t, None, tuple(int(d) for d in reversed(t.shape.tolist())))
+                self._tensors[name] = Entry(t, None, numpy_shape(t))
         if config["model_type"] in ("mixtral", "qwen2_moe"):
             self._tensors.update(expert_entries(reader.tensors, config["model_type"]))
         # llama.cpp permutes q/k rows for the llama architecture only (Mixtral included).
