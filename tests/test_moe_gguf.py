@@ -191,19 +191,21 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 
 
-def test_mixtral_gguf_generates_like_transformers_on_its_weights(tmp_path):
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0])
+def test_mixtral_gguf_generates_like_transformers_on_its_weights(tmp_path, qtype):
     path = tmp_path / "m.gguf"
-    expected = write_moe_gguf(path, build_hf_model("mixtral"), "mixtral", Q.Q8_0)
+    expected = write_moe_gguf(path, build_hf_model("mixtral"), "mixtral", qtype)
     ours = LLM(path, dtype="float32").generate([PROMPT], SamplingParams(max_new_tokens=12, ignore_eos=True))
     assert ours[0].token_ids == _greedy(_hf_holding(expected, "mixtral"), PROMPT, 12)
 
 
-def test_qwen2_moe_gguf_generates_like_transformers_loading_it(tmp_path):
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0])
+def test_qwen2_moe_gguf_generates_like_transformers_loading_it(tmp_path, qtype):
     from transformers import AutoModelForCausalLM
 
     hf = build_hf_model("qwen2_moe")
     path = tmp_path / "m.gguf"
-    write_moe_gguf(path, hf, "qwen2_moe", Q.Q8_0)
+    write_moe_gguf(path, hf, "qwen2_moe", qtype)
     # transformers maps neither expert size from the GGUF metadata, so it is given the config.
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=hf.config,
                                                   dtype=torch.float32).eval()
