@@ -30,9 +30,14 @@ EXPERT_LAYOUT = {"mixtral": ("block_sparse_moe.", ("w1", "w3", "w2")),
                  "qwen2_moe": ("mlp.", ("gate_proj", "up_proj", "down_proj"))}
 
 
-def _expert_names(cfg: ModelConfig, e: int) -> tuple[str, str, str]:
-    block, names = EXPERT_LAYOUT[cfg.model_type]
+def expert_names(model_type: str, e: int) -> tuple[str, str, str]:
+    """Expert e's gate, up and down projections, relative to the layer (no `.weight`)."""
+    block, names = EXPERT_LAYOUT[model_type]
     return tuple(f"{block}experts.{e}.{name}" for name in names)
+
+
+def _expert_names(cfg: ModelConfig, e: int) -> tuple[str, str, str]:
+    return expert_names(cfg.model_type, e)
 
 
 def layer_specs(cfg: ModelConfig) -> list[WeightSpec]:

@@ -11,10 +11,11 @@ import torch
 
 from ..errors import ModelFormatError, WeightFileError
 from ..models.spec import config_from_hf_dict
+from .gguf_experts import Entry, expert_entries, moe_config_fields, numpy_shape
 from .source import OpenedModel
 
 SUPPORTED_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma2": "gemma2",
-                   "gemma3": "gemma3_text", "phi3": "phi3"}
+                   "gemma3": "gemma3_text", "phi3": "phi3", "qwen2moe": "qwen2_moe"}
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -65,7 +66,8 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
-    """A Hugging Face config.json equivalent of the GGUF metadata."""
+    """A Hugging Face config.json equivalent of the GGUF metadata (a `llama` file with experts
+    is Mixtral)."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFormatError(
@@ -104,6 +106,8 @@ def gguf_config_dict(reader, tensor_names: set[str]) -> dict[str, Any]:
         config["head_dim"] = key_length
     if _field(reader, f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
+    shapes = {t.name: numpy_shape(t) for t in reader.tensors}
+    config.update(moe_config_fields(arch, lambda key, default=None: _field(reader, key, default), shapes))
     if arch in GEMMA_27B_LAYERS:
         config.update(_gemma_fields(reader, arch, config))
     rotary_dims = _field(reader, f"{arch}.rope.dimension_count")
@@ -135,31 +139,34 @@ def unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize(tensor) -> np.ndarray:
-    """A GGUF tensor as a numpy array in numpy (row-major) shape; F16/BF16 kept as is."""
+def dequantize(entry: Entry) -> np.ndarray:
+    """A GGUF tensor, or one expert's slice of a merged one, as a numpy array in the entry's
+    shape; F16 kept as is. The reader maps the file, so only the slice's bytes are read."""
     from gguf import GGMLQuantizationType, quants
 
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    kind = tensor.tensor_type
+    data = entry.tensor.data if entry.expert is None else entry.tensor.data[entry.expert]
+    kind = entry.tensor.tensor_type
     if kind == GGMLQuantizationType.F32:
-        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+        return np.asarray(data, dtype=np.float32).reshape(entry.shape)
     if kind == GGMLQuantizationType.F16:
-        return np.asarray(tensor.data).view(np.float16).reshape(shape)
-    return quants.dequantize(tensor.data, kind).reshape(shape)
+        return np.asarray(data).view(np.float16).reshape(entry.shape)
+    return quants.dequantize(data, kind).reshape(entry.shape)
 
 
 class GGUFSource:
     def __init__(self, reader, config: dict[str, Any]):
-        self._tensors = {}
+        self._tensors: dict[str, Entry] = {}
         arch = _field(reader, "general.architecture")
         self._norm_shift = 1.0 if arch in NORM_SHIFTED_ARCHS else 0.0
         for t in reader.tensors:
             name = hf_name(t.name, arch)
             if name is not None:
-                self._tensors[name] = t
-        # llama.cpp permutes q/k rows for the llama architecture only.
+                self._tensors[name] = Entry(t, None, numpy_shape(t))
+        if config["model_type"] in ("mixtral", "qwen2_moe"):
+            self._tensors.update(expert_entries(reader.tensors, config["model_type"]))
+        # llama.cpp permutes q/k rows for the llama architecture only (Mixtral included).
         self._rotary_heads = {}
-        if config["model_type"] in ("llama", "mistral"):
+        if config["model_type"] in ("llama", "mistral", "mixtral"):
             self._rotary_heads = {"q_proj": config["num_attention_heads"],
                                   "k_proj": config["num_key_value_heads"]}
 
@@ -167,12 +174,12 @@ class GGUFSource:
         return set(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return self._tensors[name].shape
 
     def quant_grid(self, name: str) -> int | None:
         """Values per scale along the tensor's rows (its input features) in this file, or None
         for a dense tensor or a format without one fixed size."""
-        return QUANT_GRID.get(self._tensors[name].tensor_type.name)
+        return QUANT_GRID.get(self._tensors[name].tensor.tensor_type.name)
 
     def read(self, name: str) -> torch.Tensor:
         try:
