@@ -39,24 +39,28 @@ WORKLOADS = {"fixed": dict(max_tokens=64, ignore_eos=True), "chat": dict(max_tok
 
 
 def hf_folder(work: Path) -> Path:
-    """The default model as a bf16 HF folder (transformers reads the GGUF the package ships)."""
+    """The default model as a bf16 HF folder, written from flexbatch's converted store (HF
+    tensor names and layout, the GGUF's Q4_1 weights dequantized): config, tokenizer and one
+    safetensors file, which every system loads."""
     folder = work / "smollm2-hf"
-    if (folder / "config.json").exists():
+    if (folder / "model.safetensors").exists():
         return folder
+    import shutil
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
 
-    from flexbatch.default_model import default_gguf_path
+    from flexbatch.default_model import default_model_path
+    from flexbatch.weights.source import open_model
 
-    gguf = default_gguf_path()
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
-    # the loaded model is marked as GGUF-quantized and refuses to save: copy it into a plain one
-    config = loaded.config
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(folder)
+    store = default_model_path()
+    opened = open_model(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (store / name).exists():
+            shutil.copy(store / name, folder / name)
+    tensors = {name: opened.source.read(name).to(torch.bfloat16).contiguous() for name in opened.source.names()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
