@@ -141,7 +141,7 @@ CHILDREN = {"flexbatch_generate": child_flexbatch_generate, "hf": child_hf, "vll
 def run_child(python: str, name: str, spec: dict, work: Path, threads: int) -> dict:
     spec_file = work / f"{name}.json"
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "all",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "VLLM_CPU_KVCACHE_SPACE": "4", "PYTHONPATH": str(REPO)}
     done = subprocess.run([python, __file__, "--child", name, str(spec_file)], capture_output=True, text=True,
                           env=env, timeout=7200)
