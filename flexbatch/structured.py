@@ -79,7 +79,7 @@ class ResponseFormat:
         if not isinstance(strict, bool) and strict is not None:
             raise ConfigError(f"response_format json_schema strict must be true or false, got {_short(strict)}")
         schema = spec.get("schema", ANY_OBJECT)
-        return check(cls(json.dumps(schema, sort_keys=True), name, bool(strict)))
+        return check(cls(json.dumps(schema), name, bool(strict)))  # key order: the order generated
 
 
 def check(fmt: ResponseFormat) -> ResponseFormat:
@@ -122,22 +122,20 @@ class GrammarMasks:
                 cached.templates[fmt.schema_json] = template
             self.matchers[row] = cached.templates[fmt.schema_json].deep_copy()
         self.bitmask = torch.zeros((len(rows), (vocab_size + 31) // 32), dtype=torch.int32)
-        self.bit_index = torch.arange(32, dtype=torch.int32)
 
     def apply(self, logits: torch.Tensor, active: set[int]) -> torch.Tensor:
-        """logits [B, V] with each active constrained row's disallowed tokens at -inf (a copy
-        when any row is masked; the input, which carries the model's own distribution, is kept)."""
+        """logits [B, V] with each active constrained row's disallowed tokens at -inf (a new
+        tensor when any row is masked; the input, the model's own distribution, is kept)."""
         rows = [r for r in self.matchers if r in active and not self.matchers[r].is_stopped()]
         if not rows:
             return logits
         bits = self.bitmask[:len(rows)]
         for i, row in enumerate(rows):
             self.matchers[row].unsafe_compute_mask_ptr(bits[i].data_ptr(), bits.shape[1] * 4)
-        allowed = ((bits.unsqueeze(-1) >> self.bit_index) & 1).reshape(len(rows), -1)[:, :logits.shape[-1]]
-        index = torch.tensor(rows)
-        masked = logits.clone()
-        masked[index] = masked[index].masked_fill(allowed == 0, float("-inf"))
-        return masked
+        bias = mask_bias(bits, logits.shape[-1])
+        if len(rows) == logits.shape[0]:
+            return logits + bias
+        return logits.clone().index_add_(0, torch.tensor(rows), bias)
 
     def advance(self, row: int, token: int) -> bool:
         """Move row's grammar past `token`; True when the grammar is complete (nothing may follow)."""
@@ -147,6 +145,20 @@ class GrammarMasks:
         if not matcher.consume_token(token):
             raise RuntimeError(f"grammar rejected a masked token ({matcher.get_error()})")
         return matcher.is_stopped()
+
+
+# BYTE_BIAS[x, i]: 0 where bit i of byte x is set, else -inf. The bitmask's int32 words are
+# little-endian, so byte j of word w holds tokens 32w + 8j ... 32w + 8j + 7, lowest bit first.
+# One gather from this table and one add mask the logits without branches: on CPU several
+# times faster than unpacking with shifts, and than masked_fill or where over booleans.
+BYTE_BIAS = torch.zeros(256, 8).masked_fill(((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1) == 0,
+                                            float("-inf"))
+
+
+def mask_bias(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A bitmask [R, W] int32 (bit k of word w = token 32w + k) as an additive bias [R, vocab_size]."""
+    as_bytes = bits.view(torch.uint8).reshape(-1).long()  # [R * 4W]
+    return BYTE_BIAS.index_select(0, as_bytes).reshape(bits.shape[0], -1)[:, :vocab_size]
 
 
 class _TokenizerMatchers:
