@@ -8,7 +8,7 @@ import json
 
 import jsonschema
 import pytest
-import torch
+from structured_util import tiny_llama_with_tokenizer
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
@@ -53,22 +53,7 @@ def response_format(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, default_model_store):
-    """A tiny random Llama with the default model's tokenizer (49,152 tokens)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_store))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.dim() > 1 else 0.1)  # peaked, arbitrary preferences
-    folder = tmp_path_factory.mktemp("structured")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_llama_with_tokenizer(tmp_path_factory.mktemp("structured"), default_model_store)
 
 
 def requests(temperature: float) -> tuple[list[str], list[SamplingParams]]:
