@@ -162,14 +162,18 @@ def test_detect_and_impute_items(tmp_path):
         TASKS["match"].with_template("Same? {right}")
 
 
-def test_json_answers_parse_with_a_real_tokenizer_model(match_tables, tmp_path, default_model_store):
+def test_cli_json_answers_parse_with_a_real_tokenizer_model(match_tables, tmp_path, default_model_store):
+    """`flexbatch wrangle match` end to end on a random model: the schema makes every answer parse."""
     pytest.importorskip("llguidance")
     from structured_util import tiny_llama_with_tokenizer
 
-    from flexbatch import LLM
+    from flexbatch.cli.main import main
 
     folder = tiny_llama_with_tokenizer(tmp_path / "model", default_model_store)
-    pool, asked = split(match_items(*match_tables), pool_size=2, limit=None)
-    metrics = wrangle(LLM(folder, dtype="float32"), TASKS["match"], asked, pool, tmp_path / "work",
-                      WrangleSettings(shots=1))
-    assert metrics["n"] == len(asked) and metrics["unparsed"] == 0
+    left, right, pairs = match_tables
+    code = main(["wrangle", "match", "--left", str(left), "--right", str(right), "--pairs", str(pairs),
+                 "-o", str(tmp_path / "work"), "--pool", "2", "--shots", "1", "--model", str(folder),
+                 "--dtype", "float32", "--no-plan"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    assert metrics["n"] == len(PAIRS) - 2 and metrics["unparsed"] == 0

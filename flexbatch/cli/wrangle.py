@@ -11,7 +11,7 @@ from .common import add_model_args, add_policy_args, add_sampling_args
 EPILOG = """examples:
   flexbatch wrangle match --left dblp.csv --right acm.csv --pairs pairs.csv -o work/ --shots 3
   flexbatch wrangle detect --table hospital.csv --column city --label-column is_error -o work/
-  flexbatch wrangle impute --table restaurants.csv --column city -o work/ --shots 5 --seed 1
+  flexbatch wrangle impute --table restaurants.csv --column city -o work/ --shots 5 --example-seed 1
 
 Rerun the same command after a crash: finished questions are not asked again. Results:
 WORK/metrics.json (precision/recall/F1, or accuracy for impute), WORK/predictions.jsonl."""
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--id-column", default=None, help="column holding record ids (match: default id)")
     p.add_argument("--label-column", default=None, help="labels (match: default label; detect: default is_error)")
     p.add_argument("--shots", type=int, default=3, help="few-shot examples per prompt (0 = zero-shot; default 3)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--example-seed", type=int, default=None,
                    help="choose the examples at random with this seed (default: the pool's first rows, "
                         "taking Yes and No answers in turn)")
     p.add_argument("--pool", type=int, default=20, help="labeled rows kept as the example pool (default 20)")
@@ -68,13 +68,14 @@ def run(args) -> int:
     pool, asked = _items(args)
     if not asked:
         raise ConfigError(f"no questions left to ask: all labeled rows went to the example pool (--pool {args.pool})")
-    settings = WrangleSettings(args.shots, args.seed, not args.text_answers, args.max_new_tokens)
+    settings = WrangleSettings(args.shots, args.example_seed, not args.text_answers, args.max_new_tokens)
     workdir = Path(args.workdir)
     source = write_requests(workdir, request_lines(task, asked, pool, settings))
     print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, example pool {len(pool)}", file=sys.stderr)
-    job_args = argparse.Namespace(**vars(args), input=str(source), output=str(workdir / RESULTS), format="openai",
-                                  column="prompt", window=None, continue_changed=False, logprobs=False)
-    summary = execute(job_args)
+    # The job itself runs as `flexbatch run` would run it (planner, manifest, resume).
+    job = dict(vars(args), input=str(source), output=str(workdir / RESULTS), format="openai", column="prompt",
+               window=None, continue_changed=False, logprobs=False)
+    summary = execute(argparse.Namespace(**job))
     metrics = finish(workdir, task, asked, run_figures(summary, settings))
     print(table(metrics))
     print(f"metrics: {workdir / 'metrics.json'}", file=sys.stderr)
