@@ -98,14 +98,16 @@ def _items(args):
     from ..apps.wrangle import detect_items, impute_items, match_items, split
     from ..errors import ConfigError
 
+    if args.dataset:
+        from ..apps.wrangle.datasets import dataset_items
+
+        if args.task != "match":
+            raise ConfigError(f"--dataset {args.dataset} is a matching benchmark; use it with `wrangle match`")
+        return split(dataset_items(args.dataset, args.data_archive), args.pool, args.limit)
     needed = {"match": ("left", "right", "pairs"), "detect": ("table", "column"), "impute": ("table", "column")}
     missing = [f"--{name}" for name in needed[args.task] if getattr(args, name) is None]
     if missing:
-        raise ConfigError(f"wrangle {args.task} needs {', '.join(missing)}")
-    if args.task == "match" and args.dataset:
-        from ..apps.wrangle.datasets import dataset_items
-
-        return split(dataset_items(args.dataset, args.data_archive), args.pool, args.limit)
+        raise ConfigError(f"wrangle {args.task} needs {', '.join(missing)} (or, for match, --dataset)")
     if args.task == "match":
         items = match_items(args.left, args.right, args.pairs, args.id_column or "id", args.label_column or "label")
     elif args.task == "detect":
