@@ -8,6 +8,7 @@ import json
 
 import jsonschema
 import pytest
+import torch
 from structured_util import tiny_llama_with_tokenizer
 
 from flexbatch import LLM, SamplingParams
@@ -152,3 +153,17 @@ def test_invalid_schema_gets_an_error_record_and_the_job_goes_on(model_folder, t
     assert "frobnicate" in records["bad"]["error"]["message"]
     text = records["good"]["response"]["body"]["choices"][0]["text"]
     jsonschema.validate(json.loads(text), LABELS)
+
+
+def test_mask_bias_matches_numpy_unpackbits():
+    """The gather-based unpacking against numpy's bit order (little-endian words, low bit first)."""
+    import numpy as np
+
+    from flexbatch.structured import mask_bias
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (3, 5), dtype=torch.int32, generator=g)
+    expected = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :150].astype(bool)
+    bias = mask_bias(bits, 150)
+    assert bias.shape == (3, 150)
+    assert np.array_equal((bias == 0).numpy(), expected) and bool(torch.isinf(bias[~torch.from_numpy(expected)]).all())
