@@ -7,7 +7,12 @@ compile time and mean mask time per step; the figure that decides is the per-ste
 since it is paid for every constrained sequence at every step. Libraries not installed are
 skipped. Last line: one JSON object.
 
+    pip install outlines-core==0.2.14
+    pip install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2   # its triton is GPU-only
     OMP_NUM_THREADS=1 python benchmarks/grammar_libs_bench.py
+
+Measured here (2 shared cores): compile 4-6 ms / ~190 ms / ~400 ms, median mask 30 / 5 / 7 us,
+mean mask 70-80 / 17-24 / 55 us per step (llguidance / xgrammar / outlines-core).
 """
 from __future__ import annotations
 

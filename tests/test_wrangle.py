@@ -80,8 +80,8 @@ def test_match_prompt_holds_the_fields_and_the_pool_examples(match_tables):
     blocks = prompt.split("\n\n")
     assert blocks[0] == TASKS["match"].instruction
     assert blocks[1] == ('Record A is name: Ada Lovelace. city: London. Record B is name: ada lovelace. '
-                         'city: London. Are Record A and Record B the same? Answer: {"answer": "Yes"}')
-    assert blocks[2].endswith('{"answer": "No"}') and "name: A. Turing" in blocks[2]
+                         'city: London. Are Record A and Record B the same? Answer: {"answer":"Yes"}')
+    assert blocks[2].endswith('{"answer":"No"}') and "name: A. Turing" in blocks[2]
     assert blocks[3] == ("Record A is name: Alan Turing. city: Wilmslow. Record B is name: A. Turing. "
                          "city: Wilmslow. Are Record A and Record B the same? Answer:")
 

@@ -71,7 +71,8 @@ class Task:
 
 
 def format_answer(label: str, json_answers: bool) -> str:
-    return json.dumps({"answer": label}) if json_answers else label
+    # Compact, as the grammar makes the model write it: examples show exactly the answer's form.
+    return json.dumps({"answer": label}, separators=(",", ":")) if json_answers else label
 
 
 def answer_text(text: str | None) -> str | None:
