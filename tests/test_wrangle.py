@@ -163,7 +163,8 @@ def test_detect_and_impute_items(tmp_path):
 
 
 def test_cli_json_answers_parse_with_a_real_tokenizer_model(match_tables, tmp_path, default_model_store):
-    """`flexbatch wrangle match` end to end on a random model: the schema makes every answer parse."""
+    """`flexbatch wrangle match --chat` end to end on a random model: the schema makes every
+    answer parse (chat replies are read from the chat.completion records)."""
     pytest.importorskip("llguidance")
     from structured_util import tiny_llama_with_tokenizer
 
@@ -173,7 +174,7 @@ def test_cli_json_answers_parse_with_a_real_tokenizer_model(match_tables, tmp_pa
     left, right, pairs = match_tables
     code = main(["wrangle", "match", "--left", str(left), "--right", str(right), "--pairs", str(pairs),
                  "-o", str(tmp_path / "work"), "--pool", "2", "--shots", "1", "--model", str(folder),
-                 "--dtype", "float32", "--no-plan"])
+                 "--dtype", "float32", "--no-plan", "--chat"])
     assert code == 0
     metrics = json.loads((tmp_path / "work" / "metrics.json").read_text())
     assert metrics["n"] == len(PAIRS) - 2 and metrics["unparsed"] == 0

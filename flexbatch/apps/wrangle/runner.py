@@ -49,12 +49,13 @@ def write_requests(workdir: Path, lines: list[dict]) -> Path:
 
 
 def read_texts(results: Path) -> dict[str, str | None]:
-    """custom_id -> generated text (None for an error record)."""
+    """custom_id -> generated text (None for an error record); completions or, with --chat, chat replies."""
     texts = {}
     for line in results.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         body = (record.get("response") or {}).get("body")
-        texts[record["custom_id"]] = body["choices"][0]["text"] if body else None
+        choice = body["choices"][0] if body else {}
+        texts[record["custom_id"]] = choice["message"]["content"] if "message" in choice else choice.get("text")
     return texts
 
 
