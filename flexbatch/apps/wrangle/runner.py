@@ -95,6 +95,9 @@ def wrangle(llm, task: Task, asked: list[Item], pool: list[Item], workdir: str |
 
 
 def run_figures(summary, settings: WrangleSettings) -> dict:
+    """Settings and this run's speed. A resumed run counts only what it generated itself
+    (questions answered before the kill are not asked again), so its figures are its own."""
     return {"shots": settings.shots, "json_answers": settings.json_answers,
-            "generated_tokens": summary.generated_tokens, "prompt_tokens": summary.prompt_tokens,
-            "seconds": summary.seconds, "questions_per_second": summary.completed / max(summary.seconds, 1e-9)}
+            "answered_this_run": summary.completed, "generated_tokens_this_run": summary.generated_tokens,
+            "prompt_tokens_this_run": summary.prompt_tokens, "seconds_this_run": summary.seconds,
+            "questions_per_second": summary.completed / summary.seconds if summary.completed else None}
