@@ -176,6 +176,9 @@ class LLM:
             )
         if num_prompt_tokens == 0:
             raise ConfigError("empty prompt: a prompt needs at least one token.")
+        if params.response_format is not None and self.tokenizer is None:
+            raise ConfigError(f"response_format needs a tokenizer and {self.model_path} has none; "
+                              "drop response_format.")
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],

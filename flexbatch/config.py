@@ -8,6 +8,7 @@ import torch
 
 from .errors import ConfigError
 from .kernels.quant import QuantConfig
+from .structured import ResponseFormat
 
 DEFAULT_COMPRESS_GROUP = 64  # FlexGen's group size, for sources not already quantized on a grid
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -42,6 +43,10 @@ class SamplingParams:
     `ignore_eos`). With `logprobs`, each generated token's log-probability under the model's
     unmodified distribution is returned; `top_logprobs` N > 0 adds, per generated token, the
     N most likely tokens and their log-probabilities (OpenAI's top alternatives; implies logprobs).
+    `response_format` (OpenAI's form, e.g. {"type": "json_schema", "json_schema": {"name": ...,
+    "schema": {...}}} or {"type": "json_object"}) masks each step's tokens so the text is JSON
+    matching the schema; a text cut short by max_new_tokens (finish_reason "length") may not
+    parse. Logprobs stay those of the unmasked distribution.
     """
 
     max_new_tokens: int = 64
@@ -54,8 +59,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))

@@ -42,6 +42,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    execute(args)
+    print(f"results: {args.output}", file=sys.stderr)
+    if args.show:
+        show_results(Path(args.output))
+    return 0
+
+
+def execute(args):
+    """Open (or resume) the job, load the model, run it; returns the JobSummary (also printed)."""
     from ..jobs.job import Job, JobSpec
     from ..jobs.runner import WindowRunner
     from ..jobs.settings import job_settings
@@ -63,10 +72,7 @@ def run(args) -> int:
         job.close()
     for line in summary.lines():
         print(line, file=sys.stderr)
-    print(f"results: {args.output}", file=sys.stderr)
-    if args.show:
-        show_results(Path(args.output))
-    return 0
+    return summary
 
 
 def _check_counts(args) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SamplingParams
+from ..structured import GrammarMasks
 from .runner import Runner
 from .sampling import Sampler, token_logprobs, top_alternatives
 
@@ -40,14 +41,15 @@ class SequenceTracker:
         self.out = Completion(logprobs=[] if self.params.logprobs else None,
                               top_logprobs=[] if self.params.top_logprobs else None)
 
-    def append(self, token: int, logprob: float, alternatives=None) -> None:
+    def append(self, token: int, logprob: float, alternatives=None, grammar_complete: bool = False) -> None:
+        """grammar_complete: the token completed the request's response_format (nothing may follow)."""
         out = self.out
         out.token_ids.append(token)
         if out.logprobs is not None:
             out.logprobs.append(logprob)
         if out.top_logprobs is not None:
             out.top_logprobs.append(alternatives[:self.params.top_logprobs])
-        if token in self.stop_ids:
+        if token in self.stop_ids or grammar_complete:
             out.finish_reason = "stop"
         elif self.params.stop and self._cut_at_stop_string():
             out.finish_reason = "stop"
@@ -95,14 +97,19 @@ def generate_batch(runner: Runner, requests: list[Request], tokenizer, eos_ids: 
     runner.begin(len(requests), prompt_width + max_new, prompt_width)
     try:
         logits = runner.step(ids, key_valid[:, :prompt_width], 0)
+        masks = grammar_masks(requests, tokenizer, logits.shape[-1])
         for step in range(max_new):
-            tokens = sampler.sample(logits)
+            # The mask acts on logits the model produced, so every placement shares this code.
+            allowed = masks.apply(logits, active_rows(trackers)) if masks else logits
+            tokens = sampler.sample(allowed)
             logprobs = token_logprobs(logits, tokens)
             alternatives = top_alternatives(logits, num_alternatives) if num_alternatives else None
             appended = 0
             for b, tracker in enumerate(trackers):
                 if not tracker.out.finished:
-                    tracker.append(int(tokens[b]), float(logprobs[b]), alternatives and alternatives[b])
+                    token = int(tokens[b])
+                    complete = masks.advance(b, token) if masks else False
+                    tracker.append(token, float(logprobs[b]), alternatives and alternatives[b], complete)
                     appended += 1
             if on_step is not None:
                 on_step(appended)
@@ -114,3 +121,13 @@ def generate_batch(runner: Runner, requests: list[Request], tokenizer, eos_ids: 
     finally:
         runner.end()
     return [t.finish() for t in trackers]
+
+
+def grammar_masks(requests: list[Request], tokenizer, vocab_size: int) -> GrammarMasks | None:
+    """The grammar state of the requests that carry a response_format; None if none does."""
+    rows = {b: r.params.response_format for b, r in enumerate(requests) if r.params.response_format}
+    return GrammarMasks(tokenizer, vocab_size, rows) if rows else None
+
+
+def active_rows(trackers: list[SequenceTracker]) -> set[int]:
+    return {b for b, t in enumerate(trackers) if not t.out.finished}

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import SamplingParams
 from ..errors import ConfigError
+from ..structured import ResponseFormat
 from .validate import short_json
 
 IGNORED = {"model", "user", "metadata", "service_tier", "store", "stream_options"}
@@ -42,6 +43,8 @@ def request_params(fields: dict[str, Any], defaults: SamplingParams) -> Sampling
             changes[name] = _int(name, value, *SEED_RANGE)
         elif name == "stop":
             changes["stop"] = _stop(value)
+        elif name == "response_format":
+            changes[name] = ResponseFormat.parse(value)  # checks the schema: a bad one fails this request alone
         elif name in ("logprobs", "ignore_eos"):
             changes[name] = _flag(name, value)
         else:

@@ -1,0 +1,1 @@
+"""Applications built on the batch-job runner (the data wrangling tasks of `flexbatch wrangle`)."""
