@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--hf-batches", default="8", help="HF Accelerate batch sizes, comma separated")
     args = p.parse_args()
     from flexbatch.cli.common import parse_bytes
-    from flexbatch.planner import hardware_profile
+    from flexbatch.profiling import hardware_profile
 
     memory, work = parse_bytes(args.memory), Path(args.workdir)
     model, cfg = write_dummy(args.shape, work / args.shape), mixtral_config(args.shape)
