@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import FlexbatchError
-from . import convert, eval_ppl, generate, plan, run, serve
+from . import convert, eval_ppl, generate, merge, plan, run, serve
 
-COMMANDS = [run, serve, generate, convert, eval_ppl, plan]
+COMMANDS = [run, merge, serve, generate, convert, eval_ppl, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

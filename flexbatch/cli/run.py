@@ -44,20 +44,53 @@ def add_parser(sub) -> None:
     p.add_argument("--continue-changed", action="store_true",
                    help="resume although the settings or the input changed since the job started (results "
                         "already written are kept; the change is noted in OUTPUT.job.json)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run shard I of N (I counts from 0) of the job, for schedulers that start N copies of "
+                        "one command and hand each an index (Slurm arrays: --shard "
+                        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; Kubernetes indexed jobs: "
+                        "$JOB_COMPLETION_INDEX/N). Each shard writes OUTPUT.shard-I-of-N; `flexbatch merge OUTPUT` "
+                        "assembles them when all are done. Under torchrun the ranks are the shards and rank 0 "
+                        "merges at the end, so no flag is needed")
     p.add_argument("--show", action="store_true", help="at the end, print every result's text (id: text)")
     add_policy_args(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from ..jobs.job import Job, JobSpec
-    from ..jobs.runner import WindowRunner
+    from ..jobs.job import JobSpec
 
     _check_counts(args)
     if args.no_plan and args.batch_size is None:
         args.batch_size = DEFAULT_BATCH_SIZE
+    ranks, shard = _shard(args)
     spec = JobSpec(Path(args.input), Path(args.output), args.format, args.column, args.chat, sampling_params(args),
-                   args.window, args.force_new, args.continue_changed)
+                   args.window, args.force_new, args.continue_changed, shard)
+    if ranks:
+        ranks.start()
+        args.device = ranks.device(args.device)
+    try:
+        summary = _run_job(args, spec)
+        if ranks:
+            ranks.wait_for_all()  # every rank has closed its part
+            if ranks.rank == 0:
+                summary.notes += merge_output(Path(args.output))
+    finally:
+        if ranks:
+            ranks.close()
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    print(f"results: {args.output}" if not shard or ranks else
+          f"results: {shard.part(Path(args.output))} (`flexbatch merge {args.output}` once every shard is done)",
+          file=sys.stderr)
+    if args.show and (not shard or ranks and ranks.rank == 0):
+        show_results(Path(args.output))
+    return 0
+
+
+def _run_job(args, spec):
+    from ..jobs.job import Job
+    from ..jobs.runner import WindowRunner
+
     job = Job.open(spec)  # every check of the input and output runs before the model loads
     try:
         opened, policy, batch_size = _job_policy(args, job)
@@ -65,15 +98,30 @@ def run(args) -> int:
         with make_llm(args, policy, opened, batch_size) as llm:
             print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
                   f"block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}", file=sys.stderr)
-            summary = WindowRunner(job, llm, llm.model_path.name, progress=True).run()
+            return WindowRunner(job, llm, llm.model_path.name, progress=True).run()
     finally:
         job.close()
-    for line in summary.lines():
-        print(line, file=sys.stderr)
-    print(f"results: {args.output}", file=sys.stderr)
-    if args.show:
-        show_results(Path(args.output))
-    return 0
+
+
+def _shard(args):
+    """(torchrun's ranks or None, the shard this process runs or None)."""
+    from ..errors import ConfigError
+    from ..jobs.shards import Shard
+    from .ranks import Ranks
+
+    ranks = Ranks.from_env()
+    if ranks and args.shard:
+        raise ConfigError(f"--shard {args.shard} was given under torchrun (WORLD_SIZE={ranks.world}); the ranks are "
+                          "the shards there: drop --shard, or run without torchrun.")
+    if ranks:
+        return ranks, Shard(ranks.rank, ranks.world)
+    return None, Shard.parse(args.shard) if args.shard else None
+
+
+def merge_output(output: Path) -> list[str]:
+    from ..jobs.merge import merge_parts
+
+    return merge_parts(output).lines()
 
 
 def _check_counts(args) -> None:
