@@ -1,0 +1,1 @@
+"""Adapters for systems users already run (Ray Data, ...); each imports its system lazily."""
