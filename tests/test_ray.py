@@ -3,6 +3,7 @@ through `map_batches(FlexbatchGenerator, ...)` against `LLM.generate` / `LLM.cha
 same prompts."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from flexbatch import LLM, SamplingParams
