@@ -58,8 +58,10 @@ def by_id(path) -> dict[str, dict]:
     return out
 
 
-def generated_tokens(record: dict) -> list[int]:
-    return record["response"]["body"]["choices"][0]["logprobs"]["tokens"]
+def generated_tokens(path, count: int) -> list[list[int]]:
+    """The generated token ids of requests req-0 .. req-{count-1} of an output, in that order."""
+    found = by_id(path)
+    return [found[f"req-{i}"]["response"]["body"]["choices"][0]["logprobs"]["tokens"] for i in range(count)]
 
 
 def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:

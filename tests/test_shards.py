@@ -6,6 +6,8 @@ same records (it forms the same blocks, so even padding is the same).
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from flexbatch.cli.main import main
@@ -35,7 +37,7 @@ def job(tiny_model, tmp_path_factory):
     single = work / "single.jsonl"
     assert run(folder, src, single) == 0
     # the one-process run is right: transformers' greedy tokens on the same weights
-    assert [generated_tokens(r) for r in records(single)[:NUM_PROMPTS]] == hf_greedy(tiny_model(KIND)[1], prompts)
+    assert generated_tokens(single, NUM_PROMPTS) == hf_greedy(tiny_model(KIND)[1], prompts)
     return folder, src, single, prompts
 
 
@@ -131,3 +133,18 @@ def test_a_single_process_run_refuses_a_sharded_jobs_output(job, tmp_path, capsy
     assert run(folder, src, out) == 2
     assert "belongs to a sharded job" in capsys.readouterr().err
     assert out.read_text() == ""
+
+
+def test_a_single_process_job_continues_sharded(job, tmp_path):
+    folder, src, single, _ = job
+    out = tmp_path / "out.jsonl"
+    for suffix in (".job.json", ".job.requests"):  # the job as a single process left it, crashed
+        shutil.copy(single.with_name(single.name + suffix), out.with_name(out.name + suffix))
+    kept = single.read_text().splitlines(keepends=True)[:7]
+    out.write_text("".join(kept))
+    for i in range(2):
+        assert run(folder, src, out, "--shard", f"{i}/2") == 0
+    in_parts = [r["custom_id"] for i in range(2) for r in records(out.with_name(f"out.jsonl.shard-{i}-of-2"))]
+    assert len(in_parts) == NUM_PROMPTS + 1 - 7  # only what the single process had not finished
+    assert main(["merge", str(out)]) == 0
+    assert by_id(out) == by_id(single)
