@@ -133,6 +133,9 @@ def test_a_single_process_run_refuses_a_sharded_jobs_output(job, tmp_path, capsy
     assert run(folder, src, out) == 2
     assert "belongs to a sharded job" in capsys.readouterr().err
     assert out.read_text() == ""
+    assert run(folder, src, out, "--force-new") == 0  # the sharded job's files are moved aside, kept
+    assert len(records(out)) == NUM_PROMPTS + 1
+    assert len(list(tmp_path.glob("out.jsonl.*.old.shard-0-of-2"))) == 1
 
 
 def test_a_single_process_job_continues_sharded(job, tmp_path):

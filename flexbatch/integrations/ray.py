@@ -34,7 +34,7 @@ from ..jobs.inputs import request_from_record
 from ..jobs.params import FIELDS
 from ..jobs.runner import Prepared, generate_isolated, make_blocks, prepare_or_error
 
-SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos", "logprobs"}
+SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos"}
 
 
 class FlexbatchGenerator:

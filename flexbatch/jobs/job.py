@@ -76,7 +76,7 @@ class Job:
         # Shards take turns holding the output while they open the job, so the first one
         # records the settings (and the planner's policy) that every other one then adopts.
         out = OutputFile(output, wait=spec.shard is not None)
-        if spec.force_new and (not out.is_empty() or manifest_paths(output)[0].exists()):
+        if spec.force_new and (not out.is_empty() or manifest_paths(output)[0].exists() or part_paths(output)):
             _move_aside(output)  # while holding the lock, so a running job's file is never moved
             out.close()
             out = OutputFile(output)
@@ -240,9 +240,9 @@ def _checked_output(output: Path, input_path: Path) -> Path:
 
 
 def _move_aside(output: Path) -> None:
-    """--force-new: keep an existing output and its manifest under a dated name."""
+    """--force-new: keep an existing output, its manifest and shard parts under a dated name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (output, *manifest_paths(output)):
+    for path in (output, *manifest_paths(output), *part_paths(output)):
         if path.exists():
             target = path.with_name(f"{output.name}.{stamp}.old{path.name[len(output.name):]}")
             try:
