@@ -81,7 +81,8 @@ def main() -> None:
             tokens, phase = job_phase(stderr)
             row = {"tokens": tokens, "phase_s": round(phase, 2), "wall_s": round(wall, 2),
                    "tok_s": round(tokens / phase, 1), "wall_tok_s": round(tokens / wall, 1), "output": out}
-            print(f"{side:>3} ranks, repeat {repeat}: {tokens} tokens, job phase {phase:.1f}s "
+            label = "1 process" if side == "one" else "2 ranks"
+            print(f"{label:>9}, repeat {repeat}: {tokens} tokens, job phase {phase:.1f}s "
                   f"({row['tok_s']} tok/s), command {wall:.1f}s ({row['wall_tok_s']} tok/s)", flush=True)
             if side not in best or row["tok_s"] > best[side]["tok_s"]:
                 best[side] = row
