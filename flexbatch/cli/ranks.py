@@ -17,7 +17,9 @@ from datetime import timedelta
 
 from ..errors import ConfigError
 
-# How long a rank that finished waits for the others (their share of a long job).
+# Joining the others fails after START_TIMEOUT (torchrun then restarts the ranks, or stops);
+# a rank that finished waits up to BARRIER_TIMEOUT for the others' share of a long job.
+START_TIMEOUT = timedelta(minutes=10)
 BARRIER_TIMEOUT = timedelta(days=7)
 
 
@@ -52,7 +54,7 @@ class Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+            dist.init_process_group("gloo", timeout=START_TIMEOUT)
 
     def device(self, requested: str) -> str:
         """With several GPUs on a node, each local rank takes its own (unless --device says)."""
@@ -65,7 +67,7 @@ class Ranks:
     def wait_for_all(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.monitored_barrier(timeout=BARRIER_TIMEOUT)
 
     def close(self) -> None:
         import torch.distributed as dist
