@@ -17,9 +17,7 @@ from datetime import timedelta
 
 from ..errors import ConfigError
 
-# Joining the others fails after START_TIMEOUT (torchrun then restarts the ranks, or stops);
-# a rank that finished waits up to BARRIER_TIMEOUT for the others' share of a long job.
-START_TIMEOUT = timedelta(minutes=10)
+# How long a rank that finished waits for the others (their share of a long job).
 BARRIER_TIMEOUT = timedelta(days=7)
 
 
@@ -54,7 +52,7 @@ class Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=START_TIMEOUT)
+            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
 
     def device(self, requested: str) -> str:
         """With several GPUs on a node, each local rank takes its own (unless --device says)."""
@@ -67,7 +65,7 @@ class Ranks:
     def wait_for_all(self) -> None:
         import torch.distributed as dist
 
-        dist.monitored_barrier(timeout=BARRIER_TIMEOUT)
+        dist.barrier()
 
     def close(self) -> None:
         import torch.distributed as dist
