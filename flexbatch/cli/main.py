@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import FlexbatchError
-from . import convert, eval_ppl, evaluate, generate, plan, run, serve, wrangle
+from . import convert, eval_ppl, evaluate, generate, merge, plan, run, serve, wrangle
 
-COMMANDS = [run, serve, wrangle, generate, convert, evaluate, eval_ppl, plan]
+COMMANDS = [run, merge, serve, wrangle, generate, convert, evaluate, eval_ppl, plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,21 +36,45 @@ def add_parser(sub) -> None:
     p.add_argument("--continue-changed", action="store_true",
                    help="resume although the settings or the input changed since the job started (results "
                         "already written are kept; the change is noted in OUTPUT.job.json)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run shard I of N (I counts from 0) of the job, for schedulers that start N copies of "
+                        "one command and hand each an index (Slurm arrays: --shard "
+                        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; Kubernetes indexed jobs: "
+                        "$JOB_COMPLETION_INDEX/N). Each shard writes OUTPUT.shard-I-of-N; `flexbatch merge OUTPUT` "
+                        "assembles them when all are done. Under torchrun the ranks are the shards and rank 0 "
+                        "merges at the end, so no flag is needed")
     p.add_argument("--show", action="store_true", help="at the end, print every result's text (id: text)")
     add_policy_args(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    execute(args)
-    print(f"results: {args.output}", file=sys.stderr)
-    if args.show:
+    _check_counts(args)
+    ranks, shard = _shard(args)
+    if ranks:
+        ranks.start()
+        args.device = ranks.device(args.device)
+    try:
+        execute(args, shard)
+        if ranks:
+            ranks.wait_for_all()  # every rank has closed its part
+            if ranks.rank == 0:
+                for line in merge_output(Path(args.output)):
+                    print(line, file=sys.stderr)
+    finally:
+        if ranks:
+            ranks.close()
+    print(f"results: {args.output}" if not shard or ranks else
+          f"results: {shard.part(Path(args.output))} (`flexbatch merge {args.output}` once every shard is done)",
+          file=sys.stderr)
+    if args.show and (not shard or ranks and ranks.rank == 0):
         show_results(Path(args.output))
     return 0
 
 
-def execute(args):
-    """Open (or resume) the job, load the model, run it; returns the JobSummary (also printed)."""
+def execute(args, shard=None):
+    """Open (or resume) the job, or its `shard`, load the model, run it; returns the
+    JobSummary (also printed)."""
     from ..jobs.job import Job, JobSpec
     from ..jobs.runner import WindowRunner
     from ..jobs.settings import job_settings
@@ -58,7 +82,7 @@ def execute(args):
     _check_counts(args)
     settings = run_settings(args)  # the flags are checked before the job opens
     spec = JobSpec(Path(args.input), Path(args.output), args.format, args.column, args.chat, sampling_params(args),
-                   args.window, args.force_new, args.continue_changed)
+                   args.window, args.force_new, args.continue_changed, shard)
     job = Job.open(spec)  # every check of the input and output runs before the model loads
     try:
         run = _prepare(args, settings, job)
@@ -73,6 +97,27 @@ def execute(args):
     for line in summary.lines():
         print(line, file=sys.stderr)
     return summary
+
+
+def _shard(args):
+    """(torchrun's ranks or None, the shard this process runs or None)."""
+    from ..errors import ConfigError
+    from ..jobs.shards import Shard
+    from .ranks import Ranks
+
+    ranks = Ranks.from_env()
+    if ranks and args.shard:
+        raise ConfigError(f"--shard {args.shard} was given under torchrun (WORLD_SIZE={ranks.world}); the ranks are "
+                          "the shards there: drop --shard, or run without torchrun.")
+    if ranks:
+        return ranks, Shard(ranks.rank, ranks.world)
+    return None, Shard.parse(args.shard) if args.shard else None
+
+
+def merge_output(output: Path) -> list[str]:
+    from ..jobs.merge import merge_parts
+
+    return merge_parts(output).lines()
 
 
 def _check_counts(args) -> None:

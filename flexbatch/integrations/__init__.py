@@ -1,2 +1,2 @@
-"""Adapters to other frameworks (lm-evaluation-harness), each an optional extra imported only
-when used: `import flexbatch.integrations.lm_eval`."""
+"""Adapters to systems users already run (lm-evaluation-harness, Ray Data), each an optional
+extra imported only when used: `import flexbatch.integrations.lm_eval`, `...integrations.ray`."""

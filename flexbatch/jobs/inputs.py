@@ -153,6 +153,17 @@ def _take_id(request: JobRequest, value: Any, name: str) -> str | None:
     return f"{name} must be a non-empty string, got {json.dumps(value)[:60]}"
 
 
+def request_from_record(record: dict, request_id: str) -> JobRequest:
+    """A request from one record shaped like a plain JSONL line (`prompt` or `messages`, and
+    sampling fields), e.g. a row of a Ray dataset; its error set if the record is not valid."""
+    request = JobRequest(id=request_id, line=0)
+    if "prompt" not in record and "messages" not in record:
+        request.error = "missing field prompt (or messages)"
+    else:
+        request.error = check_body(request, record)
+    return request
+
+
 def _read_plain_jsonl(path: Path) -> Iterator[JobRequest]:
     return _read_json_lines(path, _fill_plain)
 

@@ -4,7 +4,12 @@ manifest compared with what this run is asked to do.
 
     job = Job.open(JobSpec(Path("in.jsonl"), Path("out.jsonl")))   # input/output checks, lock
     job.bind(settings)               # first run: write the manifest; resume: refuse a change
-    summary = run_job_windows(job, llm)
+    summary = WindowRunner(job, llm, name, progress).run()
+
+A shard of a job (`JobSpec.shard`, see shards.py) opens the same way: the manifest beside the
+output is the job's, written by the first shard and checked by every other; `bind` then
+releases the output (for the next shard's start) and opens the shard's own part, which the
+runner appends to.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from .index import RequestIndex
 from .inputs import detect_format, iter_requests
 from .manifest import JobSettings, Manifest, RequestChanges, manifest_paths
 from .output import OutputFile
+from .shards import Shard, finished_elsewhere, part_paths
 
 DEFAULT_WINDOW = 50_000
 # Bytes of output a request needs at the least: the record's fields, ids and usage counts
@@ -42,6 +48,7 @@ class JobSpec:
     window: int | None = None  # requests read, tokenized and sorted at a time (default: as recorded, or 50,000)
     force_new: bool = False  # move an existing output aside and start again
     continue_changed: bool = False  # resume even though settings or requests changed
+    shard: Shard | None = None  # run only this shard's blocks, into its own part file
 
 
 class Job:
@@ -53,6 +60,7 @@ class Job:
         self.index, self.manifest = index, manifest
         self.id_key = "custom_id" if fmt == "openai" else "id"
         self.finished = np.zeros(0, "<u8")
+        self.job_ids = index.sorted_ids()  # of every request the job has known (input, manifest)
         self.repaired_bytes = 0
         self.notes: list[str] = []
 
@@ -60,17 +68,21 @@ class Job:
     def open(cls, spec: JobSpec) -> "Job":
         input_path = _checked_input(Path(spec.input).expanduser())
         output = _checked_output(Path(spec.output).expanduser(), input_path)
+        _check_shard_mode(spec, output)
         fmt = detect_format(input_path, spec.format)
         index = RequestIndex.of_file(input_path, fmt, spec.column)
         if len(index) == 0:
             raise ConfigError(f"{input_path} holds no requests (it is empty or blank); nothing to do.")
-        out = OutputFile(output)
-        if spec.force_new and (not out.is_empty() or manifest_paths(output)[0].exists()):
+        # Shards take turns holding the output while they open the job, so the first one
+        # records the settings (and the planner's policy) that every other one then adopts.
+        out = OutputFile(output, wait=spec.shard is not None)
+        if spec.force_new and (not out.is_empty() or manifest_paths(output)[0].exists() or part_paths(output)):
             _move_aside(output)  # while holding the lock, so a running job's file is never moved
             out.close()
             out = OutputFile(output)
         try:
             job = cls(spec, output, fmt, out, index, Manifest.load(output))
+            job._check_parts_belong()
             job._check_output_belongs()
             job._check_output_space()
         except BaseException:
@@ -99,8 +111,19 @@ class Job:
         if changes.added:
             self.notes.append(f"{changes.added} request(s) were added to the input since the job started; "
                               "they are run now")
-        known = np.concatenate([self.index.rows["id"], self.manifest.rows["id"]])
-        self.finished, self.repaired_bytes = self.out.scan(self.id_key, np.unique(known))
+        self.job_ids = np.unique(np.concatenate([self.index.rows["id"], self.manifest.rows["id"]]))
+        self.finished, self.repaired_bytes = self.out.scan(self.id_key, self.job_ids)
+
+    def _check_parts_belong(self) -> None:
+        parts = part_paths(self.output)
+        if parts and self.manifest is None:
+            raise ConfigError(f"{parts[0]} (and {len(parts)} part(s) in all) lie beside {self.output.name} but no "
+                              "job manifest does, so they belong to no job flexbatch knows; move them away (or "
+                              "choose another output file).")
+        if parts and self.spec.shard is None:
+            raise ConfigError(f"{self.output} belongs to a sharded job ({len(parts)} part file(s) such as "
+                              f"{parts[0].name}); finish it with the same sharded command (--shard I/N or torchrun), "
+                              f"or assemble what is there with `flexbatch merge {self.output}`.")
 
     def _changed_requests_message(self, changes: RequestChanges) -> str:
         parts = []
@@ -141,7 +164,26 @@ class Job:
             self.manifest.settings, self.manifest.rows = settings, self.index.rows
             self.manifest.input = str(Path(self.spec.input).resolve())
             self.manifest.add_run(note)
+        if self.spec.shard:
+            self.manifest.runs[-1]["note"] += f" (shard {self.spec.shard})"
         self.manifest.save(self.output)
+        if self.spec.shard:
+            self._open_part()
+
+    def _open_part(self) -> None:
+        """Switch to the shard's own part: a request finished in any part or in the output
+        counts as finished."""
+        part = self.spec.shard.part(self.output)
+        own = OutputFile(part)  # a second process running the same shard is refused here
+        try:
+            mine, self.repaired_bytes = own.scan(self.id_key, self.job_ids)
+            others = finished_elsewhere(self.output, part, self.id_key, self.job_ids)
+        except BaseException:
+            own.close()
+            raise
+        self.out.close()
+        self.out = own
+        self.finished = np.unique(np.concatenate([self.finished, mine, others]))
 
     def _check_output_space(self) -> None:
         remaining = len(self.index) - len(self.finished)
@@ -160,6 +202,13 @@ class Job:
 
     def close(self) -> None:
         self.out.close()
+
+
+def _check_shard_mode(spec: JobSpec, output: Path) -> None:
+    if spec.shard and spec.force_new:
+        raise ConfigError("--force-new cannot start a sharded job: every shard would move the others' work aside. "
+                          f"Move {output.name} and its .shard-* and .job.* files away yourself (or choose another "
+                          "output file), then start the shards.")
 
 
 def _checked_input(path: Path) -> Path:
@@ -191,9 +240,9 @@ def _checked_output(output: Path, input_path: Path) -> Path:
 
 
 def _move_aside(output: Path) -> None:
-    """--force-new: keep an existing output and its manifest under a dated name."""
+    """--force-new: keep an existing output, its manifest and shard parts under a dated name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (output, *manifest_paths(output)):
+    for path in (output, *manifest_paths(output), *part_paths(output)):
         if path.exists():
             target = path.with_name(f"{output.name}.{stamp}.old{path.name[len(output.name):]}")
             try:

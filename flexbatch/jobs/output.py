@@ -14,6 +14,7 @@ import json
 import os
 from array import array
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -26,7 +27,8 @@ RESULT_FIELDS = {"custom_id": ("response", "error"), "id": ("text", "error")}
 class OutputFile:
     """The locked output file: scan what is there, then append whole blocks of records."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, wait: bool = False):
+        """`wait`: block until another process's lock is released instead of refusing."""
         self.path = path
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -35,7 +37,7 @@ class OutputFile:
         except OSError as e:
             raise storage_error(e, path, "create the output") from None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(self.fd)
             raise ConfigError(f"another flexbatch job is writing {path} (it holds a lock on the file); "
@@ -50,29 +52,8 @@ class OutputFile:
         `job_ids`: the sorted id hashes of the job's requests. Refuses a file holding lines
         that are not results of this job.
         """
-        ids, keep, torn = array("Q"), 0, None
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if torn is not None:  # only the last line may be torn
-                    raise self._foreign(torn, "is not a flexbatch result record")
-                result_id = _result_id(raw, id_key)
-                if result_id is None and raw.endswith(b"\n") and _is_json(raw):
-                    raise self._foreign(number, "is not a flexbatch result record")
-                if result_id is None or not raw.endswith(b"\n"):
-                    torn = number
-                    continue
-                ids.append(hash64(result_id))
-                keep += len(raw)
-        finished = np.sort(np.frombuffer(ids, dtype="<u8")) if ids else np.zeros(0, "<u8")
-        foreign = ~contains(job_ids, finished)
-        if foreign.any():
-            raise self._foreign(None, f"holds {int(foreign.sum())} result(s) whose ids are not requests of this job")
+        finished, keep = scan_results(self.path, id_key, job_ids)
         return finished, self._cut_to(keep)
-
-    def _foreign(self, line: int | None, what: str) -> ConfigError:
-        where = f"line {line} of {self.path}" if line else str(self.path)
-        return ConfigError(f"{where} {what}; it is not this job's output, so flexbatch will not append to it. "
-                           "Choose another output file (or --force-new to move this one aside and start again).")
 
     def _cut_to(self, keep: int) -> int:
         cut = os.fstat(self.fd).st_size - keep
@@ -101,6 +82,48 @@ class OutputFile:
         if self.fd >= 0:
             os.close(self.fd)  # also releases the lock
             self.fd = -1
+
+
+def scan_results(path: Path, id_key: str, job_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """(sorted hashes of the ids with a result in `path`, bytes of its complete lines).
+
+    Reads only: a torn last line (its writer died, or is still writing it) is not counted.
+    Refuses a file holding lines that are not results of the job whose sorted id hashes are
+    `job_ids`.
+    """
+    ids, keep = array("Q"), 0
+    for _, raw, result_id in iter_results(path, id_key):
+        ids.append(hash64(result_id))
+        keep += len(raw)
+    finished = np.sort(np.frombuffer(ids, dtype="<u8")) if ids else np.zeros(0, "<u8")
+    foreign = ~contains(job_ids, finished)
+    if foreign.any():
+        raise _foreign(path, None, f"holds {int(foreign.sum())} result(s) whose ids are not requests of this job")
+    return finished, keep
+
+
+def iter_results(path: Path, id_key: str) -> Iterator[tuple[int, bytes, str]]:
+    """(byte offset, line, id) of each complete result line of `path`; a torn last line is
+    skipped, any other line that is not a result record refused."""
+    offset, torn = 0, None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if torn is not None:  # only the last line may be torn
+                raise _foreign(path, torn, "is not a flexbatch result record")
+            result_id = _result_id(raw, id_key)
+            if result_id is None and raw.endswith(b"\n") and _is_json(raw):
+                raise _foreign(path, number, "is not a flexbatch result record")
+            if result_id is None or not raw.endswith(b"\n"):
+                torn = number
+                continue
+            yield offset, raw, result_id
+            offset += len(raw)
+
+
+def _foreign(path: Path, line: int | None, what: str) -> ConfigError:
+    where = f"line {line} of {path}" if line else str(path)
+    return ConfigError(f"{where} {what}; it is not this job's output, so flexbatch will not append to it. "
+                       "Choose another output file (or --force-new to move this one aside and start again).")
 
 
 def write_fd(fd: int, data) -> int:

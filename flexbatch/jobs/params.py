@@ -19,6 +19,9 @@ MUST_EQUAL = {"n": 1, "stream": False, "echo": False, "best_of": 1, "top_logprob
               "presence_penalty": 0, "frequency_penalty": 0}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take
 MAX_STOP_STRINGS = 16
+# Every field a request may carry besides its prompt (the checks below give each its meaning).
+FIELDS = (*IGNORED, *MUST_EQUAL, "max_tokens", "max_completion_tokens", "max_new_tokens", "temperature", "top_p",
+          "top_k", "seed", "stop", "logprobs", "ignore_eos")
 
 
 def request_params(fields: dict[str, Any], defaults: SamplingParams) -> SamplingParams:

@@ -8,6 +8,8 @@ memory holds one window's token lists at a time. Only results not already in the
 written. No request can stop the job: a request that fails validation or preparation gets an
 error record, and a block on which the engine raises is split in halves until only the
 requests that fail alone get error records.
+
+A shard of the job (shards.py) forms the same windows and blocks and runs the blocks it owns.
 """
 from __future__ import annotations
 
@@ -134,10 +136,13 @@ class WindowRunner:
     def __init__(self, job: Job, llm, model_name: str, progress: bool):
         self.job, self.llm, self.model_name = job, llm, model_name
         self.record = openai_record if job.format == "openai" else simple_record
+        self.shard = job.spec.shard
         self.summary = JobSummary(requests=len(job.index), already_done=len(job.finished),
                                   repaired_bytes=job.repaired_bytes, notes=list(job.notes))
-        self.bar = TokenProgress(total=len(job.index), enabled=progress, desc="job",
-                                 initial=self.summary.already_done)
+        if self.shard:
+            self.summary.notes.append(f"shard {self.shard}: ran its share of the blocks into {job.out.path.name}")
+        self.bar = TokenProgress(total=len(job.index), enabled=progress, desc=f"shard {self.shard}" if self.shard
+                                 else "job", initial=self.summary.already_done)
 
     def run(self) -> JobSummary:
         started = time.perf_counter()
@@ -160,15 +165,18 @@ class WindowRunner:
                 request.id = duplicate_id(request.id, request.line)
         finished = {r.id for r, d in zip(window, done) if d}
         prepared, errors = [], []
-        for request in window:
+        for offset, request in enumerate(window):
             item = prepare_or_error(self.llm, request, self.job.spec.defaults, self.job.spec.chat)
             if isinstance(item, Prepared):
                 prepared.append(item)
-            elif request.id not in finished:
+            elif request.id not in finished and (not self.shard or self.shard.owns_request(position + offset)):
                 errors.append(self._error(request, item))
         self.job.out.append(errors)
         self.bar.add_requests(len(errors))
-        for block in make_blocks(prepared, self.llm.batch_size):
+        window_number = position // self.job.window
+        for number, block in enumerate(make_blocks(prepared, self.llm.batch_size)):
+            if self.shard and not self.shard.owns_block(window_number, number):
+                continue
             if not all(p.request.id in finished for p in block):
                 self._run_block(block, finished)
 

@@ -1,0 +1,79 @@
+"""Inputs and oracles shared by the sharded-job tests (test_shards.py, test_torchrun.py)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+
+import torch
+
+MAX_NEW_TOKENS = 16
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread: the tiny models gain nothing from more, and on a busy 2-core
+    machine OpenMP's spinning threads make each step many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def token_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of token ids (the tiny models have no tokenizer), of varied lengths so the
+    runner's length sort and padding matter."""
+    rng = random.Random(seed)
+    return [[rng.randrange(2, 256) for _ in range(rng.randrange(3, 24))] for _ in range(count)]
+
+
+def write_batch_input(path, prompts, bad_line: bool = True) -> None:
+    """OpenAI batch JSONL (custom_id req-0, req-1, ...), plus one invalid line whose error
+    record must also appear exactly once."""
+    with open(path, "w") as f:
+        for i, ids in enumerate(prompts):
+            body = {"prompt": ids, "max_tokens": MAX_NEW_TOKENS, "logprobs": 1}
+            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+                                "body": body}) + "\n")
+        if bad_line:
+            f.write(json.dumps({"custom_id": "bad", "method": "GET"}) + "\n")
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_id(path) -> dict[str, dict]:
+    """Records keyed by custom_id, without the only field that differs between runs
+    (`created`, a timestamp); refuses a file holding an id twice."""
+    out = {}
+    for record in records(path):
+        body = (record.get("response") or {}).get("body")
+        if body:
+            body.pop("created")
+        assert record["custom_id"] not in out, f"{record['custom_id']} appears twice in {path}"
+        out[record["custom_id"]] = record
+    return out
+
+
+def generated_tokens(path, count: int) -> list[list[int]]:
+    """The generated token ids of requests req-0 .. req-{count-1} of an output, in that order."""
+    found = by_id(path)
+    return [found[f"req-{i}"]["response"]["body"]["choices"][0]["logprobs"]["tokens"] for i in range(count)]
+
+
+def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, one at a time (no padding): the
+    model's forward over the whole sequence at each step (for these tiny models that is
+    faster than `generate`'s per-step overhead)."""
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            sequence = torch.tensor([ids])
+            for _ in range(MAX_NEW_TOKENS):
+                next_id = model(sequence).logits[0, -1].argmax()
+                sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
+            out.append(sequence[0, len(ids):].tolist())
+    return out
