@@ -7,7 +7,8 @@ pytest.importorskip("fastapi")
 
 from flexbatch.serve.app import key_matches  # noqa: E402
 from flexbatch.serve.batch_worker import split_records  # noqa: E402
-from flexbatch.serve.store import Store, write_durably  # noqa: E402
+from flexbatch.serve.store import Store  # noqa: E402
+from flexbatch.storage.disk import write_durably  # noqa: E402
 
 
 def test_files_survive_reopening_and_orphans_are_removed(tmp_path):

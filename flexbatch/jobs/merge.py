@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, storage_error
+from ..storage.disk import write_durably
 from .index import hash64
 from .inputs import iter_requests
 from .manifest import Manifest
@@ -181,25 +182,19 @@ def _ids_at(positions: np.ndarray, manifest: Manifest, input_path: Path, id_key:
 
 
 def _write(output: Path, sources: list[Path], found: _Found, order: np.ndarray) -> None:
-    merged = output.with_name(output.name + ".merging")
     handles = {}
+
+    def lines():
+        for i in order:
+            source = int(found.sources[i])
+            if source not in handles:
+                handles[source] = open(sources[source], "rb")
+            yield os.pread(handles[source].fileno(), int(found.lengths[i]), int(found.offsets[i]))
+
     try:
-        with open(merged, "wb") as out:
-            for i in order:
-                source = int(found.sources[i])
-                if source not in handles:
-                    handles[source] = open(sources[source], "rb")
-                out.write(os.pread(handles[source].fileno(), int(found.lengths[i]), int(found.offsets[i])))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(merged, output)
-        folder = os.open(output.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        write_durably(output, lines(), replace=True)
     except OSError as e:
-        raise storage_error(e, merged, "write the merged output") from None
+        raise storage_error(e, output, "write the merged output") from None
     finally:
         for handle in handles.values():
             handle.close()

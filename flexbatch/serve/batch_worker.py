@@ -21,8 +21,9 @@ from ..errors import FlexbatchError
 from ..jobs.job import Job, JobSpec
 from ..jobs.runner import WindowRunner
 from ..jobs.settings import job_settings
+from ..storage.disk import write_durably
 from .engine import Engine, EngineLLM, JobStopped
-from .store import Store, write_durably
+from .store import Store
 
 OUTPUT_NAME = "output.jsonl"
 

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
+from ..storage.disk import write_durably
 from .errors import APIError, not_found
-from .store import write_durably
 
 router = APIRouter()
 PURPOSES = ("batch",)

@@ -12,7 +12,6 @@ thread, so there is a single writer.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sqlite3
 import threading
@@ -189,20 +188,3 @@ class Store:
         """Batches not yet in a final state, oldest first (the order they run in)."""
         docs = [json.loads(r[0]) for r in self._query("SELECT doc FROM batches ORDER BY created_at, rowid")]
         return [d for d in docs if d["status"] in ACTIVE_STATUSES]
-
-
-def write_durably(path: Path, chunks) -> int:
-    """Write `chunks` (bytes) to a new file at `path`, fsynced, folder entry included."""
-    size = 0
-    with open(path, "xb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-            size += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return size

@@ -85,3 +85,25 @@ def require_free_space(folder: Path, nbytes: int, what: str) -> None:
         raise ConfigError(
             f"{what} needs {nbytes / 2**30:.2f} GiB in {folder}, but its disk has {free / 2**30:.2f} GiB free. "
             "Free space there, pass --offload-dir on a disk with room, or keep more in memory.")
+
+
+def write_durably(path: Path, chunks, replace: bool = False) -> int:
+    """Write `chunks` (bytes) to `path`, fsynced, its folder entry too; returns the bytes
+    written. A new file by default (refused if it exists); with `replace`, through a
+    temporary file renamed over `path`, so a reader sees the old file or the new one whole."""
+    target = path.with_name(path.name + ".tmp") if replace else path
+    size = 0
+    with open(target, "wb" if replace else "xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    if replace:
+        os.replace(target, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return size
