@@ -77,3 +77,23 @@ def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
                 sequence = torch.cat([sequence, next_id.view(1, 1)], dim=1)
             out.append(sequence[0, len(ids):].tolist())
     return out
+
+
+KIND = "llama_mha_bias"
+JOB_FLAGS = ["--dtype", "float32", "--no-plan", "--batch-size", "2", "--max-new-tokens", "16"]
+
+
+def reference_job(tiny_model, work, num_prompts: int, seed: int = 0):
+    """(model folder, input, the output of one process, the prompts) for a job of
+    `num_prompts` token prompts; the one-process run is checked against transformers' greedy
+    tokens on the same weights first, so it can serve as the sharded runs' oracle."""
+    from flexbatch.cli.main import main
+
+    folder, hf = tiny_model(KIND)
+    prompts = token_prompts(num_prompts, seed=seed)
+    src = work / "in.jsonl"
+    write_batch_input(src, prompts)
+    single = work / "single.jsonl"
+    assert main(["run", str(src), "-o", str(single), "--model", str(folder), *JOB_FLAGS]) == 0
+    assert generated_tokens(single, num_prompts) == hf_greedy(hf, prompts)
+    return folder, src, single, prompts

@@ -14,7 +14,6 @@ import copy
 
 import pytest
 import torch
-from test_models_vs_hf import hf_with_logits, ours_with_logits
 
 from flexbatch import LLM
 from flexbatch.cli.common import add_policy_args, compression_fields
@@ -24,6 +23,8 @@ from flexbatch.kernels.packed import packable
 from flexbatch.prepare import planned_compression
 from flexbatch.weights.gguf_file import open_gguf
 from flexbatch.weights.loader import layer_weight_grid
+
+from test_models_vs_hf import hf_with_logits, ours_with_logits
 
 GROUP = 32
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models_vs_hf import hf_with_logits, ours_with_logits
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.storage.tiers import Tier
 
 from conftest import FAMILY_KINDS
+from test_models_vs_hf import hf_with_logits, ours_with_logits
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11]
 MIXED = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [200, 100], list(range(30, 53))]

@@ -14,18 +14,14 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.weights.source import open_model
 
 from conftest import _family_configs
+from gguf_util import add_transformer_metadata
 
 GEMMA = ("gemma2", "gemma3")
 ARCH_OF_KIND = {"gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}
 
 
 def _metadata(writer: GGUFWriter, cfg, arch: str) -> None:
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    add_transformer_metadata(writer, cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)

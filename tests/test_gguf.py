@@ -12,6 +12,8 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.weights.gguf_file import unpermute_rotary
 from flexbatch.weights.source import open_model
 
+from gguf_util import add_transformer_metadata
+
 HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
@@ -38,12 +40,7 @@ def write_gguf(path, hf_model, arch: str, qtype_of=lambda name, array: Q.F32):
     """Write `hf_model` as a GGUF file; returns {gguf name: (qtype, stored array)}."""
     cfg = hf_model.config
     writer = GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    add_transformer_metadata(writer, cfg)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)

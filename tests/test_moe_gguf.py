@@ -17,6 +17,7 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.weights.source import open_model
 
 from conftest import build_hf_model
+from gguf_util import add_transformer_metadata
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe"}
 # The Hugging Face names flexbatch's MoE family reads, per model: router, expert e's gate/up/down.
@@ -35,12 +36,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _metadata(writer: GGUFWriter, cfg, kind: str, expert_sizes: bool) -> None:
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    add_transformer_metadata(writer, cfg)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_uint32(f"{ARCH[kind]}.vocab_size", cfg.vocab_size)

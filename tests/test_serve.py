@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from flexbatch import LLM, SamplingParams  # noqa: E402
+
 from serve_util import (  # noqa: E402
     API_KEY,
     BLOCK,
@@ -28,8 +30,6 @@ from serve_util import (  # noqa: E402
     wait_batch,
     write_jsonl,
 )
-
-from flexbatch import LLM, SamplingParams  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 
+from flexbatch import LLM, SamplingParams  # noqa: E402
+from flexbatch.jobs.runner import run_job  # noqa: E402
+
 from serve_util import (  # noqa: E402
     BLOCK,
     MAX_NEW_TOKENS,
@@ -19,9 +22,6 @@ from serve_util import (  # noqa: E402
     wait_batch,
     write_jsonl,
 )
-
-from flexbatch import LLM, SamplingParams  # noqa: E402
-from flexbatch.jobs.runner import run_job  # noqa: E402
 
 NUM_REQUESTS = 64
 KILLS = 2

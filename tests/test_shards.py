@@ -14,9 +14,14 @@ from flexbatch.cli.main import main
 from flexbatch.errors import ConfigError
 from flexbatch.jobs.merge import merge_parts
 
-from shard_util import by_id, generated_tokens, hf_greedy, one_thread, records, token_prompts, write_batch_input
+from shard_util import (
+    JOB_FLAGS,
+    by_id,
+    one_thread,
+    records,
+    reference_job,
+)
 
-KIND = "llama_mha_bias"
 NUM_PROMPTS = 20
 
 
@@ -29,21 +34,11 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def job(tiny_model, tmp_path_factory):
     """(model folder, input, the single-process output, the prompts)."""
-    folder, _ = tiny_model(KIND)
-    work = tmp_path_factory.mktemp("shards")
-    prompts = token_prompts(NUM_PROMPTS)
-    src = work / "in.jsonl"
-    write_batch_input(src, prompts)
-    single = work / "single.jsonl"
-    assert run(folder, src, single) == 0
-    # the one-process run is right: transformers' greedy tokens on the same weights
-    assert generated_tokens(single, NUM_PROMPTS) == hf_greedy(tiny_model(KIND)[1], prompts)
-    return folder, src, single, prompts
+    return reference_job(tiny_model, tmp_path_factory.mktemp("shards"), NUM_PROMPTS)
 
 
 def run(folder, src, out, *extra) -> int:
-    return main(["run", str(src), "-o", str(out), "--model", str(folder), "--dtype", "float32", "--no-plan",
-                 "--batch-size", "2", "--max-new-tokens", "16", *extra])
+    return main(["run", str(src), "-o", str(out), "--model", str(folder), *JOB_FLAGS, *extra])
 
 
 @pytest.fixture

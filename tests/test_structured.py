@@ -9,11 +9,12 @@ import json
 import jsonschema
 import pytest
 import torch
-from structured_util import tiny_llama_with_tokenizer
 
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.errors import ConfigError
+
+from structured_util import tiny_llama_with_tokenizer
 
 pytest.importorskip("llguidance")
 

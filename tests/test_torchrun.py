@@ -17,14 +17,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flexbatch.cli.main import main
+from shard_util import (
+    JOB_FLAGS,
+    by_id,
+    one_thread,
+    records,
+    reference_job,
+)
 
-from shard_util import by_id, generated_tokens, hf_greedy, one_thread, records, token_prompts, write_batch_input
-
-KIND = "llama_mha_bias"
 NUM_PROMPTS = 40
 REPO = Path(__file__).resolve().parents[1]
-JOB_FLAGS = ["--dtype", "float32", "--no-plan", "--batch-size", "2", "--max-new-tokens", "16"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,16 +38,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def job(tiny_model, tmp_path_factory):
     """(model folder, input, the single-process output, the prompts)."""
-    folder, _ = tiny_model(KIND)
-    work = tmp_path_factory.mktemp("torchrun")
-    prompts = token_prompts(NUM_PROMPTS, seed=1)
-    src = work / "in.jsonl"
-    write_batch_input(src, prompts)
-    single = work / "single.jsonl"
-    assert main(["run", str(src), "-o", str(single), "--model", str(folder), *JOB_FLAGS]) == 0
-    # the one-process run is right: transformers' greedy tokens on the same weights
-    assert generated_tokens(single, NUM_PROMPTS) == hf_greedy(tiny_model(KIND)[1], prompts)
-    return folder, src, single, prompts
+    return reference_job(tiny_model, tmp_path_factory.mktemp("torchrun"), NUM_PROMPTS, seed=1)
 
 
 def torchrun(folder, src, out, *launcher_flags) -> subprocess.Popen:

@@ -166,9 +166,9 @@ def test_cli_json_answers_parse_with_a_real_tokenizer_model(match_tables, tmp_pa
     """`flexbatch wrangle match --chat` end to end on a random model: the schema makes every
     answer parse (chat replies are read from the chat.completion records)."""
     pytest.importorskip("llguidance")
-    from structured_util import tiny_llama_with_tokenizer
-
     from flexbatch.cli.main import main
+
+    from structured_util import tiny_llama_with_tokenizer
 
     folder = tiny_llama_with_tokenizer(tmp_path / "model", default_model_store)
     left, right, pairs = match_tables
