@@ -143,11 +143,13 @@ def run_child(python: str, name: str, spec: dict, work: Path, threads: int) -> d
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "VLLM_CPU_KVCACHE_SPACE": "4", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([python, __file__, "--child", name, str(spec_file)], capture_output=True, text=True,
-                          env=env, timeout=7200)
-    if done.returncode != 0:
+    result_file = work / f"{name}.result.json"
+    result_file.unlink(missing_ok=True)
+    done = subprocess.run([python, __file__, "--child", name, str(spec_file), str(result_file)],
+                          capture_output=True, text=True, env=env, timeout=7200)
+    if done.returncode != 0 or not result_file.exists():
         return {"error": done.stderr[-2000:]}
-    return json.loads(done.stdout.splitlines()[-1])
+    return json.loads(result_file.read_text())  # a file: the systems print their own lines on stdout
 
 
 def run_flexbatch_job(folder: Path, prompts: list[list[int]], workload: dict, work: Path, name: str) -> dict:
@@ -217,7 +219,8 @@ def print_row(name: str, row: dict) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(json.dumps(CHILDREN[sys.argv[2]](json.loads(Path(sys.argv[3]).read_text()))))
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        result = CHILDREN[sys.argv[2]](json.loads(Path(sys.argv[3]).read_text()))
+        Path(sys.argv[4]).write_text(json.dumps(result))
     else:
         main()
