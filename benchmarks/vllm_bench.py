@@ -78,8 +78,12 @@ def make_workloads(folder: Path, n: int, seed: int = 0) -> dict[str, list[list[i
         length = rng.randint(16, 199)
         start = rng.randrange(0, len(ids) - length)
         texts.append(ids[start:start + length])
-    chat = lambda text: tok.apply_chat_template([{"role": "user", "content": "Summarize: " + tok.decode(text)}],
-                                                add_generation_prompt=True)
+    def chat(text: list[int]) -> list[int]:
+        ids = tok.apply_chat_template([{"role": "user", "content": "Summarize: " + tok.decode(text)}],
+                                      add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns an encoding
+
+
     shots = "".join(f"Text: {tok.decode(ids[s:s + 90])}\nTopic: {tok.decode(ids[s:s + 3])}\n\n"
                     for s in range(0, 4 * 5000, 5000))
     prefix = tok(shots)["input_ids"]
