@@ -18,7 +18,7 @@ import torch
 from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
 from .devices import default_dtype, pick_device
-from .engine.generation import Completion, Request, generate_batch
+from .engine.generation import Completion, Request, Vocabulary, generate
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
 from .kernels import KernelChoice
@@ -211,30 +211,29 @@ class LLM:
         return self.generate([self.apply_chat_template(c) for c in conversations], params, progress)
 
     def generate_ids(self, prompt_ids: list[list[int]], params=None, progress: bool = False,
-                     prompt_texts: list[str | None] | None = None) -> list[RequestOutput]:
+                     prompt_texts: list[str | None] | None = None, on_finish=None) -> list[RequestOutput]:
+        """`generate` for prompts given as token ids. on_finish(i, output), if given, is called
+        with each request's RequestOutput as soon as it is done (requests finish out of order)."""
         params_list = _broadcast_params(params, len(prompt_ids))
         requests = [Request(ids, p) for ids, p in zip(prompt_ids, params_list)]
         for r in requests:
             self.check_length(len(r.token_ids), r.params)
-        completions = self._run_batches(requests, progress)
         texts = prompt_texts or [None] * len(requests)
-        return [RequestOutput(t, r.token_ids, c.text, c.token_ids, c.finish_reason, c.logprobs, c.top_logprobs)
-                for t, r, c in zip(texts, requests, completions)]
-
-    def _run_batches(self, requests: list[Request], progress: bool) -> list[Completion]:
-        # Similar lengths share a batch, so little compute goes to padding.
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].token_ids))
-        results: list[Completion | None] = [None] * len(requests)
+        output = lambda i, c: RequestOutput(texts[i], requests[i].token_ids, c.text, c.token_ids, c.finish_reason,
+                                            c.logprobs, c.top_logprobs)
         bar = TokenProgress(total=len(requests), enabled=progress)
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s:s + self.batch_size]
-            done = generate_batch(self.runner, [requests[i] for i in chunk], self.tokenizer,
-                                  self.eos_ids, self.pad_id, on_step=bar.add_tokens)
-            for i, c in zip(chunk, done):
-                results[i] = c
-            bar.add_requests(len(chunk))
-        bar.close()
-        return results
+
+        def finished(i: int, completion: Completion) -> None:
+            bar.add_requests(1)
+            if on_finish is not None:
+                on_finish(i, output(i, completion))
+
+        vocab = Vocabulary(self.tokenizer, self.eos_ids, self.pad_id, self.config.vocab_size)
+        try:
+            completions = generate(self.runner, requests, self.batch_size, vocab, bar.add_tokens, finished)
+        finally:
+            bar.close()
+        return [output(i, c) for i, c in enumerate(completions)]
 
     # ---- scoring ------------------------------------------------------------------------
     def score(self, texts: Sequence[Prompt], piece: int | None = None) -> list[ScoreOutput]:

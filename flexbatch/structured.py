@@ -103,39 +103,48 @@ def grammar_of(schema_json: str) -> str:
 
 
 class GrammarMasks:
-    """The grammar state of each constrained sequence of one batch, and their token masks.
+    """The grammar state of each constrained sequence of a block, by block row, and their
+    token masks. Masks are computed only for constrained rows, into one bitmask, then
+    applied to the logits in one call."""
 
-    rows: the batch rows that carry a response_format, with it. Masks are computed only for
-    those rows, into one preallocated bitmask, then applied to the logits in one call.
-    """
-
-    def __init__(self, tokenizer, vocab_size: int, rows: dict[int, ResponseFormat]):
-        llguidance = _llguidance()
-        cached = _matchers_for(tokenizer, vocab_size)
-        self.vocab_size = vocab_size
+    def __init__(self, tokenizer, vocab_size: int):
+        self.cached = _matchers_for(tokenizer, vocab_size)
+        self.words = (vocab_size + 31) // 32
         self.matchers = {}
-        for row, fmt in rows.items():
-            if fmt.schema_json not in cached.templates:
-                template = llguidance.LLMatcher(cached.tokenizer, grammar_of(fmt.schema_json), log_level=0)
-                if template.is_error():
-                    raise ConfigError(f"response_format schema cannot be used: {template.get_error()}")
-                cached.templates[fmt.schema_json] = template
-            self.matchers[row] = cached.templates[fmt.schema_json].deep_copy()
-        self.bitmask = torch.zeros((len(rows), (vocab_size + 31) // 32), dtype=torch.int32)
+        self.bitmask = torch.zeros((0, self.words), dtype=torch.int32)
 
-    def apply(self, logits: torch.Tensor, active: set[int]) -> torch.Tensor:
-        """logits [B, V] with each active constrained row's disallowed tokens at -inf (a new
-        tensor when any row is masked; the input, the model's own distribution, is kept)."""
-        rows = [r for r in self.matchers if r in active and not self.matchers[r].is_stopped()]
-        if not rows:
+    def compile(self, fmt: ResponseFormat):
+        """The compiled grammar of `fmt` (cached per schema); a ConfigError if it cannot be used."""
+        templates = self.cached.templates
+        if fmt.schema_json not in templates:
+            template = _llguidance().LLMatcher(self.cached.tokenizer, grammar_of(fmt.schema_json), log_level=0)
+            if template.is_error():
+                raise ConfigError(f"response_format schema cannot be used: {template.get_error()}")
+            templates[fmt.schema_json] = template
+        return templates[fmt.schema_json]
+
+    def assign(self, row: int, fmt: ResponseFormat | None) -> None:
+        """Row `row` now holds a new sequence, constrained by `fmt` (None: unconstrained)."""
+        self.matchers.pop(row, None)
+        if fmt is not None:
+            self.matchers[row] = self.compile(fmt).deep_copy()
+
+    def apply(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits [n, V] of block rows `rows`, each constrained row's disallowed tokens at -inf
+        (a new tensor when any row is masked; the input, the model's own distribution, is kept)."""
+        picked = [(i, row) for i, row in enumerate(rows)
+                  if row in self.matchers and not self.matchers[row].is_stopped()]
+        if not picked:
             return logits
-        bits = self.bitmask[:len(rows)]
-        for i, row in enumerate(rows):
+        if self.bitmask.shape[0] < len(picked):
+            self.bitmask = torch.zeros((len(picked), self.words), dtype=torch.int32)
+        bits = self.bitmask[:len(picked)]
+        for i, (_, row) in enumerate(picked):
             self.matchers[row].unsafe_compute_mask_ptr(bits[i].data_ptr(), bits.shape[1] * 4)
         bias = mask_bias(bits, logits.shape[-1])
-        if len(rows) == logits.shape[0]:
+        if len(picked) == logits.shape[0]:
             return logits + bias
-        return logits.clone().index_add_(0, torch.tensor(rows), bias)
+        return logits.clone().index_add_(0, torch.tensor([i for i, _ in picked]), bias)
 
     def advance(self, row: int, token: int) -> bool:
         """Move row's grammar past `token`; True when the grammar is complete (nothing may follow)."""

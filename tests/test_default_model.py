@@ -89,3 +89,18 @@ def test_logprobs_of_generated_tokens(ours, hf):
     n = len(out.prompt_token_ids)
     expected = [logprobs[n - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_stop_strings_and_eos_under_refill_match_hf(default_model_store, hf):
+    """Seven requests through a block of three: rows free at stop strings, EOS and length,
+    and waiting requests take them (engine/generation.py)."""
+    texts = ["The capital of France is", "def add(a, b):", "List three colors:\n1.", "Hello, my name is",
+             "Once upon a time, in a small village,", "2 + 2 =", "The quick brown fox"]
+    stops = [".", "\n", "\n3", None, ",", None, " the"]
+    news = [24, 16, 30, 12, 20, 8, 18]
+    expected = [hf_generate(hf, text, max_new_tokens=n, stop_strings=stop, tokenizer=hf[0])
+                for text, stop, n in zip(texts, stops, news)]
+    params = [SamplingParams(max_new_tokens=n, stop=[s] if s else None) for s, n in zip(stops, news)]
+    outs = LLM(default_model_store, dtype="float32", batch_size=3).generate(texts, params)
+    assert [o.token_ids for o in outs] == expected
+    assert any(len(e) < n for e, n in zip(expected, news)), "some request must stop early"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flexbatch import LLM, SamplingParams
-from flexbatch.engine.generation import Request, generate_batch
+from flexbatch.engine.generation import Request, Vocabulary, generate
 from flexbatch.engine.runner import Runner
 
 from conftest import MODEL_KINDS
@@ -30,6 +30,14 @@ class RecordingRunner(Runner):
         self.logits.append(out.clone())
         return out
 
+    def admit(self, rows, input_ids, key_valid, end):
+        out = self.inner.admit(rows, input_ids, key_valid, end)
+        self.logits.append(out.clone())
+        return out
+
+    def shift(self, offset, end):
+        self.inner.shift(offset, end)
+
     def score(self, input_ids, key_valid, piece=None):
         return self.inner.score(input_ids, key_valid, piece)
 
@@ -37,7 +45,8 @@ class RecordingRunner(Runner):
 def ours_with_logits(llm: LLM, prompt: list[int]):
     recorder = RecordingRunner(llm.runner)
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    [out] = generate_batch(recorder, [Request(prompt, params)], None, set(), llm.pad_id)
+    vocab = Vocabulary(None, set(), llm.pad_id, llm.config.vocab_size)
+    [out] = generate(recorder, [Request(prompt, params)], 1, vocab)
     return out.token_ids, torch.stack(recorder.logits)[:, 0]
 
 

@@ -1,7 +1,20 @@
-"""The decoding loop of one batch: left-pad, prefill, then one token per step until every
-sequence has met its EOS, stop string, stop token or length limit."""
+"""The decoding loop with continuous refill: a block of rows generates one token per step
+for every sequence in flight, and when sequences finish, waiting requests take their rows.
+
+Every row writes its next token into the same KV cache slot, the block's clock `t`, so the
+cache of every placement (runner.py, offload_runner.py) keeps appending one slot range per
+step. A request joining the block is prefilled on its own and its prompt's keys and values
+fill the slots just before the clock (`Runner.admit`); its row attends to nothing left of
+them (`key_valid`), and positions count valid slots, so each sequence sees exactly its own
+tokens, as when generated alone. Requests join longest prompt first, so the clock is always
+at least as far as a newcomer's prompt is long; when it reaches the cache's capacity, the
+slots still in use move to the cache's start (`Runner.shift`). The schedule is a function of
+the requests and the tokens they generate, so a rerun of the same requests (a resumed job)
+repeats it exactly.
+"""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +23,10 @@ from ..config import SamplingParams
 from ..structured import GrammarMasks
 from .runner import Runner
 from .sampling import Sampler, token_logprobs, top_alternatives
+
+# Newcomers join once this fraction of the block's rows is free: each admission is one more
+# prefill pass (with weights offloaded, one more read of them).
+REFILL_FRACTION = 1 / 8
 
 
 @dataclass
@@ -70,64 +87,150 @@ class SequenceTracker:
         return self.out
 
 
-def left_pad(requests: list[Request], capacity: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt ids [B, S] left-padded, and key validity [B, capacity] (True at real tokens)."""
-    width = max(len(r.token_ids) for r in requests)
+@dataclass
+class Vocabulary:
+    """What decoding needs of the tokenizer and the model's vocabulary."""
+
+    tokenizer: object | None  # None: token ids only (no stop strings, no response_format)
+    eos_ids: set[int]
+    pad_id: int
+    size: int
+
+
+def left_pad(requests: list[Request], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids [B, width] left-padded, and their validity [B, width] (True at real tokens)."""
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    key_valid = torch.zeros((len(requests), capacity), dtype=torch.bool)
+    valid = torch.zeros((len(requests), width), dtype=torch.bool)
     for b, r in enumerate(requests):
         n = len(r.token_ids)
         ids[b, width - n:] = torch.tensor(r.token_ids, dtype=torch.long)
-        key_valid[b, width - n:width] = True
-    return ids, key_valid
+        valid[b, width - n:] = True
+    return ids, valid
 
 
-def generate_batch(runner: Runner, requests: list[Request], tokenizer, eos_ids: set[int],
-                   pad_id: int = 0, on_step=None) -> list[Completion]:
-    """Generate for all `requests` together; returns one Completion per request, in order.
-
-    on_step(n) is called after each step with the number of tokens it generated.
-    """
-    max_new = max(r.params.max_new_tokens for r in requests)
-    prompt_width = max(len(r.token_ids) for r in requests)
-    ids, key_valid = left_pad(requests, prompt_width + max_new, pad_id)
-    trackers = [SequenceTracker(r, tokenizer, eos_ids) for r in requests]
-    sampler = Sampler([r.params for r in requests])
-    num_alternatives = max(r.params.top_logprobs for r in requests)
-    runner.begin(len(requests), prompt_width + max_new, prompt_width)
+def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vocabulary,
+             on_step=None, on_finish=None) -> list[Completion]:
+    """Generate for all `requests` with `block_size` sequences in flight; one Completion per
+    request, in order. on_step(n): n tokens were generated; on_finish(i, completion): request
+    i is done (called as each finishes)."""
+    if not requests:
+        return []
+    masks = grammar_masks(requests, vocab)
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].token_ids), i))
+    span = max(len(r.token_ids) + r.params.max_new_tokens for r in requests)
+    capacity = span + max(8, span // 4)  # the slack between two shifts
+    block = Block(runner, min(block_size, len(requests)), capacity, vocab, masks)
+    block.on_step, block.on_finish = on_step, on_finish
+    runner.begin(block.size, capacity, len(requests[order[0]].token_ids))
     try:
-        logits = runner.step(ids, key_valid[:, :prompt_width], 0)
-        masks = grammar_masks(requests, tokenizer, logits.shape[-1])
-        for step in range(max_new):
-            # The mask acts on logits the model produced, so every placement shares this code.
-            allowed = masks.apply(logits, active_rows(trackers)) if masks else logits
-            tokens = sampler.sample(allowed)
-            logprobs = token_logprobs(logits, tokens)
-            alternatives = top_alternatives(logits, num_alternatives) if num_alternatives else None
-            appended = 0
-            for b, tracker in enumerate(trackers):
-                if not tracker.out.finished:
-                    token = int(tokens[b])
-                    complete = masks.advance(b, token) if masks else False
-                    tracker.append(token, float(logprobs[b]), alternatives and alternatives[b], complete)
-                    appended += 1
-            if on_step is not None:
-                on_step(appended)
-            if all(t.out.finished for t in trackers):
-                break
-            slot = prompt_width + step
-            key_valid[:, slot] = True
-            logits = runner.step(tokens.unsqueeze(1), key_valid[:, :slot + 1], slot)
+        block.run(requests, deque(order))
     finally:
         runner.end()
-    return [t.finish() for t in trackers]
+    return block.results
 
 
-def grammar_masks(requests: list[Request], tokenizer, vocab_size: int) -> GrammarMasks | None:
-    """The grammar state of the requests that carry a response_format; None if none does."""
-    rows = {b: r.params.response_format for b, r in enumerate(requests) if r.params.response_format}
-    return GrammarMasks(tokenizer, vocab_size, rows) if rows else None
+def grammar_masks(requests: list[Request], vocab: Vocabulary) -> GrammarMasks | None:
+    """The grammar state for requests that carry a response_format (each compiled now, so a
+    bad schema fails before any work); None if none does."""
+    formats = [r.params.response_format for r in requests if r.params.response_format]
+    if not formats:
+        return None
+    masks = GrammarMasks(vocab.tokenizer, vocab.size)
+    for fmt in formats:
+        masks.compile(fmt)
+    return masks
 
 
-def active_rows(trackers: list[SequenceTracker]) -> set[int]:
-    return {b for b, t in enumerate(trackers) if not t.out.finished}
+class Block:
+    """The rows of a block in flight: which request each row holds, the KV cache slots its
+    tokens fill (`key_valid` [rows, capacity]), and the clock `t` all rows write at next."""
+
+    def __init__(self, runner: Runner, size: int, capacity: int, vocab: Vocabulary, masks: GrammarMasks | None):
+        self.runner, self.size, self.capacity, self.vocab, self.masks = runner, size, capacity, vocab, masks
+        self.key_valid = torch.zeros((size, capacity), dtype=torch.bool)
+        self.tokens = torch.full((size,), vocab.pad_id, dtype=torch.long)  # each row's latest token
+        self.starts = [0] * size  # each row's first cache slot
+        self.live: dict[int, tuple[int, SequenceTracker]] = {}  # row -> (request index, its tracker)
+        self.sampler = Sampler()
+        self.t = 0
+        self.requests: list[Request] = []
+        self.results: list[Completion | None] = []
+        self.on_step = self.on_finish = None
+
+    def run(self, requests: list[Request], queue: deque) -> None:
+        self.requests, self.results = requests, [None] * len(requests)
+        while queue or self.live:
+            free = self.size - len(self.live)
+            if queue and (not self.live or free >= min(len(queue), max(1, int(self.size * REFILL_FRACTION)))):
+                self.admit(requests, queue)
+            if self.live:
+                self.decode(queue)
+
+    def admit(self, requests: list[Request], queue: deque) -> None:
+        """Prefill waiting requests into the free rows, right-aligned at the clock."""
+        rows = [r for r in range(self.size) if r not in self.live][:len(queue)]
+        joining = [queue.popleft() for _ in rows]
+        width = len(requests[joining[0]].token_ids)  # the longest: requests join longest first
+        if not self.live:
+            self.t = width  # nothing to keep: the clock restarts
+        assert self.t >= width, "requests must join longest prompt first"
+        ids, valid = left_pad([requests[i] for i in joining], width, self.vocab.pad_id)
+        logits = self.runner.admit(rows, ids, valid, self.t)
+        for row, index, row_valid in zip(rows, joining, valid):
+            self.key_valid[row] = False
+            self.key_valid[row, self.t - width:self.t] = row_valid
+            self.starts[row] = self.t - int(row_valid.sum())
+            request = requests[index]
+            self.live[row] = (index, SequenceTracker(request, self.vocab.tokenizer, self.vocab.eos_ids))
+            self.sampler.assign(row, request.params)
+            if self.masks:
+                self.masks.assign(row, request.params.response_format)
+        self.choose(logits, rows)
+
+    def decode(self, queue: deque) -> None:
+        """One token for every row in flight, written at the clock."""
+        if self.t == self.capacity:
+            longest_waiting = len(self.requests[queue[0]].token_ids) if queue else 0
+            self.shift(max(max(self.t - self.starts[r] for r in self.live), longest_waiting))
+        rows = sorted(self.live)
+        self.key_valid[rows, self.t] = True
+        logits = self.runner.step(self.tokens.unsqueeze(1), self.key_valid[:, :self.t + 1], self.t)
+        self.t += 1
+        self.choose(logits[rows], rows)
+
+    def shift(self, keep: int) -> None:
+        """Move the last `keep` slots before the clock to the cache's start."""
+        offset = self.t - keep
+        self.runner.shift(offset, self.t)
+        self.key_valid[:, :keep] = self.key_valid[:, offset:self.t].clone()
+        self.key_valid[:, keep:] = False
+        self.starts = [s - offset for s in self.starts]
+        self.t = keep
+
+    def choose(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Pick the next token of block rows `rows` from their logits [n, V]; finish those done."""
+        # The mask acts on logits the model produced, so every placement shares this code.
+        allowed = self.masks.apply(logits, rows) if self.masks else logits
+        tokens = self.sampler.sample(allowed, rows)
+        logprobs = token_logprobs(logits, tokens)
+        num_alternatives = max(self.live[r][1].params.top_logprobs for r in rows)
+        alternatives = top_alternatives(logits, num_alternatives) if num_alternatives else None
+        self.tokens[rows] = tokens
+        for i, row in enumerate(rows):
+            token, tracker = int(tokens[i]), self.live[row][1]
+            complete = self.masks.advance(row, token) if self.masks else False
+            tracker.append(token, float(logprobs[i]), alternatives and alternatives[i], complete)
+            if tracker.out.finished:
+                self.finish(row)
+        if self.on_step is not None:
+            self.on_step(len(rows))
+
+    def finish(self, row: int) -> None:
+        index, tracker = self.live.pop(row)
+        self.results[index] = tracker.finish()
+        self.key_valid[row] = False
+        self.sampler.release(row)
+        if self.masks:
+            self.masks.assign(row, None)
+        if self.on_finish is not None:
+            self.on_finish(index, self.results[index])

@@ -42,7 +42,16 @@ from .executor import Executor, InlineIO
 from .kv_cache import CPU, BatchKV, staging_pools
 from .kv_encoded import EncodedBatchKV
 from .memory import detect_budget
-from .runner import Runner, TokenScores, make_context, packed_context, score_in_pieces, source_logprobs, target_logprobs
+from .runner import (
+    Runner,
+    TokenScores,
+    make_context,
+    packed_context,
+    score_in_pieces,
+    shift_slots,
+    source_logprobs,
+    target_logprobs,
+)
 from .scoring import PackedRows
 from .streams import CopyStreams
 from .weight_home import LayerLoad, WeightHome
@@ -147,6 +156,25 @@ class OffloadRunner(Runner):
         return out
 
     @torch.inference_mode()
+    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int) -> torch.Tensor:
+        batches = self.gpu_batches(input_ids.shape[0])
+        ctxs = [make_context(self.cfg, self.family, key_valid[b], 0, self.dtype, self.device,
+                             self.policy.attn_sparsity, self.kv_rotation) for b in batches]
+        hidden = self._run(input_ids, batches, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end))
+        return torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]).cpu()
+
+    @torch.inference_mode()
+    def shift(self, offset: int, end: int) -> None:
+        """Every (layer, GPU batch) cache loaded, moved and stored back whole: a shift comes
+        once per `offset` steps, each of which loads the cache anyway."""
+        for layer in self.kv:
+            for kv in layer:
+                for cache in kv.load(end):
+                    for part in _parts(cache):
+                        shift_slots(part, offset, end)
+                kv.store(0, end - offset)
+
+    @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
         hidden_of = lambda ids, valid, start: torch.cat(self._hidden(ids, valid, start))
         logprobs_of = lambda h, targets: TokenScores.cat([
@@ -157,24 +185,26 @@ class OffloadRunner(Runner):
     def score_packed(self, rows: PackedRows) -> TokenScores:
         """One block of packed rows through every layer (weights stream as in generation), with
         no KV cache: each layer's keys and values are used where computed and dropped."""
-        self.batches = self.gpu_batches(rows.input_ids.shape[0])
-        ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device) for b in self.batches]
-        hidden = self._run(rows.input_ids, ctxs, _PrefillOnlyStep, 0)
+        batches = self.gpu_batches(rows.input_ids.shape[0])
+        ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device) for b in batches]
+        hidden = self._run(rows.input_ids, batches, ctxs, lambda h: _PrefillOnlyStep(self, h, ctxs, 0, 0))
         return TokenScores.cat([source_logprobs(self.cfg, self.family, self.home.globals, h, rows.rows(b))
-                                for h, b in zip(hidden, self.batches)], 0)
+                                for h, b in zip(hidden, batches)], 0)
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
         ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
                              self.policy.attn_sparsity, self.kv_rotation)
                 for b in self.batches]
-        return self._run(input_ids, ctxs, _TokenStep, start)
+        end = start + input_ids.shape[1]
+        return self._run(input_ids, self.batches, ctxs, lambda h: _TokenStep(self, h, ctxs, start, end))
 
-    def _run(self, input_ids: torch.Tensor, ctxs: list, step_kind, start: int) -> list[torch.Tensor]:
+    def _run(self, input_ids: torch.Tensor, batches: list[slice], ctxs: list, work_of) -> list[torch.Tensor]:
+        """Hidden states of `batches` of input_ids through every layer; work_of(hidden) is the
+        step's cache and compute operations (a `StepWork`)."""
         hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
-                  for b, ctx in zip(self.batches, ctxs)]
-        work = step_kind(self, hidden, ctxs, start, start + input_ids.shape[1])
-        self.wait_seconds += self.executor.run_step(work, self.cfg.num_layers, len(self.batches))
+                  for b, ctx in zip(batches, ctxs)]
+        self.wait_seconds += self.executor.run_step(work_of(hidden), self.cfg.num_layers, len(batches))
         return hidden
 
 
@@ -211,6 +241,53 @@ class _PrefillOnlyStep(_TokenStep):
 
     def store_cache(self, layer: int, batch: int) -> None:
         return None
+
+
+class _AdmitStep(_TokenStep):
+    """A prefill of prompts joining the block (`Runner.admit`): each (layer, GPU batch of the
+    newcomers) attends over fresh cache tensors of its own, and once a layer's last GPU batch
+    is computed, its keys and values are written into the block's cache rows `rows`."""
+
+    def __init__(self, runner: OffloadRunner, hidden: list[torch.Tensor], ctxs: list, rows: list[int], end: int):
+        super().__init__(runner, hidden, ctxs, 0, end)
+        self.block_rows, self.fresh = rows, {}
+
+    def load_cache(self, layer: int, batch: int):
+        n, width = self.hidden[batch].shape[:2]
+        shape = (n, self.runner.cfg.num_kv_heads, width, self.runner.cfg.head_dim)
+        fresh = [torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device) for _ in range(2)]
+        self.fresh[layer, batch] = fresh
+        return fresh
+
+    def store_cache(self, layer: int, batch: int) -> None:
+        if batch < len(self.hidden) - 1:
+            return
+        parts = [self.fresh.pop((layer, b)) for b in range(len(self.hidden))]
+        new = [torch.cat([p[kv] for p in parts]) for kv in range(2)]  # [n, Hkv, W, D], newcomers in order
+        slots = slice(self.end - new[0].shape[2], self.end)
+        gbs = self.runner.policy.gpu_batch_size
+        for k, kv in enumerate(self.runner.kv[layer]):
+            mine = [(i, row - k * gbs) for i, row in enumerate(self.block_rows) if row // gbs == k]
+            if mine:
+                caches = kv.load(self.end)
+                for cache, values in zip(caches, new):
+                    _write_rows(cache, mine, slots, values)
+                kv.store(slots.start, slots.stop)
+
+
+def _parts(cache) -> list[torch.Tensor]:
+    return cache.parts if isinstance(cache, CacheSegments) else [cache]
+
+
+def _write_rows(cache, rows: list[tuple[int, int]], slots: slice, values: torch.Tensor) -> None:
+    """cache[local, :, slots] = values[i] for each (i, local) in rows, over a cache split in
+    segments of consecutive sequences or not."""
+    first = 0
+    for part in _parts(cache):
+        for i, local in rows:
+            if first <= local < first + part.shape[0]:
+                part[local - first, :, slots] = values[i].to(part.device)
+        first += part.shape[0]
 
 
 def _tensors_of(values) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
 """The runner interface, and the runner that keeps every weight in memory.
 
-A runner owns the KV cache of the batch it is generating. The generation loop and scoring
-only call `begin`, `step` / `score` and `end` (or `score_packed`, which keeps no cache),
+A runner owns the KV cache of the block it is generating. The generation loop calls
+`begin`, `admit`, `step`, `shift` and `end`; scoring `begin`, `score` and `end` (or
+`score_packed`, which keeps no cache),
 and the LLM `close`s it, so the offloading runner (offload_runner.py) replaces this one
 without changing them.
 """
@@ -70,6 +71,16 @@ class Runner(abc.ABC):
         """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
 
     @abc.abstractmethod
+    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int) -> torch.Tensor:
+        """Prefill left-padded prompts input_ids [n, W] (key_valid [n, W]) on their own and
+        place their keys and values in cache slots [end - W, end) of block rows `rows`;
+        return their last-position logits [n, V] fp32. Other rows' caches are unchanged."""
+
+    @abc.abstractmethod
+    def shift(self, offset: int, end: int) -> None:
+        """Move cache slots [offset, end) of every row to [0, end - offset)."""
+
+    @abc.abstractmethod
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
         """Scores [B, S-1] of each token given the tokens before it (between begin and end)."""
 
@@ -118,6 +129,26 @@ class InMemoryRunner(Runner):
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
     @torch.inference_mode()
+    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int) -> torch.Tensor:
+        n, width = input_ids.shape
+        shape = (n, self.cfg.num_kv_heads, width, self.cfg.head_dim)
+        fresh = [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                  torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.cfg.num_layers)]
+        ctx = make_context(self.cfg, self.family, key_valid, 0, self.dtype, self.device)
+        h = self._forward(input_ids, ctx, fresh)
+        index = torch.tensor(rows, device=self.device)
+        for cache, new in zip(self._cache, fresh):
+            for kv in range(2):
+                cache[kv][index, :, end - width:end] = new[kv]
+        return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
+
+    @torch.inference_mode()
+    def shift(self, offset: int, end: int) -> None:
+        for cache in self._cache:
+            for tensor in cache:
+                shift_slots(tensor, offset, end)
+
+    @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
         logprobs_of = lambda h, targets: target_logprobs(self.cfg, self.family, self.weights.globals, h, targets)
         return score_in_pieces(self._hidden, logprobs_of, input_ids, key_valid, piece)
@@ -127,6 +158,11 @@ class InMemoryRunner(Runner):
         ctx = packed_context(self.cfg, self.family, rows, self.dtype, self.device)
         hidden = self._forward(rows.input_ids, ctx, [(None, None)] * self.cfg.num_layers)
         return source_logprobs(self.cfg, self.family, self.weights.globals, hidden, rows)
+
+
+def shift_slots(cache: torch.Tensor, offset: int, end: int) -> None:
+    """cache [n, Hkv, capacity, D]: slots [offset, end) moved to [0, end - offset)."""
+    cache[:, :, :end - offset] = cache[:, :, offset:end].clone()
 
 
 def source_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,

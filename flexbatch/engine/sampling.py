@@ -23,27 +23,31 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class Sampler:
-    """Holds one random generator per sampled request, so a seeded request draws the same
-    tokens whatever else shares its batch."""
+    """One random generator per sampled sequence of a block, kept by block row, so a seeded
+    request draws the same tokens whatever else shares its block and whenever it joins."""
 
-    def __init__(self, params: list[SamplingParams]):
-        self.params = params
-        self.generators: list[torch.Generator | None] = []
-        for p in params:
-            if p.greedy:
-                self.generators.append(None)
-                continue
+    def __init__(self):
+        self.rows: dict[int, tuple[SamplingParams, torch.Generator]] = {}
+
+    def assign(self, row: int, params: SamplingParams) -> None:
+        """Row `row` now generates with `params` (a greedy request needs no generator)."""
+        self.rows.pop(row, None)
+        if not params.greedy:
             g = torch.Generator()
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.generators.append(g)
+            g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.rows[row] = (params, g)
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] fp32 -> next token ids [B] int64."""
+    def release(self, row: int) -> None:
+        self.rows.pop(row, None)
+
+    def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits [n, V] fp32 of block rows `rows` -> next token ids [n] int64."""
         tokens = logits.argmax(dim=-1)
-        for b, (p, g) in enumerate(zip(self.params, self.generators)):
-            if g is not None:
-                probs = filter_logits(logits[b], p).softmax(-1)
-                tokens[b] = torch.multinomial(probs, 1, generator=g)[0]
+        for i, row in enumerate(rows):
+            if row in self.rows:
+                p, g = self.rows[row]
+                probs = filter_logits(logits[i], p).softmax(-1)
+                tokens[i] = torch.multinomial(probs, 1, generator=g)[0]
         return tokens
 
 
