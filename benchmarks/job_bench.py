@@ -58,10 +58,10 @@ def time_runner(llm, prompts, params, work: Path) -> dict:
 
 def time_engine(llm, prompts, params) -> dict:
     from flexbatch.jobs.inputs import JobRequest
-    from flexbatch.jobs.runner import Prepared, make_blocks
+    from flexbatch.jobs.runner import Prepared, make_segments
 
     prepared = [Prepared(JobRequest(id=str(i), line=i), llm.encode(p), params) for i, p in enumerate(prompts)]
-    blocks = make_blocks(prepared, llm.batch_size)
+    blocks = make_segments(prepared, llm.batch_size)
     start = time.perf_counter()
     tokens = 0
     for block in blocks:

@@ -18,7 +18,7 @@ import torch
 from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
 from .devices import default_dtype, pick_device
-from .engine.generation import Completion, Request, Vocabulary, generate
+from .engine.generation import BlockStats, Completion, Request, Vocabulary, generate
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
 from .kernels import KernelChoice
@@ -211,9 +211,11 @@ class LLM:
         return self.generate([self.apply_chat_template(c) for c in conversations], params, progress)
 
     def generate_ids(self, prompt_ids: list[list[int]], params=None, progress: bool = False,
-                     prompt_texts: list[str | None] | None = None, on_finish=None) -> list[RequestOutput]:
+                     prompt_texts: list[str | None] | None = None, on_finish=None,
+                     stats: BlockStats | None = None) -> list[RequestOutput]:
         """`generate` for prompts given as token ids. on_finish(i, output), if given, is called
-        with each request's RequestOutput as soon as it is done (requests finish out of order)."""
+        with each request's RequestOutput as soon as it is done (requests finish out of order);
+        `stats`, if given, is added the run's padding and row occupancy."""
         params_list = _broadcast_params(params, len(prompt_ids))
         requests = [Request(ids, p) for ids, p in zip(prompt_ids, params_list)]
         for r in requests:
@@ -230,7 +232,7 @@ class LLM:
 
         vocab = Vocabulary(self.tokenizer, self.eos_ids, self.pad_id, self.config.vocab_size)
         try:
-            completions = generate(self.runner, requests, self.batch_size, vocab, bar.add_tokens, finished)
+            completions = generate(self.runner, requests, self.batch_size, vocab, bar.add_tokens, finished, stats)
         finally:
             bar.close()
         return [output(i, c) for i, c in enumerate(completions)]

@@ -45,6 +45,23 @@ def records(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def same_results(path_a, path_b) -> bool:
+    """The records of two outputs are equal, logprobs to within 1e-4: shards cut their
+    segments smaller than one process does (jobs/runner.make_segments), and fp32 sums over
+    other batch neighbours may round differently in the last bits. Refuses repeated ids."""
+    return _close(by_id(path_a), by_id(path_b))
+
+
+def _close(x, y) -> bool:
+    if isinstance(x, float) and isinstance(y, float):
+        return abs(x - y) <= 1e-4
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(map(_close, x, y))
+    return x == y
+
+
 def by_id(path) -> dict[str, dict]:
     """Records keyed by custom_id, without the only field that differs between runs
     (`created`, a timestamp); refuses a file holding an id twice."""

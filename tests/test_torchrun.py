@@ -19,10 +19,10 @@ import pytest
 
 from shard_util import (
     JOB_FLAGS,
-    by_id,
     one_thread,
     records,
     reference_job,
+    same_results,
 )
 
 NUM_PROMPTS = 40
@@ -88,7 +88,7 @@ def kill_rank_mid_job(launcher: subprocess.Popen, part: Path, after_lines: int, 
 def assert_complete(out: Path, single: Path) -> None:
     merged = records(out)
     assert [r["custom_id"] for r in merged] == [f"req-{i}" for i in range(NUM_PROMPTS)] + ["bad"]
-    assert by_id(out) == by_id(single)
+    assert same_results(out, single)
     parts = [out.with_name(f"{out.name}.shard-{r}-of-2") for r in range(2)]
     ids = [r["custom_id"] for p in parts for r in records(p)]
     assert len(ids) == len(set(ids)) == NUM_PROMPTS + 1  # no request ran twice

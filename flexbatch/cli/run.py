@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities by default")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per block (default: the planner's choice; 32 with --no-plan)")
+                   help="sequences in flight at once, the block (default: the planner's choice; 32 with --no-plan)")
     p.add_argument("--window", type=int, default=None,
                    help="requests read, tokenized and sorted by length at a time (default 50000): bounds "
                         "memory on large inputs; blocks never span two windows")

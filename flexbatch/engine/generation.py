@@ -97,6 +97,25 @@ class Vocabulary:
     size: int
 
 
+@dataclass
+class BlockStats:
+    """What a block's schedule cost, added up over the calls it is passed to."""
+
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0  # prompt slots prefilled, left padding included
+    row_steps: int = 0  # block rows computed by decode steps
+    live_row_steps: int = 0  # of them, rows holding a sequence in flight
+
+    @property
+    def padding_overhead(self) -> float:
+        return self.padded_prompt_tokens / self.prompt_tokens - 1.0 if self.prompt_tokens else 0.0
+
+    @property
+    def occupancy(self) -> float:
+        """The share of decode rows that held a sequence (1.0: no row ever idled)."""
+        return self.live_row_steps / self.row_steps if self.row_steps else 1.0
+
+
 def left_pad(requests: list[Request], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt ids [B, width] left-padded, and their validity [B, width] (True at real tokens)."""
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
@@ -109,10 +128,10 @@ def left_pad(requests: list[Request], width: int, pad_id: int) -> tuple[torch.Te
 
 
 def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vocabulary,
-             on_step=None, on_finish=None) -> list[Completion]:
+             on_step=None, on_finish=None, stats: BlockStats | None = None) -> list[Completion]:
     """Generate for all `requests` with `block_size` sequences in flight; one Completion per
     request, in order. on_step(n): n tokens were generated; on_finish(i, completion): request
-    i is done (called as each finishes)."""
+    i is done (called as each finishes); `stats`, if given, is added to."""
     if not requests:
         return []
     masks = grammar_masks(requests, vocab)
@@ -121,6 +140,7 @@ def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vo
     capacity = span + max(8, span // 4)  # the slack between two shifts
     block = Block(runner, min(block_size, len(requests)), capacity, vocab, masks)
     block.on_step, block.on_finish = on_step, on_finish
+    block.stats = stats or BlockStats()
     runner.begin(block.size, capacity, len(requests[order[0]].token_ids))
     try:
         block.run(requests, deque(order))
@@ -156,6 +176,7 @@ class Block:
         self.requests: list[Request] = []
         self.results: list[Completion | None] = []
         self.on_step = self.on_finish = None
+        self.stats = BlockStats()
 
     def run(self, requests: list[Request], queue: deque) -> None:
         self.requests, self.results = requests, [None] * len(requests)
@@ -176,6 +197,8 @@ class Block:
         assert self.t >= width, "requests must join longest prompt first"
         ids, valid = left_pad([requests[i] for i in joining], width, self.vocab.pad_id)
         logits = self.runner.admit(rows, ids, valid, self.t)
+        self.stats.prompt_tokens += int(valid.sum())
+        self.stats.padded_prompt_tokens += valid.numel()
         for row, index, row_valid in zip(rows, joining, valid):
             self.key_valid[row] = False
             self.key_valid[row, self.t - width:self.t] = row_valid
@@ -196,6 +219,8 @@ class Block:
         self.key_valid[rows, self.t] = True
         logits = self.runner.step(self.tokens.unsqueeze(1), self.key_valid[:, :self.t + 1], self.t)
         self.t += 1
+        self.stats.row_steps += self.size
+        self.stats.live_row_steps += len(rows)
         self.choose(logits[rows], rows)
 
     def shift(self, keep: int) -> None:

@@ -32,7 +32,7 @@ from ..config import SamplingParams
 from ..errors import ConfigError
 from ..jobs.inputs import request_from_record
 from ..jobs.params import FIELDS
-from ..jobs.runner import Prepared, generate_isolated, make_blocks, prepare_or_error
+from ..jobs.runner import Prepared, generate_isolated, make_segments, prepare_or_error
 
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos"}
 
@@ -69,8 +69,8 @@ class FlexbatchGenerator:
                 prepared.append(item)
             else:
                 results[i] = item
-        for block in make_blocks(prepared, self.llm.batch_size):
-            for p, out in zip(block, generate_isolated(self.llm, block)):
+        for segment in make_segments(prepared, self.llm.batch_size):
+            for p, out in zip(segment, generate_isolated(self.llm, segment)):
                 results[p.request.line] = out
         return {**batch, **_columns(results)}
 

@@ -1,4 +1,5 @@
-"""The job's output file: append-only, fsynced after every block, resumable, locked.
+"""The job's output file: append-only, fsynced after every append (each second of finished
+results), resumable, locked.
 
 The lock is an exclusive flock on the output file itself, so it follows the real file: a
 symbolic or hard link to an output another job is writing is refused like the file itself.

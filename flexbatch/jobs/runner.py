@@ -1,15 +1,18 @@
-"""Running a job: the input in windows, each window's requests sorted into blocks, results
-appended after every block.
+"""Running a job: the input in windows, each window's requests sorted into segments, each
+segment generated with continuous refill, results appended as requests finish.
 
 A window is `job.window` consecutive requests of the input; its valid requests, finished or
-not, are sorted by prompt length and cut into blocks of the block size, so a resumed job
-recomputes a block with exactly the sequences (and padding) it had before the crash, and
-memory holds one window's token lists at a time. Only results not already in the output are
-written. No request can stop the job: a request that fails validation or preparation gets an
-error record, and a block on which the engine raises is split in halves until only the
+not, are sorted by prompt length and cut into segments of SEGMENT_BLOCKS blocks' worth of
+requests. A segment is one call of the engine's refilling loop (engine/generation.py), whose
+schedule depends only on its requests and the tokens they generate: a resumed job reruns an
+interrupted segment from its start with exactly the requests it had, so each sequence meets
+the same neighbours at the same steps and its tokens are those of an uninterrupted run; only
+results not already in the output are written. Memory holds one window's token lists at a
+time. No request can stop the job: a request that fails validation or preparation gets an
+error record, and a segment on which the engine raises is split in halves until only the
 requests that fail alone get error records.
 
-A shard of the job (shards.py) forms the same windows and blocks and runs the blocks it owns.
+A shard of the job (shards.py) forms the same windows and segments and runs the segments it owns.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from itertools import islice
 from pathlib import Path
 
 from ..config import SamplingParams
+from ..engine.generation import BlockStats
 from ..errors import ConfigError
 from ..progress import TokenProgress
 from .index import contains, duplicate_id
@@ -26,6 +30,11 @@ from .inputs import JobRequest
 from .job import Job, JobSpec
 from .params import request_params
 from .records import openai_record, simple_record
+
+# Blocks' worth of requests per segment. Rows idle only while a segment's last sequences
+# finish, so longer segments keep the block busier; a crash costs at most one segment's rerun.
+SEGMENT_BLOCKS = 8
+FLUSH_SECONDS = 1.0  # finished results are made durable at least this often
 
 
 @dataclass
@@ -43,12 +52,12 @@ class JobSummary:
     errors: int = 0
     engine_errors: int = 0
     prompt_tokens: int = 0
-    padded_prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
     repaired_bytes: int = 0
     notes: list[str] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    blocks: BlockStats = field(default_factory=BlockStats)  # the engine's schedule, reruns included
 
     @property
     def tokens_per_second(self) -> float:
@@ -56,7 +65,7 @@ class JobSummary:
 
     @property
     def padding_overhead(self) -> float:
-        return self.padded_prompt_tokens / self.prompt_tokens - 1.0 if self.prompt_tokens else 0.0
+        return self.blocks.padding_overhead
 
     def count_error(self, request: JobRequest, message: str, engine: bool = False) -> None:
         self.errors += 1
@@ -70,7 +79,8 @@ class JobSummary:
                + (f", {self.engine_errors} of them raised in the engine" if self.engine_errors else "") + ")",
                f"generated tokens: {self.generated_tokens} in {self.seconds:.1f}s "
                f"({self.tokens_per_second:.1f} tokens/s)",
-               f"prompt tokens: {self.prompt_tokens}, padding overhead {100 * self.padding_overhead:.1f}%"]
+               f"prompt tokens: {self.prompt_tokens}, padding overhead {100 * self.padding_overhead:.1f}%, "
+               f"block rows busy {100 * self.blocks.occupancy:.1f}% of decode steps"]
         if self.repaired_bytes:
             out.append(f"repaired a torn last line ({self.repaired_bytes} bytes) left by an interrupted run")
         out += self.notes
@@ -108,26 +118,33 @@ def prepare_or_error(llm, request: JobRequest, defaults: SamplingParams, chat: b
         return f"cannot prepare this request ({type(e).__name__}: {e})"
 
 
-def make_blocks(prepared: list[Prepared], block_size: int) -> list[list[Prepared]]:
+def make_segments(prepared: list[Prepared], block_size: int, parts: int = 1) -> list[list[Prepared]]:
+    """`prepared` sorted by prompt length and cut into segments of SEGMENT_BLOCKS blocks, or
+    smaller (down to one block) so that `parts` shards get a segment each."""
     ordered = sorted(prepared, key=lambda p: (len(p.token_ids), p.request.line))
-    return [ordered[s:s + block_size] for s in range(0, len(ordered), block_size)]
+    size = max(block_size, min(block_size * SEGMENT_BLOCKS, -(-len(ordered) // parts)))
+    return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
 
-def generate_isolated(llm, block: list[Prepared]) -> list:
-    """Outputs of `block`, or for a request on which the engine raises, the error's message.
+def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: BlockStats | None = None) -> list:
+    """Outputs of `segment`, or for a request on which the engine raises, the error's message.
+    on_finish(i, output) is called as request i of the segment finishes.
 
     OSErrors (a full or failing disk) are not any request's fault: they stop the job, which
     the same command resumes.
     """
     try:
-        return llm.generate_ids([p.token_ids for p in block], [p.params for p in block])
+        return llm.generate_ids([p.token_ids for p in segment], [p.params for p in segment],
+                                on_finish=on_finish, stats=stats)
     except OSError:
         raise
     except Exception as e:
-        if len(block) == 1:
+        if len(segment) == 1:
             return [f"the engine failed on this request ({type(e).__name__}: {e})"]
-        mid = len(block) // 2
-        return generate_isolated(llm, block[:mid]) + generate_isolated(llm, block[mid:])
+        mid = len(segment) // 2
+        later = on_finish and (lambda i, out: on_finish(mid + i, out))
+        return (generate_isolated(llm, segment[:mid], on_finish, stats)
+                + generate_isolated(llm, segment[mid:], later, stats))
 
 
 class WindowRunner:
@@ -174,34 +191,49 @@ class WindowRunner:
         self.job.out.append(errors)
         self.bar.add_requests(len(errors))
         window_number = position // self.job.window
-        for number, block in enumerate(make_blocks(prepared, self.llm.batch_size)):
+        parts = self.shard.count if self.shard else 1
+        for number, segment in enumerate(make_segments(prepared, self.llm.batch_size, parts)):
             if self.shard and not self.shard.owns_block(window_number, number):
                 continue
-            if not all(p.request.id in finished for p in block):
-                self._run_block(block, finished)
+            if not all(p.request.id in finished for p in segment):
+                self._run_segment(segment, finished)
 
     def _error(self, request: JobRequest, message: str, engine: bool = False) -> dict:
         self.summary.count_error(request, message, engine)
         return self.record(request, self.model_name, error=message, server_error=engine)
 
-    def _run_block(self, block: list[Prepared], finished: set[str]) -> None:
-        outputs = generate_isolated(self.llm, block)
-        width = max(len(p.token_ids) for p in block)
-        records = []
-        for p, out in zip(block, outputs):
-            if p.request.id in finished:
-                continue
-            if isinstance(out, str):
-                records.append(self._error(p.request, out, engine=True))
-                continue
-            records.append(self.record(p.request, self.model_name, output=out))
-            self.summary.completed += 1
-            self.summary.prompt_tokens += len(p.token_ids)
-            self.summary.padded_prompt_tokens += width
-            self.summary.generated_tokens += len(out.token_ids)
-            self.bar.add_tokens(len(out.token_ids))
+    def _run_segment(self, segment: list[Prepared], finished: set[str]) -> None:
+        pending, flushed = [], time.monotonic()
+
+        def done(i: int, out) -> None:
+            nonlocal flushed
+            p = segment[i]
+            if p.request.id not in finished:
+                finished.add(p.request.id)
+                pending.append(self._record(p, out))
+            if time.monotonic() - flushed >= FLUSH_SECONDS:
+                self._flush(pending)
+                flushed = time.monotonic()
+
+        outputs = generate_isolated(self.llm, segment, done, self.summary.blocks)
+        for i, out in enumerate(outputs):
+            if isinstance(out, str):  # an engine error: never reported through `done`
+                done(i, out)
+        self._flush(pending)
+
+    def _record(self, p: Prepared, out) -> dict:
+        if isinstance(out, str):
+            return self._error(p.request, out, engine=True)
+        self.summary.completed += 1
+        self.summary.prompt_tokens += len(p.token_ids)
+        self.summary.generated_tokens += len(out.token_ids)
+        self.bar.add_tokens(len(out.token_ids))
+        return self.record(p.request, self.model_name, output=out)
+
+    def _flush(self, records: list[dict]) -> None:
         self.job.out.append(records)
         self.bar.add_requests(len(records))
+        records.clear()
 
 
 def run_job(llm, input_path: str | Path, output_path: str | Path, fmt: str = "auto", column: str = "prompt",

@@ -1,11 +1,11 @@
-"""Splitting one job over several processes: which blocks a shard runs, and where it writes.
+"""Splitting one job over several processes: which segments a shard runs, and where it writes.
 
 A shard is one of N processes running the same job (the same command with `--shard I/N`, or
-a rank of `torchrun`). Every shard reads the whole input and forms every window's blocks
-exactly as a single process would (same sort, same block size: the job manifest records it),
-then runs only the blocks it owns and appends their results to its own part file beside
-the output, `OUTPUT.shard-I-of-N`. Blocks identical to a single run mean results identical
-to a single run. `merge.py` assembles the parts into OUTPUT in input order.
+a rank of `torchrun`). Every shard reads the whole input and forms every window's segments
+(runner.py) exactly as every other shard does (same sort, same block size: the job manifest
+records it; segments are cut small enough that each of the N shards gets one), then runs
+only the segments it owns and appends their results to its own part file beside the output,
+`OUTPUT.shard-I-of-N`. `merge.py` assembles the parts into OUTPUT in input order.
 
 A request counts as finished when any part (of any shard count) or OUTPUT itself holds its
 result, so a resume after a crash, or with another number of shards, never runs it twice.
@@ -48,13 +48,13 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     def owns_block(self, window: int, block: int) -> bool:
-        """Block `block` of window `window`. Blocks are dealt round-robin, starting one shard
-        further on in each window, so that windows of few blocks still spread over all shards
-        (and neighbouring blocks, of similar prompt lengths, go to different shards)."""
+        """Segment `block` of window `window`. Segments are dealt round-robin, starting one shard
+        further on in each window, so that windows of few segments still spread over all
+        shards (and neighbouring segments, of similar prompt lengths, go to different shards)."""
         return (window + block) % self.count == self.index
 
     def owns_request(self, position: int) -> bool:
-        """For a request that never reaches a block (its error record): by input position."""
+        """For a request that never reaches a segment (its error record): by input position."""
         return position % self.count == self.index
 
     def part(self, output: Path) -> Path:
