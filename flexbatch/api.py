@@ -73,11 +73,11 @@ class LLM:
     or "float16". batch_size: sequences generated together.
 
     policy: where weights and KV cache live and how the block schedule runs (see `Policy`);
-    None keeps everything in memory, dense. Any policy, including one that only compresses
-    (everything in memory), runs on the offloading runner: it alone keeps weights packed
-    and the KV cache quantized. With a policy, a block of `policy.block_size` sequences
-    is generated at a time, layer weights stream from `offload_dir` (a temporary folder by
-    default), and `cpu_memory` / `gpu_memory` (bytes; default: what is free) bound what
+    None keeps everything in memory, dense. A policy that keeps everything dense where
+    compute runs only sets the block (`policy.block_size` sequences in flight); any other,
+    including one that only compresses, runs on the offloading runner: it alone keeps
+    weights packed and the KV cache quantized. Layer weights stream from `offload_dir` (a
+    temporary folder by default), and `cpu_memory` / `gpu_memory` (bytes; default: what is free) bound what
     the policy may use, checked before anything is allocated. Without a policy, a given
     `cpu_memory` is checked against the weights kept in memory. kernels: which kernel
     multiplies by 4-bit weights (`KernelChoice`); None takes FLEXBATCH_INT4_FUSED_MAX_ROWS
@@ -101,6 +101,9 @@ class LLM:
         self.batch_size = batch_size
         self.tokenizer = opened.load_tokenizer()
         policy = self.policy = effective_policy(opened, policy, batch_size)
+        if policy is not None and policy.all_in_memory(self.device.type):
+            self.batch_size = policy.block_size  # nothing to stream: the in-memory runner, faster
+            policy = None
         if policy is None:  # dense and in memory; compression needs the offloading runner
             if cpu_memory is not None:
                 self._check_in_memory_fit(cpu_memory, gpu_memory)

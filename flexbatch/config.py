@@ -185,6 +185,15 @@ class Policy:
         """How the KV cache is compressed (groups along the head dimension), or None."""
         return QuantConfig(self.compress_bits, self.group_size, -1) if self.compress_cache else None
 
+    def all_in_memory(self, device_type: str) -> bool:
+        """Dense weights and KV cache all where compute runs (on a CPU, RAM is device and
+        host alike), with nothing this policy asks of the offloading runner."""
+        if self.compress_weight or self.compress_cache or self.attn_sparsity < 1.0:
+            return False
+        if device_type == "cuda":
+            return self.weights_device == 1.0 and self.cache_device == 1.0
+        return self.weights_disk == 0.0 and self.cache_disk == 0.0
+
     @property
     def weights_disk(self) -> float:
         return max(0.0, 1.0 - self.weights_device - self.weights_host)

@@ -33,6 +33,7 @@ from .weights.source import OpenedModel, open_model
 DEFAULT_BATCH_SIZE = 32  # sequences per block without a policy or the planner
 PROMPT_SAMPLE = 512  # prompts tokenized to estimate a workload's prompt length
 MIN_PROMPT_TOKENS = 64  # the shortest prompt length the planner plans for
+REFILLS_PER_ROW = 4  # a planned block has at least this many of the job's requests per row (small jobs aside)
 
 log_to_stderr = lambda msg: print(msg, file=sys.stderr)
 
@@ -111,7 +112,11 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
     if not settings.plan:
         return None, settings.batch_size or DEFAULT_BATCH_SIZE
     prompt_len, num_sequences = estimate(opened)
-    plan = plan_for(settings, opened, device, dtype, Workload(prompt_len, gen_len), num_sequences,
+    # Rows refill from the requests still waiting (engine/generation.py), so a block of all
+    # the job's requests would leave refill nothing to do: at most a quarter of them, unless
+    # that is less than the default block.
+    max_block = max(num_sequences // REFILLS_PER_ROW, min(num_sequences, DEFAULT_BATCH_SIZE))
+    plan = plan_for(settings, opened, device, dtype, Workload(prompt_len, gen_len), max_block,
                     settings.batch_size, log)
     log(f"planner: {describe(plan.best, device.type == 'cuda')}")
     return plan.best.policy, plan.best.policy.block_size

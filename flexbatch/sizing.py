@@ -89,6 +89,13 @@ class MemoryPlan:
                 )
 
 
+def block_capacity(span: int, refills: bool = True) -> int:
+    """KV cache slots per row of a block whose sequences need up to `span` tokens each. With
+    refill (more requests than rows) a quarter more, at least 8: the room the block's clock
+    runs on between two shifts of the cache (engine/generation.py)."""
+    return span + max(8, span // 4) if refills else span
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> int:
     """K and V of one token of one sequence in one layer, as stored (compressed or not)."""
     if quant is None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SamplingParams
+from ..sizing import block_capacity
 from ..structured import GrammarMasks
 from .runner import Runner
 from .sampling import Sampler, token_logprobs, top_alternatives
@@ -137,7 +138,7 @@ def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vo
     masks = grammar_masks(requests, vocab)
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].token_ids), i))
     span = max(len(r.token_ids) + r.params.max_new_tokens for r in requests)
-    capacity = span + max(8, span // 4)  # the slack between two shifts
+    capacity = block_capacity(span, refills=len(requests) > block_size)
     block = Block(runner, min(block_size, len(requests)), capacity, vocab, masks)
     block.on_step, block.on_finish = on_step, on_finish
     block.stats = stats or BlockStats()

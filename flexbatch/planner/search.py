@@ -15,7 +15,7 @@ from ..config import Policy
 from ..errors import ConfigError
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import GiB, MemoryBudget, MemoryPlan, run_memory
+from ..sizing import GiB, MemoryBudget, MemoryPlan, block_capacity, run_memory
 from .machine import MachineModel
 from .terms import Workload, block_seconds, head_seconds
 
@@ -48,7 +48,7 @@ def _memory_rows(cfg, family, dtype, machine: MachineModel, template: Policy, wo
     """Memory constraints [slope per variable] . x <= limit, one per budget of the machine.
     Memory is linear in the placement (exactly, for fractions below 1), so each row comes
     from one plan per variable."""
-    capacity = work.prompt_len + work.gen_len
+    capacity = block_capacity(work.prompt_len + work.gen_len)
 
     def totals(**fractions) -> np.ndarray:
         policy = replace(template, **{**ON_DISK, **fractions})
@@ -106,7 +106,7 @@ def evaluate(cfg, family, dtype, machine: MachineModel, policy: Policy, work: Wo
     costs = machine.layer_costs(cfg, family, dtype, policy, work)
     head = head_seconds(cfg, dtype, machine.rates, policy.gpu_batch_size, policy.block_size, work.gen_len)
     pre, gen = block_seconds(costs, cfg.num_layers, work.gen_len, machine.placement(policy), policy.overlap, head)
-    memory = run_memory(cfg, family, policy, dtype, policy.block_size, work.prompt_len + work.gen_len,
+    memory = run_memory(cfg, family, policy, dtype, policy.block_size, block_capacity(work.prompt_len + work.gen_len),
                         work.prompt_len, machine.device)
     return Candidate(policy, policy.block_size * work.gen_len / (pre + gen), pre, gen, memory)
 
@@ -170,7 +170,7 @@ def _candidates(cfg, family, dtype, machine: MachineModel, work, budget, templat
 
 def _infeasible(cfg, family, dtype, machine: MachineModel, work, budget, compression) -> ConfigError:
     smallest = Policy(gpu_batch_size=1, num_gpu_batches=1, **ON_DISK, **compression)
-    plan = run_memory(cfg, family, smallest, dtype, 1, work.prompt_len + work.gen_len, work.prompt_len,
+    plan = run_memory(cfg, family, smallest, dtype, 1, block_capacity(work.prompt_len + work.gen_len), work.prompt_len,
                       machine.device)
     tiers = [("memory", plan.merged(), budget.host_bytes, "--cpu-memory")] if machine.unified else \
         [("GPU memory", plan.device, budget.device_bytes, "--gpu-memory"),
