@@ -252,17 +252,17 @@ class LLM:
         ids = [self.encode(t) for t in texts]
         outputs = []
         for s in range(0, len(ids), self.batch_size):
-            chunk = [Request(x, SamplingParams()) for x in ids[s:s + self.batch_size]]
-            width = max(len(r.token_ids) for r in chunk)
+            chunk = ids[s:s + self.batch_size]
+            width = max(map(len, chunk))
             padded, key_valid = left_pad(chunk, width, self.pad_id)
             self.runner.begin(len(chunk), width)
             try:
                 scores = self.runner.score(padded, key_valid, piece)
             finally:
                 self.runner.end()
-            for b, r in enumerate(chunk):
-                n = len(r.token_ids)
-                outputs.append(ScoreOutput(r.token_ids, scores.logprobs[b, width - n:].tolist(),
+            for b, token_ids in enumerate(chunk):
+                n = len(token_ids)
+                outputs.append(ScoreOutput(token_ids, scores.logprobs[b, width - n:].tolist(),
                                            scores.greedy[b, width - n:].tolist()))
         return outputs
 

@@ -30,8 +30,8 @@ class RecordingRunner(Runner):
         self.logits.append(out.clone())
         return out
 
-    def admit(self, rows, input_ids, key_valid, end):
-        out = self.inner.admit(rows, input_ids, key_valid, end)
+    def admit(self, rows, input_ids, key_valid, end, shared=0):
+        out = self.inner.admit(rows, input_ids, key_valid, end, shared)
         self.logits.append(out.clone())
         return out
 

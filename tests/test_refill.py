@@ -37,11 +37,13 @@ class CountingRunner(RecordingRunner):
     def __init__(self, inner):
         super().__init__(inner)
         self.admits = self.shifts = 0
+        self.shared: list[int] = []  # each admission's shared prefix length
         self.cfg = getattr(inner, "cfg", None)
 
-    def admit(self, rows, input_ids, key_valid, end):
+    def admit(self, rows, input_ids, key_valid, end, shared=0):
         self.admits += 1
-        return self.inner.admit(rows, input_ids, key_valid, end)
+        self.shared.append(shared)
+        return self.inner.admit(rows, input_ids, key_valid, end, shared)
 
     def step(self, input_ids, key_valid, start):
         return self.inner.step(input_ids, key_valid, start)
@@ -126,3 +128,36 @@ def test_seeded_sampling_does_not_depend_on_block_neighbours(tiny_model):
     runs = [[o.token_ids for o in LLM(folder, dtype="float32", batch_size=b).generate(prompts, params)]
             for b in (1, 3, 8)]
     assert runs[0] == runs[1] == runs[2]
+
+
+def prefixed_requests(seed: int, count: int, prefix_len: int = 24):
+    """Prompts that share a `prefix_len`-token prefix (a system prompt, few-shot examples),
+    then differ, with mixed lengths and max_new_tokens."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(2, 256) for _ in range(prefix_len)]
+    prompts, news = mixed_requests(seed, count)
+    return [prefix + p for p in prompts], news
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa_tied_llama3", "gemma2", "opt_post_ln_proj"])
+def test_shared_prefix_computed_once_gives_each_sequence_its_tokens_alone(tiny_model, kind, monkeypatch):
+    folder, hf = tiny_model(kind)
+    prompts, news = prefixed_requests(5, 12)
+    expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
+    monkeypatch.setattr(generation, "REFILL_FRACTION", 0.25)
+    got, counter = run_with_refill(LLM(folder, dtype="float32", batch_size=4), prompts, params)
+    assert got == expected
+    assert counter.shared[0] >= 24 and sum(s > 0 for s in counter.shared) >= 3
+
+
+@pytest.mark.parametrize("policy_name", list(OFFLOADED))
+def test_offloaded_shared_prefix_gives_each_sequence_its_tokens_alone(tiny_model, tmp_path, policy_name):
+    folder, hf = tiny_model("qwen2")
+    prompts, news = prefixed_requests(6, 11, prefix_len=30)
+    expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
+    with LLM(folder, dtype="float32", policy=OFFLOADED[policy_name], offload_dir=tmp_path) as llm:
+        got, counter = run_with_refill(llm, prompts, params)
+    assert got == expected
+    assert counter.shared[0] >= 30

@@ -6,7 +6,8 @@ cache of every placement (runner.py, offload_runner.py) keeps appending one slot
 step. A request joining the block is prefilled on its own and its prompt's keys and values
 fill the slots just before the clock (`Runner.admit`); its row attends to nothing left of
 them (`key_valid`), and positions count valid slots, so each sequence sees exactly its own
-tokens, as when generated alone. Requests join longest prompt first, so the clock is always
+tokens, as when generated alone. Requests joining together that share a prefix compute it
+once: each row holds the prefix, padding, then the rest of its prompt (`prefix_layout`). Requests join longest prompt first, so the clock is always
 at least as far as a newcomer's prompt is long; when it reaches the cache's capacity, the
 slots still in use move to the cache's start (`Runner.shift`). The schedule is a function of
 the requests and the tokens they generate, so a rerun of the same requests (a resumed job)
@@ -14,6 +15,7 @@ repeats it exactly.
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,6 +30,9 @@ from .sampling import Sampler, token_logprobs, top_alternatives
 # Newcomers join once this fraction of the block's rows is free: each admission is one more
 # prefill pass (with weights offloaded, one more read of them).
 REFILL_FRACTION = 1 / 8
+# Requests joining together that share at least this many leading tokens (a system prompt,
+# few-shot examples) compute them once (`Runner.admit`'s `shared`).
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -117,15 +122,23 @@ class BlockStats:
         return self.live_row_steps / self.row_steps if self.row_steps else 1.0
 
 
-def left_pad(requests: list[Request], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt ids [B, width] left-padded, and their validity [B, width] (True at real tokens)."""
-    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(requests), width), dtype=torch.bool)
-    for b, r in enumerate(requests):
-        n = len(r.token_ids)
-        ids[b, width - n:] = torch.tensor(r.token_ids, dtype=torch.long)
-        valid[b, width - n:] = True
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        if prompt:
+            ids[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            valid[b, width - len(prompt):] = True
     return ids, valid
+
+
+def prefix_layout(prompts: list[list[int]], shared: int, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `left_pad`, but the first `shared` tokens (the same in every prompt) come first in
+    every row, then padding, then the rest of each prompt: the prefix is computed once."""
+    ids, valid = left_pad([p[shared:] for p in prompts], width - shared, pad_id)
+    prefix = torch.tensor(prompts[0][:shared], dtype=torch.long).expand(len(prompts), shared)
+    return torch.cat([prefix, ids], 1), torch.cat([torch.ones(len(prompts), shared, dtype=torch.bool), valid], 1)
 
 
 def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vocabulary,
@@ -173,6 +186,7 @@ class Block:
         self.starts = [0] * size  # each row's first cache slot
         self.live: dict[int, tuple[int, SequenceTracker]] = {}  # row -> (request index, its tracker)
         self.sampler = Sampler()
+        self.prefix: list[int] = []  # the shared prefix computed last
         self.t = 0
         self.requests: list[Request] = []
         self.results: list[Completion | None] = []
@@ -192,24 +206,39 @@ class Block:
         """Prefill waiting requests into the free rows, right-aligned at the clock."""
         rows = [r for r in range(self.size) if r not in self.live][:len(queue)]
         joining = [queue.popleft() for _ in rows]
-        width = len(requests[joining[0]].token_ids)  # the longest: requests join longest first
+        prompts = [requests[i].token_ids for i in joining]
+        width = len(prompts[0])  # the longest: requests join longest first
         if not self.live:
             self.t = width  # nothing to keep: the clock restarts
         assert self.t >= width, "requests must join longest prompt first"
-        ids, valid = left_pad([requests[i] for i in joining], width, self.vocab.pad_id)
-        logits = self.runner.admit(rows, ids, valid, self.t)
-        self.stats.prompt_tokens += int(valid.sum())
-        self.stats.padded_prompt_tokens += valid.numel()
+        shared = self.shared_prefix(prompts)
+        ids, valid = prefix_layout(prompts, shared, width, self.vocab.pad_id)
+        logits = self.runner.admit(rows, ids, valid, self.t, shared)
+        self.stats.prompt_tokens += sum(map(len, prompts))
+        self.stats.padded_prompt_tokens += valid.numel() - (len(prompts) - 1) * shared
         for row, index, row_valid in zip(rows, joining, valid):
             self.key_valid[row] = False
             self.key_valid[row, self.t - width:self.t] = row_valid
-            self.starts[row] = self.t - int(row_valid.sum())
+            self.starts[row] = self.t - width + int(row_valid.int().argmax())  # its first token's slot
             request = requests[index]
             self.live[row] = (index, SequenceTracker(request, self.vocab.tokenizer, self.vocab.eos_ids))
             self.sampler.assign(row, request.params)
             if self.masks:
                 self.masks.assign(row, request.params.response_format)
         self.choose(logits, rows)
+
+    def shared_prefix(self, prompts: list[list[int]]) -> int:
+        """Leading tokens the joining prompts share, to compute once: the prefix used last if
+        they all start with it (a runner may have kept its keys and values), else their
+        longest common prefix if at least MIN_SHARED_PREFIX long and shared by two or more.
+        Every prompt keeps at least its last token out of it, for its logits."""
+        longest = os.path.commonprefix(prompts)[:min(map(len, prompts)) - 1]
+        if self.prefix and longest[:len(self.prefix)] == self.prefix:
+            return len(self.prefix)
+        if len(longest) < MIN_SHARED_PREFIX or len(prompts) < 2:
+            return 0
+        self.prefix = list(longest)
+        return len(longest)
 
     def decode(self, queue: deque) -> None:
         """One token for every row in flight, written at the clock."""

@@ -156,12 +156,19 @@ class OffloadRunner(Runner):
         return out
 
     @torch.inference_mode()
-    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int) -> torch.Tensor:
+    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
+              shared: int = 0) -> torch.Tensor:
         batches = self.gpu_batches(input_ids.shape[0])
-        ctxs = [make_context(self.cfg, self.family, key_valid[b], 0, self.dtype, self.device,
+        ctxs = [make_context(self.cfg, self.family, key_valid[b], shared, self.dtype, self.device,
                              self.policy.attn_sparsity, self.kv_rotation) for b in batches]
-        hidden = self._run(input_ids, batches, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end))
-        return torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]).cpu()
+        inputs = [input_ids[b, shared:] for b in batches]
+        if shared:  # one more GPU batch, first in every layer: the prefix, whose keys the others copy
+            ctxs.insert(0, make_context(self.cfg, self.family, torch.ones(1, shared, dtype=torch.bool), 0,
+                                        self.dtype, self.device, kv_rotation=self.kv_rotation))
+            inputs.insert(0, input_ids[:1, :shared])
+        hidden = self._run(inputs, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end, shared))
+        joining = hidden[1:] if shared else hidden
+        return torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in joining]).cpu()
 
     @torch.inference_mode()
     def shift(self, offset: int, end: int) -> None:
@@ -187,7 +194,7 @@ class OffloadRunner(Runner):
         no KV cache: each layer's keys and values are used where computed and dropped."""
         batches = self.gpu_batches(rows.input_ids.shape[0])
         ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device) for b in batches]
-        hidden = self._run(rows.input_ids, batches, ctxs, lambda h: _PrefillOnlyStep(self, h, ctxs, 0, 0))
+        hidden = self._run([rows.input_ids[b] for b in batches], ctxs, lambda h: _PrefillOnlyStep(self, h, ctxs, 0, 0))
         return TokenScores.cat([source_logprobs(self.cfg, self.family, self.home.globals, h, rows.rows(b))
                                 for h, b in zip(hidden, batches)], 0)
 
@@ -197,14 +204,15 @@ class OffloadRunner(Runner):
                              self.policy.attn_sparsity, self.kv_rotation)
                 for b in self.batches]
         end = start + input_ids.shape[1]
-        return self._run(input_ids, self.batches, ctxs, lambda h: _TokenStep(self, h, ctxs, start, end))
+        inputs = [input_ids[b] for b in self.batches]
+        return self._run(inputs, ctxs, lambda h: _TokenStep(self, h, ctxs, start, end))
 
-    def _run(self, input_ids: torch.Tensor, batches: list[slice], ctxs: list, work_of) -> list[torch.Tensor]:
-        """Hidden states of `batches` of input_ids through every layer; work_of(hidden) is the
-        step's cache and compute operations (a `StepWork`)."""
-        hidden = [self.family.embed(self.cfg, self.home.globals, input_ids[b].to(self.device), ctx)
-                  for b, ctx in zip(batches, ctxs)]
-        self.wait_seconds += self.executor.run_step(work_of(hidden), self.cfg.num_layers, len(batches))
+    def _run(self, inputs: list[torch.Tensor], ctxs: list, work_of) -> list[torch.Tensor]:
+        """Hidden states of each GPU batch's input ids through every layer; work_of(hidden) is
+        the step's cache and compute operations (a `StepWork`)."""
+        hidden = [self.family.embed(self.cfg, self.home.globals, ids.to(self.device), ctx)
+                  for ids, ctx in zip(inputs, ctxs)]
+        self.wait_seconds += self.executor.run_step(work_of(hidden), self.cfg.num_layers, len(inputs))
         return hidden
 
 
@@ -246,23 +254,34 @@ class _PrefillOnlyStep(_TokenStep):
 class _AdmitStep(_TokenStep):
     """A prefill of prompts joining the block (`Runner.admit`): each (layer, GPU batch of the
     newcomers) attends over fresh cache tensors of its own, and once a layer's last GPU batch
-    is computed, its keys and values are written into the block's cache rows `rows`."""
+    is computed, its keys and values are written into the block's cache rows `rows`. With a
+    `shared` prefix, GPU batch 0 is the prefix alone and the others copy its keys and values."""
 
-    def __init__(self, runner: OffloadRunner, hidden: list[torch.Tensor], ctxs: list, rows: list[int], end: int):
+    def __init__(self, runner: OffloadRunner, hidden: list[torch.Tensor], ctxs: list, rows: list[int], end: int,
+                 shared: int):
         super().__init__(runner, hidden, ctxs, 0, end)
-        self.block_rows, self.fresh = rows, {}
+        self.block_rows, self.shared, self.fresh = rows, shared, {}
+        self.first = 1 if shared else 0  # the first GPU batch of newcomers
 
     def load_cache(self, layer: int, batch: int):
         n, width = self.hidden[batch].shape[:2]
+        if batch >= self.first:
+            width += self.shared
         shape = (n, self.runner.cfg.num_kv_heads, width, self.runner.cfg.head_dim)
         fresh = [torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device) for _ in range(2)]
         self.fresh[layer, batch] = fresh
         return fresh
 
+    def compute(self, layer: int, batch: int, loaded: LayerLoad, cache) -> None:
+        if self.shared and batch >= self.first:  # the prefix computed this layer first
+            for kv in range(2):
+                cache[kv][:, :, :self.shared] = self.fresh[layer, 0][kv]
+        super().compute(layer, batch, loaded, cache)
+
     def store_cache(self, layer: int, batch: int) -> None:
         if batch < len(self.hidden) - 1:
             return
-        parts = [self.fresh.pop((layer, b)) for b in range(len(self.hidden))]
+        parts = [self.fresh.pop((layer, b)) for b in range(len(self.hidden))][self.first:]
         new = [torch.cat([p[kv] for p in parts]) for kv in range(2)]  # [n, Hkv, W, D], newcomers in order
         slots = slice(self.end - new[0].shape[2], self.end)
         gbs = self.runner.policy.gpu_batch_size

@@ -38,9 +38,11 @@ class TokenScores:
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
                  dtype: torch.dtype, device: torch.device, attn_keep: float = 1.0,
                  kv_rotation: torch.Tensor | None = None) -> StepContext:
+    key_positions = ops.positions_from_mask(key_valid, 0).to(device)
     ctx = StepContext(
-        positions=ops.positions_from_mask(key_valid, start).to(device),
+        positions=key_positions[:, start:],
         start=start,
+        key_positions=key_positions,
         attn_mask=ops.attention_mask(key_valid, start, dtype, cfg.sliding_window).to(device),
         attn_keep=attn_keep,
         kv_rotation=kv_rotation,
@@ -71,10 +73,12 @@ class Runner(abc.ABC):
         """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
 
     @abc.abstractmethod
-    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int) -> torch.Tensor:
-        """Prefill left-padded prompts input_ids [n, W] (key_valid [n, W]) on their own and
-        place their keys and values in cache slots [end - W, end) of block rows `rows`;
-        return their last-position logits [n, V] fp32. Other rows' caches are unchanged."""
+    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
+              shared: int = 0) -> torch.Tensor:
+        """Prefill prompts input_ids [n, W] (key_valid [n, W]) on their own and place their
+        keys and values in cache slots [end - W, end) of block rows `rows`; return their
+        last-position logits [n, V] fp32. Other rows' caches are unchanged. The first
+        `shared` columns are the same tokens in every row, computed once."""
 
     @abc.abstractmethod
     def shift(self, offset: int, end: int) -> None:
@@ -103,15 +107,13 @@ class InMemoryRunner(Runner):
         self.cfg, self.family, self.weights = cfg, family, weights
         self.dtype, self.device = dtype, device
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._prefix: tuple[tuple[int, ...], list] | None = None  # (tokens, caches) of the last shared prefix
 
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
-        shape = (batch_size, self.cfg.num_kv_heads, capacity, self.cfg.head_dim)
-        self._cache = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                        torch.empty(shape, dtype=self.dtype, device=self.device))
-                       for _ in range(self.cfg.num_layers)]
+        self._cache = [self._empty_cache(batch_size, capacity) for _ in range(self.cfg.num_layers)]
 
     def end(self) -> None:
-        self._cache = []
+        self._cache, self._prefix = [], None
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
         ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device)
@@ -129,18 +131,38 @@ class InMemoryRunner(Runner):
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
     @torch.inference_mode()
-    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int) -> torch.Tensor:
+    def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
+              shared: int = 0) -> torch.Tensor:
         n, width = input_ids.shape
-        shape = (n, self.cfg.num_kv_heads, width, self.cfg.head_dim)
-        fresh = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                  torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.cfg.num_layers)]
-        ctx = make_context(self.cfg, self.family, key_valid, 0, self.dtype, self.device)
-        h = self._forward(input_ids, ctx, fresh)
+        fresh = [self._empty_cache(n, width) for _ in range(self.cfg.num_layers)]
+        if shared:
+            for cache, prefix in zip(fresh, self._prefix_cache(input_ids[0, :shared])):
+                for kv in range(2):
+                    cache[kv][:, :, :shared] = prefix[kv]
+        ctx = make_context(self.cfg, self.family, key_valid, shared, self.dtype, self.device)
+        h = self._forward(input_ids[:, shared:], ctx, fresh)
         index = torch.tensor(rows, device=self.device)
         for cache, new in zip(self._cache, fresh):
             for kv in range(2):
                 cache[kv][index, :, end - width:end] = new[kv]
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
+
+    def _empty_cache(self, n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (n, self.cfg.num_kv_heads, width, self.cfg.head_dim)
+        return (torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device))
+
+    def _prefix_cache(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values [1, Hkv, P, D] per layer of the prefix `tokens` [P]: the last one is
+        kept until the block ends, since the requests joining next often share it too."""
+        key = tuple(tokens.tolist())
+        if self._prefix is None or self._prefix[0] != key:
+            caches = [self._empty_cache(1, len(key)) for _ in range(self.cfg.num_layers)]
+            ctx = make_context(self.cfg, self.family, torch.ones(1, len(key), dtype=torch.bool), 0, self.dtype,
+                               self.device)
+            self._forward(tokens.unsqueeze(0), ctx, caches)
+            self._prefix = (key, caches)
+        return self._prefix[1]
 
     @torch.inference_mode()
     def shift(self, offset: int, end: int) -> None:

@@ -36,8 +36,9 @@ class StepContext:
     local_cos: torch.Tensor | None = None
     local_sin: torch.Tensor | None = None
     attn_keep: float = 1.0  # decode attends to this top fraction of keys per query (sparse attention)
-    # [B, T] position of each key, where keys are not in position order (packed rows that
-    # share a prefix, engine/scoring.py); None: slot order, as the left-padded cache keeps them
+    # [B, T] position of each key: a cache row may hold padding between a sequence's tokens,
+    # and packed rows that share a prefix (engine/scoring.py) hold keys out of position
+    # order; None: slot distance is position distance
     key_positions: torch.Tensor | None = None
     # [D, D] orthonormal, compute dtype: the KV cache holds keys and values times it (a
     # compressed cache; see kernels/attention.py). None: the cache holds them as computed.
@@ -48,15 +49,18 @@ def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
                    sliding_window: int | None = None) -> torch.Tensor:
     """Additive causal + padding mask for queries at slots [start, T) over keys [0, T).
 
-    key_valid: [B, T] bool, False at left padding. A padding query may attend to itself, so no
-    row is fully masked (a fully masked row would give NaN that could leak into the cache).
+    key_valid: [B, T] bool, False at padding (left of a prompt, or between a shared prefix
+    and the rest of a prompt: engine/generation.py). A sliding window counts positions, not
+    slots. A padding query may attend to itself, so no row is fully masked (a fully masked
+    row would give NaN that could leak into the cache).
     """
     num_keys = key_valid.shape[1]
     q_idx = torch.arange(start, num_keys).unsqueeze(1)  # [S, 1]
     k_idx = torch.arange(num_keys).unsqueeze(0)  # [1, T]
     allowed = (k_idx <= q_idx).unsqueeze(0) & key_valid.unsqueeze(1)  # [B, S, T]
     if sliding_window is not None:
-        allowed &= (q_idx - k_idx < sliding_window).unsqueeze(0)
+        key_pos = positions_from_mask(key_valid, 0)  # [B, T]
+        allowed &= key_pos[:, start:].unsqueeze(2) - key_pos.unsqueeze(1) < sliding_window
     allowed |= (k_idx == q_idx).unsqueeze(0)
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -65,8 +69,8 @@ def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
 
 def sliding_window_mask(ctx: StepContext, window: int) -> torch.Tensor:
     """The step's mask [B, 1, S, T] further restricted to keys less than `window` positions
-    back (q - k < window, as transformers counts). In a left-padded cache slot distance is
-    position distance for every real token; packed rows give their keys' positions."""
+    back (q - k < window, as transformers counts), by the keys' positions where the context
+    gives them, else by slot distance (a cache without gaps between a sequence's tokens)."""
     mask = ctx.attn_mask
     if ctx.key_positions is not None:
         distance = ctx.positions.unsqueeze(2) - ctx.key_positions.unsqueeze(1)  # [B, S, T]
