@@ -7,11 +7,12 @@ step. A request joining the block is prefilled on its own and its prompt's keys 
 fill the slots just before the clock (`Runner.admit`); its row attends to nothing left of
 them (`key_valid`), and positions count valid slots, so each sequence sees exactly its own
 tokens, as when generated alone. Requests joining together that share a prefix compute it
-once: each row holds the prefix, padding, then the rest of its prompt (`prefix_layout`). Requests join longest prompt first, so the clock is always
-at least as far as a newcomer's prompt is long; when it reaches the cache's capacity, the
-slots still in use move to the cache's start (`Runner.shift`). The schedule is a function of
-the requests and the tokens they generate, so a rerun of the same requests (a resumed job)
-repeats it exactly.
+once: each row holds the prefix, padding, then the rest of its prompt (`prefix_layout`).
+
+Requests join longest prompt first, so the clock is always at least as far as a newcomer's
+prompt is long; when it reaches the cache's capacity, the slots still in use move to the
+cache's start (`Runner.shift`). The schedule is a function of the requests and the tokens
+they generate, so a rerun of the same requests (a resumed job) repeats it exactly.
 """
 from __future__ import annotations
 
