@@ -91,9 +91,10 @@ class MemoryPlan:
 
 def block_capacity(span: int, refills: bool = True) -> int:
     """KV cache slots per row of a block whose sequences need up to `span` tokens each. With
-    refill (more requests than rows) a quarter more, at least 8: the room the block's clock
-    runs on between two shifts of the cache (engine/generation.py)."""
-    return span + max(8, span // 4) if refills else span
+    refill (more requests than rows) an eighth more, at least 8: the room the block's clock
+    runs on between two shifts of the cache (engine/generation.py). Attention reads every
+    slot since the oldest sequence's first, so a shorter room reads less between shifts."""
+    return span + max(8, span // 8) if refills else span
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> int:

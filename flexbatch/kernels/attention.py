@@ -120,9 +120,18 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = torch.empty_like(q)
     for i in range(0, b, chunk):
         rows = slice(i, i + chunk)
-        out[rows] = _attend(q[rows], keys[rows].contiguous(), values[rows].contiguous(),
-                            mask if mask.shape[0] == 1 else mask[rows], scale, keep, softcap)
+        rows_mask = mask if mask.shape[0] == 1 else mask[rows]
+        first = 0 if q.is_cuda else _first_visible_key(rows_mask)  # on a CPU, skip what no row sees
+        out[rows] = _attend(q[rows], keys[rows, :, first:].contiguous(), values[rows, :, first:].contiguous(),
+                            rows_mask[..., first:], scale, keep, softcap)
     return out
+
+
+def _first_visible_key(mask: torch.Tensor) -> int:
+    """The first key any query sees under the additive mask [b, 1, S, T]: keys before it (left
+    padding, slots of finished sequences) are neither copied nor multiplied."""
+    visible = (mask > torch.finfo(mask.dtype).min / 2).flatten(0, 2).any(0)  # [T]
+    return int(visible.int().argmax())
 
 
 def _attend(q, keys, values, mask, scale, keep, softcap):
