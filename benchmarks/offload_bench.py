@@ -122,13 +122,14 @@ def child_hf(spec: dict) -> dict:
     return {"prefill_s": prefill, "decode_s": total - prefill, "tokens": tokens, "batch": spec["batch"]}
 
 
-def run_child(kind: str, spec: dict, memory: int) -> dict:
-    """Run one measurement in a fresh process confined to `memory` bytes (page cache included)."""
+def run_child(kind: str, spec: dict, memory: int, script: str = __file__) -> dict:
+    """Run one measurement (`script --child kind spec`) in a fresh process confined to
+    `memory` bytes (page cache included)."""
     group = CGROUP / f"flexbatch-bench-{os.getpid()}"
     group.mkdir(exist_ok=True)
     (group / "memory.limit_in_bytes").write_text(str(memory))
     drop_page_cache()
-    cmd = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} {__file__} --child {kind} '{json.dumps(spec)}'"
+    cmd = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} {script} --child {kind} '{json.dumps(spec)}'"
     began = time.perf_counter()
     out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
     wall = time.perf_counter() - began
