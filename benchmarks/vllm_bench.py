@@ -94,8 +94,10 @@ def make_workloads(folder: Path, n: int, seed: int = 0) -> dict[str, list[list[i
 # ---- children: one system each, in its own process ------------------------------------------
 def child_flexbatch_generate(spec: dict) -> dict:
     from flexbatch import LLM, SamplingParams
+    from flexbatch.config import Policy
 
-    llm = LLM(spec["model"], dtype="bfloat16", batch_size=spec["batch_size"])
+    policy = Policy(**spec["policy"]) if spec.get("policy") else None  # latency_throughput.py's placements
+    llm = LLM(spec["model"], dtype="bfloat16", batch_size=spec["batch_size"], policy=policy)
     params = SamplingParams(max_new_tokens=spec["max_tokens"], ignore_eos=spec["ignore_eos"])
     llm.generate(spec["prompts"][:2], SamplingParams(max_new_tokens=2))  # warm-up
     start = time.perf_counter()
@@ -130,7 +132,8 @@ def child_vllm(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(spec["model"], dtype="bfloat16", max_model_len=1024, seed=0)
+    extra = {"max_num_seqs": spec["max_num_seqs"]} if spec.get("max_num_seqs") else {}  # its block
+    llm = LLM(spec["model"], dtype="bfloat16", max_model_len=1024, seed=0, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec["ignore_eos"])
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm-up

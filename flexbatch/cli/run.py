@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                    help="sequences in flight at once, the block (default: the planner's choice; 32 with --no-plan)")
     p.add_argument("--window", type=int, default=None,
                    help="requests read, tokenized and sorted by length at a time (default 50000): bounds "
-                        "memory on large inputs; blocks never span two windows")
+                        "memory on large inputs; segments never span two windows")
     p.add_argument("--force-new", action="store_true",
                    help="start a new job even if OUTPUT holds one (the old output and manifest are renamed "
                         "OUTPUT.<time>.old*, never deleted)")

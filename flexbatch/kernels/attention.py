@@ -68,11 +68,14 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
         k_cache[:, :, step.start:end] = k_new
         v_cache[:, :, step.start:end] = v_new
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-    if q.shape[2] == 1 or step.softcap is not None:
-        # torch's CPU SDPA is ~10x slower than two matmuls for one query token in bf16, and
-        # cannot soft-cap scores.
+    if step.softcap is not None or (q.shape[2] == 1 and step.keep < 1.0):
+        # SDPA cannot soft-cap scores or keep only the largest; for everything else it is
+        # the fastest here (torch 2.13, one query token in bf16 over a 64 x 300-token cache,
+        # strided views: 3.3x faster than grouped_attention's chunked matmuls)
         return grouped_attention(q, keys, values, step.mask, step.scale, step.keep, step.softcap)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=step.scale,
+    first = 0 if q.is_cuda else _first_visible_key(step.mask)  # on a CPU, skip what no query sees
+    return F.scaled_dot_product_attention(q, keys[:, :, first:], values[:, :, first:],
+                                          attn_mask=step.mask[..., first:], scale=step.scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
