@@ -21,6 +21,10 @@ from ..weights.loader import ModelWeights
 from .scoring import PackedRows
 
 HEAD_ROWS = 512  # positions per head matmul when scoring: bounds the [rows, V] fp32 logits
+# Tokens per forward pass of a prefill: larger passes' activations spill out of the CPU's
+# caches, smaller ones lose to per-pass costs (the default model, bf16, 2 cores: a 64 x 200
+# token admission 1.35x faster in passes of 4096 than at once; 1.1x slower in passes of 1024).
+PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -139,8 +143,12 @@ class InMemoryRunner(Runner):
             for cache, prefix in zip(fresh, self._prefix_cache(input_ids[0, :shared])):
                 for kv in range(2):
                     cache[kv][:, :, :shared] = prefix[kv]
-        ctx = make_context(self.cfg, self.family, key_valid, shared, self.dtype, self.device)
-        h = self._forward(input_ids[:, shared:], ctx, fresh)
+        last = []
+        for group in row_groups(n, width - shared):
+            ctx = make_context(self.cfg, self.family, key_valid[group], shared, self.dtype, self.device)
+            caches = [(k[group], v[group]) for k, v in fresh]
+            last.append(self._forward(input_ids[group, shared:], ctx, caches)[:, -1:])
+        h = torch.cat(last)
         index = torch.tensor(rows, device=self.device)
         for cache, new in zip(self._cache, fresh):
             for kv in range(2):
@@ -180,6 +188,12 @@ class InMemoryRunner(Runner):
         ctx = packed_context(self.cfg, self.family, rows, self.dtype, self.device)
         hidden = self._forward(rows.input_ids, ctx, [(None, None)] * self.cfg.num_layers)
         return source_logprobs(self.cfg, self.family, self.weights.globals, hidden, rows)
+
+
+def row_groups(rows: int, width: int) -> list[slice]:
+    """Consecutive groups of `rows` prompts of `width` tokens, about PREFILL_TOKENS each."""
+    per = max(1, PREFILL_TOKENS // max(width, 1))
+    return [slice(s, min(s + per, rows)) for s in range(0, rows, per)]
 
 
 def shift_slots(cache: torch.Tensor, offset: int, end: int) -> None:
