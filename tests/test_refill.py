@@ -93,7 +93,7 @@ OFFLOADED = {
 @pytest.mark.parametrize("policy_name", list(OFFLOADED))
 def test_offloaded_refill_gives_each_sequence_its_tokens_alone(tiny_model, tmp_path, policy_name):
     folder, hf = tiny_model("llama_gqa_tied_llama3")
-    prompts, news = mixed_requests(2, 13)
+    prompts, news = mixed_requests(2, 20)
     expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
     with LLM(folder, dtype="float32", policy=OFFLOADED[policy_name], offload_dir=tmp_path) as llm:
@@ -161,3 +161,21 @@ def test_offloaded_shared_prefix_gives_each_sequence_its_tokens_alone(tiny_model
         got, counter = run_with_refill(llm, prompts, params)
     assert got == expected
     assert counter.shared[0] >= 30
+
+
+def test_shared_prefix_with_a_short_prompt_that_generates_long(tiny_model, monkeypatch):
+    """A joining group is as wide as its longest prompt and the prefix sits at its left edge,
+    so a short prompt's row spans the group's width plus everything it generates: the cache
+    must hold that too, across shifts."""
+    folder, hf = tiny_model("llama_gqa_tied_llama3")
+    rng = random.Random(9)
+    prefix = [rng.randrange(2, 256) for _ in range(20)]
+    rest = lambda n: [rng.randrange(2, 256) for _ in range(n)]
+    prompts = [prefix + rest(40)] + [prefix + rest(rng.randint(1, 3)) for _ in range(6)]
+    news = [2, 40, 38, 37, 36, 40, 39]
+    expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
+    monkeypatch.setattr(generation, "REFILL_FRACTION", 0.0)
+    got, counter = run_with_refill(LLM(folder, dtype="float32", batch_size=3), prompts, params)
+    assert got == expected
+    assert max(counter.shared) >= 20 and counter.shifts >= 1

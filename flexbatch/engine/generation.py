@@ -151,11 +151,12 @@ def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vo
         return []
     masks = grammar_masks(requests, vocab)
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].token_ids), i))
-    span = max(len(r.token_ids) + r.params.max_new_tokens for r in requests)
+    # A row spans at most its joining group's width (the prefix layout starts every row there)
+    # plus what it generates.
+    span = len(requests[order[0]].token_ids) + max(r.params.max_new_tokens for r in requests)
     capacity = block_capacity(span, refills=len(requests) > block_size)
-    block = Block(runner, min(block_size, len(requests)), capacity, vocab, masks)
-    block.on_step, block.on_finish = on_step, on_finish
-    block.stats = stats or BlockStats()
+    block = Block(runner, min(block_size, len(requests)), capacity, vocab, masks, on_step, on_finish,
+                  stats or BlockStats())
     runner.begin(block.size, capacity, len(requests[order[0]].token_ids))
     try:
         block.run(requests, deque(order))
@@ -180,8 +181,10 @@ class Block:
     """The rows of a block in flight: which request each row holds, the KV cache slots its
     tokens fill (`key_valid` [rows, capacity]), and the clock `t` all rows write at next."""
 
-    def __init__(self, runner: Runner, size: int, capacity: int, vocab: Vocabulary, masks: GrammarMasks | None):
+    def __init__(self, runner: Runner, size: int, capacity: int, vocab: Vocabulary, masks: GrammarMasks | None,
+                 on_step=None, on_finish=None, stats: BlockStats | None = None):
         self.runner, self.size, self.capacity, self.vocab, self.masks = runner, size, capacity, vocab, masks
+        self.on_step, self.on_finish, self.stats = on_step, on_finish, stats or BlockStats()
         self.key_valid = torch.zeros((size, capacity), dtype=torch.bool)
         self.tokens = torch.full((size,), vocab.pad_id, dtype=torch.long)  # each row's latest token
         self.starts = [0] * size  # each row's first cache slot
@@ -191,23 +194,21 @@ class Block:
         self.t = 0
         self.requests: list[Request] = []
         self.results: list[Completion | None] = []
-        self.on_step = self.on_finish = None
-        self.stats = BlockStats()
 
     def run(self, requests: list[Request], queue: deque) -> None:
         self.requests, self.results = requests, [None] * len(requests)
         while queue or self.live:
             free = self.size - len(self.live)
             if queue and (not self.live or free >= min(len(queue), max(1, int(self.size * REFILL_FRACTION)))):
-                self.admit(requests, queue)
+                self.admit(queue)
             if self.live:
                 self.decode(queue)
 
-    def admit(self, requests: list[Request], queue: deque) -> None:
+    def admit(self, queue: deque) -> None:
         """Prefill waiting requests into the free rows, right-aligned at the clock."""
         rows = [r for r in range(self.size) if r not in self.live][:len(queue)]
         joining = [queue.popleft() for _ in rows]
-        prompts = [requests[i].token_ids for i in joining]
+        prompts = [self.requests[i].token_ids for i in joining]
         width = len(prompts[0])  # the longest: requests join longest first
         if not self.live:
             self.t = width  # nothing to keep: the clock restarts
@@ -221,7 +222,7 @@ class Block:
             self.key_valid[row] = False
             self.key_valid[row, self.t - width:self.t] = row_valid
             self.starts[row] = self.t - width + int(row_valid.int().argmax())  # its first token's slot
-            request = requests[index]
+            request = self.requests[index]
             self.live[row] = (index, SequenceTracker(request, self.vocab.tokenizer, self.vocab.eos_ids))
             self.sampler.assign(row, request.params)
             if self.masks:
