@@ -13,6 +13,7 @@ import pytest
 from flexbatch.api import RequestOutput
 from flexbatch.apps.wrangle import TASKS, WrangleSettings, detect_items, impute_items, match_items, split, wrangle
 from flexbatch.apps.wrangle.metrics import accuracy, binary_metrics
+from flexbatch.apps.wrangle.runner import RESULTS
 from flexbatch.errors import ConfigError
 
 LEFT = [("a1", "Ada Lovelace", "London"), ("a2", "Alan Turing", "Wilmslow"), ("a3", "Grace Hopper", "New York"),
@@ -42,7 +43,7 @@ def match_tables(tmp_path):
 class RuleLLM:
     """Answers each prompt's last question by a rule (the job runner's LLM interface): match
     says Yes when both names are equal ignoring case. Raises KeyboardInterrupt (a kill) on
-    its call number `kill_at`."""
+    its answer number `kill_at` (earlier answers have reached the job's output)."""
 
     model_path, dtype, policy, batch_size = Path("rule-model"), "float32", None, 2
 
@@ -58,17 +59,19 @@ class RuleLLM:
     def check_length(self, n, params):
         pass
 
-    def generate_ids(self, prompt_ids, params):
-        self.calls += 1
-        if self.calls == self.kill_at:
-            raise KeyboardInterrupt
+    def generate_ids(self, prompt_ids, params, on_finish=None, stats=None):
         outs = []
-        for ids in prompt_ids:
+        for i, ids in enumerate(prompt_ids):
+            self.calls += 1
+            if self.calls == self.kill_at:
+                raise KeyboardInterrupt
             question = self.prompts[ids[0]].split("\n\n")[-1]
             self.asked.append(question)
             a, b = re.findall(r"name: (.*?)\. city:", question)
             text = json.dumps({"answer": "Yes" if a.lower() == b.lower() else "No"})
             outs.append(RequestOutput(None, ids, text, [1, 2, 3], "stop"))
+            if on_finish is not None:
+                on_finish(i, outs[-1])
         return outs
 
 
@@ -137,10 +140,12 @@ def test_killed_job_resumes_to_the_same_metrics(match_tables, tmp_path):
     settings = WrangleSettings(shots=2)
     whole = wrangle(RuleLLM(), TASKS["match"], asked, pool, tmp_path / "whole", settings)
     with pytest.raises(KeyboardInterrupt):
-        wrangle(RuleLLM(kill_at=2), TASKS["match"], asked, pool, tmp_path / "killed", settings)
-    resumed_llm = RuleLLM()
-    resumed = wrangle(resumed_llm, TASKS["match"], asked, pool, tmp_path / "killed", settings)
-    assert 0 < len(resumed_llm.asked) < len(asked)  # only the questions the killed run left
+        wrangle(RuleLLM(kill_at=3), TASKS["match"], asked, pool, tmp_path / "killed", settings)
+    results = tmp_path / "killed" / RESULTS
+    assert results.read_text().count("\n") == 2  # the answers before the kill were written
+    resumed = wrangle(RuleLLM(), TASKS["match"], asked, pool, tmp_path / "killed", settings)
+    ids = [json.loads(x)["custom_id"] for x in results.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == len(asked)  # each question answered once, none twice
     keys = ("n", "tp", "fp", "fn", "precision", "recall", "f1", "unparsed")
     assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
 

@@ -1,5 +1,5 @@
-"""The job's output file: append-only, fsynced after every append (each second of finished
-results), resumable, locked.
+"""The job's output file: append-only (each result as its request finishes), fsynced at least
+once a second and at the end of every segment, resumable, locked.
 
 The lock is an exclusive flock on the output file itself, so it follows the real file: a
 symbolic or hard link to an output another job is writing is refused like the file itself.
@@ -66,16 +66,19 @@ class OutputFile:
                 raise storage_error(e, self.path, "repair the torn last line of", resumable=True) from None
         return cut
 
-    def append(self, records: list[dict]) -> None:
-        """Write `records` and make them durable before returning."""
-        if not records:
+    def append(self, records: list[dict], sync: bool = True) -> None:
+        """Write `records`, and with `sync` make everything written so far durable before
+        returning. Without it they survive the process being killed (the kernel holds them),
+        not the machine going down before the next sync."""
+        if not records and not sync:
             return
         blob = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
         try:
             view = memoryview(blob)
             while view:
                 view = view[write_fd(self.fd, view):]
-            os.fsync(self.fd)
+            if sync:
+                os.fsync(self.fd)
         except OSError as e:
             raise storage_error(e, self.path, "write results to", resumable=True) from None
 

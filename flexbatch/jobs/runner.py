@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import SamplingParams
 from ..engine.generation import BlockStats
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 from ..progress import TokenProgress
 from .index import contains, duplicate_id
 from .inputs import JobRequest
@@ -34,7 +34,7 @@ from .records import openai_record, simple_record
 # Blocks' worth of requests per segment. Rows idle only while a segment's last sequences
 # finish, so longer segments keep the block busier; a crash costs at most one segment's rerun.
 SEGMENT_BLOCKS = 8
-FLUSH_SECONDS = 1.0  # finished results are made durable at least this often
+SYNC_SECONDS = 1.0  # results written since are fsynced at least this often
 
 
 @dataclass
@@ -118,11 +118,12 @@ def prepare_or_error(llm, request: JobRequest, defaults: SamplingParams, chat: b
         return f"cannot prepare this request ({type(e).__name__}: {e})"
 
 
-def make_segments(prepared: list[Prepared], block_size: int, parts: int = 1) -> list[list[Prepared]]:
-    """`prepared` sorted by prompt length and cut into segments of SEGMENT_BLOCKS blocks, or
+def make_segments(prepared: list[Prepared], block_size: int, parts: int = 1,
+                  blocks: int = SEGMENT_BLOCKS) -> list[list[Prepared]]:
+    """`prepared` sorted by prompt length and cut into segments of `blocks` blocks, or
     smaller (down to one block) so that `parts` shards get a segment each."""
     ordered = sorted(prepared, key=lambda p: (len(p.token_ids), p.request.line))
-    size = max(block_size, min(block_size * SEGMENT_BLOCKS, -(-len(ordered) // parts)))
+    size = max(block_size, min(block_size * blocks, -(-len(ordered) // parts)))
     return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
 
@@ -130,13 +131,14 @@ def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: Block
     """Outputs of `segment`, or for a request on which the engine raises, the error's message.
     on_finish(i, output) is called as request i of the segment finishes.
 
-    OSErrors (a full or failing disk) are not any request's fault: they stop the job, which
-    the same command resumes.
+    OSErrors and StorageErrors (a full or failing disk, also when writing a finished result
+    from on_finish) are not any request's fault: they stop the job, which the same command
+    resumes.
     """
     try:
         return llm.generate_ids([p.token_ids for p in segment], [p.params for p in segment],
                                 on_finish=on_finish, stats=stats)
-    except OSError:
+    except (OSError, StorageError):
         raise
     except Exception as e:
         if len(segment) == 1:
@@ -148,10 +150,11 @@ def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: Block
 
 
 class WindowRunner:
-    """Runs an opened job's windows with one LLM, appending records to its output."""
+    """Runs an opened job's windows with one LLM, appending records to its output.
+    segment_blocks: blocks' worth of requests per call of the engine (see SEGMENT_BLOCKS)."""
 
-    def __init__(self, job: Job, llm, model_name: str, progress: bool):
-        self.job, self.llm, self.model_name = job, llm, model_name
+    def __init__(self, job: Job, llm, model_name: str, progress: bool, segment_blocks: int = SEGMENT_BLOCKS):
+        self.job, self.llm, self.model_name, self.segment_blocks = job, llm, model_name, segment_blocks
         self.record = openai_record if job.format == "openai" else simple_record
         self.shard = job.spec.shard
         self.summary = JobSummary(requests=len(job.index), already_done=len(job.finished),
@@ -192,7 +195,8 @@ class WindowRunner:
         self.bar.add_requests(len(errors))
         window_number = position // self.job.window
         parts = self.shard.count if self.shard else 1
-        for number, segment in enumerate(make_segments(prepared, self.llm.batch_size, parts)):
+        segments = make_segments(prepared, self.llm.batch_size, parts, self.segment_blocks)
+        for number, segment in enumerate(segments):
             if self.shard and not self.shard.owns_block(window_number, number):
                 continue
             if not all(p.request.id in finished for p in segment):
@@ -203,23 +207,25 @@ class WindowRunner:
         return self.record(request, self.model_name, error=message, server_error=engine)
 
     def _run_segment(self, segment: list[Prepared], finished: set[str]) -> None:
-        pending, flushed = [], time.monotonic()
+        synced = time.monotonic()
 
         def done(i: int, out) -> None:
-            nonlocal flushed
+            nonlocal synced
             p = segment[i]
-            if p.request.id not in finished:
-                finished.add(p.request.id)
-                pending.append(self._record(p, out))
-            if time.monotonic() - flushed >= FLUSH_SECONDS:
-                self._flush(pending)
-                flushed = time.monotonic()
+            if p.request.id in finished:
+                return
+            finished.add(p.request.id)
+            sync = time.monotonic() - synced >= SYNC_SECONDS
+            self.job.out.append([self._record(p, out)], sync=sync)  # written at once: a kill loses nothing
+            self.bar.add_requests(1)
+            if sync:
+                synced = time.monotonic()
 
         outputs = generate_isolated(self.llm, segment, done, self.summary.blocks)
         for i, out in enumerate(outputs):
             if isinstance(out, str):  # an engine error: never reported through `done`
                 done(i, out)
-        self._flush(pending)
+        self.job.out.append([], sync=True)
 
     def _record(self, p: Prepared, out) -> dict:
         if isinstance(out, str):
@@ -229,12 +235,6 @@ class WindowRunner:
         self.summary.generated_tokens += len(out.token_ids)
         self.bar.add_tokens(len(out.token_ids))
         return self.record(p.request, self.model_name, output=out)
-
-    def _flush(self, records: list[dict]) -> None:
-        self.job.out.append(records)
-        self.bar.add_requests(len(records))
-        records.clear()
-
 
 def run_job(llm, input_path: str | Path, output_path: str | Path, fmt: str = "auto", column: str = "prompt",
             defaults: SamplingParams = SamplingParams(), progress: bool = True, model_name: str | None = None,

@@ -114,7 +114,10 @@ class BatchWorker:
         def should_stop():
             return self._stopping.is_set() or self._is_cancelled(batch_id)
 
-        runner = WindowRunner(job, EngineLLM(self.engine, should_stop, report_progress), self.model_name, False)
+        # Segments of one block: online requests run between the engine's calls, so a longer
+        # segment would make them wait longer (they do not join a running block yet).
+        runner = WindowRunner(job, EngineLLM(self.engine, should_stop, report_progress), self.model_name, False,
+                              segment_blocks=1)
         try:
             runner.run()
         except JobStopped:
