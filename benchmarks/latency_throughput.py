@@ -54,6 +54,9 @@ def plot(points: dict[str, list[dict]], path: Path, title: str) -> None:
             ax.annotate(str(r["block"]), (r["latency_s"], r["tok_per_s"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("latency: seconds a sequence is in flight (log scale)")
     ax.set_ylabel("throughput (generated tokens/s)")
     ax.set_title(title, fontsize=10)
@@ -73,7 +76,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flexbatch-vllm-bench"))
     p.add_argument("--out", default=".", help="folder for latency_throughput.png and .json")
+    p.add_argument("--replot", help="draw the plot again from a latency_throughput.json, measuring nothing")
     args = p.parse_args()
+    if args.replot:
+        summary = json.loads(Path(args.replot).read_text())
+        plot(summary["points"], Path(args.out) / "latency_throughput.png", summary["title"])
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     folder = hf_folder(work)
@@ -103,8 +111,8 @@ def main() -> None:
     title = (f"default model (SmolLM2-135M, bf16), {args.threads} threads, {args.gen_len} new tokens, "
              f"prompts 16-199 tokens")
     plot(points, out / "latency_throughput.png", title)
-    summary = {"blocks": blocks, "gen_len": args.gen_len, "threads": args.threads, "points": points,
-               "plot": str(out / "latency_throughput.png")}
+    summary = {"blocks": blocks, "gen_len": args.gen_len, "threads": args.threads, "title": title,
+               "points": points, "plot": str(out / "latency_throughput.png")}
     (out / "latency_throughput.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 
