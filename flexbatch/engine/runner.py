@@ -43,10 +43,13 @@ def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, star
                  dtype: torch.dtype, device: torch.device, attn_keep: float = 1.0,
                  kv_rotation: torch.Tensor | None = None) -> StepContext:
     key_positions = ops.positions_from_mask(key_valid, 0).to(device)
+    # The first valid key of any row, or `start` if earlier: a padding query sees only itself
+    first_valid = int(key_valid.any(0).int().argmax())
     ctx = StepContext(
         positions=key_positions[:, start:],
         start=start,
         key_positions=key_positions,
+        first_key=min(first_valid, start),
         attn_mask=ops.attention_mask(key_valid, start, dtype, cfg.sliding_window).to(device),
         attn_keep=attn_keep,
         kv_rotation=kv_rotation,

@@ -35,6 +35,7 @@ class AttentionStep:
     # [D, D] orthonormal: the cache holds K R and V R (a compressed cache, storage/kv_rows.py)
     rotation: torch.Tensor | None = None
     softcap: float | None = None  # scores become softcap * tanh(scores / softcap) (Gemma 2)
+    first: int = 0  # no query sees a key before this slot (left padding, finished sequences' slots)
 
     def for_rows(self, rows: slice) -> "AttentionStep":
         """The step for a slice of the batch (a mask shared by all sequences stays shared)."""
@@ -73,7 +74,7 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
         # the fastest here (torch 2.13, one query token in bf16 over a 64 x 300-token cache,
         # strided views: 3.3x faster than grouped_attention's chunked matmuls)
         return grouped_attention(q, keys, values, step.mask, step.scale, step.keep, step.softcap)
-    first = 0 if q.is_cuda else _first_visible_key(step.mask)  # on a CPU, skip what no query sees
+    first = 0 if q.is_cuda else step.first  # on a CPU, skip what no query sees
     return F.scaled_dot_product_attention(q, keys[:, :, first:], values[:, :, first:],
                                           attn_mask=step.mask[..., first:], scale=step.scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])

@@ -43,6 +43,8 @@ class StepContext:
     # [D, D] orthonormal, compute dtype: the KV cache holds keys and values times it (a
     # compressed cache; see kernels/attention.py). None: the cache holds them as computed.
     kv_rotation: torch.Tensor | None = None
+    # No query of the step sees a key before this slot (found once per step, used by every layer)
+    first_key: int = 0
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
@@ -211,7 +213,7 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     """
     step = AttentionStep(ctx.start, ctx.local_mask if local else ctx.attn_mask,
                          q.shape[-1] ** -0.5 if scale is None else scale,
-                         ctx.attn_keep, ctx.kv_rotation, softcap)
+                         ctx.attn_keep, ctx.kv_rotation, softcap, ctx.first_key)
     return kernels.cached_attention(q, k_new, v_new, k_cache, v_cache, step)
 
 
