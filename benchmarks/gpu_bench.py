@@ -41,7 +41,7 @@ def cap_gpu(nbytes: int) -> None:
 def child_flexbatch(spec: dict) -> dict:
     """One run on the GPU; spec["policy"] may be "plan" (the planner's choice, as in
     benchmarks/offload_bench.py). The result carries the cost model's prediction."""
-    from offload_bench import choose_policy, predict, prompts
+    from offload_bench import choose_policy, disk_read_GBps, measured_generate, predict, prompts
 
     from flexbatch import LLM, SamplingParams
     from flexbatch.profiling import at_current_speed, hardware_profile
@@ -52,14 +52,9 @@ def child_flexbatch(spec: dict) -> dict:
     with LLM(spec["model"], dtype="bfloat16", device="cuda", policy=policy, offload_dir=spec["offload_dir"],
              gpu_memory=spec["gpu_memory"], cpu_memory=spec.get("memory")) as llm:
         predicted = predict(llm, policy, spec, hw)
-        llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-        llm.runner.step_seconds, llm.runner.wait_seconds, llm.runner.home.bytes_read = [], 0.0, 0
-        outs = llm.generate(prompts(policy.block_size, spec["prompt_len"]),
-                            SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True))
-        steps = llm.runner.step_seconds
-        return {"prefill_s": steps[0], "decode_s": sum(steps[1:]), "batch": policy.block_size,
-                "tokens": sum(len(o.token_ids) for o in outs), "io_wait_s": llm.runner.wait_seconds,
-                "disk_read_GBps": llm.runner.home.bytes_read / 1e9 / sum(steps),
+        params = SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True)
+        r = measured_generate(llm, prompts(policy.block_size, spec["prompt_len"]), params)
+        return {**r, "batch": policy.block_size, "disk_read_GBps": disk_read_GBps(r),
                 "peak_gpu_bytes": _peak_gpu(), "policy": asdict(policy), **predicted}
 
 

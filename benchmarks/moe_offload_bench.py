@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dummy_model import MIXTRAL_SHAPES, mixtral_config, mixtral_tensor_shapes, write_dummy  # noqa: E402
-from offload_bench import disk_read_bandwidth, matmul_flops, parse_blocks, print_row, run_child  # noqa: E402
+from offload_bench import disk_figures, disk_read_bandwidth, matmul_flops, parse_blocks, print_row, run_child  # noqa: E402
 
 
 def parameter_counts(cfg: dict) -> tuple[int, int]:
@@ -90,7 +90,7 @@ def main() -> None:
         if "error" not in r:
             r.update(roofline(cfg, r["policy"], args.prompt_len, args.gen_len, bandwidth))
             r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
-            r["disk_read_GBps"] = r["bytes_read"] / 1e9 / (r["prefill_s"] + r["decode_s"])
+            r.update(disk_figures(r, bandwidth))
         results["flexbatch"].append({"gbs": gbs, "ngb": ngb, **r})
         print_row("flexbatch", f"{gbs}x{ngb}", r)
     for batch in [int(b) for b in args.hf_batches.split(",") if b]:

@@ -57,14 +57,28 @@ def child_flexbatch(spec: dict) -> dict:
     with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
         predicted = predict(llm, policy, spec, hw)
-        llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-        llm.runner.home.bytes_read, llm.runner.step_seconds, llm.runner.wait_seconds = 0, [], 0.0
-        outs = llm.generate(prompts(policy.block_size, spec["prompt_len"]),
-                            SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True))
-        steps = llm.runner.step_seconds
-        return {"prefill_s": steps[0], "decode_s": sum(steps[1:]), "tokens": sum(len(o.token_ids) for o in outs),
-                "batch": policy.block_size, "bytes_read": llm.runner.home.bytes_read,
-                "io_wait_s": llm.runner.wait_seconds, "policy": asdict(policy), **predicted}
+        params = SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True)
+        measured = measured_generate(llm, prompts(policy.block_size, spec["prompt_len"]), params)
+        return {**measured, "batch": policy.block_size, "policy": asdict(policy), **predicted}
+
+
+def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
+    """Generate after a warm-up, timed by the runner: prefill is the admissions' time, decode
+    the token steps'; with the disk traffic of each (weights read; KV cache read, written)."""
+    from flexbatch import SamplingParams
+
+    llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    runner = llm.runner
+    runner.admit_seconds, runner.step_seconds, runner.wait_seconds = [], [], 0.0
+    runner.home.traffic.reset()
+    runner.kv_traffic.reset()
+    began = time.perf_counter()
+    outs = llm.generate(prompt_ids, params)
+    wall = time.perf_counter() - began
+    return {"prefill_s": sum(runner.admit_seconds), "decode_s": sum(runner.step_seconds), "generate_wall_s": wall,
+            "decode_steps": len(runner.step_seconds), "tokens": sum(len(o.token_ids) for o in outs),
+            "io_wait_s": runner.wait_seconds, "weight_read_bytes": runner.home.traffic.read,
+            "kv_read_bytes": runner.kv_traffic.read, "kv_written_bytes": runner.kv_traffic.written}
 
 
 def choose_policy(spec: dict):
@@ -192,10 +206,25 @@ def matmul_flops(rows: int, hidden: int) -> float:
     return 3 * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
 
 
+def disk_read_GBps(r: dict) -> float:
+    """The disk bytes a run read (weights and KV cache) per second of its generation."""
+    return (r["weight_read_bytes"] + r["kv_read_bytes"]) / 1e9 / (r["prefill_s"] + r["decode_s"])
+
+
+def disk_figures(r: dict, bandwidth: float) -> dict:
+    """What the run moved over the disk: read and write GB/s over its generation, and the
+    decode steps' share of the disk's measured read bandwidth."""
+    seconds = r["prefill_s"] + r["decode_s"]
+    moved = r["weight_read_bytes"] + r["kv_read_bytes"] + r["kv_written_bytes"]
+    return {"disk_read_GBps": disk_read_GBps(r), "disk_write_GBps": r["kv_written_bytes"] / 1e9 / seconds,
+            "disk_GBps": moved / 1e9 / seconds, "disk_share_of_probe": moved / seconds / bandwidth}
+
+
 def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: float) -> dict:
     """The least time the hardware needs for `policy`: per step, the larger of the disk time
-    (its weights' and KV cache's bytes on disk over the measured O_DIRECT bandwidth) and the
-    compute time (FLOPs at the bf16 matmul speed, even for compressed weights: a lower bound)."""
+    (its weights' and KV cache's bytes on disk, read and written, over the measured O_DIRECT
+    read bandwidth) and the compute time (FLOPs at the bf16 matmul speed for the whole block,
+    even for compressed weights: a lower bound)."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     batch = policy["gpu_batch_size"] * policy["num_gpu_batches"]
     layer_params = 12 * h * h + 9 * h
@@ -203,7 +232,7 @@ def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: 
     weight_io = weight_bytes * (1 - policy["weights_device"] - policy["weights_host"]) / bandwidth
     cache_disk = 1 - policy["cache_device"] - policy["cache_host"]
     token_bytes = 2 * 2 * h * layers * (PACKED_RATIO if policy["compress_cache"] else 1)  # K and V, all layers
-    cache_io = lambda tokens: batch * cache_disk * token_bytes * tokens / bandwidth
+    cache_io = lambda tokens: batch * cache_disk * token_bytes * (tokens + 1) / bandwidth  # + the appended token
     f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
     f_decode = matmul_flops(batch, h)
     head = 2 * cfg["vocab_size"] * h
@@ -272,13 +301,19 @@ def main() -> None:
                 "cache_device": 1 - args.cache_disk, "cache_host": 0, **COMPRESSION[compress]}
             spec = {**common, "policy": policy, "compress": compress, "max_block": args.max_block,
                     "offload_dir": str(work / "flexbatch-offload")}
+            # a shared disk's speed drifts: the roofline takes the mean of probes just before and after
+            before = disk_read_bandwidth(work)
             r = run_child("flexbatch", spec, memory)
+            probes = {"probe_before_Bps": before, "probe_after_Bps": disk_read_bandwidth(work)}
             if gbs == "plan" and "error" not in r:
                 gbs, ngb = r["policy"]["gpu_batch_size"], f"{r['policy']['num_gpu_batches']} (plan)"
             if "error" not in r:
-                r.update(roofline(cfg, r["policy"], args.prompt_len, args.gen_len, bandwidth))
+                around = (probes["probe_before_Bps"] + probes["probe_after_Bps"]) / 2
+                r.update(probes)
+                r.update(roofline(cfg, r["policy"], args.prompt_len, args.gen_len, around))
                 r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
-                r["disk_read_GBps"] = r["bytes_read"] / 1e9 / (r["prefill_s"] + r["decode_s"])
+                r["prediction_error"] = r["predicted_throughput"] / r["throughput"] - 1
+                r.update(disk_figures(r, around))
             results["flexbatch"].append({"gbs": gbs, "ngb": ngb, "compress": compress, **r})
             print_row("flexbatch", f"{gbs}x{ngb}" + ("" if compress == "none" else f" {compress}"), r)
     for batch in [int(b) for b in args.hf_batches.split(",") if b]:
@@ -305,7 +340,11 @@ def print_row(system: str, batch: str, r: dict) -> None:
         return
     extra = ""
     if "roofline_fraction" in r:
-        extra = f", {r['disk_read_GBps']:.2f} GB/s read, {100 * r['roofline_fraction']:.0f}% of roofline"
+        extra = (f", disk {r['disk_read_GBps']:.2f} GB/s read + {r['disk_write_GBps']:.2f} written "
+                 f"({100 * r['disk_share_of_probe']:.0f}% of the probe), "
+                 f"{100 * r['roofline_fraction']:.0f}% of roofline")
+    if "prediction_error" in r:
+        extra += f", planner predicted {r['predicted_throughput']:.2f} tok/s ({100 * r['prediction_error']:+.0f}%)"
     print(f"{system:14s} batch {batch:>12s}: {r['throughput']:.3f} tok/s (prefill {r['prefill_s']:.1f}s, "
           f"decode {r['decode_s']:.1f}s), peak {r['peak_bytes'] / 2**30:.2f} GiB{extra}")
 

@@ -49,8 +49,7 @@ def child(spec: dict) -> dict:
             outs = [out for s in range(0, len(ids), block)
                     for out in llm.generate_ids(ids[s:s + block], params[s:s + block])]
         seconds = time.perf_counter() - began
-    return {"tokens": sum(len(o.token_ids) for o in outs), "prefill_s": 0.0, "decode_s": seconds,
-            "bytes_read": 0}
+    return {"tokens": sum(len(o.token_ids) for o in outs), "prefill_s": 0.0, "decode_s": seconds}
 
 
 def main() -> None:

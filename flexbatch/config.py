@@ -33,6 +33,9 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+
+COMPRESS_IF_FASTER = "if faster"  # compress_cache as planned: the planner decides (planner/cache_compression.py)
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate one request's continuation.

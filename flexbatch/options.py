@@ -64,6 +64,10 @@ def add_compression_args(p: argparse.ArgumentParser) -> None:
                    help="store, move and compute with layer weights quantized (default 4 bits, groups as "
                         "below)")
     c.add_argument("--compress-cache", action="store_true", help="store and move the KV cache quantized")
+    c.add_argument("--compress-cache-if-faster", action="store_true",
+                   help="let the planner quantize the KV cache where its cost model predicts that faster (less "
+                        "disk traffic against the dequantization cost; outputs change slightly); it prints which "
+                        "it chose and why")
     c.add_argument("--compress-bits", type=int, choices=[4, 8], default=4, help="bits per value (default 4)")
     c.add_argument("--compress-group", type=int, default=None,
                    help="values per quantization group, of weights and KV cache (default: with --compress-weight, "
@@ -77,9 +81,16 @@ def compression_fields(args) -> dict:
     """The Policy fields the compression flags set ({} when compression is off). Without
     --compress-group the group size stays None: compressed weights then follow the model's
     quantization grid (see Policy.group_size and prepare.planned_compression)."""
-    if not (args.compress_weight or args.compress_cache):
+    from .config import COMPRESS_IF_FASTER
+    from .errors import ConfigError
+
+    if_faster = getattr(args, "compress_cache_if_faster", False)
+    if if_faster and args.compress_cache:
+        raise ConfigError("--compress-cache and --compress-cache-if-faster contradict each other; give one.")
+    if not (args.compress_weight or args.compress_cache or if_faster):
         return {}
-    return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
+    cache = COMPRESS_IF_FASTER if if_faster else args.compress_cache
+    return {"compress_weight": args.compress_weight, "compress_cache": cache,
             "compress_bits": args.compress_bits, "compress_group": args.compress_group,
             "cache_window": args.cache_window}
 
@@ -89,7 +100,7 @@ def build_policy(args, planned: bool = False):
     is `planned`: it asks the planner then, unless --no-plan)."""
     import json
 
-    from .config import Policy
+    from .config import COMPRESS_IF_FASTER, Policy
     from .errors import ConfigError
 
     fields = {}
@@ -111,7 +122,10 @@ def build_policy(args, planned: bool = False):
     if args.attn_sparsity is not None:
         extra["attn_sparsity"] = args.attn_sparsity
     compression = compression_fields(args)
-    placed = bool(args.percent or fields or extra or args.offload_dir)
+    placed = bool(args.percent or fields or extra)  # --offload-dir alone: the planner still chooses, for that disk
+    if compression.get("compress_cache") == COMPRESS_IF_FASTER and (placed or not (planned and not args.no_plan)):
+        raise ConfigError("--compress-cache-if-faster asks the planner, which a policy given by flags or --policy "
+                          "(or --no-plan) leaves out: pass --compress-cache to compress, or drop the policy flags.")
     extra.update(compression)
     if compression and not placed and getattr(args, "batch_size", None):
         extra.setdefault("gpu_batch_size", args.batch_size)  # compression alone: the usual batch, in memory

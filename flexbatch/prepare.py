@@ -119,6 +119,8 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
     plan = plan_for(settings, opened, device, dtype, Workload(prompt_len, gen_len), max_block,
                     settings.batch_size, log)
     log(f"planner: {describe(plan.best, device.type == 'cuda')}")
+    for note in plan.notes:
+        log(f"planner: {note}")
     return plan.best.policy, plan.best.policy.block_size
 
 

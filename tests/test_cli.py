@@ -78,3 +78,24 @@ def test_policy_flags_reach_the_policy():
     policy = build_policy(args)
     assert policy.cpu_attention and not policy.overlap
     assert (policy.weights_host, policy.cache_device, policy.cache_host) == (0.5, 0.2, 0.3)
+
+
+def test_offload_dir_alone_leaves_the_choice_to_the_planner(default_model_store, tmp_path):
+    """--offload-dir says where offloaded data may go; the planner still picks the policy
+    (for that folder's disk) and says why it left the KV cache uncompressed."""
+    src = tmp_path / "prompts.txt"
+    src.write_text("The capital of France is\nWater boils at\n")
+    out = flexbatch("run", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(default_model_store),
+                    "--max-new-tokens", "2", "--offload-dir", str(tmp_path / "off"))
+    assert out.returncode == 0, out.stderr
+    assert "planner: block" in out.stderr and "planner: KV cache compression: off, not asked" in out.stderr
+
+
+def test_compress_cache_if_faster_needs_the_planner(default_model_store, tmp_path):
+    src = tmp_path / "prompts.txt"
+    src.write_text("Hi\n")
+    base = ["run", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(default_model_store)]
+    for extra in (["--percent", "100", "0", "100", "0", "100", "0"], ["--no-plan"], ["--compress-cache"]):
+        out = flexbatch(*base, "--compress-cache-if-faster", *extra)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "--compress-cache" in out.stderr.splitlines()[-1]

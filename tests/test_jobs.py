@@ -257,3 +257,28 @@ def test_kill_9_at_random_points_of_a_refilling_bf16_job(default_model_store, tm
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     assert len(read(out)) == 40 and comparable(out) == comparable(reference)
     assert len({r["completion_tokens"] for r in read(reference)}) > 5, "requests must end at many different steps"
+
+
+def test_kill_9_with_the_kv_cache_on_disk_never_reads_the_killed_runs_cache(default_model_store, tmp_path):
+    """Weights in memory, KV cache on disk in a fixed offload folder, rows refilling: a kill -9
+    leaves that run's cache files behind. Overwritten with NaN here, they would poison any
+    attention that read a slot this run had not written (padding included); the resumed job
+    starts its cache afresh, so every result equals the uninterrupted run's."""
+    import random
+
+    rng = random.Random(1201)
+    src = tmp_path / "requests.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "Name a fish of " + "the deep sea " * rng.randint(0, 6),
+                                       "max_tokens": rng.randint(1, 16)}) + "\n" for i in range(24)))
+    flags = ["--percent", "100", "0", "0", "0", "100", "0", "--batch-size", "4", "--gpu-batch-size", "2",
+             "--num-gpu-batches", "2", "--logprobs", "--model", str(default_model_store)]
+    reference, out, offload = tmp_path / "reference.jsonl", tmp_path / "out.jsonl", tmp_path / "offload"
+    assert run_cli(src, reference, *flags, "--offload-dir", str(tmp_path / "fresh")).wait(timeout=600) == 0
+    kill_when(run_cli(src, out, *flags, "--offload-dir", str(offload)), out, rng.randint(3, 10))
+    stale = [f for f in (offload / "cache").iterdir() if f.stat().st_size]
+    assert stale, "the killed run left no cache files to test with"
+    for f in stale:
+        f.write_bytes(b"\xff" * f.stat().st_size)  # NaN in bf16 and fp32 alike
+    resumed = run_cli(src, out, *flags, "--offload-dir", str(offload))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert len(read(out)) == 24 and comparable(out) == comparable(reference)

@@ -290,3 +290,50 @@ def test_a_mixture_of_experts_reads_every_expert_but_computes_with_the_routed_on
                                                + 8 * 2 * 2 * 128 / 5e8)
     attended = 8 * (100 + 11 / 2) * 2 * 2 * 128 / 1e10
     assert costs.gen["compute"][0] == pytest.approx(8 * 2 * (shared + 2 * expert) / 1e12 + attended)
+
+
+@pytest.mark.parametrize("kv_decode_bps,compressed", [(1e12, True), (1e3, False)])
+def test_the_planner_weighs_kv_cache_compression_and_says_why(kv_decode_bps, compressed):
+    """With --compress-cache-if-faster the planner searches both settings: on a slow disk
+    that must hold the KV cache, a cheap dequantization makes compression win; an absurdly
+    slow one makes it lose. The note gives both predictions and the decode's KV reads from
+    disk per step, computed here by hand for the policy each setting chose."""
+    from flexbatch.config import COMPRESS_IF_FASTER
+    from flexbatch.planner import plan_policy
+
+    slow_disk = profile({"bfloat16": FLAT, "float32": FLAT}, read=1e8, write=1e8, attention_bps=1e10,
+                        kv_decode_bps=kv_decode_bps)
+    work = Workload(prompt_len=100, gen_len=200)
+    tight = budget(0.35)
+    plan_with = lambda cache: plan_policy(CFG, FAMILY, torch.bfloat16, torch.device("cpu"), slow_disk, work, tight,
+                                          compression={"compress_cache": cache}, block_size=64)
+    chosen = plan_with(COMPRESS_IF_FASTER)
+    forced = {flag: plan_with(flag).best for flag in (False, True)}
+    assert chosen.best.policy.compress_cache is compressed
+    assert chosen.best.throughput == pytest.approx(forced[compressed].throughput)
+    assert chosen.best.throughput > forced[not compressed].throughput
+    note = chosen.notes[0]
+    assert note.startswith(f"KV cache compression: {'on' if compressed else 'off'}, the planner's choice")
+    assert f"{forced[True].throughput:.2f} tok/s compressed, {forced[False].throughput:.2f} uncompressed" in note
+
+    def kv_disk_gb(policy: Policy) -> float:
+        dense = 2 * 16 * 64 * 2  # K and V of a token in one layer: 16 heads x 64 dims in bf16
+        packed = 2 * 16 * (64 // 2 + 2 * 2)  # 4-bit values of a head, plus its bf16 minimum and step (group 64)
+        per_token = (packed if policy.compress_cache else dense) * CFG.num_layers
+        return policy.block_size * (100 + 200 / 2) * per_token * policy.cache_disk / 1e9
+
+    reads = [kv_disk_gb(forced[flag].policy) for flag in (True, False)]
+    assert all(r > 0 for r in reads), "the budget must put the KV cache on disk for this test"
+    assert f"{reads[0]:.2f} GB of KV cache from disk per step compressed, {reads[1]:.2f} GB uncompressed" in note
+
+
+def test_a_forced_setting_names_the_faster_one_it_forgoes():
+    from flexbatch.planner import plan_policy
+
+    slow_disk = profile({"bfloat16": FLAT, "float32": FLAT}, read=1e8, write=1e8, attention_bps=1e10,
+                        kv_decode_bps=1e12)
+    plan = plan_policy(CFG, FAMILY, torch.bfloat16, torch.device("cpu"), slow_disk, Workload(100, 200), budget(0.35),
+                       block_size=64)
+    assert not plan.best.policy.compress_cache
+    assert plan.notes[0].startswith("KV cache compression: off, not asked")
+    assert "--compress-cache-if-faster" in plan.notes[0]

@@ -65,6 +65,8 @@ def run_plan(args) -> int:
     print(f"chosen:    {describe(plan.best, gpu)}")
     for c in plan.runners_up:
         print(f"runner-up: {describe(c, gpu)}")
+    for note in plan.notes:
+        print(note)
     for label, parts in ((("GPU", plan.best.memory.device), ("host", plan.best.memory.host)) if gpu else
                          (("", plan.best.memory.merged()),)):
         print(f"{label + ' ' if label else ''}memory of the chosen policy: " + ", ".join(

@@ -20,7 +20,7 @@ import torch
 
 from ..kernels.attention import CacheSegments
 from ..storage.aligned import aligned_bytes, as_dtype
-from ..storage.disk import DiskFile
+from ..storage.disk import DiskFile, Traffic
 from ..storage.kv_rows import RowCodec
 from ..storage.tiers import Tier
 
@@ -126,10 +126,11 @@ class BatchKV:
     """K and V of one (layer, GPU batch): `split` sequences per tier, in that order
     (device, host, disk). `pools` holds the staging pools by name ("disk_host",
     "disk_device", "host_device"); host and disk rows are attended on `attend` (the compute
-    device, or the CPU where they live: see sizing.KVRoute)."""
+    device, or the CPU where they live: see sizing.KVRoute); disk I/O is counted in `traffic`."""
 
     def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
-                 device: torch.device, disk_path: Path, pools: dict[str, BufferPool], attend: torch.device = CPU):
+                 device: torch.device, disk_path: Path, pools: dict[str, BufferPool], attend: torch.device = CPU,
+                 traffic: Traffic | None = None):
         _, heads, capacity, head_dim = shape
         self.device = device
         gpu = device.type == "cuda"
@@ -143,7 +144,7 @@ class BatchKV:
             self.segments.append(rows(split[Tier.HOST], None, None, pools.get("host_device")))
         if split[Tier.DISK]:
             codec_bytes = RowCodec(split[Tier.DISK], heads, head_dim, dtype, None).row_bytes * capacity
-            files = [DiskFile(Path(f"{disk_path}.{kv}"), codec_bytes) for kv in "kv"]
+            files = [DiskFile(Path(f"{disk_path}.{kv}"), codec_bytes, traffic=traffic) for kv in "kv"]
             self.segments.append(rows(split[Tier.DISK], files, pools["disk_host"], pools.get("disk_device")))
 
     def load(self, length: int):

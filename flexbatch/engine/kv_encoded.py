@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..storage.aligned import aligned_bytes, as_dtype
-from ..storage.disk import DiskFile
+from ..storage.disk import DiskFile, Traffic
 from ..storage.kv_rows import RowCodec
 from ..storage.tiers import Tier
 from .kv_cache import CPU, BufferPool
@@ -32,7 +32,7 @@ class EncodedBatchKV:
 
     def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
                  device: torch.device, disk_path: Path | None, pool: BufferPool | None, quant,
-                 window: int = 0):
+                 window: int = 0, traffic: Traffic | None = None):
         self.batch, self.heads, self.capacity, self.head_dim = shape
         self.num_disk = split[Tier.DISK]
         self.dtype, self.device, self.pool = dtype, device, pool
@@ -41,8 +41,8 @@ class EncodedBatchKV:
         homes = [(split[Tier.DEVICE], device), (split[Tier.HOST], CPU)] if device.type == "cuda" else \
             [(split[Tier.DEVICE] + split[Tier.HOST], device)]  # a CPU's device and host are one RAM
         groups = lambda q: [(codec(n, q), home) for n, home in homes]
-        self.quantized = _TierRows(groups(quant), codec(self.num_disk, quant), self.capacity, disk_path, "q")
-        self.recent = _TierRows(groups(None), codec(self.num_disk, None), self.window, disk_path, "w")
+        self.quantized = _TierRows(groups(quant), codec(self.num_disk, quant), self.capacity, disk_path, "q", traffic)
+        self.recent = _TierRows(groups(None), codec(self.num_disk, None), self.window, disk_path, "w", traffic)
         self._staged: list[torch.Tensor] = []
         self._ring: list[torch.Tensor] = []
         self._work: list[torch.Tensor] = []
@@ -91,13 +91,14 @@ class _TierRows:
     rows in tensors; the disk group's rows are in files read into and written from buffers."""
 
     def __init__(self, resident: list[tuple[RowCodec, torch.device]], disk_codec: RowCodec, rows: int,
-                 disk_path: Path | None, tag: str):
+                 disk_path: Path | None, tag: str, traffic: Traffic | None = None):
         self.resident = [(codec, [torch.empty((rows, codec.row_bytes), dtype=torch.uint8, device=device)
                                   for _ in range(2)]) for codec, device in resident if codec.sequences and rows]
         self.disk_codec = disk_codec
         self.disk_bytes = rows * disk_codec.row_bytes
         has_disk = disk_codec.sequences > 0 and rows
-        self.files = [DiskFile(Path(f"{disk_path}.{tag}{kv}"), self.disk_bytes) for kv in "kv"] if has_disk else []
+        self.files = [DiskFile(Path(f"{disk_path}.{tag}{kv}"), self.disk_bytes, traffic=traffic)
+                      for kv in "kv"] if has_disk else []
         self.rows = rows
 
     def _disk_rows(self, buf: torch.Tensor) -> torch.Tensor:

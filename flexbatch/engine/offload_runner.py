@@ -33,7 +33,7 @@ from ..sizing import (
     run_memory,
     weight_memory,
 )
-from ..storage.disk import require_free_space
+from ..storage.disk import Traffic, require_free_space
 from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
@@ -79,6 +79,8 @@ class OffloadRunner(Runner):
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
         self.kv: list[list[BatchKV | EncodedBatchKV]] = []  # [layer][GPU batch]
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
+        self.admit_seconds: list[float] = []  # wall time of each admission (prompts' prefill)
+        self.kv_traffic = Traffic()  # KV cache bytes read from and written to disk (weights: home.traffic)
         self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
         self.kv_rotation = None  # a compressed cache is kept rotated (storage/kv_rows.py)
         if policy.compress_cache:
@@ -110,6 +112,7 @@ class OffloadRunner(Runner):
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}
         cache_dir = self.offload_dir / "cache"
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a killed run's cache files: never read, never reused
         cache_dir.mkdir(parents=True, exist_ok=True)
         shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
         splits = [split_sequences(s[0], fractions) for s in shapes]
@@ -122,9 +125,9 @@ class OffloadRunner(Runner):
         def batch_kv(j: int, k: int, shape, split) -> BatchKV | EncodedBatchKV:
             path = cache_dir / f"l{j}_b{k}"
             if quant is None:
-                return BatchKV(shape, split, self.dtype, self.device, path, self.pools, attend)
+                return BatchKV(shape, split, self.dtype, self.device, path, self.pools, attend, self.kv_traffic)
             return EncodedBatchKV(shape, split, self.dtype, self.device, path, self.pools.get("disk_host"), quant,
-                                  self.policy.cache_window)
+                                  self.policy.cache_window, self.kv_traffic)
 
         self.kv = [[batch_kv(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
                    for j in range(self.cfg.num_layers)]
@@ -158,6 +161,7 @@ class OffloadRunner(Runner):
     @torch.inference_mode()
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
+        began = time.perf_counter()
         batches = self.gpu_batches(input_ids.shape[0])
         ctxs = [make_context(self.cfg, self.family, key_valid[b], shared, self.dtype, self.device,
                              self.policy.attn_sparsity, self.kv_rotation) for b in batches]
@@ -168,7 +172,9 @@ class OffloadRunner(Runner):
             inputs.insert(0, input_ids[:1, :shared])
         hidden = self._run(inputs, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end, shared))
         joining = hidden[1:] if shared else hidden
-        return torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in joining]).cpu()
+        out = torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in joining]).cpu()
+        self.admit_seconds.append(time.perf_counter() - began)
+        return out
 
     @torch.inference_mode()
     def shift(self, offset: int, end: int) -> None:

@@ -23,7 +23,7 @@ from ..kernels.packed import PackedLinear, element_size, pack_linear, packable, 
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..storage.aligned import align_up, aligned_bytes, as_dtype
-from ..storage.disk import DiskFile
+from ..storage.disk import DiskFile, Traffic
 from ..storage.placement import place_by_fraction
 from ..storage.tiers import Tier
 from ..weights.loader import resolve_names
@@ -62,6 +62,7 @@ class WeightHome:
         self.cfg, self.family, self.dtype, self.device = cfg, family, dtype, device
         self.quant = policy.weight_quant
         self.kernels = kernels  # carried by every packed weight to the matmul
+        self.traffic = Traffic()  # disk reads of layer loads, for bandwidth reports
         mapping = resolve_names(cfg, family, source)
         self.tiers = self._place(policy)
         read = lambda name: source.read(mapping[name]).to(dtype)
@@ -78,7 +79,6 @@ class WeightHome:
         for _ in range(READ_SLOTS if slot_bytes else 0):
             self._free_slots.put(aligned_bytes(slot_bytes, pinned=device.type == "cuda"))
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flexbatch-read")
-        self.bytes_read = 0  # disk bytes read by `load`, for bandwidth reports
 
     def _spec_bytes(self, spec) -> int:
         return stored_bytes(spec.shape, self.dtype, self.quant)
@@ -141,6 +141,7 @@ class WeightHome:
                 as_dtype(buf, dtype, shape, offset).copy_(value)
         file = DiskFile(offload_dir / f"layer{j:04d}.weights", nbytes)
         file.write_from(buf, 0, nbytes)
+        file.traffic = self.traffic  # counted from here on: loads, not the file's creation
         return DiskLayer(file, entries, nbytes)
 
     def tier_bytes(self) -> dict[Tier, int]:
@@ -167,7 +168,6 @@ class WeightHome:
         except BaseException:
             self._free_slots.put(slot)
             raise
-        self.bytes_read += disk.nbytes
         for name, parts in disk.entries.items():
             views = {part: as_dtype(slot, dtype, shape, offset) for part, (offset, shape, dtype) in parts.items()}
             stored = views[""] if "" in views else PackedLinear(**views, bits=self.quant.bits,

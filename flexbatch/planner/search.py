@@ -42,6 +42,7 @@ class Candidate:
 class Plan:
     best: Candidate
     runners_up: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why it chose what it did, for the user
 
 
 def _memory_rows(cfg, family, dtype, machine: MachineModel, template: Policy, work, budget: MemoryBudget):

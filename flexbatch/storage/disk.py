@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -30,13 +31,34 @@ def _open(path: Path, flags: int) -> tuple[int, bool]:
     return os.open(path, flags), False
 
 
+class Traffic:
+    """Bytes moved to and from disk files, as the I/O threads move them (whole aligned
+    blocks): what benchmarks divide by time to report the bandwidth a run achieved."""
+
+    def __init__(self):
+        self.read = self.written = 0
+        self._lock = threading.Lock()
+
+    def add(self, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.read += read
+            self.written += written
+
+    def reset(self) -> None:
+        with self._lock:
+            self.read = self.written = 0
+
+
 class DiskFile:
     """One file of fixed size. Offsets and lengths given to it need not be aligned; it reads
-    and writes whole aligned blocks through the caller's page-aligned buffer."""
+    and writes whole aligned blocks through the caller's page-aligned buffer, and counts
+    them in `traffic` if given."""
 
-    def __init__(self, path: Path, size: int, create: bool = True, readonly: bool = False):
+    def __init__(self, path: Path, size: int, create: bool = True, readonly: bool = False,
+                 traffic: Traffic | None = None):
         self.path = Path(path)
         self.size = size
+        self.traffic = traffic
         flags = os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)
         self.fd, self.direct = _open(self.path, flags)
         if create and not readonly and os.fstat(self.fd).st_size < align_up(size):
@@ -50,6 +72,8 @@ class DiskFile:
         if got < min(end, self.size) - lo:
             raise OSError(f"short read from {self.path}: {got} bytes at offset {lo}, wanted {end - lo}")
         self._drop_cache(lo, hi)
+        if self.traffic:
+            self.traffic.add(read=got)
 
     def write_from(self, buf: torch.Tensor, start: int, end: int) -> None:
         """Write buf[a:b] to file bytes [a, b) ([start, end) widened to blocks). The caller
@@ -60,6 +84,8 @@ class DiskFile:
         if written != hi - lo:
             raise OSError(f"short write to {self.path}: {written} of {hi - lo} bytes")
         self._drop_cache(lo, hi)
+        if self.traffic:
+            self.traffic.add(written=written)
 
     def _drop_cache(self, lo: int, hi: int) -> None:
         if not self.direct and hasattr(os, "posix_fadvise"):
@@ -72,8 +98,6 @@ class DiskFile:
 
     def __del__(self):
         self.close()
-
-
 
 
 def require_free_space(folder: Path, nbytes: int, what: str) -> None:
