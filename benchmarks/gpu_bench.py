@@ -41,14 +41,13 @@ def cap_gpu(nbytes: int) -> None:
 def child_flexbatch(spec: dict) -> dict:
     """One run on the GPU; spec["policy"] may be "plan" (the planner's choice, as in
     benchmarks/offload_bench.py). The result carries the cost model's prediction."""
-    from offload_bench import choose_policy, disk_read_GBps, measured_generate, predict, prompts
+    from offload_bench import choose_policy, current_profile, disk_read_GBps, measured_generate, predict, prompts
 
     from flexbatch import LLM, SamplingParams
-    from flexbatch.profiling import at_current_speed, hardware_profile
 
     cap_gpu(spec["gpu_memory"])
     policy = choose_policy({**spec, "device": "cuda"})
-    hw = at_current_speed(hardware_profile(Path(spec["offload_dir"])))
+    hw = current_profile(spec)
     with LLM(spec["model"], dtype="bfloat16", device="cuda", policy=policy, offload_dir=spec["offload_dir"],
              gpu_memory=spec["gpu_memory"], cpu_memory=spec.get("memory")) as llm:
         predicted = predict(llm, policy, spec, hw)

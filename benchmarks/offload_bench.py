@@ -49,11 +49,9 @@ def child_flexbatch(spec: dict) -> dict:
     (as `flexbatch run` does without policy flags; with spec["compress"] as its compression
     switches); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
-    from flexbatch.profiling import at_current_speed, hardware_profile
 
     policy = choose_policy(spec)
-    # the profile as the planner sees it, compute speed checked now (before the model fills memory)
-    hw = at_current_speed(hardware_profile(Path(spec["offload_dir"])))
+    hw = current_profile(spec)  # as the planner sees it, before the model fills memory
     with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
         predicted = predict(llm, policy, spec, hw)
@@ -81,6 +79,15 @@ def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
             "kv_read_bytes": runner.kv_traffic.read, "kv_written_bytes": runner.kv_traffic.written}
 
 
+def current_profile(spec: dict):
+    """The hardware profile as `flexbatch run` plans with it: compute speed and the offload
+    disk's read speed checked now."""
+    from flexbatch.profiling import at_current_speed, hardware_profile
+
+    folder = Path(spec["offload_dir"])
+    return at_current_speed(hardware_profile(folder), disk_folder=folder)
+
+
 def choose_policy(spec: dict):
     """spec["policy"] as a Policy, or the planner's choice for spec's workload and budgets
     (spec["memory"] for the host, and on a GPU (spec["device"]) spec["gpu_memory"])."""
@@ -90,7 +97,6 @@ def choose_policy(spec: dict):
     from flexbatch.engine.memory import detect_budget
     from flexbatch.models import get_family
     from flexbatch.planner import Workload, plan_policy
-    from flexbatch.profiling import at_current_speed, hardware_profile
     from flexbatch.weights.source import open_model
 
     if spec["policy"] != "plan":
@@ -98,7 +104,7 @@ def choose_policy(spec: dict):
     cfg = open_model(spec["model"]).config
     device = torch.device(spec.get("device", "cpu"))
     budget = detect_budget(device, spec.get("gpu_memory"), spec.get("memory"))
-    profile = at_current_speed(hardware_profile(Path(spec["offload_dir"])))
+    profile = current_profile(spec)
     plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, device, profile,
                        Workload(spec["prompt_len"], spec["gen_len"]), budget, max_block=spec.get("max_block"),
                        compression=COMPRESSION[spec.get("compress", "none")])

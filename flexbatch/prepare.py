@@ -22,7 +22,7 @@ import torch
 
 from .api import LLM, effective_policy
 from .config import Policy, parse_dtype
-from .default_model import default_model_path
+from .default_model import cache_dir, default_model_path
 from .devices import default_dtype, pick_device
 from .errors import ConfigError
 from .models import get_family
@@ -127,14 +127,15 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
 def plan_for(settings: RunSettings, opened: OpenedModel, device: torch.device, dtype: torch.dtype, work: Workload,
              max_block: int | None = None, block_size: int | None = None, log=log_to_stderr) -> Plan:
     """The planner's plan for `work` within the settings' budgets, on this machine's profile
-    (measured now if there is none, its compute speed checked now)."""
+    (measured now if there is none; its compute speed and the offload disk's checked now)."""
     from .engine.memory import detect_budget
     from .profiling import at_current_speed, hardware_profile
 
     cfg, family = opened.config, get_family(opened.config)
     budget = detect_budget(device, settings.gpu_memory, settings.cpu_memory)
     compression = planned_compression(settings.compression, lambda: layer_weight_grid(cfg, family, opened.source))
-    profile = at_current_speed(hardware_profile(settings.offload_dir, log=log), dtype)
+    disk_folder = Path(settings.offload_dir) if settings.offload_dir else cache_dir()
+    profile = at_current_speed(hardware_profile(disk_folder, log=log), dtype, disk_folder)
     return plan_policy(cfg, family, dtype, device, profile, work, budget, max_block, compression=compression,
                        block_size=block_size)
 

@@ -23,9 +23,11 @@ from flexbatch.sizing import MemoryBudget, run_memory
 FLAT = {r: 1e12 for r in (1, 2048)}
 
 
-def profile(flops, read=1e9, write=5e8, busy=None, share=1.0, gpu=None, memory=1 << 34, **cpu) -> HardwareProfile:
+def profile(flops, read=1e9, write=5e8, busy=None, share=1.0, gpu=None, memory=1 << 34, kv_read_busy_bps=None,
+            **cpu) -> HardwareProfile:
     """A hardware profile with the given rates (CPU fields by name: attention_bps, ...)."""
-    return HardwareProfile("test", memory, ComputeRates(flops, **cpu), DiskRates(read, write, busy, share), gpu)
+    disk = DiskRates(read, write, busy, share, kv_read_busy_bps)
+    return HardwareProfile("test", memory, ComputeRates(flops, **cpu), disk, gpu)
 
 
 HW = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9))
@@ -85,16 +87,19 @@ def test_compressed_layer_costs_by_hand(dequantize_rate, fused_wins):
     small = 4 * 1024 + 4096 + 1024 + 4 * 1024  # biases and norms stay bf16
     weight_bytes = matrices // 2 + matrices // 64 * 2 * 2 + 2 * small  # 4-bit levels, bf16 step and zero per 64
     kv = 2 * 16 * (64 // 2 + 2 * 2)  # per head: 32 bytes of levels, one bf16 minimum and step
-    batch, s, t = 8, 100, 100 + 11 / 2
-    assert costs.pre["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * s * kv / 5e8)
-    assert costs.gen["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
+    dense_kv = 2 * 16 * 64 * 2
+    batch, s, t, window = 8, 100, 100 + 11 / 2, 32  # the last 32 tokens are also kept dense (cache_window)
+    stored = lambda tokens: (tokens - window) * kv + window * dense_kv
+    assert costs.pre["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * stored(s) / 5e8)
+    appended = batch * (kv + dense_kv) / 5e8
+    assert costs.gen["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * stored(t) / 1e9 + appended)
     params = matrices + small
     fused = batch * 2 * params / 2.5e11  # the fused kernel, once per GPU batch
     dequantized = params / dequantize_rate + batch * 2 * params / 1e12  # one dequantization per load, then bf16
     assert (fused < dequantized) == fused_wins
-    dense_kv = 2 * 16 * 64 * 2  # attention runs on the dequantized cache, after dequantizing it
-    assert costs.gen["compute"] == pytest.approx((min(fused, dequantized) + batch * t * dense_kv * (1 / 1e10 + 1 / 2e9),
-                                            0, 0))
+    # attention runs on the dense cache, after dequantizing what is not in the window
+    attention = batch * t * dense_kv / 1e10 + batch * (t - window) * dense_kv / 2e9
+    assert costs.gen["compute"] == pytest.approx((min(fused, dequantized) + attention, 0, 0))
 
 
 def test_compressed_weights_without_a_fused_kernel_are_dequantized():
@@ -337,3 +342,29 @@ def test_a_forced_setting_names_the_faster_one_it_forgoes():
     assert not plan.best.policy.compress_cache
     assert plan.notes[0].startswith("KV cache compression: off, not asked")
     assert "--compress-cache-if-faster" in plan.notes[0]
+
+
+def test_decode_kv_reads_are_priced_at_the_rate_of_their_own_pattern():
+    """Decode reads each K or V prefix in one large request, one in flight: those bytes cost
+    the profile's KV read rate; weight reads keep the busy rate of several 4 MiB requests."""
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, read=1e9, write=5e8, busy=8e8, attention_bps=1e10,
+                          kv_read_busy_bps=2.5e8))
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.0, cache_device=0.0)
+    costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
+    params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+    kv, batch, t = 2 * 16 * 64 * 2, 8, 100 + 11 / 2
+    assert costs.gen["io"][0] == pytest.approx(2 * params / 8e8 + batch * t * kv / 2.5e8 + batch * kv / 5e8)
+    sequential = hw.layer_costs(CFG, FAMILY, torch.bfloat16, replace(policy, overlap=False), WORK)
+    assert sequential.gen["io"][0] == pytest.approx(2 * params / 1e9 + batch * t * kv / 1e9 + batch * kv / 5e8)
+
+
+def test_disk_rates_follow_a_read_of_the_disk_now(monkeypatch, tmp_path):
+    """The offload disk reading at half its profiled speed now: every disk bandwidth halves,
+    the compute share during reads stays. The probe itself reads a real file and removes it."""
+    from flexbatch import profiling as hardware
+
+    assert hardware.disk_read_now(tmp_path, 16 << 20) > 0 and not list(tmp_path.iterdir())
+    then = profile({"bfloat16": {1: 1e10}}, read=2e9, write=1e9, busy=1.6e9, share=0.7, kv_read_busy_bps=1.2e9)
+    monkeypatch.setattr(hardware, "disk_read_now", lambda folder: 1e9)
+    now = hardware.at_current_speed(then, torch.float16, disk_folder=tmp_path)
+    assert now.disk == DiskRates(1e9, 5e8, 8e8, 0.7, 6e8) and now.cpu == then.cpu

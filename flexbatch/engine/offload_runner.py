@@ -40,7 +40,7 @@ from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .executor import Executor, InlineIO
 from .kv_cache import CPU, BatchKV, staging_pools
-from .kv_encoded import EncodedBatchKV
+from .kv_encoded import EncodedBatchKV, encoded_pools
 from .memory import detect_budget
 from .runner import (
     Runner,
@@ -121,12 +121,15 @@ class OffloadRunner(Runner):
         route = kv_route(self.policy, not self.unified)
         attend = self.device if route.rows_to_device else CPU  # where host and disk token rows go
         self.pools = staging_pools(splits, capacity, row_bytes, attend, 2 * KV_IN_FLIGHT)
+        if quant is not None:
+            self.pools.update(encoded_pools(shapes, splits, self.policy.cache_window, self.dtype, self.device,
+                                            2 * KV_IN_FLIGHT))
 
         def batch_kv(j: int, k: int, shape, split) -> BatchKV | EncodedBatchKV:
             path = cache_dir / f"l{j}_b{k}"
             if quant is None:
                 return BatchKV(shape, split, self.dtype, self.device, path, self.pools, attend, self.kv_traffic)
-            return EncodedBatchKV(shape, split, self.dtype, self.device, path, self.pools.get("disk_host"), quant,
+            return EncodedBatchKV(shape, split, self.dtype, self.device, path, self.pools, quant,
                                   self.policy.cache_window, self.kv_traffic)
 
         self.kv = [[batch_kv(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]

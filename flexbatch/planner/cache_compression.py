@@ -18,10 +18,10 @@ from .terms import Workload
 WORTH_SAYING = 1.1  # a faster setting the user did not allow is pointed out from this speed-up on
 
 
-def plan_weighing_cache_compression(search, compression: dict, describe_cache) -> Plan:
+def plan_weighing_cache_compression(search, compression: dict, kv_disk_read) -> Plan:
     """search(compression) -> Plan, for the setting asked (compress_cache True, False or
     IF_FASTER) and its alternative; the plan of the chosen one, with a note that says why.
-    describe_cache(candidate) -> the KV bytes its decode reads from disk per step."""
+    kv_disk_read(candidate) -> the KV bytes its decode reads from disk per step."""
     asked = compression.get("compress_cache", False)
     plans, errors = {}, {}
     for flag in (False, True):
@@ -35,7 +35,7 @@ def plan_weighing_cache_compression(search, compression: dict, describe_cache) -
         raise errors[allowed[-1]]
     chosen = max(feasible, key=lambda flag: plans[flag].best.throughput)
     other = plans.get(not chosen)
-    note = _note(chosen, asked, plans[chosen].best, other.best if other else None, describe_cache)
+    note = _note(chosen, asked, plans[chosen].best, other.best if other else None, kv_disk_read)
     return replace(plans[chosen], notes=[*plans[chosen].notes, note])
 
 
@@ -49,7 +49,7 @@ def _note(chosen: bool, asked, mine: Candidate, other: Candidate | None, kv_read
     traffic = (f"decode reads {kv_read(on) / 1e9:.2f} GB of KV cache from disk per step compressed, "
                f"{kv_read(off) / 1e9:.2f} GB uncompressed")
     if kv_read(off) == 0:
-        traffic = "the uncompressed cache stays in memory, so compression saves no disk reads"
+        traffic = "the uncompressed cache is not on disk, so compression saves no disk reads"
     speeds = f"predicted {on.throughput:.2f} tok/s compressed, {off.throughput:.2f} uncompressed"
     text = f"{head}: {speeds}; {traffic}"
     if asked is False and on.throughput >= WORTH_SAYING * off.throughput:

@@ -7,13 +7,15 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     T_pre = max(io_pre, comp_pre)   (sum instead of max without overlap)
     T_gen = max(io_gen, comp_gen)
     io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
-    io_gen  = w_disk * W / R + c_disk * B * t * K / R + c_disk * B * K / Wr,   t = s + n / 2
+    io_gen  = w_disk * W / R + c_disk * B * t * K / Rkv + c_disk * B * K / Wr,   t = s + n / 2
+    (a compressed cache's last cache_window tokens count at Kd: they are kept dense too)
     comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s) + cpu_io * io_pre
     comp_gen = B * 2 * P / Fw(gbs) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
 
 W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
 stored, Kd: the same in the compute dtype, C: hidden size, R / Wr: disk read / write
-bandwidth (R measured while the CPU computes when I/O overlaps compute), F(rows): measured
+bandwidth (R measured while the CPU computes when I/O overlaps compute; Rkv the same for
+reads as decode makes them, one large request per K or V prefix), F(rows): measured
 matmul FLOP/s at that many rows, Fw: the same with the weights as stored (compressed weights
 cost the cheaper of the fused int4 kernel, measured, and one measured dequantization per
 layer load plus dense matmuls).
@@ -95,12 +97,18 @@ class CpuModel(MachineModel):
         read = disk.read_busy_bps if policy.overlap and disk.read_busy_bps else disk.read_bps
         # overlapped reads compete with compute for the cores (read_busy_bps)
         weight_io = weight * W_DISK / read
-        io_pre = weight_io + batch * s * kv * C_DISK / disk.write_bps
-        io_gen = weight_io + batch * t * kv * C_DISK / read + batch * kv * C_DISK / disk.write_bps
+        # a compressed cache keeps each sequence's last cache_window tokens dense too: read
+        # (and the new token written) dense there, quantized before
+        window = lambda tokens: min(policy.cache_window, tokens) if policy.compress_cache else 0
+        stored = lambda tokens: (tokens - window(tokens)) * kv + window(tokens) * kv_dense
+        appended = kv + (kv_dense if window(t) else 0)
+        io_pre = weight_io + batch * stored(s) * C_DISK / disk.write_bps
+        kv_read = disk.kv_read_bps if policy.overlap else disk.read_bps
+        io_gen = weight_io + batch * stored(t) * C_DISK / kv_read + batch * appended * C_DISK / disk.write_bps
         bits = policy.compress_bits if policy.compress_weight else None
         attention = batch * t * kv_dense / cpu.attention_bps
         if policy.compress_cache:
-            attention += batch * t * kv_dense / cpu.kv_decode_bps
+            attention += batch * (t - window(t)) * kv_dense / cpu.kv_decode_bps
         comp_pre = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, s, active) \
             + batch * 2 * s * s * cfg.hidden_size / cpu.flops(dtype, gpu_batch_size * s)
         comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention

@@ -70,6 +70,20 @@ class DiskRates:
     write_bps: float
     read_busy_bps: float | None = None  # reads while the CPU multiplies on all cores (overlapped I/O)
     compute_share_during_reads: float = 1.0  # the share of matmul speed left while the disk reads
+    # KV cache reads as decode makes them while the CPU multiplies: one large request per K or
+    # V prefix of a (layer, GPU batch), one in flight (None: priced like weight reads)
+    kv_read_busy_bps: float | None = None
+
+    @property
+    def kv_read_bps(self) -> float:
+        """The rate decode's KV cache reads from disk are priced at."""
+        return self.kv_read_busy_bps or self.read_busy_bps or self.read_bps
+
+    def scaled(self, factor: float) -> "DiskRates":
+        """These rates with every bandwidth times `factor` (a disk measured faster or slower now)."""
+        scale = lambda v: v * factor if v else v
+        return DiskRates(self.read_bps * factor, self.write_bps * factor, scale(self.read_busy_bps),
+                         self.compute_share_during_reads, scale(self.kv_read_busy_bps))
 
 
 @dataclass(frozen=True)

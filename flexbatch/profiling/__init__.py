@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ..planner.profile import ComputeRates, DiskRates, HardwareProfile
-from .cpu import measure_attention, measure_dequantize, measure_disk, measure_kv_decode, measure_matmul
+from .cpu import disk_read_now, measure_attention, measure_dequantize, measure_disk, measure_kv_decode, measure_matmul
 
-PROFILE_VERSION = 7  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 8  # bump when the measured fields change, so cached profiles are redone
 
 __all__ = ["at_current_speed", "hardware_profile", "load_or_measure", "measure"]
 
@@ -49,11 +49,16 @@ def fingerprint(folder: Path) -> str:
 SPOT_ROWS = 512  # a spot check of compute speed: one point of the matmul table, about a second
 
 
-def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat16) -> HardwareProfile:
+def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat16,
+                     disk_folder: Path | None = None) -> HardwareProfile:
     """The profile with its compute-bound rates (matmul tables, dequantization) scaled by how
-    fast the machine multiplies now against when it was profiled. A shared or throttled CPU
-    drifts: this VM measured 0.42 and then 0.35 TFLOP/s on the same bf16 matmul within a day,
-    which the cost model would otherwise take for its own error. Memory-bound rates stay."""
+    fast the machine multiplies now against when it was profiled, and with `disk_folder`
+    its disk rates by how fast that disk reads now. A shared or throttled machine drifts:
+    this VM measured 0.42 and then 0.35 TFLOP/s on the same bf16 matmul within a day, and its
+    disk 2.1 and then 1.5 GB/s, which the cost model would otherwise take for its own error.
+    Memory-bound rates stay."""
+    if disk_folder is not None:
+        profile = replace(profile, disk=profile.disk.scaled(disk_read_now(disk_folder) / profile.disk.read_bps))
     key = str(dtype).removeprefix("torch.")
     then = profile.cpu.matmul_flops.get(key, {}).get(SPOT_ROWS)
     if not then:

@@ -15,13 +15,16 @@ import torch
 CPU = torch.device("cpu")
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
 PROBE_BYTES = 512 << 20
-CHUNK = 4 << 20
+CHUNK = 4 << 20  # a weight read request: several in flight
+KV_REQUEST = 32 << 20  # a K or V prefix of one (layer, GPU batch) as decode reads it: one request
+DRIFT_PROBE_BYTES = 256 << 20
 
 
-def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float]:
+def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float, float]:
     """(read, write, read while computing) bytes/s with O_DIRECT, 4 MiB requests, 4 in
-    flight, as the engine does; the third with bf16 matmuls running on the main thread, whose
-    speed then, as a share of their speed alone, is the fourth."""
+    flight, as the engine reads weights; the third with bf16 matmuls running on the main
+    thread, whose speed then, as a share of their speed alone, is the fourth. The fifth:
+    reads while computing as decode reads the KV cache, KV_REQUEST at a time, one in flight."""
     from ..storage.aligned import aligned_bytes
     from ..storage.disk import DiskFile
 
@@ -40,16 +43,39 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float,
             start = time.perf_counter()
             list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), chunks))
             read = nbytes / (time.perf_counter() - start)
-            busy, share = _read_while_computing(pool, file, buf, chunks, nbytes)
+            busy, share = _read_while_computing(pool, file, buf, nbytes, CHUNK)
+        with ThreadPoolExecutor(1) as one:
+            kv_busy, _ = _read_while_computing(one, file, buf, nbytes, KV_REQUEST, passes=1)
     finally:
         file.close()
         path.unlink(missing_ok=True)
-    return read, write, busy, share
+    return read, write, busy, share, kv_busy
 
 
-def _read_while_computing(pool, file, buf, chunks, nbytes: int, passes: int = 3) -> tuple[float, float]:
-    """Read the probe `passes` times over while the main thread multiplies matrices; the
-    matmul rate is compared with its rate alone, measured just before and just after."""
+def disk_read_now(folder: Path, nbytes: int = DRIFT_PROBE_BYTES) -> float:
+    """O_DIRECT read bytes/s of a fresh file, as `measure_disk` reads (about half a second):
+    how fast the disk is now, against a profile measured earlier."""
+    from ..storage.aligned import aligned_bytes
+    from ..storage.disk import DiskFile
+
+    path = Path(folder) / "flexbatch-disk-drift-probe"
+    buf = aligned_bytes(nbytes)
+    file = DiskFile(path, nbytes)
+    try:
+        file.write_from(buf, 0, nbytes)
+        with ThreadPoolExecutor(4) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), range(0, nbytes, CHUNK)))
+            return nbytes / (time.perf_counter() - start)
+    finally:
+        file.close()
+        path.unlink(missing_ok=True)
+
+
+def _read_while_computing(pool, file, buf, nbytes: int, request: int, passes: int = 3) -> tuple[float, float]:
+    """Read the probe `passes` times over in `request`-byte reads on `pool` while the main
+    thread multiplies matrices; the matmul rate is compared with its rate alone, measured
+    just before and just after."""
     x = torch.randn(512, 2048, dtype=torch.bfloat16)
     w = torch.randn(8192, 2048, dtype=torch.bfloat16)
     multiply = lambda: torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
@@ -63,7 +89,8 @@ def _read_while_computing(pool, file, buf, chunks, nbytes: int, passes: int = 3)
 
     multiply()
     alone = rate(lambda elapsed: elapsed > 0.5)
-    pending = [pool.submit(file.read_into, buf, s, s + CHUNK) for _ in range(passes) for s in chunks]
+    pending = [pool.submit(file.read_into, buf, s, min(s + request, nbytes))
+               for _ in range(passes) for s in range(0, nbytes, request)]
     start = time.perf_counter()
     during = rate(lambda elapsed: all(f.done() for f in pending))
     seconds = time.perf_counter() - start

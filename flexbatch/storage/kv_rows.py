@@ -35,7 +35,10 @@ class RowCodec:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[n, Hkv, T, D] -> uint8 [T, row_bytes]."""
-        tokens = x.permute(2, 0, 1, 3)  # [T, n, Hkv, D]
+        return self.encode_rows(x.permute(2, 0, 1, 3))
+
+    def encode_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[T, n, Hkv, D] (token-major) -> uint8 [T, row_bytes]."""
         t = tokens.shape[0]
         if self.quant is None:
             return tokens.contiguous().view(torch.uint8).reshape(t, self.row_bytes)
@@ -45,23 +48,35 @@ class RowCodec:
         return torch.cat([p.reshape(t, -1) for p in parts], dim=1)
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """uint8 [T, row_bytes] -> [n, Hkv, T, D] in the compute dtype."""
+        """uint8 [T, row_bytes] -> [n, Hkv, T, D] in the compute dtype; plain rows as a view
+        of `rows` (what is written into it lands in them)."""
+        shape = (rows.shape[0], self.sequences, self.heads, self.head_dim)
+        if self.quant is None:
+            return rows.view(self.dtype).view(shape).permute(1, 2, 0, 3)
+        out = torch.empty(shape, dtype=self.dtype, device=rows.device)
+        return self.decode_rows_into(rows, out).permute(1, 2, 0, 3)
+
+    def decode_rows_into(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """uint8 [T, row_bytes] -> out [T, n, Hkv, D] (token-major, any device). Decoded in
+        place when `out` is contiguous, on the rows' device and the groups tile the head
+        dimension (a whole disk group's dense rows, the common case); else through a
+        temporary where the rows are, then copied."""
         t = rows.shape[0]
         shape = (t, self.sequences, self.heads, self.head_dim)
         if self.quant is None:
-            return rows.view(self.dtype).view(shape).permute(1, 2, 0, 3)
+            return out.copy_(rows.view(self.dtype).view(shape))
         group, bits = self.quant.group_size, self.quant.bits
         groups = -(-self.head_dim // group)
         vectors = self.sequences * self.heads
+        in_place = out.is_contiguous() and out.device == rows.device and groups * group == self.head_dim
+        levels = out.view(t, vectors, groups, group) if in_place else \
+            torch.empty(t, vectors, groups, group, dtype=self.dtype, device=rows.device)
         data_cols = vectors * groups * group * bits // 8
         scale_cols = (rows.shape[1] - data_cols) // 2
         data, minimum, step = rows.split([data_cols, scale_cols, scale_cols], dim=1)
-        levels = torch.empty(t, vectors, groups, group, dtype=self.dtype, device=rows.device)
         grid = (t, vectors, groups, 1)
         scale = lambda part: part.view(self.dtype).reshape(grid)
         dequantize_into(levels, data.reshape(t, vectors, groups, -1), scale(minimum), scale(step), bits)
-        vectors_out = levels.view(t, vectors, groups * group)
-        if groups * group != self.head_dim:
-            vectors_out = vectors_out[..., :self.head_dim]
-        return vectors_out.reshape(shape).permute(1, 2, 0, 3)
-
+        if not in_place:
+            out.copy_(levels.view(t, vectors, groups * group)[..., :self.head_dim].reshape(shape))
+        return out
