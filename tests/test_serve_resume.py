@@ -48,15 +48,15 @@ def test_sigkill_during_a_batch_loses_and_duplicates_nothing(default_model_store
     requests = write_jsonl(tmp_path / "requests.jsonl", batch_lines(NUM_REQUESTS, name, "/v1/chat/completions"))
     data_dir = tmp_path / "data"
     server = ServerProcess(default_model_store, data_dir)
-    client = server.client()
-    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
-    batch_id = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                     completion_window="24h").id
-    done = 0
-    for _ in range(KILLS):
-        done = _kill_mid_batch(server, batch_id, done)
-        server = ServerProcess(default_model_store, data_dir)
-    try:
+    try:  # whatever fails, the server running then is stopped
+        client = server.client()
+        uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
+        batch_id = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h").id
+        done = 0
+        for _ in range(KILLS):
+            done = _kill_mid_batch(server, batch_id, done)
+            server = ServerProcess(default_model_store, data_dir)
         client = server.client()
         batch = wait_batch(client, batch_id)
         assert batch.status == "completed", batch
