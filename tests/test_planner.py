@@ -368,3 +368,12 @@ def test_disk_rates_follow_a_read_of_the_disk_now(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "disk_read_now", lambda folder: 1e9)
     now = hardware.at_current_speed(then, torch.float16, disk_folder=tmp_path)
     assert now.disk == DiskRates(1e9, 5e8, 8e8, 0.7, 6e8) and now.cpu == then.cpu
+
+
+def test_a_disk_that_cannot_take_the_drift_probe_leaves_the_profile_as_it_is(tmp_path):
+    from flexbatch import profiling as hardware
+
+    (tmp_path / "not-a-folder").write_text("a file where the offload folder should be")
+    then = profile({"bfloat16": {1: 1e10}}, read=2e9)
+    assert hardware.disk_read_now(tmp_path / "not-a-folder") is None
+    assert hardware.at_current_speed(then, torch.float16, disk_folder=tmp_path / "not-a-folder") is then

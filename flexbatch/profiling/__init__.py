@@ -57,8 +57,9 @@ def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat
     this VM measured 0.42 and then 0.35 TFLOP/s on the same bf16 matmul within a day, and its
     disk 2.1 and then 1.5 GB/s, which the cost model would otherwise take for its own error.
     Memory-bound rates stay."""
-    if disk_folder is not None:
-        profile = replace(profile, disk=profile.disk.scaled(disk_read_now(disk_folder) / profile.disk.read_bps))
+    now = disk_read_now(disk_folder) if disk_folder is not None else None
+    if now:
+        profile = replace(profile, disk=profile.disk.scaled(now / profile.disk.read_bps))
     key = str(dtype).removeprefix("torch.")
     then = profile.cpu.matmul_flops.get(key, {}).get(SPOT_ROWS)
     if not then:

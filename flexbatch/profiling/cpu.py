@@ -52,24 +52,28 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float,
     return read, write, busy, share, kv_busy
 
 
-def disk_read_now(folder: Path, nbytes: int = DRIFT_PROBE_BYTES) -> float:
+def disk_read_now(folder: Path, nbytes: int = DRIFT_PROBE_BYTES) -> float | None:
     """O_DIRECT read bytes/s of a fresh file, as `measure_disk` reads (about half a second):
-    how fast the disk is now, against a profile measured earlier."""
+    how fast the disk is now, against a profile measured earlier. None where the folder's
+    disk cannot take the probe file (full, read-only): the profile's rates stand then."""
     from ..storage.aligned import aligned_bytes
     from ..storage.disk import DiskFile
 
     path = Path(folder) / "flexbatch-disk-drift-probe"
     buf = aligned_bytes(nbytes)
-    file = DiskFile(path, nbytes)
     try:
-        file.write_from(buf, 0, nbytes)
-        with ThreadPoolExecutor(4) as pool:
-            start = time.perf_counter()
-            list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), range(0, nbytes, CHUNK)))
-            return nbytes / (time.perf_counter() - start)
-    finally:
-        file.close()
-        path.unlink(missing_ok=True)
+        file = DiskFile(path, nbytes)
+        try:
+            file.write_from(buf, 0, nbytes)
+            with ThreadPoolExecutor(4) as pool:
+                start = time.perf_counter()
+                list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), range(0, nbytes, CHUNK)))
+                return nbytes / (time.perf_counter() - start)
+        finally:
+            file.close()
+            path.unlink(missing_ok=True)
+    except OSError:
+        return None
 
 
 def _read_while_computing(pool, file, buf, nbytes: int, request: int, passes: int = 3) -> tuple[float, float]:

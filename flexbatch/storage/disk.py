@@ -3,6 +3,7 @@ we did not account for. Where the filesystem refuses O_DIRECT (tmpfs, some netwo
 we fall back to buffered I/O, drop the pages we touched, and say so once."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -22,8 +23,9 @@ def _open(path: Path, flags: int) -> tuple[int, bool]:
     if direct:
         try:
             return os.open(path, flags | direct), True
-        except OSError:
-            pass
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this filesystem refuses O_DIRECT; anything else is real
+                raise
     if not _warned_fallback:
         warnings.warn(f"O_DIRECT is not available for {path.parent}; using buffered I/O "
                       "(the OS page cache may hold offloaded data).", RuntimeWarning, stacklevel=3)
@@ -59,6 +61,7 @@ class DiskFile:
         self.path = Path(path)
         self.size = size
         self.traffic = traffic
+        self.fd = -1  # until open: a failed open leaves nothing to close
         flags = os.O_RDONLY if readonly else os.O_RDWR | (os.O_CREAT if create else 0)
         self.fd, self.direct = _open(self.path, flags)
         if create and not readonly and os.fstat(self.fd).st_size < align_up(size):
