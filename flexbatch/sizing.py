@@ -104,6 +104,20 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig 
     return 2 * cfg.num_kv_heads * quantized_row_bytes(cfg.head_dim, quant, dtype)
 
 
+def dense_window(policy: Policy, tokens: float) -> float:
+    """Of a sequence's first `tokens` cached tokens, how many are also kept dense: a
+    compressed cache's last cache_window (engine/kv_encoded.py); none in a plain cache."""
+    return min(policy.cache_window, tokens) if policy.compress_cache else 0
+
+
+def kv_stored_bytes(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, tokens: float) -> float:
+    """Bytes a sequence's cache of `tokens` tokens takes in one layer as `policy` stores it, and
+    decode reads back: quantized rows, plus the dense window of a compressed cache."""
+    window = dense_window(policy, tokens)
+    return (tokens - window) * kv_bytes_per_token(cfg, dtype, policy.cache_quant) \
+        + window * kv_bytes_per_token(cfg, dtype)
+
+
 def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_width: int, capacity: int) -> int:
     """Activations of the whole block and the temporaries of one GPU batch's layer compute."""
     elt = torch.empty((), dtype=dtype).element_size()

@@ -324,8 +324,10 @@ def test_the_planner_weighs_kv_cache_compression_and_says_why(kv_decode_bps, com
     def kv_disk_gb(policy: Policy) -> float:
         dense = 2 * 16 * 64 * 2  # K and V of a token in one layer: 16 heads x 64 dims in bf16
         packed = 2 * 16 * (64 // 2 + 2 * 2)  # 4-bit values of a head, plus its bf16 minimum and step (group 64)
-        per_token = (packed if policy.compress_cache else dense) * CFG.num_layers
-        return policy.block_size * (100 + 200 / 2) * per_token * policy.cache_disk / 1e9
+        context = 100 + 200 / 2
+        # compressed: the last 32 tokens (cache_window) are read dense, the rest 4-bit
+        per_sequence = (context - 32) * packed + 32 * dense if policy.compress_cache else context * dense
+        return policy.block_size * per_sequence * CFG.num_layers * policy.cache_disk / 1e9
 
     reads = [kv_disk_gb(forced[flag].policy) for flag in (True, False)]
     assert all(r > 0 for r in reads), "the budget must put the KV cache on disk for this test"

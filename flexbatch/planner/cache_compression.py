@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from ..config import COMPRESS_IF_FASTER as IF_FASTER
 from ..errors import ConfigError
-from ..sizing import kv_bytes_per_token
+from ..sizing import kv_stored_bytes
 from .search import Candidate, Plan
 from .terms import Workload
 
@@ -58,11 +58,11 @@ def _note(chosen: bool, asked, mine: Candidate, other: Candidate | None, kv_read
 
 
 def kv_disk_bytes_per_step(cfg, dtype, work: Workload):
-    """candidate -> bytes of KV cache its decode reads from disk per step, at the mean context."""
+    """candidate -> bytes of KV cache its decode reads from disk per step, at the mean context
+    (as the cost model counts them: a compressed cache's dense window included)."""
     context = work.prompt_len + work.gen_len / 2
 
     def read(candidate: Candidate) -> float:
         p = candidate.policy
-        per_token = kv_bytes_per_token(cfg, dtype, p.cache_quant) * cfg.num_layers
-        return p.block_size * context * per_token * p.cache_disk
+        return p.block_size * kv_stored_bytes(cfg, dtype, p, context) * cfg.num_layers * p.cache_disk
     return read

@@ -43,7 +43,14 @@ import torch
 from ..config import Policy
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import active_layer_params, kv_bytes_per_token, layer_params, layer_weight_bytes
+from ..sizing import (
+    active_layer_params,
+    dense_window,
+    kv_bytes_per_token,
+    kv_stored_bytes,
+    layer_params,
+    layer_weight_bytes,
+)
 from .machine import MachineModel
 from .profile import ComputeRates
 from .terms import LayerCosts, Workload, weight_matmul_seconds
@@ -99,16 +106,15 @@ class CpuModel(MachineModel):
         weight_io = weight * W_DISK / read
         # a compressed cache keeps each sequence's last cache_window tokens dense too: read
         # (and the new token written) dense there, quantized before
-        window = lambda tokens: min(policy.cache_window, tokens) if policy.compress_cache else 0
-        stored = lambda tokens: (tokens - window(tokens)) * kv + window(tokens) * kv_dense
-        appended = kv + (kv_dense if window(t) else 0)
+        stored = lambda tokens: kv_stored_bytes(cfg, dtype, policy, tokens)
+        appended = kv + (kv_dense if dense_window(policy, t) else 0)
         io_pre = weight_io + batch * stored(s) * C_DISK / disk.write_bps
         kv_read = disk.kv_read_bps if policy.overlap else disk.read_bps
         io_gen = weight_io + batch * stored(t) * C_DISK / kv_read + batch * appended * C_DISK / disk.write_bps
         bits = policy.compress_bits if policy.compress_weight else None
         attention = batch * t * kv_dense / cpu.attention_bps
         if policy.compress_cache:
-            attention += batch * (t - window(t)) * kv_dense / cpu.kv_decode_bps
+            attention += batch * (t - dense_window(policy, t)) * kv_dense / cpu.kv_decode_bps
         comp_pre = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, s, active) \
             + batch * 2 * s * s * cfg.hidden_size / cpu.flops(dtype, gpu_batch_size * s)
         comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention
