@@ -46,8 +46,8 @@ def child_flexbatch(spec: dict) -> dict:
     from flexbatch import LLM, SamplingParams
 
     cap_gpu(spec["gpu_memory"])
-    policy = choose_policy({**spec, "device": "cuda"})
     hw = current_profile(spec)
+    policy = choose_policy({**spec, "device": "cuda"}, hw)
     with LLM(spec["model"], dtype="bfloat16", device="cuda", policy=policy, offload_dir=spec["offload_dir"],
              gpu_memory=spec["gpu_memory"], cpu_memory=spec.get("memory")) as llm:
         predicted = predict(llm, policy, spec, hw)

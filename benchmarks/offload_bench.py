@@ -50,8 +50,8 @@ def child_flexbatch(spec: dict) -> dict:
     switches); the result carries the predicted figures."""
     from flexbatch import LLM, SamplingParams
 
-    policy = choose_policy(spec)
     hw = current_profile(spec)  # as the planner sees it, before the model fills memory
+    policy = choose_policy(spec, hw)
     with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
         predicted = predict(llm, policy, spec, hw)
@@ -62,21 +62,30 @@ def child_flexbatch(spec: dict) -> dict:
 
 def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
     """Generate after a warm-up, timed by the runner: prefill is the admissions' time, decode
-    the token steps'; with the disk traffic of each (weights read; KV cache read, written)."""
+    the token steps'; with the disk traffic of each (weights read; KV cache read, written).
+    A policy with everything in memory runs on the in-memory runner, which keeps no clocks:
+    its generation time counts as decode, with no disk traffic."""
     from flexbatch import SamplingParams
 
     llm.generate(prompts(1, 8), SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     runner = llm.runner
-    runner.admit_seconds, runner.step_seconds, runner.wait_seconds = [], [], 0.0
-    runner.home.traffic.reset()
-    runner.kv_traffic.reset()
+    offloaded = hasattr(runner, "kv_traffic")
+    if offloaded:
+        runner.admit_seconds, runner.step_seconds, runner.wait_seconds = [], [], 0.0
+        runner.home.traffic.reset()
+        runner.kv_traffic.reset()
     began = time.perf_counter()
     outs = llm.generate(prompt_ids, params)
     wall = time.perf_counter() - began
-    return {"prefill_s": sum(runner.admit_seconds), "decode_s": sum(runner.step_seconds), "generate_wall_s": wall,
-            "decode_steps": len(runner.step_seconds), "tokens": sum(len(o.token_ids) for o in outs),
-            "io_wait_s": runner.wait_seconds, "weight_read_bytes": runner.home.traffic.read,
-            "kv_read_bytes": runner.kv_traffic.read, "kv_written_bytes": runner.kv_traffic.written}
+    result = {"prefill_s": 0.0, "decode_s": wall, "generate_wall_s": wall, "decode_steps": None,
+              "tokens": sum(len(o.token_ids) for o in outs), "io_wait_s": 0.0, "weight_read_bytes": 0,
+              "kv_read_bytes": 0, "kv_written_bytes": 0}
+    if offloaded:
+        result.update(prefill_s=sum(runner.admit_seconds), decode_s=sum(runner.step_seconds),
+                      decode_steps=len(runner.step_seconds), io_wait_s=runner.wait_seconds,
+                      weight_read_bytes=runner.home.traffic.read, kv_read_bytes=runner.kv_traffic.read,
+                      kv_written_bytes=runner.kv_traffic.written)
+    return result
 
 
 def current_profile(spec: dict):
@@ -88,9 +97,10 @@ def current_profile(spec: dict):
     return at_current_speed(hardware_profile(folder), disk_folder=folder)
 
 
-def choose_policy(spec: dict):
+def choose_policy(spec: dict, profile=None):
     """spec["policy"] as a Policy, or the planner's choice for spec's workload and budgets
-    (spec["memory"] for the host, and on a GPU (spec["device"]) spec["gpu_memory"])."""
+    (spec["memory"] for the host, and on a GPU (spec["device"]) spec["gpu_memory"]), planned on
+    `profile` (default: `current_profile(spec)`)."""
     import torch
 
     from flexbatch.config import Policy
@@ -104,7 +114,7 @@ def choose_policy(spec: dict):
     cfg = open_model(spec["model"]).config
     device = torch.device(spec.get("device", "cpu"))
     budget = detect_budget(device, spec.get("gpu_memory"), spec.get("memory"))
-    profile = current_profile(spec)
+    profile = profile or current_profile(spec)
     plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, device, profile,
                        Workload(spec["prompt_len"], spec["gen_len"]), budget, max_block=spec.get("max_block"),
                        compression=COMPRESSION[spec.get("compress", "none")])
