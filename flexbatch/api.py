@@ -18,7 +18,7 @@ import torch
 from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
 from .devices import default_dtype, pick_device
-from .engine.generation import BlockStats, Completion, Request, Vocabulary, generate
+from .engine.generation import BlockStats, Completion, Request, Vocabulary, generate_in_lanes
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
 from .kernels import KernelChoice
@@ -82,12 +82,19 @@ class LLM:
     `cpu_memory` is checked against the weights kept in memory. kernels: which kernel
     multiplies by 4-bit weights (`KernelChoice`); None takes FLEXBATCH_INT4_FUSED_MAX_ROWS
     if set, else this machine's hardware profile (measured once and cached).
+
+    pipeline_stages: split the model's layers over that many processes started by torchrun
+    (`torchrun --nproc-per-node N script.py`, N a multiple of the stages), each running its
+    range of layers under `policy` within its own memory. Every process constructs the LLM
+    and makes the same calls; the first stage (RANK % stages == 0) returns the outputs, the
+    others serve their part and return empty lists. Each stage keeps `pipeline_stages`
+    blocks in flight, so all of them compute at once. Scoring does not run on stages yet.
     """
 
     def __init__(self, model: str | Path | OpenedModel | None = None, dtype: str | torch.dtype = "auto",
                  device: str = "auto", batch_size: int = 32, policy: Policy | None = None,
                  offload_dir: str | Path | None = None, cpu_memory: int | None = None,
-                 gpu_memory: int | None = None, kernels: KernelChoice | None = None):
+                 gpu_memory: int | None = None, kernels: KernelChoice | None = None, pipeline_stages: int = 1):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(model, OpenedModel):
@@ -101,6 +108,24 @@ class LLM:
         self.batch_size = batch_size
         self.tokenizer = opened.load_tokenizer()
         policy = self.policy = effective_policy(opened, policy, batch_size)
+        self.pipeline = self.stage_server = None  # the roles of a process in pipeline stages
+        if pipeline_stages > 1:
+            policy = policy or Policy(gpu_batch_size=batch_size)
+            self._start_stage(opened, policy, pipeline_stages, offload_dir, cpu_memory, gpu_memory, kernels)
+            self.batch_size = policy.block_size
+        else:
+            self._build_runner(opened, policy, offload_dir, cpu_memory, gpu_memory, kernels)
+        self.eos_ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.pad_id = next((i for i in (self.config.pad_token_id, *sorted(self.eos_ids)) if i is not None), 0)
+
+    @property
+    def lanes(self) -> list:
+        """The runners whose blocks are decoded at once: one, or a pipeline's lanes."""
+        return self.pipeline.lanes if self.pipeline else [self.runner]
+
+    def _build_runner(self, opened, policy: Policy | None, offload_dir, cpu_memory, gpu_memory, kernels) -> None:
         if policy is not None and policy.all_in_memory(self.device.type):
             self.batch_size = policy.block_size  # nothing to stream: the in-memory runner, faster
             policy = None
@@ -110,19 +135,44 @@ class LLM:
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
             self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
         else:
-            from .engine.memory import detect_budget
-            from .engine.offload_runner import OffloadRunner
-
-            budget = detect_budget(self.device, gpu_memory, cpu_memory)
-            if kernels is None:
-                kernels = kernel_choice(policy, self.device, self.dtype, offload_dir)
-            self.runner = OffloadRunner(self.config, self.family, opened.source, policy, self.dtype,
-                                        self.device, offload_dir, budget, kernels)
+            self.runner = self._offload_runner(opened, policy, offload_dir, cpu_memory, gpu_memory, kernels)
             self.batch_size = policy.block_size
-        self.eos_ids = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.pad_id = next((i for i in (self.config.pad_token_id, *sorted(self.eos_ids)) if i is not None), 0)
+
+    def _offload_runner(self, opened, policy: Policy, offload_dir, cpu_memory, gpu_memory, kernels,
+                        layers: range | None = None, lanes: int = 1):
+        from .engine.memory import detect_budget
+        from .engine.offload_runner import OffloadRunner
+
+        budget = detect_budget(self.device, gpu_memory, cpu_memory)
+        if kernels is None:
+            kernels = kernel_choice(policy, self.device, self.dtype, offload_dir)
+        return OffloadRunner(self.config, self.family, opened.source, policy, self.dtype, self.device, offload_dir,
+                             budget, kernels, layers, lanes)
+
+    def _start_stage(self, opened, policy: Policy, stages: int, offload_dir, cpu_memory, gpu_memory, kernels):
+        """This process's stage of a pipeline over the ranks torchrun started: the first
+        drives the others (engine/pipeline.py)."""
+        from .engine.pipeline import Pipeline, StagePlace, StageServer, stage_layers
+        from .ranks import Ranks
+
+        ranks = Ranks.from_env()
+        if ranks is None:
+            raise ConfigError(f"pipeline_stages={stages} needs one process per stage: launch with torchrun "
+                              f"--nproc-per-node {stages} (see README, 'Several machines').")
+        ranks.start()
+        if self.device.type == "cuda" and self.device.index is None:  # each local rank its own GPU
+            self.device = torch.device(ranks.device("auto"))
+        place = StagePlace.of(ranks.rank, ranks.world, stages)
+        layers = stage_layers(self.config.num_layers, stages, place.stage)
+        if offload_dir is not None:  # the ranks of one machine may share the folder given
+            offload_dir = Path(offload_dir) / f"rank{ranks.rank}"
+        self.runner = self._offload_runner(opened, policy, offload_dir, cpu_memory, gpu_memory, kernels, layers,
+                                           lanes=stages)
+        if place.first:
+            self.pipeline = Pipeline(place, self.runner)
+            self.runner = self.pipeline.lanes[0]
+        else:
+            self.stage_server = StageServer(place, self.runner)
 
     def _check_in_memory_fit(self, cpu_memory: int, gpu_memory: int | None) -> None:
         from .engine.memory import detect_budget
@@ -135,8 +185,9 @@ class LLM:
                    "--cpu-memory.")
 
     def close(self) -> None:
-        """Release offload files and I/O threads (also done at interpreter exit)."""
-        self.runner.close()
+        """Release offload files and I/O threads (also done at interpreter exit). A later
+        pipeline stage first serves until the first stage closes."""
+        (self.stage_server or self.runner).close()
 
     def __enter__(self):
         return self
@@ -219,6 +270,16 @@ class LLM:
         """`generate` for prompts given as token ids. on_finish(i, output), if given, is called
         with each request's RequestOutput as soon as it is done (requests finish out of order);
         `stats`, if given, is added the run's padding and row occupancy."""
+        if self.stage_server is not None:  # a later pipeline stage: serves the first stage's matching call
+            self.stage_server.serve(until_done=True)
+            return []
+        try:
+            return self._generate_ids(prompt_ids, params, progress, prompt_texts, on_finish, stats)
+        finally:
+            if self.pipeline is not None:
+                self.pipeline.end_call()
+
+    def _generate_ids(self, prompt_ids, params, progress, prompt_texts, on_finish, stats) -> list[RequestOutput]:
         params_list = _broadcast_params(params, len(prompt_ids))
         requests = [Request(ids, p) for ids, p in zip(prompt_ids, params_list)]
         for r in requests:
@@ -235,7 +296,8 @@ class LLM:
 
         vocab = Vocabulary(self.tokenizer, self.eos_ids, self.pad_id, self.config.vocab_size)
         try:
-            completions = generate(self.runner, requests, self.batch_size, vocab, bar.add_tokens, finished, stats)
+            completions = generate_in_lanes(self.lanes, requests, self.batch_size, vocab, bar.add_tokens, finished,
+                                            stats)
         finally:
             bar.close()
         return [output(i, c) for i, c in enumerate(completions)]

@@ -18,6 +18,11 @@ class ConfigError(FlexbatchError, ValueError):
     """A user-supplied setting is out of range or inconsistent."""
 
 
+class StageLostError(FlexbatchError):
+    """A pipeline stage's process stopped answering: not any request's fault; the job stops
+    and the same command resumes it."""
+
+
 class StorageError(FlexbatchError):
     """Reading or writing a file failed (disk full, read-only, no permission); the message
     names the file and the fix."""

@@ -148,7 +148,8 @@ def run_settings(args, planned: bool = True):
     return RunSettings(model=args.model, dtype=args.dtype, device=args.device,
                        batch_size=getattr(args, "batch_size", None), policy=build_policy(args, planned=planned),
                        plan=planned and not args.no_plan, compression=compression_fields(args),
-                       offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory)
+                       offload_dir=args.offload_dir, cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory,
+                       pipeline_stages=getattr(args, "pipeline_stages", None) or 1)
 
 
 class _RaisingParser(argparse.ArgumentParser):

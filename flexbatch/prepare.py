@@ -10,11 +10,15 @@ load alike. The order a policy is chosen in:
    blocks (unless the user asks for another block size);
 3. else, without planning, everything in memory in blocks of `batch_size` (default 32);
 4. else the planner's choice for the workload, on this machine's hardware profile.
+
+Over pipeline stages (`pipeline_stages` > 1) the first stage chooses so for its own layers
+and sends the policy to the others (`share_with_stages`), which place their own layers
+with the same block (`prepare_stage`).
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -54,6 +58,7 @@ class RunSettings:
     offload_dir: str | Path | None = None
     cpu_memory: int | None = None
     gpu_memory: int | None = None
+    pipeline_stages: int = 1
 
     def __post_init__(self):
         if self.batch_size is not None and self.batch_size < 1:
@@ -74,11 +79,13 @@ class PreparedRun:
     dtype: torch.dtype
     policy: Policy | None  # None: everything in memory, dense
     batch_size: int  # sequences per block
+    work: Workload | None = None  # what the planner planned for, if it ran
 
     def build_llm(self) -> LLM:
         s = self.settings
         return LLM(self.opened, dtype=self.dtype, device=str(self.device), batch_size=self.batch_size,
-                   policy=self.policy, offload_dir=s.offload_dir, cpu_memory=s.cpu_memory, gpu_memory=s.gpu_memory)
+                   policy=self.policy, offload_dir=s.offload_dir, cpu_memory=s.cpu_memory, gpu_memory=s.gpu_memory,
+                   pipeline_stages=s.pipeline_stages)
 
 
 def open_settings_model(settings: RunSettings) -> OpenedModel:
@@ -98,46 +105,61 @@ def prepare_run(settings: RunSettings, gen_len: int, estimate: Callable[[OpenedM
     opened = open_settings_model(settings)
     device = pick_device(settings.device)
     dtype = parse_dtype(settings.dtype) or default_dtype(device)
-    policy, batch_size = _choose(settings, opened, device, dtype, gen_len, estimate, recorded, recorded_where, log)
+    policy, batch_size, work = _choose(settings, opened, device, dtype, gen_len, estimate, recorded, recorded_where,
+                                       log)
     policy = effective_policy(opened, policy, batch_size)
-    return PreparedRun(settings, opened, device, dtype, policy, policy.block_size if policy else batch_size)
+    return PreparedRun(settings, opened, device, dtype, policy, policy.block_size if policy else batch_size, work)
 
 
 def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, recorded_where, log):
     if settings.policy is not None:
-        return settings.policy, settings.policy.block_size
+        return settings.policy, settings.policy.block_size, None
     if recorded and settings.plan and settings.batch_size in (None, recorded[1]):
         log(f"policy and block size as recorded in {recorded_where}")
-        return (Policy(**recorded[0]) if recorded[0] else None), recorded[1]
+        return (Policy(**recorded[0]) if recorded[0] else None), recorded[1], None
     if not settings.plan:
-        return None, settings.batch_size or DEFAULT_BATCH_SIZE
+        return None, settings.batch_size or DEFAULT_BATCH_SIZE, None
     prompt_len, num_sequences = estimate(opened)
     # Rows refill from the requests still waiting (engine/generation.py), so a block of all
     # the job's requests would leave refill nothing to do: at most a quarter of them, unless
-    # that is less than the default block.
+    # that is less than the default block. Pipeline stages keep a block per stage in flight.
     max_block = max(num_sequences // REFILLS_PER_ROW, min(num_sequences, DEFAULT_BATCH_SIZE))
-    plan = plan_for(settings, opened, device, dtype, Workload(prompt_len, gen_len), max_block,
-                    settings.batch_size, log)
-    log(f"planner: {describe(plan.best, device.type == 'cuda')}")
-    for note in plan.notes:
-        log(f"planner: {note}")
-    return plan.best.policy, plan.best.policy.block_size
+    max_block = max(1, max_block // settings.pipeline_stages)
+    work = Workload(prompt_len, gen_len)
+    plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
+    log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)
+    return plan.best.policy, plan.best.policy.block_size, work
 
 
 def plan_for(settings: RunSettings, opened: OpenedModel, device: torch.device, dtype: torch.dtype, work: Workload,
-             max_block: int | None = None, block_size: int | None = None, log=log_to_stderr) -> Plan:
+             max_block: int | None = None, block_size: int | None = None, log=log_to_stderr, stage: int = 0,
+             gpu_batch_size: int | None = None) -> Plan:
     """The planner's plan for `work` within the settings' budgets, on this machine's profile
-    (measured now if there is none; its compute speed and the offload disk's checked now)."""
+    (measured now if there is none; its compute speed and the offload disk's checked now).
+    Over pipeline stages: the plan of stage `stage`'s layers, with a block per stage
+    in flight; `gpu_batch_size` (with `block_size`) fixes the block's split."""
     from .engine.memory import detect_budget
+    from .engine.pipeline import stage_layers
     from .profiling import at_current_speed, hardware_profile
 
     cfg, family = opened.config, get_family(opened.config)
+    stages = settings.pipeline_stages
+    if stages > 1:
+        cfg = replace(cfg, num_layers=len(stage_layers(cfg.num_layers, stages, stage)))
+        work = replace(work, blocks_in_flight=stages)
     budget = detect_budget(device, settings.gpu_memory, settings.cpu_memory)
     compression = planned_compression(settings.compression, lambda: layer_weight_grid(cfg, family, opened.source))
     disk_folder = Path(settings.offload_dir) if settings.offload_dir else cache_dir()
     profile = at_current_speed(hardware_profile(disk_folder, log=log), dtype, disk_folder)
     return plan_policy(cfg, family, dtype, device, profile, work, budget, max_block, compression=compression,
-                       block_size=block_size)
+                       block_size=block_size, gpu_batch_size=gpu_batch_size)
+
+
+def log_plan(plan: Plan, device: torch.device, log=log_to_stderr, stage: int | None = None) -> None:
+    where = f"stage {stage}: " if stage is not None else ""
+    log(f"planner: {where}{describe(plan.best, device.type == 'cuda')}")
+    for note in plan.notes:
+        log(f"planner: {where}{note}")
 
 
 def planned_compression(compression: dict, grid: Callable[[], int | None]) -> dict:
@@ -192,3 +214,48 @@ def longest_prompt_tokens(tokenizer, prompts: Iterable[str | list[int] | list[di
         if length <= limit:
             lengths.append(length)
     return max(lengths)
+
+
+def share_with_stages(place, run: PreparedRun) -> None:
+    """The first pipeline stage's choice, sent to every other stage (`prepare_stage`)."""
+    from .engine.pipeline import Link
+
+    work = [run.work.prompt_len, run.work.gen_len] if run.work else None
+    link = Link()
+    for stage in range(1, place.stages):
+        link.send(place.rank(stage), {"op": "setup", "policy": asdict(run.policy) if run.policy else None,
+                                      "batch_size": run.batch_size, "work": work})
+    link.flush()
+
+
+def abort_stages(place, reason: str) -> None:
+    """The first stage failed before its model loaded: the others stop waiting for it."""
+    from .engine.pipeline import Link
+
+    link = Link()
+    for stage in range(1, place.stages):
+        link.send(place.rank(stage), {"op": "abort", "message": reason})
+    link.flush()
+
+
+def prepare_stage(settings: RunSettings, place, log=log_to_stderr) -> PreparedRun | None:
+    """A later pipeline stage's run: the first stage's block and compression, and, where the
+    first stage planned, the placement the planner chooses for this stage's layers with
+    them. None if the first stage gave up before loading (it reports why)."""
+    from .engine.pipeline import Link
+
+    header, _ = Link().recv(place.rank(0))
+    if header["op"] == "abort":
+        return None
+    opened = open_settings_model(settings)
+    device = pick_device(settings.device)
+    dtype = parse_dtype(settings.dtype) or default_dtype(device)
+    policy = Policy(**header["policy"]) if header["policy"] else None
+    if policy is not None and header["work"]:
+        compression = {k: v for k, v in asdict(policy).items() if k.startswith("compress_")}
+        stage_settings = replace(settings, compression=compression)
+        plan = plan_for(stage_settings, opened, device, dtype, Workload(*header["work"]), block_size=policy.block_size,
+                        log=log, stage=place.stage, gpu_batch_size=policy.gpu_batch_size)
+        log_plan(plan, device, log, place.stage)
+        policy = plan.best.policy
+    return PreparedRun(settings, opened, device, dtype, policy, header["batch_size"])

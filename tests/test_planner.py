@@ -379,3 +379,21 @@ def test_a_disk_that_cannot_take_the_drift_probe_leaves_the_profile_as_it_is(tmp
     then = profile({"bfloat16": {1: 1e10}}, read=2e9)
     assert hardware.disk_read_now(tmp_path / "not-a-folder") is None
     assert hardware.at_current_speed(then, torch.float16, disk_folder=tmp_path / "not-a-folder") is then
+
+
+@pytest.mark.parametrize("gib", [0.3, 2.0])
+def test_a_pipeline_stage_is_planned_with_every_block_in_flight(gib):
+    """A stage keeps one block's KV cache per stage in flight: the memory it is planned in
+    counts them all, and its policy keeps the block split the first stage chose."""
+    from flexbatch.sizing import block_capacity
+
+    staged = replace(WORK, blocks_in_flight=2)
+    p = search(CFG, FAMILY, torch.bfloat16, HW, staged, budget(gib), block_size=16, gpu_batch_size=8).best.policy
+    assert (p.gpu_batch_size, p.num_gpu_batches) == (8, 2)
+    capacity = block_capacity(WORK.prompt_len + WORK.gen_len)
+    run_memory(CFG, FAMILY, p, torch.bfloat16, 2 * p.block_size, capacity, WORK.prompt_len).check(
+        budget(gib), unified=True, hint="")  # raises if the two blocks do not fit
+    in_memory = replace(p, cache_device=1.0, cache_host=0.0)
+    kv_per_block = 2 * CFG.num_kv_heads * CFG.head_dim * 2 * capacity * CFG.num_layers * 16  # K and V, bf16
+    kv = lambda work: evaluate(CFG, FAMILY, torch.bfloat16, HW, in_memory, work).memory.merged()["KV cache"]
+    assert kv(WORK) == pytest.approx(kv_per_block) and kv(staged) == pytest.approx(2 * kv_per_block)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from .common import add_model_args, add_policy_args, add_sampling_args, run_settings, sampling_params
+from .stages import add_pipeline_arg, lead_stages, serve_stage
 
 
 def add_parser(sub) -> None:
@@ -44,74 +45,93 @@ def add_parser(sub) -> None:
                         "assembles them when all are done. Under torchrun the ranks are the shards and rank 0 "
                         "merges at the end, so no flag is needed")
     p.add_argument("--show", action="store_true", help="at the end, print every result's text (id: text)")
+    add_pipeline_arg(p)
     add_policy_args(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     _check_counts(args)
-    ranks, shard = _shard(args)
+    ranks, shard, place = _placement(args)
     if ranks:
         ranks.start()
         args.device = ranks.device(args.device)
     try:
-        execute(args, shard)
+        if place and not place.first:
+            serve_stage(args, place)
+        else:
+            execute(args, shard, place)
         if ranks:
             ranks.wait_for_all()  # every rank has closed its part
-            if ranks.rank == 0:
+            if ranks.rank == 0 and shard:
                 for line in merge_output(Path(args.output)):
                     print(line, file=sys.stderr)
     finally:
         if ranks:
             ranks.close()
+    if ranks and ranks.rank != 0:
+        return 0
     print(f"results: {args.output}" if not shard or ranks else
           f"results: {shard.part(Path(args.output))} (`flexbatch merge {args.output}` once every shard is done)",
           file=sys.stderr)
-    if args.show and (not shard or ranks and ranks.rank == 0):
+    if args.show and (not shard or ranks):
         show_results(Path(args.output))
     return 0
 
 
-def execute(args, shard=None):
+def execute(args, shard=None, place=None):
     """Open (or resume) the job, or its `shard`, load the model, run it; returns the
-    JobSummary (also printed)."""
+    JobSummary (also printed). `place`: this process is the first of pipeline stages."""
     from ..jobs.job import Job, JobSpec
     from ..jobs.runner import WindowRunner
     from ..jobs.settings import job_settings
 
     _check_counts(args)
-    settings = run_settings(args)  # the flags are checked before the job opens
-    spec = JobSpec(Path(args.input), Path(args.output), args.format, args.column, args.chat, sampling_params(args),
-                   args.window, args.force_new, args.continue_changed, shard)
-    job = Job.open(spec)  # every check of the input and output runs before the model loads
-    try:
+    job = None
+
+    def open_job():  # every check of the flags, the input and the output runs before the model loads
+        nonlocal job
+        settings = run_settings(args)
+        spec = JobSpec(Path(args.input), Path(args.output), args.format, args.column, args.chat,
+                       sampling_params(args), args.window, args.force_new, args.continue_changed, shard)
+        job = Job.open(spec)
         run = _prepare(args, settings, job)
         job.bind(job_settings(job, run.opened.path, run.dtype, run.policy, run.batch_size))
+        return run
+
+    try:
+        run = lead_stages(place, open_job)
         with run.build_llm() as llm:
             print(f"model {llm.model_path}, dtype {str(llm.dtype).removeprefix('torch.')}, "
                   f"block of {llm.batch_size} sequences, policy: {run.policy or 'everything in memory'}",
                   file=sys.stderr)
             summary = WindowRunner(job, llm, llm.model_path.name, progress=True).run()
     finally:
-        job.close()
+        if job is not None:
+            job.close()
     for line in summary.lines():
         print(line, file=sys.stderr)
     return summary
 
 
-def _shard(args):
-    """(torchrun's ranks or None, the shard this process runs or None)."""
+def _placement(args):
+    """(torchrun's ranks or None, the shard this process runs or None, its pipeline
+    StagePlace or None). Under torchrun every pipeline (every rank without stages) is a shard."""
     from ..errors import ConfigError
     from ..jobs.shards import Shard
-    from .ranks import Ranks
+    from ..ranks import Ranks
+    from .stages import stage_place
 
     ranks = Ranks.from_env()
+    place = stage_place(args, ranks)
     if ranks and args.shard:
         raise ConfigError(f"--shard {args.shard} was given under torchrun (WORLD_SIZE={ranks.world}); the ranks are "
                           "the shards there: drop --shard, or run without torchrun.")
     if ranks:
-        return ranks, Shard(ranks.rank, ranks.world)
-    return None, Shard.parse(args.shard) if args.shard else None
+        stages = place.stages if place else 1
+        shards = ranks.world // stages
+        return ranks, Shard(ranks.rank // stages, shards) if shards > 1 else None, place
+    return None, Shard.parse(args.shard) if args.shard else None, None
 
 
 def merge_output(output: Path) -> list[str]:

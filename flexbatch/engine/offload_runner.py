@@ -6,13 +6,20 @@ stay in their `WeightHome`; each (layer, GPU batch) KV cache is a `BatchKV` (com
 compressed models whose weights and cache all stay in memory: `InMemoryRunner` holds dense
 weights only, and here the packed weights and quantized cache rows are native (with no
 I/O to overlap, the schedule just computes).
+
+A pipeline stage (pipeline.py) is an OffloadRunner over a range of the model's layers: it
+embeds only if its range starts at layer 0, and its callers take the head's logits only
+from the stage that ends the model. Its lanes (`lane`), blocks in flight at once, share
+its weights, I/O threads and executor and keep KV caches of their own.
 """
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,17 +70,24 @@ FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_g
 class OffloadRunner(Runner):
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
                  dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
-                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice()):
+                 budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice(),
+                 layers: range | None = None, lanes: int = 1):
         self.cfg, self.family, self.policy = cfg, family, policy
         self.dtype, self.device = dtype, device
+        self.layers = layers if layers is not None else range(cfg.num_layers)
+        self.sized = replace(cfg, num_layers=len(self.layers))  # what memory and disk checks count
+        self.lanes = lanes  # blocks in flight at once, each with its KV cache (`lane`)
         self.budget = budget or detect_budget(device)
         self.unified = device.type != "cuda"  # device and host are the same RAM
         self._own_dir = offload_dir is None
+        self._owner = True  # a lane shares this runner's weights, threads and folder
         self.offload_dir = Path(offload_dir or tempfile.mkdtemp(prefix="flexbatch-offload-"))
+        self.cache_dir = self.offload_dir / "cache"
         self._check_weights_fit()
-        self._check_disk_room(self.cfg.num_layers * self.policy.weights_disk
+        self._check_disk_room(len(self.layers) * self.policy.weights_disk
                               * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
-        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels)
+        self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels,
+                               self.layers)
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
@@ -86,9 +100,18 @@ class OffloadRunner(Runner):
         if policy.compress_cache:
             self.kv_rotation = orthonormal(cfg.head_dim).to(device=device, dtype=dtype)
 
+    def lane(self, index: int) -> "OffloadRunner":
+        """Another block in flight on the same weights: a runner sharing this one's weight
+        home, I/O threads and executor (one computes at a time), with its own KV cache."""
+        lane = copy.copy(self)
+        lane._owner, lane.kv, lane.pools = False, [], {}
+        lane.cache_dir = self.offload_dir / f"cache-lane{index}"
+        lane.step_seconds, lane.admit_seconds, lane.kv_traffic = [], [], Traffic()
+        return lane
+
     # ---- memory ---------------------------------------------------------------------------
     def _check_weights_fit(self) -> None:
-        plan = weight_memory(self.cfg, self.family, self.policy, self.dtype, self.device)
+        plan = weight_memory(self.sized, self.family, self.policy, self.dtype, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
 
     def _check_disk_room(self, nbytes: float, what: str) -> None:
@@ -102,16 +125,17 @@ class OffloadRunner(Runner):
         return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
 
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
-        plan = run_memory(self.cfg, self.family, self.policy, self.dtype, batch_size, capacity,
+        # every lane's block is counted as this one's: they are alike
+        plan = run_memory(self.sized, self.family, self.policy, self.dtype, batch_size * self.lanes, capacity,
                           prompt_width or capacity, self.device)
         plan.check(self.budget, self.unified, FIT_HINT)
         kv_bytes = kv_bytes_per_token(self.cfg, self.dtype, self.policy.cache_quant)
-        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * self.cfg.num_layers * kv_bytes,
+        self._check_disk_room(self.policy.cache_disk * batch_size * capacity * len(self.layers) * kv_bytes,
                               "the KV cache kept on disk")
         self.batches = self.gpu_batches(batch_size)
         fractions = {Tier.DEVICE: self.policy.cache_device, Tier.HOST: self.policy.cache_host,
                      Tier.DISK: self.policy.cache_disk}
-        cache_dir = self.offload_dir / "cache"
+        cache_dir = self.cache_dir
         shutil.rmtree(cache_dir, ignore_errors=True)  # a killed run's cache files: never read, never reused
         cache_dir.mkdir(parents=True, exist_ok=True)
         shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
@@ -133,7 +157,7 @@ class OffloadRunner(Runner):
                                   self.policy.cache_window, self.kv_traffic)
 
         self.kv = [[batch_kv(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
-                   for j in range(self.cfg.num_layers)]
+                   for j in range(len(self.layers))]
 
     def end(self) -> None:
         self.executor.drain()
@@ -141,10 +165,12 @@ class OffloadRunner(Runner):
             for kv in layer:
                 kv.close()
         self.kv, self.pools = [], {}
-        shutil.rmtree(self.offload_dir / "cache", ignore_errors=True)
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def close(self) -> None:
         self.end()
+        if not self._owner:
+            return
         self.io.shutdown(wait=True)
         self.home.close()
         free_dense_buffers()
@@ -155,9 +181,7 @@ class OffloadRunner(Runner):
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
         began = time.perf_counter()
-        hidden = self._hidden(input_ids, key_valid, start)
-        logits = [self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]
-        out = torch.cat(logits).cpu()
+        out = self.last_logits(self.step_hidden(self.step_inputs(input_ids), key_valid, start))
         self.step_seconds.append(time.perf_counter() - began)
         return out
 
@@ -165,19 +189,48 @@ class OffloadRunner(Runner):
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
         began = time.perf_counter()
-        batches = self.gpu_batches(input_ids.shape[0])
+        hidden = self.admit_hidden(rows, self.admit_inputs(input_ids, shared), key_valid, end, shared)
+        out = self.last_logits(hidden[1:] if shared else hidden)
+        self.admit_seconds.append(time.perf_counter() - began)
+        return out
+
+    # ---- the parts a pipeline stage runs: inputs (ids on the first stage, else the previous
+    # stage's hidden states) through this runner's layers, and the head on the last ----------
+    def step_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        return [input_ids[b] for b in self.batches]
+
+    def admit_inputs(self, input_ids: torch.Tensor, shared: int) -> list[torch.Tensor]:
+        """One input per GPU batch of newcomers; with a `shared` prefix, one more, first: the
+        prefix alone (`_AdmitStep`)."""
+        inputs = [input_ids[b, shared:] for b in self.gpu_batches(input_ids.shape[0])]
+        return [input_ids[:1, :shared], *inputs] if shared else inputs
+
+    @torch.inference_mode()
+    def step_hidden(self, inputs: list[torch.Tensor], key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Hidden states after this runner's layers, one tensor per GPU batch, of inputs [b, S]
+        appended at cache slot `start`."""
+        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
+                             self.policy.attn_sparsity, self.kv_rotation)
+                for b in self.batches]
+        end = start + inputs[0].shape[1]
+        return self._run(inputs, ctxs, lambda h: _TokenStep(self, h, ctxs, start, end))
+
+    @torch.inference_mode()
+    def admit_hidden(self, rows: list[int], inputs: list[torch.Tensor], key_valid: torch.Tensor, end: int,
+                     shared: int = 0) -> list[torch.Tensor]:
+        """`admit`'s hidden states after this runner's layers (`admit_inputs`' batches)."""
         ctxs = [make_context(self.cfg, self.family, key_valid[b], shared, self.dtype, self.device,
-                             self.policy.attn_sparsity, self.kv_rotation) for b in batches]
-        inputs = [input_ids[b, shared:] for b in batches]
+                             self.policy.attn_sparsity, self.kv_rotation)
+                for b in self.gpu_batches(key_valid.shape[0])]
         if shared:  # one more GPU batch, first in every layer: the prefix, whose keys the others copy
             ctxs.insert(0, make_context(self.cfg, self.family, torch.ones(1, shared, dtype=torch.bool), 0,
                                         self.dtype, self.device, kv_rotation=self.kv_rotation))
-            inputs.insert(0, input_ids[:1, :shared])
-        hidden = self._run(inputs, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end, shared))
-        joining = hidden[1:] if shared else hidden
-        out = torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in joining]).cpu()
-        self.admit_seconds.append(time.perf_counter() - began)
-        return out
+        return self._run(inputs, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end, shared))
+
+    @torch.inference_mode()
+    def last_logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [B, V] fp32 on the CPU of each row's last position (the model's last layer)."""
+        return torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]).cpu()
 
     @torch.inference_mode()
     def shift(self, offset: int, end: int) -> None:
@@ -208,20 +261,17 @@ class OffloadRunner(Runner):
                                 for h, b in zip(hidden, batches)], 0)
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
-        """Final hidden states, one tensor per GPU batch, after appending input_ids at `start`."""
-        ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
-                             self.policy.attn_sparsity, self.kv_rotation)
-                for b in self.batches]
-        end = start + input_ids.shape[1]
-        inputs = [input_ids[b] for b in self.batches]
-        return self._run(inputs, ctxs, lambda h: _TokenStep(self, h, ctxs, start, end))
+        return self.step_hidden(self.step_inputs(input_ids), key_valid, start)
 
     def _run(self, inputs: list[torch.Tensor], ctxs: list, work_of) -> list[torch.Tensor]:
-        """Hidden states of each GPU batch's input ids through every layer; work_of(hidden) is
-        the step's cache and compute operations (a `StepWork`)."""
-        hidden = [self.family.embed(self.cfg, self.home.globals, ids.to(self.device), ctx)
-                  for ids, ctx in zip(inputs, ctxs)]
-        self.wait_seconds += self.executor.run_step(work_of(hidden), self.cfg.num_layers, len(inputs))
+        """Each GPU batch's inputs through this runner's layers (input ids are embedded
+        first); work_of(hidden) is the step's cache and compute operations (a `StepWork`)."""
+        if self.layers.start == 0:
+            hidden = [self.family.embed(self.cfg, self.home.globals, ids.to(self.device), ctx)
+                      for ids, ctx in zip(inputs, ctxs)]
+        else:
+            hidden = [h.to(self.device, self.dtype) for h in inputs]
+        self.wait_seconds += self.executor.run_step(work_of(hidden), len(self.layers), len(inputs))
         return hidden
 
 
@@ -242,7 +292,7 @@ class _TokenStep:
         if batch == 0:
             dequantize_for_block(loaded.weights.values(), self.rows)
         self.hidden[batch] = r.family.layer(r.cfg, loaded.weights, self.hidden[batch], self.ctxs[batch],
-                                            k_cache, v_cache, layer)
+                                            k_cache, v_cache, r.layers[layer])
         if batch == len(self.hidden) - 1:
             _drop_dense_copies(loaded.weights)
 

@@ -57,9 +57,14 @@ def weight_fractions(policy: Policy) -> dict[Tier, float]:
 
 
 class WeightHome:
+    """The weights of the model's layers `layers` (all by default; a pipeline stage holds a
+    range of them), indexed from 0 in that range: load(0) is layer layers[0]."""
+
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
-                 dtype: torch.dtype, device: torch.device, offload_dir: Path, kernels: KernelChoice = KernelChoice()):
+                 dtype: torch.dtype, device: torch.device, offload_dir: Path, kernels: KernelChoice = KernelChoice(),
+                 layers: range | None = None):
         self.cfg, self.family, self.dtype, self.device = cfg, family, dtype, device
+        self.layers = layers if layers is not None else range(cfg.num_layers)
         self.quant = policy.weight_quant
         self.kernels = kernels  # carried by every packed weight to the matmul
         self.traffic = Traffic()  # disk reads of layer loads, for bandwidth reports
@@ -71,7 +76,7 @@ class WeightHome:
         self.memory: list[dict[str, torch.Tensor | PackedLinear]] = []
         self.disk: list[DiskLayer | None] = []
         offload_dir.mkdir(parents=True, exist_ok=True)
-        for j in range(cfg.num_layers):
+        for j in self.layers:
             self._home_layer(j, read, offload_dir, policy)
         slot_bytes = max((d.nbytes for d in self.disk if d is not None), default=0)
         # pinned on a GPU machine, so the copy from a slot to the GPU runs at full speed
@@ -85,10 +90,10 @@ class WeightHome:
 
     def _place(self, policy: Policy) -> list[dict[str, Tier]]:
         specs = self.family.layer_specs(self.cfg)
-        sizes = [self._spec_bytes(s) for _ in range(self.cfg.num_layers) for s in specs]
+        sizes = [self._spec_bytes(s) for _ in self.layers for s in specs]
         flat = place_by_fraction(sizes, weight_fractions(policy))
         n = len(specs)
-        return [{s.name: flat[j * n + i] for i, s in enumerate(specs)} for j in range(self.cfg.num_layers)]
+        return [{s.name: flat[j * n + i] for i, s in enumerate(specs)} for j in range(len(self.layers))]
 
     def _load_globals(self, read) -> dict[str, torch.Tensor]:
         loaded, out = {}, {}
@@ -117,7 +122,7 @@ class WeightHome:
         prefix = self.family.layer_prefix(j)
         memory, entries, offset = {}, {}, 0
         for spec in self.family.layer_specs(self.cfg):
-            tier = self.tiers[j][spec.name]
+            tier = self.tiers[j - self.layers.start][spec.name]
             if tier is Tier.DISK:
                 entries[spec.name] = {}
                 for part, (shape, dtype) in stored_parts(spec.shape, self.dtype, self.quant).items():
@@ -153,7 +158,7 @@ class WeightHome:
         return out
 
     def load(self, j: int) -> LayerLoad:
-        """Layer j's weights on the compute device. Disk-resident tensors are read into a free
+        """Layer layers[j]'s weights on the compute device. Disk-resident tensors are read into a free
         slot (waiting for one if READ_SLOTS loads are still held) and may be views into it,
         valid until the load is released."""
         weights = {name: _to(t, self.device) for name, t in self.memory[j].items()}

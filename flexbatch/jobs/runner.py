@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import SamplingParams
 from ..engine.generation import BlockStats
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, StageLostError, StorageError
 from ..progress import TokenProgress
 from .index import contains, duplicate_id
 from .inputs import JobRequest
@@ -132,13 +132,13 @@ def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: Block
     on_finish(i, output) is called as request i of the segment finishes.
 
     OSErrors and StorageErrors (a full or failing disk, also when writing a finished result
-    from on_finish) are not any request's fault: they stop the job, which the same command
-    resumes.
+    from on_finish) and a pipeline stage's process gone are not any request's fault: they
+    stop the job, which the same command resumes.
     """
     try:
         return llm.generate_ids([p.token_ids for p in segment], [p.params for p in segment],
                                 on_finish=on_finish, stats=stats)
-    except (OSError, StorageError):
+    except (OSError, StorageError, StageLostError):
         raise
     except Exception as e:
         if len(segment) == 1:

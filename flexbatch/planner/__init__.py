@@ -28,11 +28,12 @@ __all__ = ["IF_FASTER", "Candidate", "ComputeRates", "DiskRates", "GpuRates", "H
 
 def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: torch.device,
                 profile: HardwareProfile, work: Workload, budget: MemoryBudget, max_block: int | None = None,
-                compression: dict | None = None, block_size: int | None = None) -> Plan:
+                compression: dict | None = None, block_size: int | None = None,
+                gpu_batch_size: int | None = None) -> Plan:
     """The best policy for `work` on the machine `profile` describes; `compression` holds
     Policy's compress_* fields to plan with (compress_cache may be IF_FASTER: the planner
     decides; either way the plan's notes say why it is on or off); `block_size`, if given,
-    is the block every candidate has."""
+    is the block every candidate has (and `gpu_batch_size`, if also given, its split)."""
     # The engine checks the policy again once the model is open, when the process holds a
     # little more (tokenizer, file handles): plan with that much headroom. On a GPU the
     # caching allocator also rounds and fragments: plan for GPU_PLAN_SHARE of its budget.
@@ -41,5 +42,6 @@ def plan_policy(cfg: ModelConfig, family: Family, dtype: torch.dtype, device: to
     budget = MemoryBudget(device_bytes, budget.host_bytes - PLAN_HEADROOM)
     machine = machine_model(profile, device)
     search_with = lambda settings: search(cfg, family, dtype, machine, work, budget, max_block,
-                                          compression=settings, block_size=block_size)
+                                          compression=settings, block_size=block_size,
+                                          gpu_batch_size=gpu_batch_size)
     return plan_weighing_cache_compression(search_with, compression or {}, kv_disk_bytes_per_step(cfg, dtype, work))

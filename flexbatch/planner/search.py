@@ -49,12 +49,9 @@ def _memory_rows(cfg, family, dtype, machine: MachineModel, template: Policy, wo
     """Memory constraints [slope per variable] . x <= limit, one per budget of the machine.
     Memory is linear in the placement (exactly, for fractions below 1), so each row comes
     from one plan per variable."""
-    capacity = block_capacity(work.prompt_len + work.gen_len)
-
     def totals(**fractions) -> np.ndarray:
         policy = replace(template, **{**ON_DISK, **fractions})
-        return machine.memory_totals(run_memory(cfg, family, policy, dtype, policy.block_size, capacity,
-                                                work.prompt_len, machine.device))
+        return machine.memory_totals(_run_memory(cfg, family, dtype, machine, policy, work))
 
     base = totals()
     slopes = np.stack([totals(**{name: 1.0 - 1e-9}) - base for name in machine.variables], axis=1)
@@ -102,28 +99,39 @@ def _snap(fraction: float) -> float:
     return float(np.floor(fraction * 1e6) / 1e6) + 0.0  # + 0.0: no negative zero
 
 
+def _run_memory(cfg, family, dtype, machine: MachineModel, policy: Policy, work: Workload,
+                rows: int | None = None) -> MemoryPlan:
+    """The memory `policy` runs `work` in: `rows` sequences (its block by default), the KV
+    cache of one such block per block in flight."""
+    rows = policy.block_size if rows is None else rows
+    return run_memory(cfg, family, policy, dtype, rows * work.blocks_in_flight,
+                      block_capacity(work.prompt_len + work.gen_len), work.prompt_len, machine.device)
+
+
 def evaluate(cfg, family, dtype, machine: MachineModel, policy: Policy, work: Workload) -> Candidate:
     """Predicted time and memory of a given policy (used for hand-picked policies too)."""
     costs = machine.layer_costs(cfg, family, dtype, policy, work)
     head = head_seconds(cfg, dtype, machine.rates, policy.gpu_batch_size, policy.block_size, work.gen_len)
     pre, gen = block_seconds(costs, cfg.num_layers, work.gen_len, machine.placement(policy), policy.overlap, head)
-    memory = run_memory(cfg, family, policy, dtype, policy.block_size, block_capacity(work.prompt_len + work.gen_len),
-                        work.prompt_len, machine.device)
+    memory = _run_memory(cfg, family, dtype, machine, policy, work)
     return Candidate(policy, policy.block_size * work.gen_len / (pre + gen), pre, gen, memory)
 
 
 def search(cfg: ModelConfig, family: Family, dtype: torch.dtype, machine: MachineModel, work: Workload,
            budget: MemoryBudget, max_block: int | None = None, keep: int = 5,
-           compression: dict | None = None, block_size: int | None = None) -> Plan:
+           compression: dict | None = None, block_size: int | None = None,
+           gpu_batch_size: int | None = None) -> Plan:
     """The best policy for `work` within `budget` on `machine`; `compression` holds the
     compress_* fields every candidate gets. GPU batch sizes the machine does not favour
     (`machine.batch_sizes`) are tried only when none it favours fits. `block_size` fixes
     the block (sequences generated together) and leaves the planner the split into GPU
-    batches and the placement."""
+    batches and the placement; `gpu_batch_size` with it fixes the split too."""
     compression = compression or {}
     efficient, small = machine.batch_sizes(dtype, GPU_BATCH_SIZES)
     if block_size is not None:
         efficient, small = _divisors(block_size), []
+        if gpu_batch_size is not None:
+            efficient = [gpu_batch_size] if gpu_batch_size in efficient else []
     templates = lambda sizes: _templates(machine, sizes, max_block, compression, block_size)
     candidates = _candidates(cfg, family, dtype, machine, work, budget, templates(efficient)) \
         or _candidates(cfg, family, dtype, machine, work, budget, templates(small))
@@ -171,8 +179,7 @@ def _candidates(cfg, family, dtype, machine: MachineModel, work, budget, templat
 
 def _infeasible(cfg, family, dtype, machine: MachineModel, work, budget, compression) -> ConfigError:
     smallest = Policy(gpu_batch_size=1, num_gpu_batches=1, **ON_DISK, **compression)
-    plan = run_memory(cfg, family, smallest, dtype, 1, block_capacity(work.prompt_len + work.gen_len), work.prompt_len,
-                      machine.device)
+    plan = _run_memory(cfg, family, dtype, machine, smallest, work, rows=1)
     tiers = [("memory", plan.merged(), budget.host_bytes, "--cpu-memory")] if machine.unified else \
         [("GPU memory", plan.device, budget.device_bytes, "--gpu-memory"),
          ("host memory", plan.host, budget.host_bytes, "--cpu-memory")]

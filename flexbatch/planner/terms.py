@@ -20,6 +20,7 @@ from .profile import ComputeRates
 class Workload:
     prompt_len: int
     gen_len: int
+    blocks_in_flight: int = 1  # a pipeline stage keeps one block's KV cache per stage (engine/pipeline.py)
 
 
 @dataclass(frozen=True)

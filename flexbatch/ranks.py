@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 # How long a rank that finished waits for the others (their share of a long job).
 BARRIER_TIMEOUT = timedelta(days=7)
