@@ -158,7 +158,7 @@ class LLM:
         ranks = Ranks.from_env()
         if ranks is None:
             raise ConfigError(f"pipeline_stages={stages} needs one process per stage: launch with torchrun "
-                              f"--nproc-per-node {stages} (see README, 'Several machines').")
+                              f"--nproc-per-node {stages} (see the README, 'Many processes, many machines').")
         ranks.start()
         if self.device.type == "cuda" and self.device.index is None:  # each local rank its own GPU
             self.device = torch.device(ranks.device("auto"))

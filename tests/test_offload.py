@@ -210,3 +210,28 @@ def test_disk_token_rows_round_trip_every_prefix_under_appends(tmp_path, row_byt
             assert traffic.read - before >= 2 * length * codec.row_bytes
     assert traffic.written >= 2 * capacity * codec.row_bytes
     rows.close()
+
+
+def file_mappings(path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from the file `path` (/proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == str(path):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def test_weights_kept_in_memory_are_not_pages_of_the_model_file(tiny_model, tmp_path):
+    """A weight placed in memory must hold memory of its own: a view of the model file's
+    mapped pages is dropped under memory pressure and read back on every use."""
+    folder, _ = tiny_model("llama_mha_bias")
+    weights_file = next(folder.glob("*.safetensors")).resolve()
+    with LLM(folder, dtype="float32", policy=Policy(weights_device=0.5, weights_host=0.2), offload_dir=tmp_path) as llm:
+        home = llm.runner.home
+        tensors = [*home.globals.values(), *(t for layer in home.memory for t in layer.values())]
+        mapped = file_mappings(weights_file)
+        inside = [t for t in tensors if any(a <= t.data_ptr() < b for a, b in mapped)]
+        assert not inside, f"{len(inside)} of {len(tensors)} in-memory weights are pages of {weights_file}"

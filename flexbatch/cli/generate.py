@@ -7,6 +7,7 @@ import time
 
 from ..errors import ConfigError
 from .common import add_model_args, add_policy_args, add_sampling_args, run_settings, sampling_params
+from .stages import add_pipeline_arg, lead_stages, serve_stage
 
 
 def add_parser(sub) -> None:
@@ -22,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences generated together (default: the planner's choice; 32 with --no-plan)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    add_pipeline_arg(p)
     add_policy_args(p)
     p.set_defaults(run=run)
 
@@ -40,18 +42,46 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
+    from ..ranks import Ranks
+    from .stages import stage_place
+
+    ranks = Ranks.from_env()
+    place = stage_place(args, ranks)
+    if place is None:
+        return generate(args)
+    if ranks.world != place.stages:
+        raise ConfigError(f"generate runs one pipeline: start {place.stages} processes (torchrun --nproc-per-node "
+                          f"{place.stages}), not {ranks.world}; to split many prompts over several pipelines, use "
+                          "`flexbatch run`.")
+    ranks.start()
+    args.device = ranks.device(args.device)
+    try:
+        if not place.first:
+            serve_stage(args, place)
+            return 0
+        return generate(args, place)
+    finally:
+        ranks.close()
+
+
+def generate(args, place=None) -> int:
+    """Generate and print; `place`: this process is the first of pipeline stages."""
     from ..prepare import longest_prompt_tokens, prepare_run
 
-    prompts = read_prompts(args)
-    params = sampling_params(args)
-    settings = run_settings(args)
-    as_given = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    prompts, as_given = [], []
 
-    def estimate(opened):
-        limit = opened.config.max_position_embeddings - args.max_new_tokens
-        return longest_prompt_tokens(opened.load_tokenizer(), as_given, limit), len(prompts)
+    def prepare():  # every check of the flags and the prompts runs before the model loads
+        settings, params = run_settings(args), sampling_params(args)
+        prompts[:] = read_prompts(args)
+        as_given[:] = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
 
-    run = prepare_run(settings, args.max_new_tokens, estimate)
+        def estimate(opened):
+            limit = opened.config.max_position_embeddings - args.max_new_tokens
+            return longest_prompt_tokens(opened.load_tokenizer(), as_given, limit), len(prompts)
+
+        return prepare_run(settings, args.max_new_tokens, estimate), params
+
+    run, params = lead_stages(place, prepare)
     llm = run.build_llm()
     if run.policy is not None:
         print(f"policy: {run.policy}", file=sys.stderr)

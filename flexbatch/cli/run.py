@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from .common import add_model_args, add_policy_args, add_sampling_args, run_settings, sampling_params
-from .stages import add_pipeline_arg, lead_stages, serve_stage
+from .stages import add_pipeline_arg, lead_stages, serve_stage, stage_report
 
 
 def add_parser(sub) -> None:
@@ -106,6 +106,8 @@ def execute(args, shard=None, place=None):
                   f"block of {llm.batch_size} sequences, policy: {run.policy or 'everything in memory'}",
                   file=sys.stderr)
             summary = WindowRunner(job, llm, llm.model_path.name, progress=True).run()
+        if place is not None:
+            print(stage_report(llm), file=sys.stderr)
     finally:
         if job is not None:
             job.close()

@@ -3,6 +3,8 @@ model's layers over every N consecutive ranks (engine/pipeline.py). The first st
 pipeline runs the command as usual; the others load their layers and serve it."""
 from __future__ import annotations
 
+import sys
+
 from ..errors import ConfigError
 from ..ranks import Ranks
 
@@ -30,19 +32,19 @@ def stage_place(args, ranks: Ranks | None):
 
 
 def lead_stages(place, prepare):
-    """prepare() -> PreparedRun, on the first stage: its choice is sent to the other stages,
-    or, if it fails, they are told to stop waiting."""
+    """prepare() -> a PreparedRun (or a tuple that starts with one), on the first stage: the
+    run's choice is sent to the other stages, or, if prepare fails, they stop waiting."""
     from ..prepare import abort_stages, share_with_stages
 
     try:
-        run = prepare()
+        prepared = prepare()
     except BaseException as error:
         if place is not None:
             abort_stages(place, str(error))
         raise
     if place is not None:
-        share_with_stages(place, run)
-    return run
+        share_with_stages(place, prepared[0] if isinstance(prepared, tuple) else prepared)
+    return prepared
 
 
 def serve_stage(args, place) -> None:
@@ -53,4 +55,12 @@ def serve_stage(args, place) -> None:
 
     run = prepare_stage(run_settings(args), place)
     if run is not None:
-        run.build_llm().close()
+        llm = run.build_llm()
+        llm.close()
+        print(stage_report(llm), file=sys.stderr)
+
+
+def stage_report(llm) -> str:
+    """Where this process's stage spent its time (engine/pipeline.StageTimes)."""
+    stage = llm.pipeline or llm.stage_server
+    return stage.times.describe(stage.place, stage.runner.layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import queue
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -101,7 +101,7 @@ class WeightHome:
         for spec in self.family.global_specs(self.cfg):
             key = aliases.get(spec.name, spec.name)
             if key not in loaded:
-                loaded[key] = read(spec.name).to(self.device)
+                loaded[key] = _resident(read(spec.name), self.device)
             out[spec.name] = loaded[key]
         return out
 
@@ -130,7 +130,7 @@ class WeightHome:
                     offset = align_up(offset + math.prod(shape) * element_size(dtype))
             else:
                 home = self.device if tier is Tier.DEVICE else torch.device("cpu")
-                stored = _to(self._stored(prefix + spec.name, read), home)
+                stored = _resident(self._stored(prefix + spec.name, read), home)
                 if home.type == "cpu" and self.device.type == "cuda" and policy.pin_weights:
                     stored = _pinned(stored)
                 memory[spec.name] = stored
@@ -199,6 +199,19 @@ def _to(stored: torch.Tensor | PackedLinear, device: torch.device) -> torch.Tens
     if isinstance(stored, PackedLinear):
         return stored.to(device)
     return stored.to(device, non_blocking=True)
+
+
+def _resident(stored: torch.Tensor | PackedLinear, device: torch.device) -> torch.Tensor | PackedLinear:
+    """`stored` on `device`, in memory of its own. A tensor read from a model file may be a
+    view of the file's pages (safetensors maps it): under memory pressure the kernel drops
+    those and reads them back 4 KiB at a time on every use, where the planner counted them
+    as held in memory."""
+    moved = _to(stored, device)
+    if device.type != "cpu":
+        return moved
+    if isinstance(moved, PackedLinear):
+        return replace(moved, data=moved.data.clone(), scale_zero=moved.scale_zero.clone(), _dense=None)
+    return moved.clone()
 
 
 def _pinned(stored: torch.Tensor | PackedLinear) -> torch.Tensor | PackedLinear:
