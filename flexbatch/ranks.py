@@ -26,6 +26,7 @@ class Ranks:
     rank: int
     world: int
     local_rank: int
+    attempt: int = 0  # torchrun's restarts of the job's processes so far
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Ranks | None":
@@ -45,14 +46,20 @@ class Ranks:
                               "only hands out an index, unset WORLD_SIZE and pass --shard INDEX/COUNT.")
         if not 0 <= rank < world:
             raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}; launch with torchrun.")
-        return cls(rank, world, local_rank)
+        return cls(rank, world, local_rank, int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
 
     def start(self) -> None:
         """Join the other ranks (returns once every rank has started)."""
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        if dist.is_initialized():
+            return
+        # The rendezvous store can outlive a restart: keys of this attempt's own, so that no
+        # rank reads the address a killed process published (its peers' connections would be
+        # refused, or hang).
+        store, rank, world = next(dist.rendezvous("env://", timeout=BARRIER_TIMEOUT))
+        store = dist.PrefixStore(f"flexbatch/attempt-{self.attempt}", store)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
 
     def device(self, requested: str) -> str:
         """With several GPUs on a node, each local rank takes its own (unless --device says)."""

@@ -119,8 +119,6 @@ def test_a_killed_rank_then_the_same_command_again(job, tmp_path):
     assert_complete(out, single)
 
 
-@pytest.mark.skip(reason="known broken (issue 17): after torchrun restarts the ranks they sometimes hang in "
-                         "init_process_group, and a hung run outlives the test's timeouts")
 def test_torchrun_elastic_restart_resumes(job, tmp_path):
     folder, src, single, _ = job
     out = tmp_path / "out.jsonl"
