@@ -32,6 +32,9 @@ llm = LLM(spec["model"], dtype="float32", policy=policy, batch_size=spec.get("ba
 try:
     for _ in range(spec.get("calls", 1)):
         outputs = llm.generate(spec["prompts"], SamplingParams(max_new_tokens=spec["max_new_tokens"]))
+    home = (llm.pipeline or llm.stage_server).runner.home  # the global tensors this stage read
+    with open(f"{spec['out']}.globals-of-rank{os.environ['RANK']}", "w") as f:
+        json.dump(home.globals.held(), f)
 finally:
     llm.close()
 if outputs:

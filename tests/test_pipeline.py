@@ -87,6 +87,14 @@ def test_ranks_form_one_pipeline_per_shard():
         StagePlace.of(0, 3, 2)
 
 
+# global tensors only the head uses, and only the embedding (None: tied to the head)
+HEAD_ONLY = {"opt_pre_ln": "model.decoder.final_layer_norm.weight",
+             "opt_post_ln_proj": "model.decoder.project_out.weight",
+             "llama_gqa_tied_llama3": "model.norm.weight", "llama_mha_bias": "model.norm.weight"}
+EMBEDDING_ONLY = {"opt_pre_ln": "model.decoder.embed_positions.weight",
+                  "opt_post_ln_proj": "model.decoder.project_in.weight", "llama_mha_bias": "model.embed_tokens.weight"}
+
+
 @pytest.mark.parametrize("kind,stages", [("opt_pre_ln", 2), ("llama_gqa_tied_llama3", 3),
                                          ("opt_post_ln_proj", 3), ("llama_mha_bias", 2)])
 def test_stages_generate_what_transformers_does(tiny_model, tmp_path, kind, stages):
@@ -95,6 +103,13 @@ def test_stages_generate_what_transformers_does(tiny_model, tmp_path, kind, stag
     code, output, tokens = generate_on_stages(tmp_path, folder, prompts, stages, ON_DISK, calls=2)
     assert code == 0, output[-3000:]
     assert tokens == hf_greedy(hf, prompts)
+    held = [set(json.loads((tmp_path / f"tokens-{stages}.json.globals-of-rank{r}").read_text()))
+            for r in range(stages)]
+    assert all(not h for h in held[1:-1])  # a middle stage holds no global tensor
+    head_only, embedding_only = HEAD_ONLY[kind], EMBEDDING_ONLY.get(kind)
+    assert head_only in held[-1] and all(head_only not in h for h in held[:-1])
+    if embedding_only:
+        assert embedding_only in held[0] and all(embedding_only not in h for h in held[1:])
 
 
 def test_compressed_stages_generate_what_one_process_does(tiny_model, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import queue
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,6 +53,38 @@ class LayerLoad:
     slot: torch.Tensor | None = None
 
 
+class _Globals(Mapping):
+    """The model's global tensors (embeddings, final norm, head), each read when first used:
+    a pipeline stage holds only those its layers' end of the model uses (the first stage the
+    embeddings, the last the head). Tied tensors are read once."""
+
+    def __init__(self, specs, aliases: dict[str, str], read):
+        self._names, self._aliases, self._read = [s.name for s in specs], aliases, read
+        self._loaded: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        key = self._aliases.get(name, name)
+        if key not in self._loaded:
+            self._loaded[key] = self._read(name)
+        return self._loaded[key]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def load_all(self) -> None:
+        for name in self._names:
+            self[name]
+
+    def held(self) -> list[str]:
+        """The names whose tensors are read (an alias and its target count once)."""
+        return [n for n in self._names if self._aliases.get(n, n) in self._loaded]
+
+
 def weight_fractions(policy: Policy) -> dict[Tier, float]:
     return {Tier.DEVICE: policy.weights_device, Tier.HOST: policy.weights_host, Tier.DISK: policy.weights_disk}
 
@@ -72,7 +105,10 @@ class WeightHome:
         self.tiers = self._place(policy)
         read = lambda name: source.read(mapping[name]).to(dtype)
         self._source, self._mapping = source, mapping
-        self.globals = self._load_globals(read)
+        self.globals = _Globals(family.global_specs(cfg), family.tied_aliases(cfg),
+                                lambda name: _resident(read(name), device))
+        if len(self.layers) == cfg.num_layers:
+            self.globals.load_all()  # the whole model uses all of them: read now, not in its first step
         self.memory: list[dict[str, torch.Tensor | PackedLinear]] = []
         self.disk: list[DiskLayer | None] = []
         offload_dir.mkdir(parents=True, exist_ok=True)
@@ -94,16 +130,6 @@ class WeightHome:
         flat = place_by_fraction(sizes, weight_fractions(policy))
         n = len(specs)
         return [{s.name: flat[j * n + i] for i, s in enumerate(specs)} for j in range(len(self.layers))]
-
-    def _load_globals(self, read) -> dict[str, torch.Tensor]:
-        loaded, out = {}, {}
-        aliases = self.family.tied_aliases(self.cfg)
-        for spec in self.family.global_specs(self.cfg):
-            key = aliases.get(spec.name, spec.name)
-            if key not in loaded:
-                loaded[key] = _resident(read(spec.name), self.device)
-            out[spec.name] = loaded[key]
-        return out
 
     def _stored(self, name: str, read) -> torch.Tensor | PackedLinear:
         """A layer tensor in its stored form: packed when compression applies to it, taken
