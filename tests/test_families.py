@@ -44,16 +44,19 @@ def test_every_prompt_position_matches_hf(tiny_model, kind):
     torch.testing.assert_close(torch.tensor(ours.logprobs), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_phi3_short_rope_factors_match_hf(tiny_model):
-    """A sequence that stays within original_max_position_embeddings (8) uses LongRoPE's short factors."""
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_phi3_crossing_to_long_rope_factors_matches_hf(tiny_model, tmp_path, offloaded):
+    """A 3-token prompt crosses original_max_position_embeddings (8) at decode step 6: from
+    there LongRoPE's long factors rotate every position, and transformers recomputes its
+    cache; so does flexbatch (Block.recompute), in memory and with weights and cache on disk."""
     folder, hf = tiny_model("phi3")
-    llm = LLM(folder, dtype="float32")
+    llm = LLM(folder, dtype="float32", policy=ON_DISK if offloaded else None, offload_dir=tmp_path)
     prompt = [40, 41, 42]
-    recorder_tokens, logits = ours_with_logits(llm, prompt)
+    our_tokens, our_logits = ours_with_logits(llm, prompt)
     hf_tokens, hf_logits = hf_with_logits(hf, prompt)
-    # steps 0..4 end at position 7 (8 positions): still the short factors on both sides
-    torch.testing.assert_close(logits[:5], hf_logits[:5], rtol=1e-4, atol=1e-4)
-    assert recorder_tokens[:5] == hf_tokens[:5]
+    torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
+    assert our_tokens == hf_tokens
+    llm.close()
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)

@@ -32,8 +32,12 @@ class RecordingRunner(Runner):
 
     def admit(self, rows, input_ids, key_valid, end, shared=0):
         out = self.inner.admit(rows, input_ids, key_valid, end, shared)
-        self.logits.append(out.clone())
+        if not self.logits:  # the prompt's; a later admission recomputes a sequence before a step
+            self.logits.append(out.clone())
         return out
+
+    def recomputes_at(self, length):
+        return self.inner.recomputes_at(length)
 
     def shift(self, offset, end):
         self.inner.shift(offset, end)

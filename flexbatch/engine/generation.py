@@ -294,12 +294,27 @@ class Block:
             longest_waiting = len(self.requests[queue[0]].token_ids) if queue else 0
             self.shift(max(max(self.t - self.starts[r] for r in self.live), longest_waiting))
         rows = sorted(self.live)
+        for row in rows:
+            if self.runner.recomputes_at(int(self.key_valid[row].sum()) + 1):
+                self.recompute(row)
         self.key_valid[rows, self.t] = True
         logits = self.runner.step(self.tokens.unsqueeze(1), self.key_valid[:, :self.t + 1], self.t)
         self.t += 1
         self.stats.row_steps += self.size
         self.stats.live_row_steps += len(rows)
         self.choose(logits[rows], rows)
+
+    def recompute(self, row: int) -> None:
+        """Compute the row's whole sequence again, its latest token included, into its own
+        slots up to the clock's (the step that follows writes that slot once more, alike)."""
+        index, tracker = self.live[row]
+        tokens = self.requests[index].token_ids + tracker.out.token_ids  # the latest is not in the cache yet
+        start = self.starts[row]
+        valid = self.key_valid[row, start:self.t + 1].clone()
+        valid[-1] = True
+        ids = torch.full((1, valid.numel()), self.vocab.pad_id, dtype=torch.long)
+        ids[0, valid] = torch.tensor(tokens, dtype=torch.long)
+        self.runner.admit([row], ids, valid.unsqueeze(0), self.t + 1)
 
     def shift(self, keep: int) -> None:
         """Move the last `keep` slots before the clock to the cache's start."""

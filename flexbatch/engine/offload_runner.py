@@ -52,6 +52,7 @@ from .memory import detect_budget
 from .runner import (
     Runner,
     TokenScores,
+    family_recomputes_at,
     make_context,
     packed_context,
     score_in_pieces,
@@ -166,6 +167,9 @@ class OffloadRunner(Runner):
                 kv.close()
         self.kv, self.pools = [], {}
         shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    def recomputes_at(self, length: int) -> bool:
+        return family_recomputes_at(self.cfg, self.family, length)
 
     def close(self) -> None:
         self.end()

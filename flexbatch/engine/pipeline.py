@@ -240,6 +240,9 @@ class PipelineLane(Runner):
     def end(self) -> None:
         self._call({"op": "end"}, self.runner.end)
 
+    def recomputes_at(self, length: int) -> bool:
+        return self.runner.recomputes_at(length)
+
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
         raise ConfigError("scoring (score, eval) does not run over pipeline stages yet; run it without "
                           "--pipeline-stages.")

@@ -103,9 +103,21 @@ class Runner(abc.ABC):
     def end(self) -> None:
         """Free the batch's KV cache."""
 
+    def recomputes_at(self, length: int) -> bool:
+        """Whether a sequence growing to `length` tokens must be computed again whole: its
+        family computes every position differently from that length on (Phi-3's LongRoPE
+        switches to its long factors, and transformers then recomputes the cache)."""
+        return False
+
     def close(self) -> None:
         """Release everything the runner holds (files, threads); it is not used again."""
         self.end()
+
+
+def family_recomputes_at(cfg: ModelConfig, family: Family, length: int) -> bool:
+    """`Runner.recomputes_at` for a model of `family`: where its length group changes."""
+    group = family.length_group
+    return group is not None and group(cfg, length - 1) != group(cfg, length)
 
 
 class InMemoryRunner(Runner):
@@ -121,6 +133,9 @@ class InMemoryRunner(Runner):
 
     def end(self) -> None:
         self._cache, self._prefix = [], None
+
+    def recomputes_at(self, length: int) -> bool:
+        return family_recomputes_at(self.cfg, self.family, length)
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
         ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device)
