@@ -61,8 +61,8 @@ def main() -> None:
               f"tok/s, ratio {ratio:.2f} (decode only {decode_ratio:.2f})")
     import torch
 
-    from flexbatch.api import kernel_choice
     from flexbatch.config import Policy
+    from flexbatch.model_policy import kernel_choice
 
     # the choice every run above was given (the override, else the hardware profile's rates)
     choice = kernel_choice(Policy(gpu_batch_size=1, compress_weight=True, compress_bits=args.bits),

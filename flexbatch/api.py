@@ -7,9 +7,7 @@
 """
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,10 +20,10 @@ from .engine.generation import BlockStats, Completion, Request, Vocabulary, gene
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
 from .kernels import KernelChoice
+from .model_policy import effective_policy, kernel_choice
 from .models import get_family
 from .progress import TokenProgress
 from .weights import load_weights, open_model
-from .weights.loader import layer_weight_grid
 from .weights.source import OpenedModel
 
 Prompt = str | Sequence[int]
@@ -366,56 +364,6 @@ class LLM:
         if context + continuation - 1 > limit:
             raise ConfigError(f"context of {context} tokens + continuation of {continuation} exceeds the model's "
                               f"context of {limit} tokens; cut the context from the left.")
-
-
-INT4_ROWS_ENV = "FLEXBATCH_INT4_FUSED_MAX_ROWS"
-
-
-def kernel_choice(policy: Policy, device: torch.device, dtype: torch.dtype,
-                  offload_dir: str | Path | None = None) -> KernelChoice:
-    """Which kernel multiplies by 4-bit weights, decided once here, above the engine: the
-    FLEXBATCH_INT4_FUSED_MAX_ROWS override (0: never the fused kernel), else the rates of the
-    hardware profile the planner uses (`flexbatch profile`; measured now if there is none)."""
-    quant = policy.weight_quant
-    if quant is None or quant.bits != 4 or device.type != "cpu":
-        return KernelChoice()  # the fused kernel is CPU-only and 4-bit only
-    forced = os.environ.get(INT4_ROWS_ENV)
-    if forced is not None:
-        if not forced.strip().isdigit():
-            raise ConfigError(f"{INT4_ROWS_ENV} must be a row count >= 0, got {forced!r}")
-        return KernelChoice(int(forced))
-    from .profiling import hardware_profile
-
-    profile = hardware_profile(offload_dir, log=lambda msg: print(msg, file=sys.stderr))
-    return profile.kernel_choice(dtype)
-
-
-def effective_policy(opened, policy: Policy | None, batch_size: int) -> Policy | None:
-    """The policy a model runs with: a compressed store's packing, and the source's
-    quantization grid for compressed weights without a group size, filled in."""
-    return with_source_grid(opened, get_family(opened.config), with_store_compression(opened, policy, batch_size))
-
-
-def with_store_compression(opened, policy: Policy | None, batch_size: int) -> Policy | None:
-    """A store converted with --compress-weight runs with its weights compressed: the policy
-    (everything in memory if none was given) gets the store's bits and group size."""
-    packing = getattr(opened.source, "packing", None)
-    found = {packing(n) for n in opened.source.names()} - {None} if packing else set()
-    if not found or (policy is not None and policy.compress_weight):
-        return policy
-    bits, group = found.pop()
-    base = policy or Policy(gpu_batch_size=batch_size)
-    return replace(base, compress_weight=True, compress_bits=bits, compress_group=group)
-
-
-def with_source_grid(opened, family, policy: Policy | None) -> Policy | None:
-    """Compressed weights with no group size given are grouped on the grid the source was
-    quantized on, if it was (see Policy.group_size): the default model is Q4_1, where groups
-    of 64 cost 44% perplexity and groups of 32 nothing. Weights and KV cache share the size."""
-    if policy is None or not policy.compress_weight or policy.compress_group is not None:
-        return policy
-    grid = layer_weight_grid(opened.config, family, opened.source)
-    return policy if grid is None else replace(policy, compress_group=grid)
 
 
 def _broadcast_params(params, n: int) -> list[SamplingParams]:

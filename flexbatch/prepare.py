@@ -24,11 +24,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from .api import LLM, effective_policy
+from .api import LLM
 from .config import Policy, parse_dtype
 from .default_model import cache_dir, default_model_path
 from .devices import default_dtype, pick_device
 from .errors import ConfigError
+from .model_policy import effective_policy
 from .models import get_family
 from .planner import Candidate, Plan, Workload, plan_policy
 from .weights.loader import layer_weight_grid
