@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-CGROUP = Path("/sys/fs/cgroup/memory")
+from offload_bench import CGROUP, drop_page_cache  # noqa: E402
 
 
 def write_prompts(path: Path, n: int, length: int) -> None:
@@ -89,14 +89,6 @@ def job_phase(stderr: str) -> tuple[int, float]:
 
 def texts(path: Path) -> dict[str, list[int]]:
     return {r["id"]: r["token_ids"] for r in map(json.loads, path.read_text().splitlines())}
-
-
-def drop_page_cache() -> None:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-    except OSError:
-        print("warning: cannot drop the page cache (not root?)", file=sys.stderr)
 
 
 def parse_bytes(text: str) -> int:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
+import subprocess
 
 import torch
 
@@ -114,3 +117,13 @@ def reference_job(tiny_model, work, num_prompts: int, seed: int = 0):
     assert main(["run", str(src), "-o", str(single), "--model", str(folder), *JOB_FLAGS]) == 0
     assert generated_tokens(single, num_prompts) == hf_greedy(hf, prompts)
     return folder, src, single, prompts
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: leave nothing running
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun did not finish within {timeout}s:\n{output[-3000:]}") from None
+    return proc.returncode, output

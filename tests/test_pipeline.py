@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -24,6 +23,7 @@ from flexbatch.errors import ConfigError
 from shard_util import (
     JOB_FLAGS,
     MAX_NEW_TOKENS,
+    finish,
     hf_greedy,
     one_thread,
     records,
@@ -49,16 +49,6 @@ def launch(stages: int, *command: str, procs: int | None = None) -> subprocess.P
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs or stages)]
     return subprocess.Popen([*launcher, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: leave nothing running
-        output, _ = proc.communicate()
-        raise AssertionError(f"torchrun did not finish within {timeout}s:\n{output[-3000:]}") from None
-    return proc.returncode, output
 
 
 def generate_on_stages(tmp_path, folder, prompts, stages: int, policy: Policy | None, **extra):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from shard_util import (
     JOB_FLAGS,
+    finish,
     one_thread,
     records,
     reference_job,
@@ -47,16 +47,6 @@ def torchrun(folder, src, out, *launcher_flags) -> subprocess.Popen:
                *launcher_flags, "-m", "flexbatch", "run", str(src), "-o", str(out), "--model", str(folder), *JOB_FLAGS]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: leave nothing running
-        output, _ = proc.communicate()
-        raise AssertionError(f"torchrun did not finish within {timeout}s:\n{output[-3000:]}") from None
-    return proc.returncode, output
 
 
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:

@@ -129,6 +129,9 @@ class StageTimes:
                 f"{self.calls} calls, {self.compute_s:.1f}s computing, {self.wait_s:.1f}s waiting")
 
 
+NO_SCORING = "scoring (score, eval) does not run over pipeline stages yet; run it without --pipeline-stages."
+
+
 class StageError(ConfigError):
     """A later stage failed on a call of the leader's (its message names the stage)."""
 
@@ -143,7 +146,7 @@ class Pipeline:
         self._replies = [queue.SimpleQueue() for _ in self.lanes]
         self._lost: str | None = None  # why the last stage can no longer be heard
         self.times = StageTimes()
-        self._idle_since: float | None = time.perf_counter()  # no lane computing since then
+        self._idle_since = time.perf_counter()  # no lane has computed since then
         self._listener = threading.Thread(target=self._listen, name="flexbatch-pipeline", daemon=True)
         self._listener.start()
 
@@ -244,8 +247,10 @@ class PipelineLane(Runner):
         return self.runner.recomputes_at(length)
 
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
-        raise ConfigError("scoring (score, eval) does not run over pipeline stages yet; run it without "
-                          "--pipeline-stages.")
+        raise ConfigError(NO_SCORING)
+
+    def score_packed(self, rows) -> TokenScores:
+        raise ConfigError(NO_SCORING)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -293,8 +298,8 @@ class StageServer:
         elif header["op"] == "close":
             self.link.send(self.place.rank(0), {"op": "closed"})
         elif header["op"] != "done":
-            self.link.send(self.place.rank(0), {**header, "op": header["op"] if header["op"] == "error" else "reply"},
-                           tensors)
+            reply = header if header["op"] == "error" else {**header, "op": "reply"}
+            self.link.send(self.place.rank(0), reply, tensors)
 
     def _handle(self, header: dict, tensors: list[torch.Tensor]) -> tuple[dict, list[torch.Tensor]]:
         """Run this stage's part of a call; returns what goes on (the last stage: the reply)."""
