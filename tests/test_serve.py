@@ -260,3 +260,30 @@ def test_online_requests_are_answered_while_a_batch_runs(server, llm, model_name
     assert answer.choices[0].text == llm.generate("Two plus two is", max_new_tokens=4)[0].text
     assert during.status == "in_progress" and during.request_counts.completed < 42  # waited one block at most
     assert wait_batch(client, batch.id).status == "completed"
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"planet": {"enum": ["Mars", "Venus", "Jupiter"]},
+                                                  "moons": {"type": "integer", "minimum": 0, "maximum": 99}},
+                 "required": ["planet", "moons"], "additionalProperties": False}
+
+
+def test_chat_response_format_through_the_openai_client(server, llm, model_name):
+    """OpenAI's json_schema response_format on the server: the text parses, validates against
+    the schema, and equals LLM.chat with the same response_format; a schema that is not one
+    gets a 400 before any work."""
+    import jsonschema
+    import openai
+
+    messages = [{"role": "user", "content": "Name a planet and how many moons it has."}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "planet", "schema": ANSWER_SCHEMA}}
+    result = server.client().chat.completions.create(model=model_name, messages=messages, max_tokens=24,
+                                                     response_format=response_format)
+    text = result.choices[0].message.content
+    jsonschema.validate(json.loads(text), ANSWER_SCHEMA)
+    assert result.choices[0].finish_reason == "stop"
+    expected = llm.chat(messages, SamplingParams(max_new_tokens=24, response_format=response_format))[0]
+    assert text == expected.text
+    broken = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(openai.BadRequestError):
+        server.client().chat.completions.create(model=model_name, messages=messages, max_tokens=8,
+                                                response_format=broken)
