@@ -39,6 +39,7 @@ DEFAULT_BATCH_SIZE = 32  # sequences per block without a policy or the planner
 PROMPT_SAMPLE = 512  # prompts tokenized to estimate a workload's prompt length
 MIN_PROMPT_TOKENS = 64  # the shortest prompt length the planner plans for
 REFILLS_PER_ROW = 4  # a planned block has at least this many of the job's requests per row (small jobs aside)
+MAX_SCORING_BLOCK = 256  # rows a planned scoring block holds at most (each reads every layer's weights once)
 
 log_to_stderr = lambda msg: print(msg, file=sys.stderr)
 
@@ -130,6 +131,18 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
     plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
     log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)
     return plan.best.policy, plan.best.policy.block_size, work
+
+
+def prepare_scoring(settings: RunSettings, log=log_to_stderr) -> PreparedRun:
+    """The run of a scoring workload (lm-eval's log-likelihoods): prefill-only packed rows of
+    up to MAX_ROW_TOKENS, planned as prompts of that length that generate one token, so the
+    planner weighs the prefill alone; blocks of up to MAX_SCORING_BLOCK rows."""
+    from .engine.scoring import MAX_ROW_TOKENS
+
+    def estimate(opened: OpenedModel) -> tuple[int, int]:
+        return min(MAX_ROW_TOKENS, opened.config.max_position_embeddings - 1), REFILLS_PER_ROW * MAX_SCORING_BLOCK
+
+    return prepare_run(settings, 1, estimate, log=log)
 
 
 def plan_for(settings: RunSettings, opened: OpenedModel, device: torch.device, dtype: torch.dtype, work: Workload,

@@ -193,6 +193,8 @@ def test_flexbatch_eval_command_writes_lm_evals_results(model_folder, task_dir, 
     code = main(["eval", "--tasks", "fb_mc", "--include-path", str(task_dir), "--model", str(model_folder),
                  "--dtype", "float32", "--output-path", str(out)])
     assert code == 0
-    assert "fb_mc" in capsys.readouterr().out  # lm-eval's table
+    captured = capsys.readouterr()
+    assert "fb_mc" in captured.out  # lm-eval's table
+    assert "planner: block" in captured.err  # no policy given: planned for a scoring workload
     [written] = list(out.glob("flexbatch/results_*.json"))
     assert json.loads(written.read_text())["results"]["fb_mc"]["acc,none"] == hf_results["results"]["fb_mc"]["acc,none"]

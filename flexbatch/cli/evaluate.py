@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's few-shot sampling and of sampled generation")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences (scored rows) per block without a policy (default 32); with a policy, its block")
+                   help="scored rows per block (default: the planner's choice for this machine's memory, up to 256; "
+                        "32 with --no-plan); with a policy, its block")
     add_policy_args(p)
     p.set_defaults(run=run)
 
@@ -37,10 +38,9 @@ def run(args) -> int:
         raise ConfigError("--log-samples writes next to the results: give --output-path too")
     tasks, task_manager = _tasks(args)  # before loading the model: a typo fails at once
     from ..integrations.lm_eval import FlexbatchLM
-    from ..prepare import prepare_run
+    from ..prepare import prepare_scoring
 
-    # no planner for scoring workloads yet: in memory unless policy flags say otherwise
-    prepared = prepare_run(run_settings(args, planned=False), 0, estimate=None)
+    prepared = prepare_scoring(run_settings(args))
     with prepared.build_llm() as llm:
         results = _evaluate(args, FlexbatchLM(llm=llm), tasks, task_manager)
     _report(args, results)

@@ -22,7 +22,7 @@ from ..api import LLM
 from ..config import SamplingParams
 from ..errors import ConfigError
 from ..options import parse_option_dict, run_settings
-from ..prepare import prepare_run
+from ..prepare import prepare_scoring
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -41,8 +41,9 @@ class FlexbatchLM(TemplateLM):
     """An lm-eval model running on flexbatch.
 
     pretrained (or model): an HF folder, .gguf file or converted store (default: the default
-    model). batch_size: rows per block without a policy (lm-eval's --batch_size; "auto" keeps
-    the default). max_length: the context to score in (default: the model's). max_gen_toks:
+    model). Without policy options the planner chooses the policy for a scoring workload
+    within this machine's memory (or cpu_memory=...; no_plan=True keeps everything in memory).
+    batch_size: rows per block (lm-eval's --batch_size; "auto" leaves it to the planner). max_length: the context to score in (default: the model's). max_gen_toks:
     tokens to generate when a task gives no limit (256, as lm-eval's hf model). Every other
     keyword is a policy or compression option of `flexbatch run`, e.g. percent="0 100 100 0 100 0",
     gpu_batch_size=8, compress_weight=True, offload_dir=/ssd/tmp. Or pass a loaded `llm`.
@@ -180,4 +181,4 @@ def _load(pretrained: str | None, batch_size, options: dict) -> LLM:
     if isinstance(batch_size, str) and not batch_size.isdigit():
         batch_size = None  # "auto": flexbatch's blocks are sized by the policy, not by probing
     args = parse_option_dict({"model": pretrained, "batch_size": batch_size, **options}, prog="flexbatch model_args")
-    return prepare_run(run_settings(args, planned=False), 0, estimate=None).build_llm()
+    return prepare_scoring(run_settings(args)).build_llm()
