@@ -43,8 +43,9 @@ class FlexbatchLM(TemplateLM):
     pretrained (or model): an HF folder, .gguf file or converted store (default: the default
     model). Without policy options the planner chooses the policy for a scoring workload
     within this machine's memory (or cpu_memory=...; no_plan=True keeps everything in memory).
-    batch_size: rows per block (lm-eval's --batch_size; "auto" leaves it to the planner). max_length: the context to score in (default: the model's). max_gen_toks:
-    tokens to generate when a task gives no limit (256, as lm-eval's hf model). Every other
+    batch_size: rows per block (lm-eval's --batch_size; "auto" leaves it to the planner).
+    max_length: the context to score in (default: the model's). max_gen_toks: tokens to
+    generate when a task gives no limit (256, as lm-eval's hf model). Every other
     keyword is a policy or compression option of `flexbatch run`, e.g. percent="0 100 100 0 100 0",
     gpu_batch_size=8, compress_weight=True, offload_dir=/ssd/tmp. Or pass a loaded `llm`.
     """
