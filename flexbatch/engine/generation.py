@@ -295,7 +295,8 @@ class Block:
             self.shift(max(max(self.t - self.starts[r] for r in self.live), longest_waiting))
         rows = sorted(self.live)
         for row in rows:
-            if self.runner.recomputes_at(int(self.key_valid[row].sum()) + 1):
+            index, tracker = self.live[row]  # the step appends its latest token: the sequence's length
+            if self.runner.recomputes_at(len(self.requests[index].token_ids) + len(tracker.out.token_ids)):
                 self.recompute(row)
         self.key_valid[rows, self.t] = True
         logits = self.runner.step(self.tokens.unsqueeze(1), self.key_valid[:, :self.t + 1], self.t)
