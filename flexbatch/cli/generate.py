@@ -68,10 +68,11 @@ def generate(args, place=None) -> int:
     """Generate and print; `place`: this process is the first of pipeline stages."""
     from ..prepare import longest_prompt_tokens, prepare_run
 
-    prompts, as_given = [], []
+    prompts, as_given, params = [], [], []
 
     def prepare():  # every check of the flags and the prompts runs before the model loads
-        settings, params = run_settings(args), sampling_params(args)
+        settings = run_settings(args)
+        params.append(sampling_params(args))
         prompts[:] = read_prompts(args)
         as_given[:] = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
 
@@ -79,9 +80,10 @@ def generate(args, place=None) -> int:
             limit = opened.config.max_position_embeddings - args.max_new_tokens
             return longest_prompt_tokens(opened.load_tokenizer(), as_given, limit), len(prompts)
 
-        return prepare_run(settings, args.max_new_tokens, estimate), params
+        return prepare_run(settings, args.max_new_tokens, estimate)
 
-    run, params = lead_stages(place, prepare)
+    run = lead_stages(place, prepare)
+    params = params[0]
     llm = run.build_llm()
     if run.policy is not None:
         print(f"policy: {run.policy}", file=sys.stderr)

@@ -32,8 +32,8 @@ def stage_place(args, ranks: Ranks | None):
 
 
 def lead_stages(place, prepare):
-    """prepare() -> a PreparedRun (or a tuple that starts with one), on the first stage: the
-    run's choice is sent to the other stages, or, if prepare fails, they stop waiting."""
+    """prepare() -> a PreparedRun, on the first stage: the run's choice is sent to the other
+    stages, or, if prepare fails, they stop waiting."""
     from ..prepare import abort_stages, share_with_stages
 
     try:
@@ -43,7 +43,7 @@ def lead_stages(place, prepare):
             abort_stages(place, str(error))
         raise
     if place is not None:
-        share_with_stages(place, prepared[0] if isinstance(prepared, tuple) else prepared)
+        share_with_stages(place, prepared)
     return prepared
 
 
