@@ -16,6 +16,7 @@ from .kernels.packed import element_size, stored_bytes
 from .kernels.quant import QuantConfig, quantized_row_bytes
 from .models.family import Family
 from .models.spec import ModelConfig
+from .storage.tiers import Tier
 
 GiB = 1 << 30
 KV_IN_FLIGHT = 4  # (layer, GPU batch) caches in flight: computing, loading next, two storing
@@ -48,6 +49,25 @@ class KVRoute:
     def rows_to_device(self) -> bool:
         """Off-device rows are copied as they are into device buffers every step."""
         return self.gpu and not self.compressed and not self.cpu_attention
+
+    def segments(self, split: dict[Tier, int]) -> list[KVSegmentPlace]:
+        """The layout of one (layer, GPU batch) cache whose sequences `split` puts on each
+        tier: one segment per tier that holds any, in the order device, host, disk. On a
+        CPU-only machine the device and host shares are one segment in the one RAM."""
+        groups = [(Tier.DEVICE, split[Tier.DEVICE]), (Tier.HOST, split[Tier.HOST])] if self.gpu else \
+            [(Tier.DEVICE, split[Tier.DEVICE] + split[Tier.HOST])]
+        groups.append((Tier.DISK, split[Tier.DISK]))
+        return [KVSegmentPlace(n, tier, tier is Tier.DEVICE or not self.cpu_attention) for tier, n in groups if n]
+
+
+@dataclass(frozen=True)
+class KVSegmentPlace:
+    """One tier's share of a (layer, GPU batch) KV cache: consecutive sequences, where their
+    rows live and where they are attended."""
+
+    sequences: int
+    home: Tier  # DEVICE: the compute device (a CPU-only machine's RAM); HOST: RAM beside a GPU; DISK
+    on_device: bool  # attended on the compute device, else on the CPU where the rows are
 
 
 def kv_route(policy: Policy, gpu: bool) -> KVRoute:
@@ -106,7 +126,7 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig 
 
 def dense_window(policy: Policy, tokens: float) -> float:
     """Of a sequence's first `tokens` cached tokens, how many are also kept dense: a
-    compressed cache's last cache_window (engine/kv_encoded.py); none in a plain cache."""
+    compressed cache's last cache_window (engine/kv_segments.py); none in a plain cache."""
     return min(policy.cache_window, tokens) if policy.compress_cache else 0
 
 

@@ -96,3 +96,55 @@ def test_a_merged_plan_sums_what_both_tiers_hold_for_the_same_purpose():
     plan.add(False, "runtime overhead", 64)
     assert plan.merged() == {"weights": 500, "runtime overhead": 64}
     assert plan.device == {"weights": 300}  # the tiers themselves are unchanged
+
+
+def test_kv_layout_by_hand():
+    """Which tier's sequences form a segment and where each is attended, for 1 sequence on
+    the device, 2 in host RAM and 3 on disk."""
+    from flexbatch.config import Policy
+    from flexbatch.sizing import KVSegmentPlace as Place
+    from flexbatch.sizing import kv_route
+    from flexbatch.storage.tiers import Tier
+
+    split = {Tier.DEVICE: 1, Tier.HOST: 2, Tier.DISK: 3}
+    segments = lambda gpu, **switches: kv_route(Policy(**switches), gpu).segments(split)
+    # a CPU-only machine: device and host are one RAM, and everything is attended there
+    assert segments(False) == [Place(3, Tier.DEVICE, True), Place(3, Tier.DISK, True)]
+    assert segments(False, cpu_attention=True) == segments(False)
+    # a GPU: rows are copied to it, unless CPU attention keeps the plain host and disk rows on the CPU
+    assert segments(True) == [Place(1, Tier.DEVICE, True), Place(2, Tier.HOST, True), Place(3, Tier.DISK, True)]
+    assert segments(True, cpu_attention=True) == [
+        Place(1, Tier.DEVICE, True), Place(2, Tier.HOST, False), Place(3, Tier.DISK, False)]
+    # a compressed cache is decoded where it lives and attended on the GPU
+    assert segments(True, cpu_attention=True, compress_cache=True) == segments(True)
+    assert kv_route(Policy(), True).segments({Tier.DEVICE: 0, Tier.HOST: 4, Tier.DISK: 0}) == [
+        Place(4, Tier.HOST, True)]
+
+
+@pytest.mark.parametrize("compress_cache", [False, True])
+def test_the_kv_buffers_a_gpu_block_allocates_are_what_its_memory_plan_counts(tiny_model, compress_cache):
+    """The engine's KV buffer pools for a GPU block, summed per tier, equal the plan the
+    policy is checked against: staging for plain rows attended on the GPU (host and disk
+    shares), or dense decode buffers for a compressed cache (every share), KV_IN_FLIGHT
+    caches of K and V each; host read buffers for the disk share."""
+    from flexbatch import LLM
+    from flexbatch.config import Policy
+    from flexbatch.engine.kv_cache import KVFormat, buffer_needs
+    from flexbatch.sizing import KV_IN_FLIGHT, kv_route, run_memory
+    from flexbatch.storage.placement import split_sequences
+    from flexbatch.storage.tiers import Tier
+
+    llm = LLM(tiny_model("opt_pre_ln")[0], dtype="float32", device="cpu")
+    cfg, gpu, capacity = llm.config, torch.device("cuda"), 64
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0.25, cache_host=0.25,
+                    compress_cache=compress_cache, cache_window=0)
+    split = split_sequences(4, {Tier.DEVICE: 0.25, Tier.HOST: 0.25, Tier.DISK: 0.5})
+    fmt = KVFormat(cfg.num_kv_heads, cfg.head_dim, capacity, torch.float32, policy.cache_quant)
+    needs = buffer_needs([kv_route(policy, True).segments(split)] * 2, fmt, gpu)
+    allocated = {"cuda": 0, "cpu": 0}
+    for nbytes, where, _ in needs.values():
+        allocated[where.type] += 2 * KV_IN_FLIGHT * nbytes
+    plan = run_memory(cfg, llm.family, policy, torch.float32, 8, capacity, 32, gpu)
+    on_gpu = plan.device.get("dequantized KV in flight" if compress_cache else "KV staging buffers")
+    assert allocated["cuda"] == pytest.approx(on_gpu, abs=1)
+    assert allocated["cpu"] == pytest.approx(plan.host["KV staging buffers"], abs=1)

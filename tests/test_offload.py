@@ -161,10 +161,11 @@ def test_host_token_rows_keep_what_steps_wrote():
     views `load` returns persist, and the next load sees them in [n, Hkv, T, D] order."""
     import torch
 
-    from flexbatch.engine.kv_cache import CPU, TokenRows
+    from flexbatch.engine.kv_segments import CPU, RowHome, RowSegment
     from flexbatch.storage.kv_rows import RowCodec
 
-    rows = TokenRows(RowCodec(3, 2, 4, torch.float32, None), 6, CPU, None, None, None)
+    codec = RowCodec(3, 2, 4, torch.float32, None)
+    rows = RowSegment(codec, RowHome(6, codec.row_bytes, CPU), CPU)
     first = torch.randn(3, 2, 2, 4)
     second = torch.randn(3, 2, 1, 4)
     for start, new in ((0, first), (2, second)):
@@ -185,7 +186,7 @@ def test_disk_token_rows_round_trip_every_prefix_under_appends(tmp_path, row_byt
     make every write and read cross 4 KiB block boundaries mid-row."""
     import torch
 
-    from flexbatch.engine.kv_cache import CPU, BufferPool, TokenRows
+    from flexbatch.engine.kv_segments import CPU, BufferPool, RowHome, RowSegment
     from flexbatch.storage.disk import DiskFile, Traffic
     from flexbatch.storage.kv_rows import RowCodec
 
@@ -193,7 +194,8 @@ def test_disk_token_rows_round_trip_every_prefix_under_appends(tmp_path, row_byt
     codec = RowCodec(n, heads, dim, torch.bfloat16, None)
     traffic = Traffic()
     files = [DiskFile(tmp_path / f"rows.{kv}", capacity * codec.row_bytes, traffic=traffic) for kv in "kv"]
-    rows = TokenRows(codec, capacity, CPU, files, BufferPool(capacity * codec.row_bytes, 2), None)
+    rows = RowSegment(codec, RowHome(capacity, codec.row_bytes, CPU, files, BufferPool(capacity * codec.row_bytes, 2)),
+                      CPU)
     truth = torch.randn(2, n, heads, capacity, dim).to(torch.bfloat16)
     prompt = 5
     steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, capacity)]

@@ -1,56 +1,59 @@
-"""The KV cache of one (layer, GPU batch), split by sequence over the tiers.
+"""The KV cache of one (layer, GPU batch): its sequences split over the tiers, one segment
+per tier, laid out once per block by `sizing.KVRoute.segments` (where each share lives and
+where it is attended).
 
-Each tier's sequences form one segment, and attention runs over each segment on the device
-where its K and V are (`kernels.CacheSegments`), so nothing is concatenated:
+Attention runs over each segment on the device where its K and V are
+(`kernels.CacheSegments`), so nothing is concatenated:
 
-- Resident: [n, Hkv, capacity, D] tensors that never move (the GPU's share, or on a CPU-only
-  machine the whole in-memory share).
-- Token rows (`TokenRows`): host-RAM or disk sequences kept token-major, [capacity, n, Hkv,
-  D] as bytes, so the first T tokens are one contiguous range (one read, one copy) and a
-  step's new tokens a short range at the end (one small write). They are viewed, not copied,
-  as [n, Hkv, capacity, D]. On a GPU they are copied to pooled GPU buffers for attention,
-  unless CPU attention is on: then attention runs on the CPU over them where they are.
+- plain K and V kept on the compute device are [n, Hkv, capacity, D] tensors that never
+  move (`DenseSegment`): the GPU's share, or on a CPU-only machine the whole in-memory share;
+- everything else is token rows, plain or quantized (`kv_segments.RowSegment`): host RAM
+  beside a GPU, disk, and a compressed cache on every tier.
 """
 from __future__ import annotations
 
-import queue
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..kernels.attention import CacheSegments
-from ..storage.aligned import aligned_bytes, as_dtype
+from ..kernels.packed import element_size
+from ..kernels.quant import QuantConfig
+from ..sizing import KVSegmentPlace
 from ..storage.disk import DiskFile, Traffic
 from ..storage.kv_rows import RowCodec
 from ..storage.tiers import Tier
+from .kv_segments import CPU, BufferPool, RowHome, RowSegment, Staging
 
-CPU = torch.device("cpu")
-
-
-class BufferPool:
-    """A fixed set of equal byte buffers (page-aligned on the host, pinned when a GPU is
-    used); `acquire` blocks until one is free."""
-
-    def __init__(self, nbytes: int, count: int, device: torch.device = CPU, pinned: bool = False):
-        self.nbytes = nbytes
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(count):
-            buf = aligned_bytes(nbytes, pinned) if device.type == "cpu" else \
-                torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self._free.put(buf)
-
-    def acquire(self) -> torch.Tensor:
-        return self._free.get()
-
-    def release(self, buf: torch.Tensor) -> None:
-        self._free.put(buf)
+PoolKey = tuple[Tier, Staging]
 
 
-class Resident:
-    """K and V of n sequences that stay in one place."""
+@dataclass(frozen=True)
+class KVFormat:
+    """How a block keeps K and V: one sequence's shape per layer, and its encoding."""
 
-    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
-        self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+    heads: int
+    head_dim: int
+    capacity: int  # token slots per sequence
+    dtype: torch.dtype
+    quant: QuantConfig | None = None  # None: plain rows
+    window: int = 0  # a quantized cache's last tokens also kept exact (0: none)
+
+    def codec(self, sequences: int, exact: bool = False) -> RowCodec:
+        return RowCodec(sequences, self.heads, self.head_dim, self.dtype, None if exact else self.quant)
+
+    @property
+    def ring_rows(self) -> int:
+        return min(self.window, self.capacity) if self.quant is not None else 0
+
+
+class DenseSegment:
+    """Plain K and V of n sequences that stay where they are attended, on the compute device."""
+
+    def __init__(self, sequences: int, fmt: KVFormat, device: torch.device):
+        shape = (sequences, fmt.heads, fmt.capacity, fmt.head_dim)
+        self.kv = [torch.empty(shape, dtype=fmt.dtype, device=device) for _ in range(2)]
 
     def load(self, length: int) -> list[torch.Tensor]:
         return self.kv
@@ -62,90 +65,15 @@ class Resident:
         pass
 
 
-class TokenRows:
-    """K and V of n sequences as token-major rows in host RAM (`files` None) or in two disk
-    files, attended on `attend` (the CPU or the GPU).
-
-    Staging: rows on disk are read into a host buffer from `host_pool`; rows attended on a
-    GPU are copied into a buffer from `device_pool`. A load takes the buffers it needs and
-    the store after it gives them back.
-    """
-
-    def __init__(self, codec: RowCodec, capacity: int, attend: torch.device, files: list[DiskFile] | None,
-                 host_pool: BufferPool | None, device_pool: BufferPool | None):
-        self.codec, self.capacity, self.attend = codec, capacity, attend
-        self.nbytes = capacity * codec.row_bytes
-        self.files, self.host_pool, self.device_pool = files, host_pool, device_pool
-        pinned = attend.type == "cuda"
-        self.host = None if files else [aligned_bytes(self.nbytes, pinned) for _ in range(2)]
-        self._host_staged: list[torch.Tensor] = []
-        self._device_staged: list[torch.Tensor] = []
-
-    def _view(self, buf: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(as_dtype(buf, torch.uint8, (self.capacity, self.codec.row_bytes)))
-
-    def load(self, length: int) -> list[torch.Tensor]:
-        """K, V [n, Hkv, capacity, D] views on the attention device, tokens [0, length) filled."""
-        used = length * self.codec.row_bytes
-        host = self.host
-        if self.files:
-            host = self._host_staged = [self.host_pool.acquire() for _ in range(2)]
-            if used:
-                for file, buf in zip(self.files, host):
-                    file.read_into(buf, 0, used)
-        if self.attend.type == "cpu":
-            return [self._view(b) for b in host]
-        self._device_staged = [self.device_pool.acquire() for _ in range(2)]
-        for gpu, cpu in zip(self._device_staged, host):
-            gpu[:used].copy_(cpu[:used], non_blocking=True)
-        return [self._view(b) for b in self._device_staged]
-
-    def store(self, start: int, end: int) -> None:
-        """Persist tokens [start, end), written into what `load` returned; free the buffers."""
-        lo, hi = start * self.codec.row_bytes, end * self.codec.row_bytes
-        host = self._host_staged if self.files else self.host
-        for gpu, cpu in zip(self._device_staged, host):
-            cpu[lo:hi].copy_(gpu[lo:hi])  # blocking: the bytes are on the host before the write
-        if self.files:
-            for file, buf in zip(self.files, host):
-                file.write_from(buf, lo, hi)
-        self._give_back()
-
-    def _give_back(self) -> None:
-        for pool, bufs in ((self.host_pool, self._host_staged), (self.device_pool, self._device_staged)):
-            for buf in bufs:
-                pool.release(buf)
-        self._host_staged, self._device_staged = [], []
-
-    def close(self) -> None:
-        for f in self.files or []:
-            f.close()
-
-
 class BatchKV:
-    """K and V of one (layer, GPU batch): `split` sequences per tier, in that order
-    (device, host, disk). `pools` holds the staging pools by name ("disk_host",
-    "disk_device", "host_device"); host and disk rows are attended on `attend` (the compute
-    device, or the CPU where they live: see sizing.KVRoute); disk I/O is counted in `traffic`."""
+    """K and V of one (layer, GPU batch): a segment per place in `places` (consecutive
+    sequences, in order), buffers from the block's `pools` (`block_pools`), disk segments in
+    files named after `disk_path`, their I/O counted in `traffic`."""
 
-    def __init__(self, shape: tuple[int, int, int, int], split: dict[Tier, int], dtype: torch.dtype,
-                 device: torch.device, disk_path: Path, pools: dict[str, BufferPool], attend: torch.device = CPU,
-                 traffic: Traffic | None = None):
-        _, heads, capacity, head_dim = shape
+    def __init__(self, places: list[KVSegmentPlace], fmt: KVFormat, device: torch.device, disk_path: Path,
+                 pools: dict[PoolKey, BufferPool], traffic: Traffic | None = None):
         self.device = device
-        gpu = device.type == "cuda"
-        resident = split[Tier.DEVICE] + (0 if gpu else split[Tier.HOST])
-        rows = lambda n, files, host_pool, device_pool: TokenRows(
-            RowCodec(n, heads, head_dim, dtype, None), capacity, attend, files, host_pool, device_pool)
-        self.segments: list[Resident | TokenRows] = []
-        if resident:
-            self.segments.append(Resident((resident, heads, capacity, head_dim), dtype, device))
-        if gpu and split[Tier.HOST]:
-            self.segments.append(rows(split[Tier.HOST], None, None, pools.get("host_device")))
-        if split[Tier.DISK]:
-            codec_bytes = RowCodec(split[Tier.DISK], heads, head_dim, dtype, None).row_bytes * capacity
-            files = [DiskFile(Path(f"{disk_path}.{kv}"), codec_bytes, traffic=traffic) for kv in "kv"]
-            self.segments.append(rows(split[Tier.DISK], files, pools["disk_host"], pools.get("disk_device")))
+        self.segments = [_segment(place, fmt, device, disk_path, pools, traffic) for place in places]
 
     def load(self, length: int):
         """K, V for attention, tokens [0, length) filled: one tensor each when the cache is
@@ -156,6 +84,7 @@ class BatchKV:
         return CacheSegments([p[0] for p in parts]), CacheSegments([p[1] for p in parts])
 
     def store(self, start: int, end: int) -> None:
+        """Keep tokens [start, end), written into what `load` returned; free its buffers."""
         for s in self.segments:
             s.store(start, end)
 
@@ -164,20 +93,71 @@ class BatchKV:
             s.close()
 
 
-def staging_pools(splits: list[dict[Tier, int]], capacity: int, row_bytes, attend: torch.device,
-                  count: int) -> dict[str, BufferPool]:
-    """The staging pools for GPU batches' caches split over the tiers like `splits`, `count` buffers
-    each, every buffer as large as the largest segment it stages; row_bytes(n) is the bytes
-    of one token of n sequences. `attend`: where token rows are attended (a GPU: host and
-    disk rows are copied there through device buffers, and host staging is pinned)."""
-    gpu = attend.type == "cuda"
-    largest = lambda tier: max((sp[tier] for sp in splits), default=0)
-    pools = {}
-    if largest(Tier.DISK):
-        nbytes = row_bytes(largest(Tier.DISK)) * capacity
-        pools["disk_host"] = BufferPool(nbytes, count, pinned=gpu)
-        if gpu:
-            pools["disk_device"] = BufferPool(nbytes, count, attend)
-    if gpu and largest(Tier.HOST):
-        pools["host_device"] = BufferPool(row_bytes(largest(Tier.HOST)) * capacity, count, attend)
-    return pools
+def _segment(place: KVSegmentPlace, fmt: KVFormat, device: torch.device, disk_path: Path,
+             pools: dict[PoolKey, BufferPool], traffic: Traffic | None) -> DenseSegment | RowSegment:
+    if fmt.quant is None and place.home is Tier.DEVICE:
+        return DenseSegment(place.sequences, fmt, device)
+    codec, tier = fmt.codec(place.sequences), place.home
+    rows = lambda n, row_bytes, purpose, tag: RowHome(
+        n, row_bytes, _home_device(place, device), _files(disk_path, tag, n * row_bytes, traffic, place),
+        pools.get((tier, purpose)), pinned=_copied_raw(place, fmt, device))
+    home = rows(fmt.capacity, codec.row_bytes, Staging.READ, "")
+    ring = rows(fmt.ring_rows, fmt.codec(place.sequences, exact=True).row_bytes, Staging.RING, "w") \
+        if fmt.ring_rows else None
+    to_attend = pools.get((tier, Staging.DENSE if fmt.quant is not None else Staging.TO_DEVICE))
+    return RowSegment(codec, home, device if place.on_device else CPU, to_attend, ring)
+
+
+def _copied_raw(place: KVSegmentPlace, fmt: KVFormat, device: torch.device) -> bool:
+    """Plain rows that live off the GPU and are copied to it as they are for attention
+    (their host memory is pinned, so the copies run asynchronously)."""
+    return device.type == "cuda" and fmt.quant is None and place.on_device and place.home is not Tier.DEVICE
+
+
+def _home_device(place: KVSegmentPlace, device: torch.device) -> torch.device:
+    return device if place.home is Tier.DEVICE else CPU
+
+
+def _files(disk_path: Path, tag: str, nbytes: int, traffic: Traffic | None,
+           place: KVSegmentPlace) -> list[DiskFile] | None:
+    if place.home is not Tier.DISK:
+        return None
+    return [DiskFile(Path(f"{disk_path}.{tag}{kv}"), nbytes, traffic=traffic) for kv in "kv"]
+
+
+def block_pools(layouts: list[list[KVSegmentPlace]], fmt: KVFormat, device: torch.device,
+                count: int) -> dict[PoolKey, BufferPool]:
+    """The buffers the caches of a block's GPU batches (laid out as `layouts`) share while
+    loaded: `count` per (tier, purpose)."""
+    return {key: BufferPool(nbytes, count, where, pinned)
+            for key, (nbytes, where, pinned) in buffer_needs(layouts, fmt, device).items()}
+
+
+def buffer_needs(layouts: list[list[KVSegmentPlace]], fmt: KVFormat,
+                 device: torch.device) -> dict[PoolKey, tuple[int, torch.device, bool]]:
+    """(tier, purpose) -> (bytes, device, pinned) of one buffer of each pool: as large as the
+    largest segment it serves."""
+    needs: dict[PoolKey, tuple[int, torch.device, bool]] = {}
+    for places in layouts:
+        for place in places:
+            for key, (nbytes, where, pinned) in _segment_needs(place, fmt, device).items():
+                needs[key] = (max(nbytes, needs.get(key, (0,))[0]), where, pinned)
+    return needs
+
+
+def _segment_needs(place: KVSegmentPlace, fmt: KVFormat, device: torch.device) -> dict:
+    """(tier, purpose) -> (bytes, device, pinned) of the buffers one load of `place` takes."""
+    tier, n = place.home, place.sequences
+    rows_bytes = fmt.capacity * fmt.codec(n).row_bytes
+    needs = {}
+    copied_raw = _copied_raw(place, fmt, device)
+    if tier is Tier.DISK:
+        needs[tier, Staging.READ] = (rows_bytes, CPU, copied_raw)
+        if fmt.ring_rows:
+            needs[tier, Staging.RING] = (fmt.ring_rows * fmt.codec(n, exact=True).row_bytes, CPU, False)
+    if fmt.quant is not None:
+        dense = n * fmt.heads * fmt.capacity * fmt.head_dim * element_size(fmt.dtype)
+        needs[tier, Staging.DENSE] = (dense, device if place.on_device else CPU, False)
+    elif copied_raw:
+        needs[tier, Staging.TO_DEVICE] = (rows_bytes, device, False)
+    return needs

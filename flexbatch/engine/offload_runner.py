@@ -1,11 +1,12 @@
 """The offloading runner: the block schedule with weights and KV cache on tiers.
 
 Implements the runner interface (runner.py), so the decoding loop does not change. Weights
-stay in their `WeightHome`; each (layer, GPU batch) KV cache is a `BatchKV` (compressed: an
-`EncodedBatchKV`); the `Executor` runs each token step's schedule over them. It also runs
-compressed models whose weights and cache all stay in memory: `InMemoryRunner` holds dense
-weights only, and here the packed weights and quantized cache rows are native (with no
-I/O to overlap, the schedule just computes).
+stay in their `WeightHome`; each (layer, GPU batch) KV cache is a `BatchKV` (plain or
+compressed, laid out over the tiers by `sizing.KVRoute.segments`); the `Executor` runs
+each token step's schedule over them. It also runs compressed models whose weights and
+cache all stay in memory: `InMemoryRunner` holds dense weights only, and here the packed
+weights and quantized cache rows are native (with no I/O to overlap, the schedule just
+computes).
 
 A pipeline stage (pipeline.py) is an OffloadRunner over a range of the model's layers: it
 embeds only if its range starts at layer 0, and its callers take the head's logits only
@@ -41,13 +42,11 @@ from ..sizing import (
     weight_memory,
 )
 from ..storage.disk import Traffic, require_free_space
-from ..storage.kv_rows import RowCodec
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
 from .executor import Executor, InlineIO
-from .kv_cache import CPU, BatchKV, staging_pools
-from .kv_encoded import EncodedBatchKV, encoded_pools
+from .kv_cache import BatchKV, KVFormat, block_pools
 from .memory import detect_budget
 from .runner import (
     Runner,
@@ -92,7 +91,7 @@ class OffloadRunner(Runner):
         self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
-        self.kv: list[list[BatchKV | EncodedBatchKV]] = []  # [layer][GPU batch]
+        self.kv: list[list[BatchKV]] = []  # [layer][GPU batch]
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
         self.admit_seconds: list[float] = []  # wall time of each admission (prompts' prefill)
         self.kv_traffic = Traffic()  # KV cache bytes read from and written to disk (weights: home.traffic)
@@ -139,26 +138,13 @@ class OffloadRunner(Runner):
         cache_dir = self.cache_dir
         shutil.rmtree(cache_dir, ignore_errors=True)  # a killed run's cache files: never read, never reused
         cache_dir.mkdir(parents=True, exist_ok=True)
-        shapes = [(b.stop - b.start, self.cfg.num_kv_heads, capacity, self.cfg.head_dim) for b in self.batches]
-        splits = [split_sequences(s[0], fractions) for s in shapes]
-        quant = self.policy.cache_quant
-        row_bytes = lambda n: RowCodec(n, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, quant).row_bytes
-        route = kv_route(self.policy, not self.unified)
-        attend = self.device if route.rows_to_device else CPU  # where host and disk token rows go
-        self.pools = staging_pools(splits, capacity, row_bytes, attend, 2 * KV_IN_FLIGHT)
-        if quant is not None:
-            self.pools.update(encoded_pools(shapes, splits, self.policy.cache_window, self.dtype, self.device,
-                                            2 * KV_IN_FLIGHT))
-
-        def batch_kv(j: int, k: int, shape, split) -> BatchKV | EncodedBatchKV:
-            path = cache_dir / f"l{j}_b{k}"
-            if quant is None:
-                return BatchKV(shape, split, self.dtype, self.device, path, self.pools, attend, self.kv_traffic)
-            return EncodedBatchKV(shape, split, self.dtype, self.device, path, self.pools, quant,
-                                  self.policy.cache_window, self.kv_traffic)
-
-        self.kv = [[batch_kv(j, k, shape, sp) for k, (shape, sp) in enumerate(zip(shapes, splits))]
-                   for j in range(len(self.layers))]
+        splits = [split_sequences(b.stop - b.start, fractions) for b in self.batches]
+        layouts = [kv_route(self.policy, not self.unified).segments(split) for split in splits]
+        fmt = KVFormat(self.cfg.num_kv_heads, self.cfg.head_dim, capacity, self.dtype, self.policy.cache_quant,
+                       self.policy.cache_window)
+        self.pools = block_pools(layouts, fmt, self.device, 2 * KV_IN_FLIGHT)
+        self.kv = [[BatchKV(places, fmt, self.device, cache_dir / f"l{j}_b{k}", self.pools, self.kv_traffic)
+                    for k, places in enumerate(layouts)] for j in range(len(self.layers))]
 
     def end(self) -> None:
         self.executor.drain()
