@@ -16,7 +16,8 @@ import torch
 from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
 from .devices import default_dtype, pick_device
-from .engine.generation import BlockStats, Completion, Request, Vocabulary, generate_in_lanes
+from .engine.generation import Arrivals, BlockStats, Completion, Request, Vocabulary
+from .engine.lanes import generate_in_lanes
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
 from .kernels import KernelChoice
@@ -264,27 +265,31 @@ class LLM:
 
     def generate_ids(self, prompt_ids: list[list[int]], params=None, progress: bool = False,
                      prompt_texts: list[str | None] | None = None, on_finish=None,
-                     stats: BlockStats | None = None) -> list[RequestOutput]:
+                     stats: BlockStats | None = None, arrivals: Arrivals | None = None) -> list[RequestOutput]:
         """`generate` for prompts given as token ids. on_finish(i, output), if given, is called
         with each request's RequestOutput as soon as it is done (requests finish out of order);
-        `stats`, if given, is added the run's padding and row occupancy."""
+        `stats`, if given, is added the run's padding and row occupancy. `arrivals`: requests
+        that join the running block as rows free up (a server's; engine.generation.Arrivals),
+        numbered after these, their outputs last."""
         if self.stage_server is not None:  # a later pipeline stage: serves the first stage's matching call
             self.stage_server.serve(until_done=True)
             return []
         try:
-            return self._generate_ids(prompt_ids, params, progress, prompt_texts, on_finish, stats)
+            return self._generate_ids(prompt_ids, params, progress, prompt_texts, on_finish, stats, arrivals)
         finally:
             if self.pipeline is not None:
                 self.pipeline.end_call()
 
-    def _generate_ids(self, prompt_ids, params, progress, prompt_texts, on_finish, stats) -> list[RequestOutput]:
+    def _generate_ids(self, prompt_ids, params, progress, prompt_texts, on_finish, stats,
+                      arrivals) -> list[RequestOutput]:
         params_list = _broadcast_params(params, len(prompt_ids))
         requests = [Request(ids, p) for ids, p in zip(prompt_ids, params_list)]
         for r in requests:
             self.check_length(len(r.token_ids), r.params)
         texts = prompt_texts or [None] * len(requests)
-        output = lambda i, c: RequestOutput(texts[i], requests[i].token_ids, c.text, c.token_ids, c.finish_reason,
-                                            c.logprobs, c.top_logprobs)
+        # `requests` grows by the arrivals that join (engine.generation.Block.join); they have no text
+        output = lambda i, c: RequestOutput(texts[i] if i < len(texts) else None, requests[i].token_ids, c.text,
+                                            c.token_ids, c.finish_reason, c.logprobs, c.top_logprobs)
         bar = TokenProgress(total=len(requests), enabled=progress)
 
         def finished(i: int, completion: Completion) -> None:
@@ -295,7 +300,7 @@ class LLM:
         vocab = Vocabulary(self.tokenizer, self.eos_ids, self.pad_id, self.config.vocab_size)
         try:
             completions = generate_in_lanes(self.lanes, requests, self.batch_size, vocab, bar.add_tokens, finished,
-                                            stats)
+                                            stats, arrivals)
         finally:
             bar.close()
         return [output(i, c) for i, c in enumerate(completions)]

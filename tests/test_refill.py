@@ -179,3 +179,59 @@ def test_shared_prefix_with_a_short_prompt_that_generates_long(tiny_model, monke
     got, counter = run_with_refill(LLM(folder, dtype="float32", batch_size=3), prompts, params)
     assert got == expected
     assert max(counter.shared) >= 20 and counter.shifts >= 1
+
+
+class ScriptedArrivals:
+    """Requests that arrive at given turns of the block (engine.generation.Arrivals): turn n
+    is the n-th call of `take`, made each step the block has a free row."""
+
+    def __init__(self, schedule: list[tuple[int, generation.Request]]):
+        self.schedule, self.turn = list(schedule), 0
+        self.arrived: list[generation.Request] = []
+        self.taken: list[generation.Request] = []
+
+    def _arrive(self) -> None:
+        while self.schedule and self.schedule[0][0] <= self.turn:
+            self.arrived.append(self.schedule.pop(0)[1])
+
+    def waiting(self) -> int:
+        self._arrive()
+        return len(self.arrived)
+
+    def take(self, limit, fits):
+        self.turn += 1
+        self._arrive()
+        out = []
+        while self.arrived and len(out) < limit and fits(self.arrived[0]):
+            out.append(self.arrived.pop(0))
+        self.taken += out
+        return out
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_requests_arriving_during_a_block_join_it_and_get_their_tokens_alone(tiny_model, tmp_path, offloaded,
+                                                                              monkeypatch):
+    """A server's requests join the block in flight as rows free up: each gets exactly the
+    tokens transformers generates for it alone. One with a prompt longer than the clock
+    waits for it; one too long for the block's rows is not taken, nor what arrived after it."""
+    folder, hf = tiny_model("llama_gqa_tied_llama3")
+    rng = random.Random(7)
+    prompt = lambda n: [rng.randrange(2, 256) for _ in range(n)]
+    first = [(prompt(5), 30), (prompt(12), 3), (prompt(3), 2)]  # the block's rows span 12 + 30 tokens
+    arriving = [(0, prompt(4), 5), (2, prompt(20), 6), (3, prompt(2), 4), (4, prompt(10), 40), (5, prompt(3), 3)]
+    request = lambda p, n: generation.Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    arrivals = ScriptedArrivals([(turn, request(p, n)) for turn, p, n in arriving])
+    monkeypatch.setattr(generation, "REFILL_FRACTION", 0.0)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0.5,
+                    cache_host=0) if offloaded else None
+    with LLM(folder, dtype="float32", batch_size=4, policy=policy, offload_dir=tmp_path) as llm:
+        counter = llm.runner = CountingRunner(llm.runner)
+        begins = []
+        monkeypatch.setattr(counter, "begin", lambda *a: (begins.append(a), counter.inner.begin(*a)))
+        outputs = llm.generate_ids([p for p, _ in first], [request(p, n).params for p, n in first],
+                                   arrivals=arrivals)
+    joined = [(r.token_ids, r.params.max_new_tokens) for r in arrivals.taken]
+    assert joined == [(p, n) for _, p, n in arriving[:3]]  # 40 + 10 tokens do not fit; the last waits behind
+    assert len(begins) == 1 and begins[0][0] == 4  # one block: the call's 3 requests and the one waiting
+    assert [o.prompt_token_ids for o in outputs] == [p for p, _ in first + joined]
+    assert [o.token_ids for o in outputs] == [hf_alone(hf, p, n) for p, n in first + joined]

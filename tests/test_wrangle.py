@@ -59,7 +59,7 @@ class RuleLLM:
     def check_length(self, n, params):
         pass
 
-    def generate_ids(self, prompt_ids, params, on_finish=None, stats=None):
+    def generate_ids(self, prompt_ids, params, on_finish=None, stats=None, arrivals=None):
         outs = []
         for i, ids in enumerate(prompt_ids):
             self.calls += 1

@@ -13,13 +13,18 @@ Requests join longest prompt first, so the clock is always at least as far as a 
 prompt is long; when it reaches the cache's capacity, the slots still in use move to the
 cache's start (`Runner.shift`). The schedule is a function of the requests and the tokens
 they generate, so a rerun of the same requests (a resumed job) repeats it exactly.
+
+A server also feeds the block requests that arrive while it runs (`Arrivals`): they queue
+longest first beside the call's own, and one whose prompt is longer than the clock waits
+for the clock to reach it.
 """
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import Callable, Protocol
 
 import torch
 
@@ -143,11 +148,49 @@ def prefix_layout(prompts: list[list[int]], shared: int, width: int, pad_id: int
     return torch.cat([prefix, ids], 1), torch.cat([torch.ones(len(prompts), shared, dtype=torch.bool), valid], 1)
 
 
+class Arrivals(Protocol):
+    """Requests that arrive while a block runs (online serving), for `generate` to admit into
+    rows that free up. Those taken are numbered after the call's own requests, in the order
+    `take` returns them: the index on_finish is called with, and their place in its result."""
+
+    def waiting(self) -> int:
+        """How many have arrived and not been taken."""
+
+    def take(self, limit: int, fits: Callable[[Request], bool]) -> list[Request]:
+        """Without waiting, up to `limit` arrived requests, first come first. One for which
+        `fits` is false stays first in line and nothing more is taken for this block: the
+        block drains, and that request starts the next one."""
+
+
+@dataclass
+class Joining:
+    """Which arrivals a block admits: those with room in its rows (prompt and generation
+    within `span`, no response_format: its grammar is compiled as a block starts). A block
+    smaller than `most_rows` takes none once more are waiting than it has rows: it drains,
+    so that a block as large as the demand can form."""
+
+    arrivals: Arrivals
+    span: int
+    rows: int
+    most_rows: int
+
+    def fits(self, request: Request) -> bool:
+        return len(request.token_ids) + request.params.max_new_tokens <= self.span \
+            and request.params.response_format is None
+
+    def take(self, free: int) -> list[Request]:
+        if free <= 0 or (self.rows < self.most_rows and self.arrivals.waiting() > self.rows):
+            return []
+        return self.arrivals.take(free, self.fits)
+
+
 def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vocabulary,
-             on_step=None, on_finish=None, stats: BlockStats | None = None) -> list[Completion]:
+             on_step=None, on_finish=None, stats: BlockStats | None = None,
+             arrivals: Arrivals | None = None) -> list[Completion]:
     """Generate for all `requests` with `block_size` sequences in flight; one Completion per
     request, in order. on_step(n): n tokens were generated; on_finish(i, completion): request
-    i is done (called as each finishes); `stats`, if given, is added to."""
+    i is done (called as each finishes); `stats`, if given, is added to. With `arrivals`,
+    requests that arrive meanwhile join the block too (their completions follow)."""
     if not requests:
         return []
     masks = grammar_masks(requests, vocab)
@@ -155,60 +198,15 @@ def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vo
     # A row spans at most its joining group's width (the prefix layout starts every row there)
     # plus what it generates.
     span = len(requests[order[0]].token_ids) + max(r.params.max_new_tokens for r in requests)
-    capacity = block_capacity(span, refills=len(requests) > block_size)
-    block = Block(runner, min(block_size, len(requests)), capacity, vocab, masks, on_step, on_finish,
-                  stats or BlockStats())
+    size = min(block_size, len(requests) + (arrivals.waiting() if arrivals else 0))
+    capacity = block_capacity(span, refills=len(requests) > block_size or arrivals is not None)
+    block = Block(runner, size, capacity, vocab, masks, on_step, on_finish, stats or BlockStats())
     runner.begin(block.size, capacity, len(requests[order[0]].token_ids))
     try:
-        block.run(requests, deque(order))
+        block.run(requests, deque(order), arrivals and Joining(arrivals, span, size, block_size))
     finally:
         runner.end()
     return block.results
-
-
-def generate_in_lanes(runners: list[Runner], requests: list[Request], block_size: int, vocab: Vocabulary,
-                      on_step=None, on_finish=None, stats: BlockStats | None = None) -> list[Completion]:
-    """`generate` with one block in flight per runner at once (the lanes of pipeline stages,
-    engine/pipeline.py), each decoded by a thread of its own. Requests are dealt to the lanes
-    in turn, longest first, so their blocks are alike; callbacks are called one at a time."""
-    if len(runners) == 1:
-        return generate(runners[0], requests, block_size, vocab, on_step, on_finish, stats)
-    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].token_ids), i))
-    shares = [order[t::len(runners)] for t in range(len(runners))]
-    results: list[Completion | None] = [None] * len(requests)
-    lane_stats = [BlockStats() for _ in runners]
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def serialized(callback):
-        def call(*args):
-            with lock:
-                callback(*args)
-        return call if callback is not None else None
-
-    def run_lane(t: int) -> None:
-        share = shares[t]
-        finished = serialized(on_finish and (lambda j, completion: on_finish(share[j], completion)))
-        try:
-            done = generate(runners[t], [requests[i] for i in share], block_size, vocab, serialized(on_step),
-                            finished, lane_stats[t])
-            for i, completion in zip(share, done):
-                results[i] = completion
-        except BaseException as error:  # raised below, once every lane has stopped
-            errors.append(error)
-
-    threads = [threading.Thread(target=run_lane, args=(t,), name=f"flexbatch-lane{t}") for t in range(len(runners))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    if stats is not None:
-        for lane in lane_stats:
-            for name in vars(lane):
-                setattr(stats, name, getattr(stats, name) + getattr(lane, name))
-    return results
 
 
 def grammar_masks(requests: list[Request], vocab: Vocabulary) -> GrammarMasks | None:
@@ -241,19 +239,42 @@ class Block:
         self.requests: list[Request] = []
         self.results: list[Completion | None] = []
 
-    def run(self, requests: list[Request], queue: deque) -> None:
+    def run(self, requests: list[Request], queue: deque, joining: Joining | None = None) -> None:
+        """Generate `requests` (`queue`: their indices, longest prompt first), and with
+        `joining`, the arrivals it admits (appended to `requests`)."""
         self.requests, self.results = requests, [None] * len(requests)
-        while queue or self.live:
+        while True:
+            if joining is not None:
+                self.join(joining.take(self.size - len(self.live) - len(queue)), queue)
+            if not (queue or self.live):
+                return
             free = self.size - len(self.live)
             if queue and (not self.live or free >= min(len(queue), max(1, int(self.size * REFILL_FRACTION)))):
                 self.admit(queue)
             if self.live:
                 self.decode(queue)
 
+    def join(self, arrived: list[Request], queue: deque) -> None:
+        """Queue requests that arrived while the block runs, keeping it longest prompt first."""
+        for request in arrived:
+            self.requests.append(request)
+            self.results.append(None)
+            width = len(request.token_ids)
+            at = next((k for k, i in enumerate(queue) if len(self.requests[i].token_ids) < width), len(queue))
+            queue.insert(at, len(self.requests) - 1)
+
     def admit(self, queue: deque) -> None:
-        """Prefill waiting requests into the free rows, right-aligned at the clock."""
-        rows = [r for r in range(self.size) if r not in self.live][:len(queue)]
-        joining = [queue.popleft() for _ in rows]
+        """Prefill waiting requests into the free rows, right-aligned at the clock. While rows
+        are in flight, a prompt longer than the clock waits (the clock only grows until a
+        shift, and a shift keeps room for the longest waiting prompt)."""
+        free = [r for r in range(self.size) if r not in self.live]
+        joining = list(islice((i for i in queue if not self.live or len(self.requests[i].token_ids) <= self.t),
+                              len(free)))
+        if not joining:
+            return
+        for i in joining:
+            queue.remove(i)
+        rows = free[:len(joining)]
         prompts = [self.requests[i].token_ids for i in joining]
         width = len(prompts[0])  # the longest: requests join longest first
         if not self.live:

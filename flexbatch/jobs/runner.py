@@ -127,17 +127,20 @@ def make_segments(prepared: list[Prepared], block_size: int, parts: int = 1,
     return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
 
-def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: BlockStats | None = None) -> list:
+def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: BlockStats | None = None,
+                      arrivals=None) -> list:
     """Outputs of `segment`, or for a request on which the engine raises, the error's message.
     on_finish(i, output) is called as request i of the segment finishes.
 
     OSErrors and StorageErrors (a full or failing disk, also when writing a finished result
     from on_finish) and a pipeline stage's process gone are not any request's fault: they
-    stop the job, which the same command resumes.
+    stop the job, which the same command resumes. `arrivals` (online requests that join the
+    block, `LLM.generate_ids`) join the first attempt only: after an error, the halves run
+    alone, and arrivals left unfinished are the caller's to run again.
     """
     try:
         return llm.generate_ids([p.token_ids for p in segment], [p.params for p in segment],
-                                on_finish=on_finish, stats=stats)
+                                on_finish=on_finish, stats=stats, arrivals=arrivals)
     except (OSError, StorageError, StageLostError):
         raise
     except Exception as e:

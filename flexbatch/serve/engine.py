@@ -4,7 +4,10 @@ Everything that runs the model is a task on a single-worker executor, served fir
 served: a batch job submits one block at a time, so an online request waits for at most one
 block of a running batch. Online requests pass through a small collecting queue first:
 those that arrive while the engine is busy (or within `collect_seconds` of each other) are
-generated together as one block, because throughput comes from large blocks.
+generated together as one block, because throughput comes from large blocks. Each is
+answered as soon as it is done, and those that arrive while an online block runs join it as
+its rows free up (`OnlineArrivals`), so under steady load the block stays full. The block
+stops taking them when a batch job waits for its turn.
 
 The model is also loaded on the engine thread (`compute_thread`): torch's OpenMP runtime
 keeps one thread team per thread that runs parallel work, and once two threads have run
@@ -16,10 +19,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import SamplingParams
+from ..engine.generation import Request
 from ..jobs.runner import generate_isolated
 
 
@@ -39,7 +44,8 @@ class OnlineItem:
 class EngineStats:
     online_blocks: int = 0
     online_requests: int = 0
-    largest_online_block: int = 0
+    largest_online_block: int = 0  # requests one online block generated, those that joined it included
+    joined_requests: int = 0  # online requests that joined a block already running
     batch_blocks: int = 0
 
 
@@ -54,13 +60,28 @@ class Engine:
         self.collect_seconds = collect_seconds
         self.stats = EngineStats()
         self._pool = pool or compute_thread()
+        self._tasks = 0  # submitted to the engine thread and not finished
+        self._tasks_lock = threading.Lock()
         self._online: queue.Queue[OnlineItem | None] = queue.Queue()
+        self._deferred: deque[OnlineItem] = deque()  # arrived, did not fit the block in flight: first next
         self._collector = threading.Thread(target=self._collect_forever, name="flexbatch-collector", daemon=True)
         self._collector.start()
 
     def submit(self, fn, *args, **kwargs) -> Future:
         """Run `fn` on the engine thread, after the tasks already waiting."""
-        return self._pool.submit(fn, *args, **kwargs)
+        with self._tasks_lock:
+            self._tasks += 1
+        future = self._pool.submit(fn, *args, **kwargs)
+        future.add_done_callback(self._task_done)
+        return future
+
+    def _task_done(self, _future) -> None:
+        with self._tasks_lock:
+            self._tasks -= 1
+
+    def others_waiting(self) -> bool:
+        """Whether a task (a batch job's block) waits behind the one running."""
+        return self._tasks > 1
 
     def call(self, fn, *args, **kwargs):
         return self.submit(fn, *args, **kwargs).result()
@@ -81,33 +102,86 @@ class Engine:
             if items:
                 self._run_online_block(items)
 
+    def poll(self, timeout: float | None = 0.0) -> OnlineItem | None:
+        """The next online request (one set aside first), waiting up to `timeout` (None:
+        forever); None if none came or the engine is closing (the close stays queued)."""
+        if self._deferred:
+            return self._deferred.popleft()
+        try:
+            item = self._online.get(block=timeout is None or timeout > 0, timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is None:
+            self._online.put(None)
+        return item
+
+    def set_aside(self, item: OnlineItem) -> None:
+        self._deferred.appendleft(item)
+
+    def waiting(self) -> int:
+        return len(self._deferred) + self._online.qsize()
+
     def _next_block(self) -> list[OnlineItem] | None:
         """Wait for a request, then gather what else arrives within the window, up to a block."""
-        first = self._online.get()
+        first = self.poll(timeout=None)
         if first is None:
             return None
         items, deadline = [first], time.monotonic() + self.collect_seconds
         while len(items) < self.llm.batch_size:
-            try:
-                item = self._online.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:  # closing: answer what was gathered, then stop
-                self._online.put(None)
+            item = self.poll(timeout=max(1e-6, deadline - time.monotonic()))
+            if item is None:  # the window closed, or the engine is closing: answer what was gathered
                 break
             items.append(item)
         return items
 
     def _run_online_block(self, items: list[OnlineItem]) -> None:
-        self.stats.online_blocks += 1
-        self.stats.online_requests += len(items)
-        self.stats.largest_online_block = max(self.stats.largest_online_block, len(items))
+        arrivals = OnlineArrivals(self, items)
+
+        def answer(i: int, output) -> None:
+            if not arrivals.items[i].future.done():
+                arrivals.items[i].future.set_result(output)
+
         try:
-            outputs = self.call(generate_isolated, self.llm, items)
+            outputs = self.call(generate_isolated, self.llm, items, answer, None, arrivals)
         except BaseException as e:  # a disk failure: every request of the block gets it
-            outputs = [f"the engine failed ({type(e).__name__}: {e})"] * len(items)
-        for item, out in zip(items, outputs):
-            item.future.set_result(out)
+            outputs = [f"the engine failed ({type(e).__name__}: {e})"] * len(arrivals.items)
+        for i, item in enumerate(arrivals.items):
+            if i < len(outputs):
+                answer(i, outputs[i])
+            elif not item.future.done():  # joined, then the block failed on another request
+                self.set_aside(item)
+        self.stats.online_blocks += 1
+        self.stats.online_requests += len(arrivals.items)
+        self.stats.joined_requests += len(arrivals.items) - len(items)
+        self.stats.largest_online_block = max(self.stats.largest_online_block, len(arrivals.items))
+
+
+class OnlineArrivals:
+    """Online requests that arrive while an online block runs, as the block takes them
+    (engine.generation.Arrivals); `items` are the block's requests in the order the block
+    numbers them. None are taken once a batch job waits for the engine."""
+
+    def __init__(self, engine: Engine, items: list[OnlineItem]):
+        self.engine, self.items = engine, list(items)
+        self.closed = False
+
+    def waiting(self) -> int:
+        return self.engine.waiting()
+
+    def take(self, limit: int, fits) -> list[Request]:
+        taken: list[Request] = []
+        while not self.closed and len(taken) < limit and not self.engine.others_waiting():
+            item = self.engine.poll()
+            if item is None:
+                break
+            request = Request(item.token_ids, item.params)
+            if not fits(request):
+                self.engine.set_aside(item)
+                self.closed = True
+                break
+            self.items.append(item)
+            taken.append(request)
+        return taken
 
 
 class EngineLLM:
