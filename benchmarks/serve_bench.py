@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from serve_util import ServerProcess, records_by_id, wait_batch  # noqa: E402
+from serve_util import ServerProcess, records_by_id, stats, wait_batch  # noqa: E402
 
 WORDS = ["river", "castle", "engine", "forest", "market", "violin", "planet", "harbor", "garden", "letter"]
 
@@ -73,7 +73,9 @@ async def online(server: ServerProcess, records: list[dict], concurrency: int) -
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - started
     await client.close()
-    return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+    engine = stats(server)  # how the engine formed its blocks: blocks, requests, joined, largest
+    return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds,
+            "engine": {k: v for k, v in engine.items() if k.startswith(("online", "joined", "largest"))}}
 
 
 def server_key() -> str:
@@ -162,6 +164,7 @@ def main() -> None:
               "online_vs_run": round(served["tok_per_s"] / run["tok_per_s"], 3),
               "batch_api_vs_run": round(batch["tok_per_s"] / run["tok_per_s"], 3),
               "batch_api_identical_to_run": batch_records == {k: v for k, v in reference.items()},
+              "online_engine": served["engine"],
               "kill": kill}
     print(f"{'':24}{'tokens':>10}{'seconds':>10}{'tok/s':>10}")
     for name, row in (("flexbatch run", run), (f"online x{args.concurrency}", served), ("batch via API", batch)):

@@ -198,6 +198,9 @@ class ScriptedArrivals:
         self._arrive()
         return len(self.arrived)
 
+    def expected(self) -> int:
+        return self.waiting()
+
     def take(self, limit, fits):
         self.turn += 1
         self._arrive()

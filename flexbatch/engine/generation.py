@@ -156,6 +156,10 @@ class Arrivals(Protocol):
     def waiting(self) -> int:
         """How many have arrived and not been taken."""
 
+    def expected(self) -> int:
+        """How many rows a block starting now should keep for arrivals: at least those
+        waiting, more where the demand seen lately says they are coming."""
+
     def take(self, limit: int, fits: Callable[[Request], bool]) -> list[Request]:
         """Without waiting, up to `limit` arrived requests, first come first. One for which
         `fits` is false stays first in line and nothing more is taken for this block: the
@@ -198,7 +202,7 @@ def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vo
     # A row spans at most its joining group's width (the prefix layout starts every row there)
     # plus what it generates.
     span = len(requests[order[0]].token_ids) + max(r.params.max_new_tokens for r in requests)
-    size = min(block_size, len(requests) + (arrivals.waiting() if arrivals else 0))
+    size = min(block_size, len(requests) + (arrivals.expected() if arrivals else 0))
     capacity = block_capacity(span, refills=len(requests) > block_size or arrivals is not None)
     block = Block(runner, size, capacity, vocab, masks, on_step, on_finish, stats or BlockStats())
     runner.begin(block.size, capacity, len(requests[order[0]].token_ids))

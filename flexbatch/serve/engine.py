@@ -63,6 +63,7 @@ class Engine:
         self._tasks = 0  # submitted to the engine thread and not finished
         self._tasks_lock = threading.Lock()
         self._online: queue.Queue[OnlineItem | None] = queue.Queue()
+        self.demand = Demand()
         self._deferred: deque[OnlineItem] = deque()  # arrived, did not fit the block in flight: first next
         self._collector = threading.Thread(target=self._collect_forever, name="flexbatch-collector", daemon=True)
         self._collector.start()
@@ -89,6 +90,8 @@ class Engine:
     def submit_online(self, token_ids: list[int], params: SamplingParams) -> Future:
         """A future of the request's RequestOutput, or of a message if the engine failed on it."""
         item = OnlineItem(token_ids, params)
+        self.demand.add(1)
+        item.future.add_done_callback(lambda _: self.demand.add(-1))
         self._online.put(item)
         return item.future
 
@@ -168,6 +171,9 @@ class OnlineArrivals:
     def waiting(self) -> int:
         return self.engine.waiting()
 
+    def expected(self) -> int:
+        return max(self.waiting(), self.engine.demand.recent_peak() - len(self.items))
+
     def take(self, limit: int, fits) -> list[Request]:
         taken: list[Request] = []
         while not self.closed and len(taken) < limit and not self.engine.others_waiting():
@@ -202,3 +208,24 @@ class EngineLLM:
             raise JobStopped()
         self._engine.stats.batch_blocks += 1
         return self._engine.call(self._engine.llm.generate_ids, prompt_ids, params, **kwargs)
+
+
+class Demand:
+    """Online requests in flight (submitted, not answered), and their peak over the last
+    `window` seconds: clients that were just answered send their next request a moment
+    later, so a block starting between the two is sized for them too."""
+
+    def __init__(self, window: float = 2.0):
+        self.window, self.now, self.peak, self.peak_at = window, 0, 0, 0.0
+        self._lock = threading.Lock()
+
+    def add(self, change: int) -> None:
+        with self._lock:
+            self.now += change
+            if self.now >= self.peak or time.monotonic() - self.peak_at > self.window:
+                self.peak, self.peak_at = self.now, time.monotonic()
+
+    def recent_peak(self) -> int:
+        with self._lock:
+            return self.peak if time.monotonic() - self.peak_at <= self.window else self.now
+
