@@ -93,11 +93,13 @@ def timed_evaluate(lm, spec: dict) -> dict:
 
 
 def child_flexbatch(spec: dict) -> dict:
+    from dataclasses import asdict
+
     from flexbatch.integrations.lm_eval import FlexbatchLM
 
     lm = FlexbatchLM(pretrained=spec["model"], **spec["options"])
     with lm.llm:
-        return timed_evaluate(lm, spec)
+        return {**timed_evaluate(lm, spec), "policy": asdict(lm.llm.policy)}
 
 
 def child_hf(spec: dict) -> dict:
@@ -181,7 +183,8 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=200, help="documents (x4 requests)")
     p.add_argument("--shape", default="opt-1.3b", help="with --mode offload: the OPT shape")
     p.add_argument("--memory", default="2GiB", help="with --mode offload: memory limit of each system")
-    p.add_argument("--block", default="32x2", help="flexbatch's GPU batch size x GPU batches (offload mode)")
+    p.add_argument("--block", default="32x2", help="flexbatch's GPU batch size x GPU batches, every weight on "
+                   "disk (offload mode); 'plan': the planner's policy for the memory limit, as users get it")
     p.add_argument("--batch-size", type=int, default=32, help="flexbatch rows per block in memory mode")
     p.add_argument("--hf-batch-size", type=int, default=16, help="lm-eval hf backend's batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads of each child (default: all cores)")
@@ -208,10 +211,12 @@ def main() -> None:
     else:
         model = str(dummy_with_tokenizer(args.shape, work / args.shape))
         memory, dtype = parse_bytes(args.memory), "bfloat16"
-        gbs, ngb = (int(x) for x in args.block.split("x"))
+        policy = {}
+        if args.block != "plan":
+            gbs, ngb = (int(x) for x in args.block.split("x"))
+            policy = {"percent": "0 0 100 0 100 0", "gpu_batch_size": gbs, "num_gpu_batches": ngb}
         ours = {**common, "model": model, "options": {
-            "dtype": dtype, "percent": "0 0 100 0 100 0", "gpu_batch_size": gbs, "num_gpu_batches": ngb,
-            "offload_dir": str(work / "flexbatch-offload"), "cpu_memory": memory}}
+            "dtype": dtype, **policy, "offload_dir": str(work / "flexbatch-offload"), "cpu_memory": memory}}
         theirs = {**common, "model": model, "dtype": dtype, "batch_size": args.hf_batch_size, "memory": memory,
                   "offload_dir": str(work / "hf-offload")}
     results = {"flexbatch": run_child("flexbatch", ours, memory), "hf": run_child("hf", theirs, memory)}
@@ -225,6 +230,7 @@ def main() -> None:
         print(f"flexbatch is {ratio:.2f}x lm-eval's hf backend")
     print(json.dumps({"mode": args.mode, "docs": args.docs, "shape": args.shape if args.mode == "offload" else
                       "SmolLM2-135M", "dtype": dtype, "memory_bytes": memory, "speedup_over_hf": ratio,
+                      "block": args.block if args.mode == "offload" else args.batch_size,
                       "same_acc": ok and results["flexbatch"]["acc"] == results["hf"]["acc"], "results": results}))
 
 
