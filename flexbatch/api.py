@@ -52,6 +52,8 @@ class ScoreOutput:
     token_ids: list[int]
     logprobs: list[float]  # log p(token | tokens before it)
     greedy: list[bool]  # whether each token is the model's most likely one there
+    # with score(top_logprobs=k): per scored token, the k most likely tokens there, (id, logprob) most likely first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def total(self) -> float:
@@ -306,8 +308,10 @@ class LLM:
         return [output(i, c) for i, c in enumerate(completions)]
 
     # ---- scoring ------------------------------------------------------------------------
-    def score(self, texts: Sequence[Prompt], piece: int | None = None) -> list[ScoreOutput]:
-        """Per-token log-probabilities of each text (or token id list) under the model.
+    def score(self, texts: Sequence[Prompt], piece: int | None = None, top_logprobs: int = 0) -> list[ScoreOutput]:
+        """Per-token log-probabilities of each text (or token id list) under the model, and
+        with `top_logprobs` the most likely tokens at each scored position (an echoed
+        prompt's alternatives, as the OpenAI completions API gives them).
 
         `piece` runs the forward pass that many tokens at a time (default: whole texts); with
         a compressed KV cache, piece=1 scores each token as generation would see it.
@@ -322,13 +326,15 @@ class LLM:
             padded, key_valid = left_pad(chunk, width, self.pad_id)
             self.runner.begin(len(chunk), width)
             try:
-                scores = self.runner.score(padded, key_valid, piece)
+                scores = self.runner.score(padded, key_valid, piece, top_logprobs)
             finally:
                 self.runner.end()
             for b, token_ids in enumerate(chunk):
-                n = len(token_ids)
-                outputs.append(ScoreOutput(token_ids, scores.logprobs[b, width - n:].tolist(),
-                                           scores.greedy[b, width - n:].tolist()))
+                kept = slice(width - len(token_ids), None)
+                tops = None if not top_logprobs else [list(zip(ids, values)) for ids, values in zip(
+                    scores.top_ids[b, kept].tolist(), scores.top_logprobs[b, kept].tolist())]
+                outputs.append(ScoreOutput(token_ids, scores.logprobs[b, kept].tolist(),
+                                           scores.greedy[b, kept].tolist(), tops))
         return outputs
 
     def score_continuations(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],

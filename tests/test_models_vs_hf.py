@@ -42,8 +42,8 @@ class RecordingRunner(Runner):
     def shift(self, offset, end):
         self.inner.shift(offset, end)
 
-    def score(self, input_ids, key_valid, piece=None):
-        return self.inner.score(input_ids, key_valid, piece)
+    def score(self, input_ids, key_valid, piece=None, top=0):
+        return self.inner.score(input_ids, key_valid, piece, top)
 
 
 def ours_with_logits(llm: LLM, prompt: list[int]):
@@ -86,6 +86,27 @@ def test_full_prefill_logits_match_hf(tiny_model, kind):
         logits = hf(torch.tensor([prompt])).logits[0]
     expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
     torch.testing.assert_close(torch.tensor(ours.logprobs), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_scored_positions_top_alternatives_match_hf(tiny_model, tmp_path, offloaded):
+    """score(top_logprobs=k): at each scored position of texts of mixed lengths, the k most
+    likely tokens and their logprobs are transformers' top k of the same distribution."""
+    from flexbatch.config import Policy
+
+    folder, hf = tiny_model("llama_gqa_tied_llama3")
+    policy = Policy(gpu_batch_size=1, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0,
+                    cache_host=0) if offloaded else None
+    prompts = [list(range(3, 30)), [9, 40, 41, 200, 7]]
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        scored = llm.score(prompts, top_logprobs=3)
+    for prompt, ours in zip(prompts, scored):
+        with torch.no_grad():
+            best = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)[:-1].topk(3, dim=-1)
+        assert [[t for t, _ in top] for top in ours.top_logprobs] == best.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in top] for top in ours.top_logprobs]), best.values,
+                                   rtol=1e-4, atol=1e-4)
+        assert len(ours.top_logprobs) == len(ours.logprobs) == len(prompt) - 1
 
 
 @pytest.mark.parametrize("kind", ["opt_post_ln_proj", "llama_gqa_tied_llama3", "mistral"])

@@ -93,11 +93,16 @@ def test_completion_logprobs_and_echo_equal_score_and_generate(server, llm, mode
     choice = result.choices[0]
     prompt_ids = llm.encode(prompt)
     expected = llm.generate(prompt, SamplingParams(max_new_tokens=5, top_logprobs=3))[0]
-    scored = llm.score([prompt])[0].logprobs
+    [prompt_scores] = llm.score([prompt], top_logprobs=3)
+    scored = prompt_scores.logprobs
     lp = choice.logprobs
     n = len(prompt_ids)
     assert choice.text == prompt + expected.text
     assert lp.token_logprobs[0] is None and lp.token_logprobs[1:n] == pytest.approx(scored, rel=1e-4, abs=1e-4)
+    assert lp.top_logprobs[0] is None  # prompt positions: the 3 most likely tokens there, as LLM.score gives them
+    for top, alternatives in zip(lp.top_logprobs[1:n], prompt_scores.top_logprobs):
+        assert list(top) == [llm.tokenizer.decode([t]) for t, _ in alternatives]
+        assert list(top.values()) == pytest.approx([a[1] for a in alternatives], rel=1e-4, abs=1e-4)
     assert lp.token_logprobs[n:] == pytest.approx(expected.logprobs, rel=1e-4, abs=1e-4)
     assert lp.tokens[n:] == [llm.tokenizer.decode([t]) for t in expected.token_ids]
     for top, alternatives in zip(lp.top_logprobs[n:], expected.top_logprobs):

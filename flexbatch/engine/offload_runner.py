@@ -234,10 +234,11 @@ class OffloadRunner(Runner):
                 kv.store(0, end - offset)
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None,
+              top: int = 0) -> TokenScores:
         hidden_of = lambda ids, valid, start: torch.cat(self._hidden(ids, valid, start))
         logprobs_of = lambda h, targets: TokenScores.cat([
-            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b]) for b in self.batches], 0)
+            target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b], top) for b in self.batches], 0)
         return score_in_pieces(hidden_of, logprobs_of, input_ids, key_valid, piece)
 
     @torch.inference_mode()

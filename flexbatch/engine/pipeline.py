@@ -246,7 +246,8 @@ class PipelineLane(Runner):
     def recomputes_at(self, length: int) -> bool:
         return self.runner.recomputes_at(length)
 
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None,
+              top: int = 0) -> TokenScores:
         raise ConfigError(NO_SCORING)
 
     def score_packed(self, rows) -> TokenScores:

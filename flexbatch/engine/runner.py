@@ -33,10 +33,15 @@ class TokenScores:
 
     logprobs: torch.Tensor  # [B, T] fp32, on the CPU
     greedy: torch.Tensor  # [B, T] bool: the target is the argmax of the model's distribution
+    # when asked for: the k most likely tokens at each position, [B, T, k] ids and fp32 logprobs
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
     @staticmethod
     def cat(parts: list["TokenScores"], dim: int) -> "TokenScores":
-        return TokenScores(torch.cat([p.logprobs for p in parts], dim), torch.cat([p.greedy for p in parts], dim))
+        joined = lambda name: None if getattr(parts[0], name) is None else \
+            torch.cat([getattr(p, name) for p in parts], dim)
+        return TokenScores(*(joined(name) for name in ("logprobs", "greedy", "top_ids", "top_logprobs")))
 
 
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
@@ -92,8 +97,10 @@ class Runner(abc.ABC):
         """Move cache slots [offset, end) of every row to [0, end - offset)."""
 
     @abc.abstractmethod
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
-        """Scores [B, S-1] of each token given the tokens before it (between begin and end)."""
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None,
+              top: int = 0) -> TokenScores:
+        """Scores [B, S-1] of each token given the tokens before it (between begin and end),
+        with the `top` most likely tokens at each position."""
 
     def score_packed(self, rows: PackedRows) -> TokenScores:
         """Scores [B, T] of rows.targets: one prefill pass, no KV cache kept, no begin/end."""
@@ -197,8 +204,9 @@ class InMemoryRunner(Runner):
                 shift_slots(tensor, offset, end)
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None) -> TokenScores:
-        logprobs_of = lambda h, targets: target_logprobs(self.cfg, self.family, self.weights.globals, h, targets)
+    def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None,
+              top: int = 0) -> TokenScores:
+        logprobs_of = lambda h, targets: target_logprobs(self.cfg, self.family, self.weights.globals, h, targets, top)
         return score_in_pieces(self._hidden, logprobs_of, input_ids, key_valid, piece)
 
     @torch.inference_mode()
@@ -227,20 +235,27 @@ def source_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: to
 
 
 def target_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
-                    targets: torch.Tensor) -> TokenScores:
-    """Scores of targets[:, i] from hidden[:, i], for aligned [B, T] positions, on the CPU.
+                    targets: torch.Tensor, top: int = 0) -> TokenScores:
+    """Scores of targets[:, i] from hidden[:, i], for aligned [B, T] positions, on the CPU,
+    with the `top` most likely tokens at each position.
 
     The head runs over HEAD_ROWS positions at a time so [B, T, V] logits never exist at once.
     """
     b, t = targets.shape
     flat_hidden, flat_targets = hidden.reshape(1, b * t, hidden.shape[-1]), targets.reshape(1, b * t).to(hidden.device)
     logprobs, greedy = [torch.empty(1, 0)], [torch.empty(1, 0, dtype=torch.bool)]
+    top_ids, top_logprobs = [torch.empty(1, 0, top, dtype=torch.long)], [torch.empty(1, 0, top)]
     for s in range(0, b * t, HEAD_ROWS):
         logits = torch.log_softmax(family.head(cfg, global_weights, flat_hidden[:, s:s + HEAD_ROWS]), dim=-1)
         chunk = flat_targets[:, s:s + HEAD_ROWS]
         logprobs.append(logits.gather(-1, chunk.unsqueeze(-1)).squeeze(-1).cpu())
         greedy.append((logits.argmax(-1) == chunk).cpu())
-    return TokenScores(torch.cat(logprobs, 1).view(b, t), torch.cat(greedy, 1).view(b, t))
+        if top:
+            best = logits.topk(top, dim=-1)
+            top_ids.append(best.indices.cpu())
+            top_logprobs.append(best.values.cpu())
+    tops = (torch.cat(top_ids, 1).view(b, t, top), torch.cat(top_logprobs, 1).view(b, t, top)) if top else (None, None)
+    return TokenScores(torch.cat(logprobs, 1).view(b, t), torch.cat(greedy, 1).view(b, t), *tops)
 
 
 def score_in_pieces(hidden_of, logprobs_of, input_ids: torch.Tensor, key_valid: torch.Tensor,

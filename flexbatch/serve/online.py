@@ -117,9 +117,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_choice(index: int, tokenizer, prompt_ids: list[int], prompt_logprobs: list[float] | None,
-                      out, echo: bool, logprobs: int | None) -> dict:
-    """One choice of a text completion; `out` is a RequestOutput or None (max_tokens 0)."""
+def completion_choice(index: int, tokenizer, prompt_ids: list[int], prompt_scores, out, echo: bool,
+                      logprobs: int | None) -> dict:
+    """One choice of a text completion; `prompt_scores` the prompt's ScoreOutput (with echo
+    and logprobs: its top `logprobs` alternatives too), `out` a RequestOutput or None
+    (max_tokens 0)."""
     prompt_text = tokenizer.decode(prompt_ids) if echo else ""
     text = prompt_text + (out.text if out is not None else "")
     choice = {"index": index, "text": text, "logprobs": None,
@@ -129,9 +131,9 @@ def completion_choice(index: int, tokenizer, prompt_ids: list[int], prompt_logpr
     tokens, values, tops = [], [], []
     if echo:  # the first prompt token has no logprob: nothing comes before it
         tokens += prompt_ids
-        values += [None, *prompt_logprobs]
-        # Alternatives for prompt positions are not computed (LLM.score gives the token's own).
-        tops += [None, *({t: lp} for t, lp in zip(prompt_ids[1:], prompt_logprobs))]
+        values += [None, *prompt_scores.logprobs]
+        tops += [None, *(dict(alternatives) for alternatives in prompt_scores.top_logprobs)] if logprobs else \
+            [None, *({t: lp} for t, lp in zip(prompt_ids[1:], prompt_scores.logprobs))]
     if out is not None:
         tokens += out.token_ids
         values += out.logprobs

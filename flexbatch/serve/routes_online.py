@@ -81,12 +81,12 @@ async def completions(request: Request):
     llm = state.engine.llm
     online = completion_request(body, llm, state.defaults)
     outputs = await _generate(state, online)
-    prompt_logprobs = [None] * len(online.prompts)
+    prompt_scores = [None] * len(online.prompts)
     if online.echo and online.logprobs is not None:
-        scores = await asyncio.wrap_future(state.engine.submit(llm.score, online.prompts))
-        prompt_logprobs = [s.logprobs for s in scores]
-    choices = [completion_choice(i, llm.tokenizer, ids, lp, out, online.echo, online.logprobs)
-               for i, (ids, lp, out) in enumerate(zip(online.prompts, prompt_logprobs, outputs))]
+        prompt_scores = await asyncio.wrap_future(state.engine.submit(llm.score, online.prompts, None,
+                                                                      online.logprobs))
+    choices = [completion_choice(i, llm.tokenizer, ids, scored, out, online.echo, online.logprobs)
+               for i, (ids, scored, out) in enumerate(zip(online.prompts, prompt_scores, outputs))]
     generated = sum(len(out.token_ids) for out in outputs if out is not None)
     return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": choices,
