@@ -11,7 +11,8 @@ from .family import Family, Weights
 from .ops import StepContext
 from .spec import ModelConfig, WeightSpec
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+# Applied to a projection's fresh output: relu and silu overwrite it (see models/opt.py).
+ACTIVATIONS = {"silu": lambda x: F.silu(x, inplace=True), "gelu": F.gelu, "relu": torch.relu_,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
