@@ -118,6 +118,7 @@ class BlockStats:
     padded_prompt_tokens: int = 0  # prompt slots prefilled, left padding included
     row_steps: int = 0  # block rows computed by decode steps
     live_row_steps: int = 0  # of them, rows holding a sequence in flight
+    admissions: int = 0  # prefill passes of prompts joining a block
 
     @property
     def padding_overhead(self) -> float:
@@ -287,6 +288,7 @@ class Block:
         shared = self.shared_prefix(prompts)
         ids, valid = prefix_layout(prompts, shared, width, self.vocab.pad_id)
         logits = self.runner.admit(rows, ids, valid, self.t, shared)
+        self.stats.admissions += 1
         self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.padded_prompt_tokens += valid.numel() - (len(prompts) - 1) * shared
         for row, index, row_valid in zip(rows, joining, valid):

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import SamplingParams
-from ..engine.generation import Request
+from ..engine.generation import BlockStats, Request
 from ..jobs.runner import generate_isolated
 
 
@@ -46,6 +46,8 @@ class EngineStats:
     online_requests: int = 0
     largest_online_block: int = 0  # requests one online block generated, those that joined it included
     joined_requests: int = 0  # online requests that joined a block already running
+    online_admissions: int = 0  # prefill passes of online blocks (the first, then one per group that joined)
+    online_occupancy: float = 1.0  # the share of online blocks' decode rows that held a request
     batch_blocks: int = 0
 
 
@@ -64,6 +66,7 @@ class Engine:
         self._tasks_lock = threading.Lock()
         self._online: queue.Queue[OnlineItem | None] = queue.Queue()
         self.demand = Demand()
+        self._online_rows = BlockStats()
         self._deferred: deque[OnlineItem] = deque()  # arrived, did not fit the block in flight: first next
         self._collector = threading.Thread(target=self._collect_forever, name="flexbatch-collector", daemon=True)
         self._collector.start()
@@ -145,7 +148,7 @@ class Engine:
                 arrivals.items[i].future.set_result(output)
 
         try:
-            outputs = self.call(generate_isolated, self.llm, items, answer, None, arrivals)
+            outputs = self.call(generate_isolated, self.llm, items, answer, self._online_rows, arrivals)
         except BaseException as e:  # a disk failure: every request of the block gets it
             outputs = [f"the engine failed ({type(e).__name__}: {e})"] * len(arrivals.items)
         for i, item in enumerate(arrivals.items):
@@ -157,6 +160,8 @@ class Engine:
         self.stats.online_requests += len(arrivals.items)
         self.stats.joined_requests += len(arrivals.items) - len(items)
         self.stats.largest_online_block = max(self.stats.largest_online_block, len(arrivals.items))
+        self.stats.online_admissions = self._online_rows.admissions
+        self.stats.online_occupancy = round(self._online_rows.occupancy, 4)
 
 
 class OnlineArrivals:
