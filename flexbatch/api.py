@@ -344,7 +344,8 @@ class LLM:
 
         A prefill pass and no KV cache: pairs that share a context are packed into one row
         that runs the context once (engine/scoring.py), rows longest first, `batch_size`
-        rows a block, and every layer's weights are read once per block.
+        rows a block (fewer where wide rows would not fit the memory budget), and every
+        layer's weights are read once per block.
         """
         from .engine.scoring import pack_by_context, to_tensors
 
@@ -354,9 +355,16 @@ class LLM:
         group = self.family.length_group
         rows = pack_by_context(encoded, length_group=group and (lambda n: group(self.config, n)))
         results: list[ScoreOutput | None] = [None] * len(encoded)
+        if rows and not self.runner.most_scored_rows(rows[0].num_tokens, 1):
+            raise ConfigError(f"a packed row of {rows[0].num_tokens} tokens (a context and its continuations) does "
+                              "not fit the memory budget beside the weights: shorten the context, or put more "
+                              "weights on disk.")
         bar = TokenProgress(total=len(encoded), enabled=progress, desc="scoring")
-        for s in range(0, len(rows), self.batch_size):
-            packed = to_tensors(rows[s:s + self.batch_size], self.pad_id)
+        s = 0
+        while s < len(rows):  # rows come longest first: a block's first row is its widest
+            block = rows[s:s + self.runner.most_scored_rows(rows[s].num_tokens, self.batch_size)]
+            packed = to_tensors(block, self.pad_id)
+            s += len(block)
             scores = self.runner.score_packed(packed)
             for b, spans in enumerate(packed.spans):
                 for index, first, end in spans:

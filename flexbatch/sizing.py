@@ -6,7 +6,7 @@ policies that fit). Measuring what a machine has is not here: see engine/memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -94,11 +94,16 @@ class MemoryPlan:
             out[k] = out.get(k, 0) + v
         return out
 
+    def _tiers(self, budget: MemoryBudget, unified: bool) -> list[tuple[str, dict[str, int], int]]:
+        return [("memory", self.merged(), budget.host_bytes)] if unified else [
+            ("GPU memory", self.device, budget.device_bytes), ("host memory", self.host, budget.host_bytes)]
+
+    def fits(self, budget: MemoryBudget, unified: bool) -> bool:
+        return all(sum(parts.values()) <= limit for _, parts, limit in self._tiers(budget, unified))
+
     def check(self, budget: MemoryBudget, unified: bool, hint: str) -> None:
         """Raise ConfigError naming the sizes if the plan exceeds the budget."""
-        tiers = [("memory", self.merged(), budget.host_bytes)] if unified else [
-            ("GPU memory", self.device, budget.device_bytes), ("host memory", self.host, budget.host_bytes)]
-        for label, parts, limit in tiers:
+        for label, parts, limit in self._tiers(budget, unified):
             need = sum(parts.values())
             if need > limit:
                 largest_first = sorted(parts.items(), key=lambda kv: -kv[1])
@@ -188,6 +193,19 @@ def weight_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch
     if policy.compress_weight:
         # large batches dequantize a layer once per load, freed after its last GPU batch
         plan.add(True, "dequantized layer weights", layer_params(cfg, family) * element_size(dtype))
+    return plan
+
+
+def scoring_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dtype, rows: int, width: int,
+                   device: torch.device = torch.device("cpu")) -> MemoryPlan:
+    """What one block of `rows` packed rows of `width` tokens needs when scored, a prefill pass
+    that keeps no KV cache (engine/scoring.py): the weights, the block's activations (in GPU
+    batches of the policy's size), the runtime."""
+    plan = weight_memory(cfg, family, policy, dtype, device)
+    gbs = max(1, min(policy.gpu_batch_size, rows))
+    shaped = replace(policy, gpu_batch_size=gbs, num_gpu_batches=max(1, -(-rows // gbs)))
+    plan.add(True, "activations and temporaries", working_bytes(cfg, shaped, dtype, width, width))
+    plan.add(False, "runtime overhead", RUNTIME_OVERHEAD)
     return plan
 
 

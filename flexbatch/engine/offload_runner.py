@@ -39,6 +39,7 @@ from ..sizing import (
     kv_route,
     layer_weight_bytes,
     run_memory,
+    scoring_memory,
     weight_memory,
 )
 from ..storage.disk import Traffic, require_free_space
@@ -240,6 +241,15 @@ class OffloadRunner(Runner):
         logprobs_of = lambda h, targets: TokenScores.cat([
             target_logprobs(self.cfg, self.family, self.home.globals, h[b], targets[b], top) for b in self.batches], 0)
         return score_in_pieces(hidden_of, logprobs_of, input_ids, key_valid, piece)
+
+    def most_scored_rows(self, width: int, limit: int) -> int:
+        fits = lambda n: scoring_memory(self.sized, self.family, self.policy, self.dtype, n, width,
+                                        self.device).fits(self.budget, self.unified)
+        low, high = 0, limit  # fits(low); the memory grows with the rows
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return low
 
     @torch.inference_mode()
     def score_packed(self, rows: PackedRows) -> TokenScores:

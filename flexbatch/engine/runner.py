@@ -106,6 +106,11 @@ class Runner(abc.ABC):
         """Scores [B, T] of rows.targets: one prefill pass, no KV cache kept, no begin/end."""
         raise NotImplementedError(f"{type(self).__name__} does not score packed rows")
 
+    def most_scored_rows(self, width: int, limit: int) -> int:
+        """How many packed rows of `width` tokens (at most `limit`) one `score_packed` block
+        may hold within the runner's memory budget; 0 if not even one."""
+        return limit
+
     @abc.abstractmethod
     def end(self) -> None:
         """Free the batch's KV cache."""
