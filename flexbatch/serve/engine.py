@@ -151,11 +151,13 @@ class Engine:
             outputs = self.call(generate_isolated, self.llm, items, answer, self._online_rows, arrivals)
         except BaseException as e:  # a disk failure: every request of the block gets it
             outputs = [f"the engine failed ({type(e).__name__}: {e})"] * len(arrivals.items)
+        unfinished = []  # joined, then the block failed on another request: first in the next block
         for i, item in enumerate(arrivals.items):
             if i < len(outputs):
                 answer(i, outputs[i])
-            elif not item.future.done():  # joined, then the block failed on another request
-                self.set_aside(item)
+            elif not item.future.done():
+                unfinished.append(item)
+        self._deferred.extendleft(reversed(unfinished))
         self.stats.online_blocks += 1
         self.stats.online_requests += len(arrivals.items)
         self.stats.joined_requests += len(arrivals.items) - len(items)
