@@ -62,6 +62,28 @@ def test_gpu_lanes_by_hand():
     assert costs.gen["gpu_to_host"] == pytest.approx(lane(B * K / G, c_gpu=-B * K / G))
 
 
+def test_compressed_cache_lanes_by_hand():
+    """A 4-bit cache with a 32-token dense window, on disk and read at decode's own KV rate:
+    the bytes moved are the quantized rows plus the window, as the CPU model counts them."""
+    hw = replace(HW_GPU, disk=replace(HW_GPU.disk, kv_read_busy_bps=4e8))
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_cache=True, cache_window=32)
+    costs = GpuModel(hw).layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
+    kq = 2 * 16 * (64 * 4 // 8 + 2 + 2)  # K and V of a token: 4-bit levels, then a bf16 minimum and step per head
+    stored = lambda tokens: (tokens - 32) * kq + 32 * K  # the window's last 32 tokens dense
+    prompt_store = B * stored(S)
+    assert costs.pre["cache_store"] == pytest.approx(
+        lane(prompt_store * (1 / G + 1 / WR), c_gpu=-prompt_store * (1 / G + 1 / WR), c_host=-prompt_store / WR))
+    disk_cache = B * stored(T) / 4e8 + B * (kq + K) / WR  # read the prefix, append a row to both
+    assert costs.gen["disk"] == pytest.approx(lane(W / R + disk_cache, w_gpu=-W / R, w_host=-W / R,
+                                                   c_gpu=-disk_cache, c_host=-disk_cache))
+    dense = B * T * K  # decoded, the window taken as it is, then attended dense on the GPU
+    decoded = B * (T - 32) * K
+    cpu_decode = HW_GPU.cpu.kv_decode_bps
+    assert costs.gen["cache_load"] == pytest.approx(lane(
+        B * stored(T) / 4e8 + dense / H + decoded / cpu_decode, c_gpu=-B * stored(T) / 4e8 - dense / H
+        + decoded / 1e11 - decoded / cpu_decode, c_host=-B * stored(T) / 4e8))
+
+
 def test_cpu_attention_lanes_by_hand():
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cpu_attention=True)
     costs = GpuModel(HW_GPU).layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)

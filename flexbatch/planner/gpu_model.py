@@ -12,8 +12,13 @@ generation, W / K the layer's weight bytes and one token's K and V bytes as stor
 same in the compute dtype, H / G the link to / from the GPU, R / Wr the disk):
 
     weight_load = W * w_disk / R + W * w_off / H          (disk then link, one I/O thread)
-    cache_load  = B t K * c_disk / R + B t K * c_off / H  (decode; CPU attention: disk part only)
+    cache_load  = B t K * c_disk / Rkv + B t K * c_off / H  (decode; CPU attention: disk part only)
     cache_store = B s K * (c_off / G + c_disk / Wr)        (prefill; decode: B K instead of B s K)
+
+Rkv is the disk's rate for decode's own KV reads (one large request at a time while the
+GPU computes: `DiskRates.kv_read_bps`). A compressed cache keeps each sequence's last
+`cache_window` tokens dense as well: "t K" is then `sizing.kv_stored_bytes` (what is read),
+a decode step appends a dense row too, and only the tokens before the window are decoded.
     disk        = every disk read and write above          (one disk)
     host_to_gpu / gpu_to_host = every link copy above      (one link each way)
     compute     = matmuls at the GPU's rate for its rows, prompt attention, decode attention
@@ -48,7 +53,15 @@ from ..config import Policy
 from ..kernels.packed import element_size
 from ..models.family import Family
 from ..models.spec import ModelConfig
-from ..sizing import active_layer_params, kv_bytes_per_token, kv_route, layer_params, layer_weight_bytes
+from ..sizing import (
+    active_layer_params,
+    dense_window,
+    kv_bytes_per_token,
+    kv_route,
+    kv_stored_bytes,
+    layer_params,
+    layer_weight_bytes,
+)
 from .machine import MachineModel
 from .profile import ComputeRates
 from .terms import LayerCosts, Workload, weight_matmul_seconds
@@ -122,16 +135,23 @@ class GpuModel(MachineModel):
 
         prompt_compute = weight_matmul_seconds(rates, dtype, bits, params, B, gbs, s, active) \
             + B * 2 * s * s * cfg.hidden_size / rates.flops(dtype, gbs * s)
-        pre_store = {"disk": B * s * K * C_DISK / Wr, "link": B * s * K * C_OFF / G}
+        # as stored: a compressed cache's quantized rows and its dense window (sizing.kv_stored_bytes),
+        # read from disk at decode's own KV read rate, as the CPU model prices them
+        stored = lambda tokens: B * kv_stored_bytes(cfg, dtype, policy, tokens)
+        kv_read = disk.kv_read_bps if policy.overlap else R
+        pre_store = {"disk": stored(s) * C_DISK / Wr, "link": stored(s) * C_OFF / G}
         pre = _lanes(weight_in, {}, pre_store, (prompt_compute + operations["pre"]) * ONE, {})
 
         attended = B * t * Kd
         if policy.compress_cache:  # rows decode where they live: on the GPU, or on the CPU and then cross dense
-            cache_in = {"disk": B * t * K * C_DISK / R, "link": attended * C_OFF / H,
-                        "decode": attended * (C_GPU / rates.kv_decode_bps + C_OFF / self.profile.cpu.kv_decode_bps)}
+            decoded = B * (t - dense_window(policy, t)) * Kd  # the window is kept dense
+            cache_in = {"disk": stored(t) * C_DISK / kv_read, "link": attended * C_OFF / H,
+                        "decode": decoded * (C_GPU / rates.kv_decode_bps + C_OFF / self.profile.cpu.kv_decode_bps)}
         else:
-            cache_in = {"disk": B * t * K * C_DISK / R, "link": 0 * ONE if cpu_attention else B * t * K * C_OFF / H}
-        gen_store = {"disk": B * K * C_DISK / Wr, "link": B * K * C_OFF / G}
+            link = 0 * ONE if cpu_attention else stored(t) * C_OFF / H
+            cache_in = {"disk": stored(t) * C_DISK / kv_read, "link": link}
+        appended = B * (K + (Kd if dense_window(policy, t) else 0))  # the new token, also into the window
+        gen_store = {"disk": appended * C_DISK / Wr, "link": appended * C_OFF / G}
         compute = (weight_matmul_seconds(rates, dtype, bits, params, B, gbs, 1, active) + operations["gen"]) * ONE
         crossing = {}
         if cpu_attention:
