@@ -137,10 +137,10 @@ def dense_window(policy: Policy, tokens: float) -> float:
 
 def kv_stored_bytes(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, tokens: float) -> float:
     """Bytes a sequence's cache of `tokens` tokens takes in one layer as `policy` stores it, and
-    decode reads back: quantized rows, plus the dense window of a compressed cache."""
-    window = dense_window(policy, tokens)
-    return (tokens - window) * kv_bytes_per_token(cfg, dtype, policy.cache_quant) \
-        + window * kv_bytes_per_token(cfg, dtype)
+    decode reads back: a row per token (quantized in a compressed cache), plus a compressed
+    cache's dense window, which repeats the last tokens exactly."""
+    return tokens * kv_bytes_per_token(cfg, dtype, policy.cache_quant) \
+        + dense_window(policy, tokens) * kv_bytes_per_token(cfg, dtype)
 
 
 def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_width: int, capacity: int) -> int:

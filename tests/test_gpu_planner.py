@@ -69,7 +69,7 @@ def test_compressed_cache_lanes_by_hand():
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_cache=True, cache_window=32)
     costs = GpuModel(hw).layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
     kq = 2 * 16 * (64 * 4 // 8 + 2 + 2)  # K and V of a token: 4-bit levels, then a bf16 minimum and step per head
-    stored = lambda tokens: (tokens - 32) * kq + 32 * K  # the window's last 32 tokens dense
+    stored = lambda tokens: tokens * kq + 32 * K  # every token quantized, and the last 32 dense too
     prompt_store = B * stored(S)
     assert costs.pre["cache_store"] == pytest.approx(
         lane(prompt_store * (1 / G + 1 / WR), c_gpu=-prompt_store * (1 / G + 1 / WR), c_host=-prompt_store / WR))

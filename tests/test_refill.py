@@ -185,8 +185,8 @@ class ScriptedArrivals:
     """Requests that arrive at given turns of the block (engine.generation.Arrivals): turn n
     is the n-th call of `take`, made each step the block has a free row."""
 
-    def __init__(self, schedule: list[tuple[int, generation.Request]]):
-        self.schedule, self.turn = list(schedule), 0
+    def __init__(self, schedule: list[tuple[int, generation.Request]], expect: int = 0):
+        self.schedule, self.turn, self.expect = list(schedule), 0, expect
         self.arrived: list[generation.Request] = []
         self.taken: list[generation.Request] = []
 
@@ -199,7 +199,7 @@ class ScriptedArrivals:
         return len(self.arrived)
 
     def expected(self) -> int:
-        return self.waiting()
+        return max(self.waiting(), self.expect)
 
     def take(self, limit, fits):
         self.turn += 1
@@ -238,3 +238,23 @@ def test_requests_arriving_during_a_block_join_it_and_get_their_tokens_alone(tin
     assert len(begins) == 1 and begins[0][0] == 4  # one block: the call's 3 requests and the one waiting
     assert [o.prompt_token_ids for o in outputs] == [p for p, _ in first + joined]
     assert [o.token_ids for o in outputs] == [hf_alone(hf, p, n) for p, n in first + joined]
+
+
+def test_arrivals_sharing_a_prefix_never_outgrow_the_rows(tiny_model, monkeypatch):
+    """Two arrivals that each fit the block's rows and share a 20-token prefix join together:
+    computed as one shared prefix, the short prompt would start where the long one does and
+    need 38 + 23 slots of the block's 53. They must still get transformers' tokens alone."""
+    folder, hf = tiny_model("llama_gqa_tied_llama3")
+    rng = random.Random(11)
+    prompt = lambda n: [rng.randrange(2, 256) for _ in range(n)]
+    request = lambda p, n: generation.Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    prefix = prompt(20)
+    first = [(prompt(5), 40)]  # the block's rows span 45 tokens
+    arriving = [(prefix + prompt(18), 7), (prefix + prompt(2), 23)]  # 45 and 45
+    arrivals = ScriptedArrivals([(40, request(p, n)) for p, n in arriving], expect=2)
+    monkeypatch.setattr(generation, "REFILL_FRACTION", 0.0)
+    llm = LLM(folder, dtype="float32", batch_size=4)
+    counter = llm.runner = CountingRunner(llm.runner)
+    outputs = llm.generate_ids([p for p, _ in first], [request(p, n).params for p, n in first], arrivals=arrivals)
+    assert len(arrivals.taken) == 2 and counter.admits == 2  # the two joined together, after the first
+    assert [o.token_ids for o in outputs] == [hf_alone(hf, p, n) for p, n in first + arriving]

@@ -52,3 +52,21 @@ def test_online_requests_join_the_running_block_until_a_batch_waits(tiny_model):
     assert stats.joined_requests == 1 and stats.online_requests == 6 and stats.online_blocks == 2
     alone = [llm.generate_ids([ids], p)[0].token_ids for ids, p, _ in sent]
     assert [future.result().token_ids for _, _, future in sent] == alone
+
+
+def test_a_request_is_not_blamed_for_a_failure_with_arrivals_joined():
+    """When a block with online arrivals fails, its own requests run again alone before any
+    is reported as the one the engine failed on (an arrival, or the larger block, may be
+    the cause; unfinished arrivals are the server's to run again)."""
+    from types import SimpleNamespace
+
+    from flexbatch.jobs.runner import generate_isolated
+
+    class FailsWithArrivals:
+        def generate_ids(self, prompt_ids, params, on_finish=None, stats=None, arrivals=None):
+            if arrivals is not None:
+                raise RuntimeError("a joined request broke the block")
+            return [f"out {ids}" for ids in prompt_ids]
+
+    segment = [SimpleNamespace(token_ids=[7, 8], params=None)]
+    assert generate_isolated(FailsWithArrivals(), segment, arrivals=object()) == ["out [7, 8]"]

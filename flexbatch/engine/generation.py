@@ -205,8 +205,9 @@ def generate(runner: Runner, requests: list[Request], block_size: int, vocab: Vo
     span = len(requests[order[0]].token_ids) + max(r.params.max_new_tokens for r in requests)
     size = min(block_size, len(requests) + (arrivals.expected() if arrivals else 0))
     capacity = block_capacity(span, refills=len(requests) > block_size or arrivals is not None)
-    block = Block(runner, size, capacity, vocab, masks, on_step, on_finish, stats or BlockStats())
-    runner.begin(block.size, capacity, len(requests[order[0]].token_ids))
+    block = Block(runner, size, capacity, vocab, masks, on_step, on_finish, stats or BlockStats(), span)
+    # the memory check counts prompts as wide as the longest that may join: with arrivals, a span's
+    runner.begin(block.size, capacity, span if arrivals else len(requests[order[0]].token_ids))
     try:
         block.run(requests, deque(order), arrivals and Joining(arrivals, span, size, block_size))
     finally:
@@ -231,8 +232,9 @@ class Block:
     tokens fill (`key_valid` [rows, capacity]), and the clock `t` all rows write at next."""
 
     def __init__(self, runner: Runner, size: int, capacity: int, vocab: Vocabulary, masks: GrammarMasks | None,
-                 on_step=None, on_finish=None, stats: BlockStats | None = None):
+                 on_step=None, on_finish=None, stats: BlockStats | None = None, span: int | None = None):
         self.runner, self.size, self.capacity, self.vocab, self.masks = runner, size, capacity, vocab, masks
+        self.span = span or capacity  # the most slots a row may need, prompt and generation
         self.on_step, self.on_finish, self.stats = on_step, on_finish, stats or BlockStats()
         self.key_valid = torch.zeros((size, capacity), dtype=torch.bool)
         self.tokens = torch.full((size,), vocab.pad_id, dtype=torch.long)  # each row's latest token
@@ -285,7 +287,10 @@ class Block:
         if not self.live:
             self.t = width  # nothing to keep: the clock restarts
         assert self.t >= width, "requests must join longest prompt first"
-        shared = self.shared_prefix(prompts)
+        # with a shared prefix every row starts where the longest prompt does, so each needs
+        # that width and its own generation (always within the span, unless arrivals joined)
+        roomy = width + max(self.requests[i].params.max_new_tokens for i in joining) <= self.span
+        shared = self.shared_prefix(prompts) if roomy else 0
         ids, valid = prefix_layout(prompts, shared, width, self.vocab.pad_id)
         logits = self.runner.admit(rows, ids, valid, self.t, shared)
         self.stats.admissions += 1

@@ -144,6 +144,8 @@ def generate_isolated(llm, segment: list[Prepared], on_finish=None, stats: Block
     except (OSError, StorageError, StageLostError):
         raise
     except Exception as e:
+        if arrivals is not None:  # a request that joined may be at fault (or the larger block): run alone
+            return generate_isolated(llm, segment, on_finish, stats)
         if len(segment) == 1:
             return [f"the engine failed on this request ({type(e).__name__}: {e})"]
         mid = len(segment) // 2

@@ -8,7 +8,7 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     T_gen = max(io_gen, comp_gen)
     io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
     io_gen  = w_disk * W / R + c_disk * B * t * K / Rkv + c_disk * B * K / Wr,   t = s + n / 2
-    (a compressed cache's last cache_window tokens count at Kd: they are kept dense too)
+    (a compressed cache keeps its last cache_window tokens at Kd as well: sizing.kv_stored_bytes)
     comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s) + cpu_io * io_pre
     comp_gen = B * 2 * P / Fw(gbs) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
 
@@ -104,8 +104,8 @@ class CpuModel(MachineModel):
         read = disk.read_busy_bps if policy.overlap and disk.read_busy_bps else disk.read_bps
         # overlapped reads compete with compute for the cores (read_busy_bps)
         weight_io = weight * W_DISK / read
-        # a compressed cache keeps each sequence's last cache_window tokens dense too: read
-        # (and the new token written) dense there, quantized before
+        # a compressed cache keeps each sequence's last cache_window tokens dense as well as
+        # quantized: both are read, and the new token is written both ways
         stored = lambda tokens: kv_stored_bytes(cfg, dtype, policy, tokens)
         appended = kv + (kv_dense if dense_window(policy, t) else 0)
         io_pre = weight_io + batch * stored(s) * C_DISK / disk.write_bps

@@ -113,13 +113,17 @@ class Engine:
         forever); None if none came or the engine is closing (the close stays queued)."""
         if self._deferred:
             return self._deferred.popleft()
-        try:
-            item = self._online.get(block=timeout is None or timeout > 0, timeout=timeout)
-        except queue.Empty:
-            return None
-        if item is None:
-            self._online.put(None)
-        return item
+        while True:
+            try:
+                item = self._online.get(block=timeout is None or timeout > 0, timeout=timeout)
+            except queue.Empty:
+                return None
+            if item is None:
+                self._online.put(None)
+                return None
+            # from here its future cannot be cancelled; one its client cancelled is skipped
+            if item.future.set_running_or_notify_cancel():
+                return item
 
     def set_aside(self, item: OnlineItem) -> None:
         self._deferred.appendleft(item)
