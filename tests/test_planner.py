@@ -89,7 +89,7 @@ def test_compressed_layer_costs_by_hand(dequantize_rate, fused_wins):
     kv = 2 * 16 * (64 // 2 + 2 * 2)  # per head: 32 bytes of levels, one bf16 minimum and step
     dense_kv = 2 * 16 * 64 * 2
     batch, s, t, window = 8, 100, 100 + 11 / 2, 32  # the last 32 tokens are also kept dense (cache_window)
-    stored = lambda tokens: (tokens - window) * kv + window * dense_kv
+    stored = lambda tokens: tokens * kv + window * dense_kv  # every token quantized, read back with the window
     assert costs.pre["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * stored(s) / 5e8)
     appended = batch * (kv + dense_kv) / 5e8
     assert costs.gen["io"][0] == pytest.approx(weight_bytes / 1e9 + batch * stored(t) / 1e9 + appended)
@@ -325,8 +325,8 @@ def test_the_planner_weighs_kv_cache_compression_and_says_why(kv_decode_bps, com
         dense = 2 * 16 * 64 * 2  # K and V of a token in one layer: 16 heads x 64 dims in bf16
         packed = 2 * 16 * (64 // 2 + 2 * 2)  # 4-bit values of a head, plus its bf16 minimum and step (group 64)
         context = 100 + 200 / 2
-        # compressed: the last 32 tokens (cache_window) are read dense, the rest 4-bit
-        per_sequence = (context - 32) * packed + 32 * dense if policy.compress_cache else context * dense
+        # compressed: every token 4-bit, and the last 32 (cache_window) dense as well
+        per_sequence = context * packed + 32 * dense if policy.compress_cache else context * dense
         return policy.block_size * per_sequence * CFG.num_layers * policy.cache_disk / 1e9
 
     reads = [kv_disk_gb(forced[flag].policy) for flag in (True, False)]
