@@ -355,16 +355,16 @@ class LLM:
         group = self.family.length_group
         rows = pack_by_context(encoded, length_group=group and (lambda n: group(self.config, n)))
         results: list[ScoreOutput | None] = [None] * len(encoded)
-        if rows and not self.runner.most_scored_rows(rows[0].num_tokens, 1):
-            raise ConfigError(f"a packed row of {rows[0].num_tokens} tokens (a context and its continuations) does "
-                              "not fit the memory budget beside the weights: shorten the context, or put more "
-                              "weights on disk.")
         bar = TokenProgress(total=len(encoded), enabled=progress, desc="scoring")
         s = 0
         while s < len(rows):  # rows come longest first: a block's first row is its widest
-            block = rows[s:s + self.runner.most_scored_rows(rows[s].num_tokens, self.batch_size)]
-            packed = to_tensors(block, self.pad_id)
-            s += len(block)
+            fitting = self.runner.most_scored_rows(rows[s].num_tokens, self.batch_size)
+            if not fitting:  # only the first, widest row can fail this: before any block has run
+                raise ConfigError(f"a packed row of {rows[s].num_tokens} tokens (a context and its continuations) "
+                                  "does not fit the memory budget beside the weights: shorten the context, or put "
+                                  "more weights on disk.")
+            packed = to_tensors(rows[s:s + fitting], self.pad_id)
+            s += fitting
             scores = self.runner.score_packed(packed)
             for b, spans in enumerate(packed.spans):
                 for index, first, end in spans:
