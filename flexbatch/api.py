@@ -21,7 +21,7 @@ from .engine.lanes import generate_in_lanes
 from .engine.runner import InMemoryRunner
 from .errors import ConfigError
 from .kernels import KernelChoice
-from .model_policy import effective_policy, kernel_choice
+from .model_policy import decode_kernel, effective_policy, kernel_choice
 from .models import get_family
 from .progress import TokenProgress
 from .weights import load_weights, open_model
@@ -134,7 +134,7 @@ class LLM:
             if cpu_memory is not None:
                 self._check_in_memory_fit(cpu_memory, gpu_memory)
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
-            self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device)
+            self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device, decode_kernel())
         else:
             self.runner = self._offload_runner(opened, policy, offload_dir, cpu_memory, gpu_memory, kernels)
             self.batch_size = policy.block_size

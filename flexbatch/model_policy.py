@@ -3,6 +3,7 @@ it (a compressed store's packing, the source's quantization grid), and which ker
 multiplies by its 4-bit weights."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import replace
@@ -11,12 +12,34 @@ from pathlib import Path
 import torch
 
 from .config import Policy
+from .default_model import cache_dir
 from .errors import ConfigError
-from .kernels import KernelChoice
+from .kernels import DecodeKernel, KernelChoice, NativeBuildError, build_decode_kernel
 from .models import get_family
 from .weights.loader import layer_weight_grid
 
 INT4_ROWS_ENV = "FLEXBATCH_INT4_FUSED_MAX_ROWS"
+NATIVE_ENV = "FLEXBATCH_NATIVE_KERNELS"
+
+
+def decode_kernel() -> DecodeKernel | None:
+    """The C decode attention kernel (kernels/native.py), built on first use into the cache
+    folder with the machine's C compiler; None with FLEXBATCH_NATIVE_KERNELS=0, or if it
+    cannot be built (a warning says why, once): PyTorch's attention runs instead."""
+    if os.environ.get(NATIVE_ENV, "1").strip() == "0":
+        return None
+    return _built_decode_kernel(str(cache_dir() / "native"))
+
+
+@functools.cache
+def _built_decode_kernel(folder: str) -> DecodeKernel | None:
+    try:
+        return build_decode_kernel(Path(folder))
+    except NativeBuildError as e:
+        print(f"flexbatch: decoding without the C attention kernel, which reads only the keys each "
+              f"sequence sees ({e}). Install a C compiler with OpenMP (gcc) on an AVX-512 CPU for it, "
+              f"or set {NATIVE_ENV}=0 to silence this.", file=sys.stderr)
+        return None
 
 
 def kernel_choice(policy: Policy, device: torch.device, dtype: torch.dtype,

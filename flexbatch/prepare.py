@@ -122,11 +122,11 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
     if not settings.plan:
         return None, settings.batch_size or DEFAULT_BATCH_SIZE, None
     prompt_len, num_sequences = estimate(opened)
-    # Rows refill from the requests still waiting (engine/generation.py), so a block of all
-    # the job's requests would leave refill nothing to do: at most a quarter of them, unless
-    # that is less than the default block. Pipeline stages keep a block per stage in flight.
-    max_block = max(num_sequences // REFILLS_PER_ROW, min(num_sequences, DEFAULT_BATCH_SIZE))
-    max_block = max(1, max_block // settings.pipeline_stages)
+    # Up to every request of the job in one block: each decode step reads every weight once
+    # whatever the rows in flight, so the fewer steps the better, and rows whose sequence
+    # finished cost nothing on a CPU (the decode kernel computes the rows in flight alone;
+    # on a large job, refill keeps them busy). Pipeline stages keep a block per stage in flight.
+    max_block = max(1, num_sequences // settings.pipeline_stages)
     work = Workload(prompt_len, gen_len)
     plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
     log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)

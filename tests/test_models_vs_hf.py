@@ -25,8 +25,8 @@ class RecordingRunner(Runner):
     def end(self):
         self.inner.end()
 
-    def step(self, input_ids, key_valid, start):
-        out = self.inner.step(input_ids, key_valid, start)
+    def step(self, input_ids, key_valid, start, rows=None):
+        out = self.inner.step(input_ids, key_valid, start, rows)
         self.logits.append(out.clone())
         return out
 

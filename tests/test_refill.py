@@ -12,6 +12,7 @@ import torch
 from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine import generation
+from flexbatch.engine import runner as runner_module
 
 from test_models_vs_hf import RecordingRunner
 
@@ -45,8 +46,8 @@ class CountingRunner(RecordingRunner):
         self.shared.append(shared)
         return self.inner.admit(rows, input_ids, key_valid, end, shared)
 
-    def step(self, input_ids, key_valid, start):
-        return self.inner.step(input_ids, key_valid, start)
+    def step(self, input_ids, key_valid, start, rows=None):
+        return self.inner.step(input_ids, key_valid, start, rows)
 
     def shift(self, offset, end):
         self.shifts += 1
@@ -149,6 +150,27 @@ def test_shared_prefix_computed_once_gives_each_sequence_its_tokens_alone(tiny_m
     got, counter = run_with_refill(LLM(folder, dtype="float32", batch_size=4), prompts, params)
     assert got == expected
     assert counter.shared[0] >= 24 and sum(s > 0 for s in counter.shared) >= 3
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_an_admission_is_computed_in_groups_from_their_own_first_column(tiny_model, monkeypatch, with_prefix):
+    """Prompts joining together are computed in groups of about PREFILL_TOKENS tokens, each
+    from where its own longest prompt starts, so the left padding shorter prompts would
+    share is not computed; each sequence still gets its tokens alone (Gemma 2: a sliding
+    window, which counts positions, not slots)."""
+    folder, hf = tiny_model("gemma2")
+    prompts, news = prefixed_requests(7, 16) if with_prefix else mixed_requests(7, 16)
+    expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
+    monkeypatch.setattr(runner_module, "PREFILL_TOKENS", 60)
+    llm = LLM(folder, dtype="float32", batch_size=16)
+    widths, forward = [], llm.runner._forward
+    llm.runner._forward = lambda ids, ctx, caches: (widths.append(ids.shape[1]), forward(ids, ctx, caches))[1]
+    got, _ = run_with_refill(llm, prompts, params)
+    assert got == expected
+    longest = max(map(len, prompts)) - (24 if with_prefix else 0)
+    prefills = [w for w in widths[1 if with_prefix else 0:] if w > 1]  # after the prefix's own pass
+    assert prefills[0] == longest and min(prefills) < longest / 2  # later groups are narrower
 
 
 @pytest.mark.parametrize("policy_name", list(OFFLOADED))

@@ -295,7 +295,7 @@ class Block:
         logits = self.runner.admit(rows, ids, valid, self.t, shared)
         self.stats.admissions += 1
         self.stats.prompt_tokens += sum(map(len, prompts))
-        self.stats.padded_prompt_tokens += valid.numel() - (len(prompts) - 1) * shared
+        self.stats.padded_prompt_tokens += self.runner.prefilled_tokens(valid, shared)
         for row, index, row_valid in zip(rows, joining, valid):
             self.key_valid[row] = False
             self.key_valid[row, self.t - width:self.t] = row_valid
@@ -331,11 +331,11 @@ class Block:
             if self.runner.recomputes_at(len(self.requests[index].token_ids) + len(tracker.out.token_ids)):
                 self.recompute(row)
         self.key_valid[rows, self.t] = True
-        logits = self.runner.step(self.tokens.unsqueeze(1), self.key_valid[:, :self.t + 1], self.t)
+        logits = self.runner.step(self.tokens.unsqueeze(1), self.key_valid[:, :self.t + 1], self.t, rows)
         self.t += 1
         self.stats.row_steps += self.size
         self.stats.live_row_steps += len(rows)
-        self.choose(logits[rows], rows)
+        self.choose(logits, rows)
 
     def recompute(self, row: int) -> None:
         """Compute the row's whole sequence again, its latest token included, into its own

@@ -170,11 +170,12 @@ class OffloadRunner(Runner):
 
     # ---- one token step -------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
-        began = time.perf_counter()
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
+             rows: list[int] | None = None) -> torch.Tensor:
+        began = time.perf_counter()  # every row is computed: GPU batches are fixed slices of the block
         out = self.last_logits(self.step_hidden(self.step_inputs(input_ids), key_valid, start))
         self.step_seconds.append(time.perf_counter() - began)
-        return out
+        return out if rows is None else out[rows]
 
     @torch.inference_mode()
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,

@@ -226,10 +226,12 @@ class PipelineLane(Runner):
             self.runner.end()
             raise
 
-    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
+             rows: list[int] | None = None) -> torch.Tensor:
         r = self.runner
         compute = lambda: r.step_hidden(r.step_inputs(input_ids), key_valid, start)
-        return self._call({"op": "step", "start": start}, compute, [key_valid])[0]
+        logits = self._call({"op": "step", "start": start}, compute, [key_valid])[0]
+        return logits if rows is None else logits[rows]
 
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:

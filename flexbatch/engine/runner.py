@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import DecodeKernel
 from ..models import ops
 from ..models.family import Family
 from ..models.ops import StepContext
@@ -46,7 +47,10 @@ class TokenScores:
 
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
                  dtype: torch.dtype, device: torch.device, attn_keep: float = 1.0,
-                 kv_rotation: torch.Tensor | None = None) -> StepContext:
+                 kv_rotation: torch.Tensor | None = None, decode: DecodeKernel | None = None,
+                 rows: list[int] | None = None) -> StepContext:
+    """The context of a step appending at `start` over keys key_valid [B, T]; `rows`: the
+    cache rows of those B sequences, if not rows 0..B-1 (a decode step with `decode`)."""
     key_positions = ops.positions_from_mask(key_valid, 0).to(device)
     # The first valid key of any row, or `start` if earlier: a padding query sees only itself
     first_valid = int(key_valid.any(0).int().argmax())
@@ -58,6 +62,8 @@ def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, star
         attn_mask=ops.attention_mask(key_valid, start, dtype, cfg.sliding_window).to(device),
         attn_keep=attn_keep,
         kv_rotation=kv_rotation,
+        decode=decode,
+        rows=None if rows is None else torch.tensor(rows, dtype=torch.long),
     )
     family.prepare_step(cfg, ctx, dtype)
     return ctx
@@ -81,8 +87,11 @@ class Runner(abc.ABC):
         """Start a batch of `batch_size` sequences of up to `capacity` tokens (KV cache slots)."""
 
     @abc.abstractmethod
-    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
-        """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V] fp32."""
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
+             rows: list[int] | None = None) -> torch.Tensor:
+        """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V]
+        fp32, or with `rows` (ascending) only those rows' [len(rows), V]: the other rows hold no
+        sequence, and a runner that can leaves them out of the step."""
 
     @abc.abstractmethod
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
@@ -91,6 +100,11 @@ class Runner(abc.ABC):
         keys and values in cache slots [end - W, end) of block rows `rows`; return their
         last-position logits [n, V] fp32. Other rows' caches are unchanged. The first
         `shared` columns are the same tokens in every row, computed once."""
+
+    def prefilled_tokens(self, key_valid: torch.Tensor, shared: int) -> int:
+        """How many token positions `admit` computes for prompts laid out as key_valid [n, W]
+        with a `shared` prefix: the prefix once, and every row's columns after it."""
+        return key_valid.numel() - (key_valid.shape[0] - 1) * shared
 
     @abc.abstractmethod
     def shift(self, offset: int, end: int) -> None:
@@ -133,10 +147,14 @@ def family_recomputes_at(cfg: ModelConfig, family: Family, length: int) -> bool:
 
 
 class InMemoryRunner(Runner):
+    """decode: the decode attention kernel that reads only what each row sees (decode steps
+    then compute the rows in flight alone); None: PyTorch's attention over every row."""
+
     def __init__(self, cfg: ModelConfig, family: Family, weights: ModelWeights,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, decode: DecodeKernel | None = None):
         self.cfg, self.family, self.weights = cfg, family, weights
         self.dtype, self.device = dtype, device
+        self.decode = decode if decode is not None and decode.handles(device, dtype, cfg.head_dim) else None
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._prefix: tuple[tuple[int, ...], list] | None = None  # (tokens, caches) of the last shared prefix
 
@@ -150,7 +168,7 @@ class InMemoryRunner(Runner):
         return family_recomputes_at(self.cfg, self.family, length)
 
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
-        ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device)
+        ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device, decode=self.decode)
         return self._forward(input_ids, ctx, self._cache)
 
     def _forward(self, input_ids: torch.Tensor, ctx: StepContext, caches) -> torch.Tensor:
@@ -160,30 +178,51 @@ class InMemoryRunner(Runner):
         return h
 
     @torch.inference_mode()
-    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> torch.Tensor:
-        h = self._hidden(input_ids, key_valid, start)
+    def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
+             rows: list[int] | None = None) -> torch.Tensor:
+        if rows is not None and (self.decode is None or input_ids.shape[1] != 1):
+            return self.step(input_ids, key_valid, start)[rows]
+        if rows is None:
+            h = self._hidden(input_ids, key_valid, start)
+        else:
+            ctx = make_context(self.cfg, self.family, key_valid[rows], start, self.dtype, self.device,
+                               decode=self.decode, rows=rows)
+            h = self._forward(input_ids[rows], ctx, self._cache)
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
     @torch.inference_mode()
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
-        n, width = input_ids.shape
-        fresh = [self._empty_cache(n, width) for _ in range(self.cfg.num_layers)]
-        if shared:
-            for cache, prefix in zip(fresh, self._prefix_cache(input_ids[0, :shared])):
-                for kv in range(2):
-                    cache[kv][:, :, :shared] = prefix[kv]
-        last = []
-        for group in row_groups(n, width - shared):
-            ctx = make_context(self.cfg, self.family, key_valid[group], shared, self.dtype, self.device)
-            caches = [(k[group], v[group]) for k, v in fresh]
-            last.append(self._forward(input_ids[group, shared:], ctx, caches)[:, -1:])
-        h = torch.cat(last)
+        width = input_ids.shape[1]
         index = torch.tensor(rows, device=self.device)
+        last = []
+        for group, first in prompt_groups(key_valid, shared):
+            # the group's own columns: the left padding all its prompts share is not computed
+            valid = torch.cat([key_valid[group, :shared], key_valid[group, first:]], 1)
+            fresh = [self._empty_cache(valid.shape[0], valid.shape[1]) for _ in range(self.cfg.num_layers)]
+            if shared:
+                for cache, prefix in zip(fresh, self._prefix_cache(input_ids[0, :shared])):
+                    for kv in range(2):
+                        cache[kv][:, :, :shared] = prefix[kv]
+            ctx = make_context(self.cfg, self.family, valid, shared, self.dtype, self.device)
+            last.append(self._forward(input_ids[group, first:], ctx, fresh)[:, -1:])
+            self._place(fresh, index[group], end - width, shared, end - (width - first))
+        h = torch.cat(last)
+        return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
+
+    def prefilled_tokens(self, key_valid: torch.Tensor, shared: int) -> int:
+        return shared + sum((group.stop - group.start) * (key_valid.shape[1] - first)
+                            for group, first in prompt_groups(key_valid, shared))
+
+    def _place(self, fresh, index: torch.Tensor, begin: int, shared: int, own: int) -> None:
+        """Admitted rows' keys and values into block rows `index`: the shared prefix at slots
+        [begin, begin + shared), the rest of each prompt at [own, end); the slots between are
+        padding, zeroed so that no stale value meets a masked attention weight."""
         for cache, new in zip(self._cache, fresh):
             for kv in range(2):
-                cache[kv][index, :, end - width:end] = new[kv]
-        return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
+                cache[kv][index, :, begin:begin + shared] = new[kv][:, :, :shared]
+                cache[kv][index, :, begin + shared:own] = 0
+                cache[kv][index, :, own:own + new[kv].shape[2] - shared] = new[kv][:, :, shared:]
 
     def _empty_cache(self, n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (n, self.cfg.num_kv_heads, width, self.cfg.head_dim)
@@ -221,10 +260,20 @@ class InMemoryRunner(Runner):
         return source_logprobs(self.cfg, self.family, self.weights.globals, hidden, rows)
 
 
-def row_groups(rows: int, width: int) -> list[slice]:
-    """Consecutive groups of `rows` prompts of `width` tokens, about PREFILL_TOKENS each."""
-    per = max(1, PREFILL_TOKENS // max(width, 1))
-    return [slice(s, min(s + per, rows)) for s in range(0, rows, per)]
+def prompt_groups(key_valid: torch.Tensor, shared: int) -> list[tuple[slice, int]]:
+    """Consecutive groups of left-padded prompts (key_valid [n, W]; the first `shared`
+    columns a prefix every row has) of about PREFILL_TOKENS computed tokens each, with the
+    first column of each group's own tokens: the group is computed from there. Prompts that
+    join together come longest first, so a group's padding is small."""
+    starts = key_valid[:, shared:].int().argmax(1).add_(shared).tolist()  # every row has a token past the prefix
+    width, groups, begin = key_valid.shape[1], [], 0
+    while begin < len(starts):
+        first, stop = starts[begin], begin + 1
+        while stop < len(starts) and (stop + 1 - begin) * (width - min(first, starts[stop])) <= PREFILL_TOKENS:
+            first, stop = min(first, starts[stop]), stop + 1
+        groups.append((slice(begin, stop), first))
+        begin = stop
+    return groups
 
 
 def shift_slots(cache: torch.Tensor, offset: int, end: int) -> None:

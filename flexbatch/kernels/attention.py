@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .native import DecodeKernel
+
 ATTENTION_CHUNK_BYTES = 4 << 20  # K and V of one group of sequences: measured best of 1-8 MiB here
 
 
@@ -36,6 +38,11 @@ class AttentionStep:
     rotation: torch.Tensor | None = None
     softcap: float | None = None  # scores become softcap * tanh(scores / softcap) (Gemma 2)
     first: int = 0  # no query sees a key before this slot (left padding, finished sequences' slots)
+    # decode steps on a CPU: the kernel that reads only the keys each query sees, if built
+    decode: DecodeKernel | None = None
+    # [B] int64: the cache row each sequence of the step reads and writes (a decode step over
+    # the rows in flight, with `decode`); None: sequence i is cache row i
+    rows: torch.Tensor | None = None
 
     def for_rows(self, rows: slice) -> "AttentionStep":
         """The step for a slice of the batch (a mask shared by all sequences stays shared)."""
@@ -68,6 +75,9 @@ def _times(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> torch.Tensor:
     if isinstance(k_cache, CacheSegments):
         return _attend_segments(q, k_new, v_new, k_cache, v_cache, step)
+    if step.decode is not None and k_cache is not None and step.keep == 1.0 and step.decode.supports(q, k_cache):
+        return _decode(q, k_new, v_new, k_cache, v_cache, step)
+    assert step.rows is None, "only the decode kernel computes a subset of a cache's rows"
     if k_cache is None:  # a prefill that keeps no cache (scoring): its own keys are all there are
         keys, values = k_new, v_new
     else:
@@ -84,6 +94,13 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
     return F.scaled_dot_product_attention(q, keys[:, :, first:], values[:, :, first:],
                                           attn_mask=step.mask[..., first:], scale=step.scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def _decode(q, k_new, v_new, k_cache: torch.Tensor, v_cache: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+    """One token per sequence, written at slot `start` of its cache row, then attention over
+    the keys its mask leaves visible (`DecodeKernel`)."""
+    rows = torch.arange(q.shape[0]) if step.rows is None else step.rows
+    return step.decode(q, k_new, v_new, k_cache, v_cache, rows, step.mask, step.start + 1, step.scale, step.softcap)
 
 
 def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegments,

@@ -45,6 +45,11 @@ class StepContext:
     kv_rotation: torch.Tensor | None = None
     # No query of the step sees a key before this slot (found once per step, used by every layer)
     first_key: int = 0
+    # Decode steps on a CPU: the kernel that reads only the keys each query sees (kernels/native.py)
+    decode: kernels.DecodeKernel | None = None
+    # [B] int64: the cache rows the step's sequences read and write (a step over the rows in
+    # flight, with `decode`); None: sequence i is cache row i
+    rows: torch.Tensor | None = None
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
@@ -213,7 +218,7 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     """
     step = AttentionStep(ctx.start, ctx.local_mask if local else ctx.attn_mask,
                          q.shape[-1] ** -0.5 if scale is None else scale,
-                         ctx.attn_keep, ctx.kv_rotation, softcap, ctx.first_key)
+                         ctx.attn_keep, ctx.kv_rotation, softcap, ctx.first_key, ctx.decode, ctx.rows)
     return kernels.cached_attention(q, k_new, v_new, k_cache, v_cache, step)
 
 

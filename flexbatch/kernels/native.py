@@ -1,0 +1,122 @@
+"""Kernels written in C (decode_attention.c), built with the machine's C compiler at first
+use and called through ctypes: no Python or torch headers, so a build takes about a second.
+
+`build_decode_kernel` compiles into a folder it is given and returns a `DecodeKernel`; which
+folder, and whether to use it at all, is decided above the engine (model_policy.py), which
+hands the kernel to the runners.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class NativeBuildError(ConfigError):
+    """The C kernels could not be built on this machine."""
+
+
+class _DecodeArgs(ctypes.Structure):
+    # the field order and types of DecodeArgs in decode_attention.c
+    _fields_ = [("q", ctypes.c_void_p), ("k_new", ctypes.c_void_p), ("v_new", ctypes.c_void_p),
+                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("k_strides", ctypes.c_int64 * 3), ("v_strides", ctypes.c_int64 * 3),
+                ("rows", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("mask_stride", ctypes.c_int64),
+                ("hidden_below", ctypes.c_float), ("n", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64), ("end", ctypes.c_int64),
+                ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("out", ctypes.c_void_p)]
+
+
+class DecodeKernel:
+    """Attention of one new token per sequence over its cache row's visible keys, reading
+    only those (decode_attention.c): on a CPU, a block whose rows joined at different times
+    reads a fraction of what SDPA does, and only the rows named are computed."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._call = library.decode_attention
+        self._call.argtypes = [ctypes.POINTER(_DecodeArgs), ctypes.c_int, ctypes.c_int]
+        self._call.restype = ctypes.c_int
+
+    @staticmethod
+    def handles(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether decode steps of a model of this head dim, in `dtype` on `device`, run here."""
+        return device.type == "cpu" and dtype in DTYPES and head_dim % 16 == 0 and head_dim <= 256
+
+    def supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether this kernel computes queries q [B, H, 1, D] over a cache like k_cache."""
+        return self.handles(q.device, q.dtype, q.shape[-1]) and q.shape[2] == 1 and k_cache.dtype == q.dtype \
+            and k_cache.stride(-1) == 1
+
+    def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, end: int, scale: float,
+                 softcap: float | None = None) -> torch.Tensor:
+        """q [n, H, 1, D]; k_new, v_new [n, Hkv, 1, D], written into slot end - 1 of each
+        sequence's cache row; caches [N, Hkv, capacity, D] (any strides but the last); rows
+        [n] int64, the cache row of each sequence; mask [n, 1, 1, >= end] additive. Keys are
+        slots [0, end). Returns [n, H, 1, D] in q's dtype."""
+        n, heads, _, dim = q.shape
+        queries = q.reshape(n, heads, dim).float().contiguous()
+        k_new, v_new = (x.to(k_cache.dtype).contiguous() for x in (k_new, v_new))
+        visible = mask.reshape(n, mask.shape[-1]).float()
+        if visible.stride(-1) != 1:
+            visible = visible.contiguous()
+        rows = rows.contiguous()
+        out = torch.empty(n, heads, dim)
+        args = _DecodeArgs(queries.data_ptr(), k_new.data_ptr(), v_new.data_ptr(),
+                           k_cache.data_ptr(), v_cache.data_ptr(),
+                           (ctypes.c_int64 * 3)(*k_cache.stride()[:3]), (ctypes.c_int64 * 3)(*v_cache.stride()[:3]),
+                           rows.data_ptr(), visible.data_ptr(), visible.stride(0), torch.finfo(mask.dtype).min / 2,
+                           n, heads, k_cache.shape[1], dim, end, scale, softcap or 0.0, out.data_ptr())
+        status = self._call(ctypes.byref(args), DTYPES[k_cache.dtype], torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"decode attention failed (status {status}): out of memory for its score buffers")
+        return out.to(q.dtype).view(n, heads, 1, dim)
+
+
+def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
+    """Compile decode_attention.c into `folder` (once per source, compiler and CPU: the build
+    targets this CPU's instructions) and load it. Raises NativeBuildError, saying why."""
+    version = _run([compiler, "--version"]).splitlines()[0]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([version, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    library = Path(folder) / f"decode_attention-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # built beside its final name and moved there: processes starting together never
+        # load a half-written file
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        try:
+            _run([compiler, *FLAGS, "-o", partial, str(SOURCE)])
+            os.replace(partial, library)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    return DecodeKernel(ctypes.CDLL(str(library)))
+
+
+def _run(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeBuildError(f"`{command[0]}` could not run: {e}") from e
+    if done.returncode != 0:
+        raise NativeBuildError(f"`{' '.join(command)}` failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""

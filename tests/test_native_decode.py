@@ -1,0 +1,97 @@
+"""The C decode attention kernel (kernels/decode_attention.c) against attention computed by
+hand in float64: visible keys only, GQA groups, soft-capping, caches with any strides, and
+only the cache rows named; the new keys and values land in their rows' last slot."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from flexbatch.kernels import NativeBuildError, build_decode_kernel
+
+
+def _machine_can_build() -> bool:
+    with open("/proc/cpuinfo") as f:
+        avx512 = " avx512f " in next((line for line in f if line.startswith("flags")), "") + " "
+    return avx512 and shutil.which("cc") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    try:
+        return build_decode_kernel(tmp_path_factory.mktemp("native"))
+    except NativeBuildError:
+        if _machine_can_build():  # a C compiler and AVX-512: the build must work, never skip here
+            raise
+        pytest.skip("no C compiler or no AVX-512 on this machine: PyTorch's attention runs instead")
+
+
+def by_hand(q, keys, values, mask, scale, softcap):
+    """q [H, D], keys/values [Hkv, T, D], mask [T] additive -> [H, D], in float64."""
+    heads, kv_heads = q.shape[0], keys.shape[0]
+    group = heads // kv_heads
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for h in range(heads):
+        k, v = keys[h // group].double(), values[h // group].double()
+        scores = k @ q[h].double() * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        visible = mask > torch.finfo(mask.dtype).min / 2
+        probs = torch.softmax(scores[visible] + mask[visible].double(), 0)
+        out[h] = probs @ v[visible]
+    return out
+
+
+CASES = [  # dtype, heads, kv heads, head dim, softcap, token-major cache
+    (torch.float32, 4, 4, 16, None, False),
+    (torch.float32, 6, 2, 80, 50.0, True),
+    (torch.bfloat16, 9, 3, 64, None, False),
+    (torch.bfloat16, 8, 1, 128, None, True),
+    (torch.float16, 4, 2, 32, 30.0, False),
+]
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,dim,softcap,token_major", CASES)
+def test_decode_attention_reads_what_each_query_sees(kernel, dtype, heads, kv_heads, dim, softcap, token_major):
+    gen = torch.Generator().manual_seed(dim)
+    cache_rows, capacity, end = 7, 40, 37  # 37 keys: two 16-wide chunks and a tail
+    if token_major:  # the layout of cache rows offloaded token by token: [slot, row, head, dim]
+        k_cache = torch.randn(capacity, cache_rows, kv_heads, dim, generator=gen).to(dtype).permute(1, 2, 0, 3)
+        v_cache = torch.randn(capacity, cache_rows, kv_heads, dim, generator=gen).to(dtype).permute(1, 2, 0, 3)
+    else:
+        k_cache = torch.randn(cache_rows, kv_heads, capacity, dim, generator=gen).to(dtype)
+        v_cache = torch.randn(cache_rows, kv_heads, capacity, dim, generator=gen).to(dtype)
+    untouched = (k_cache.clone(), v_cache.clone())
+    rows = torch.tensor([5, 0, 3, 6])  # in any order; rows 1, 2 and 4 are not computed
+    n = len(rows)
+    q = torch.randn(n, heads, 1, dim, generator=gen).to(dtype)
+    k_new, v_new = (torch.randn(n, kv_heads, 1, dim, generator=gen).to(dtype) for _ in range(2))
+    visible = torch.rand(n, end, generator=gen) < 0.6
+    visible[:, :5] = False  # left padding
+    visible[3, :] = False  # a row that sees only its own new token
+    visible[:, end - 1] = True
+    mask = torch.zeros(n, 1, 1, end, dtype=dtype).masked_fill(~visible.view(n, 1, 1, end), torch.finfo(dtype).min)
+    mask[0, 0, 0, 10] = -1.5  # an additive bias that is not a hidden key
+    scale = dim ** -0.5
+
+    out = kernel(q, k_new, v_new, k_cache, v_cache, rows, mask, end, scale, softcap)
+
+    expected_k, expected_v = untouched[0].clone(), untouched[1].clone()
+    expected_k[rows, :, end - 1] = k_new[:, :, 0]
+    expected_v[rows, :, end - 1] = v_new[:, :, 0]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, row in enumerate(rows.tolist()):
+        want = by_hand(q[i, :, 0], expected_k[row, :, :end], expected_v[row, :, :end], mask[i, 0, 0], scale, softcap)
+        assert out.dtype == dtype and out.shape == (n, heads, 1, dim)
+        torch.testing.assert_close(out[i, :, 0].double(), want, atol=tolerance, rtol=tolerance)
+    only_itself = expected_v[rows[3], :, end - 1].double().repeat_interleave(heads // kv_heads, 0)
+    torch.testing.assert_close(out[3, :, 0].double(), only_itself, atol=tolerance, rtol=tolerance)
+
+
+def test_a_head_dim_the_kernel_cannot_take_is_left_to_pytorch(kernel):
+    assert kernel.handles(torch.device("cpu"), torch.bfloat16, 64)
+    assert not kernel.handles(torch.device("cpu"), torch.bfloat16, 72)  # not a multiple of 16
+    assert not kernel.handles(torch.device("cpu"), torch.float64, 64)
+    assert not kernel.handles(torch.device("meta"), torch.float32, 64)
