@@ -13,6 +13,7 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine import generation
 from flexbatch.engine import runner as runner_module
+from flexbatch.model_policy import decode_kernel
 
 from test_models_vs_hf import RecordingRunner
 
@@ -68,8 +69,12 @@ def run_with_refill(llm: LLM, prompts, params) -> tuple[list[list[int]], Countin
     return [o.token_ids for o in llm.generate(prompts, params)], counter
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-decode", "pytorch-decode"])
 @pytest.mark.parametrize("kind", ["llama_gqa_tied_llama3", "opt_pre_ln", "gemma2", "qwen2_moe"])
-def test_refill_gives_each_sequence_its_tokens_alone(tiny_model, kind, monkeypatch):
+def test_refill_gives_each_sequence_its_tokens_alone(tiny_model, kind, monkeypatch, native):
+    """With the C decode kernel, decode steps compute the rows in flight alone; without it
+    (no compiler, FLEXBATCH_NATIVE_KERNELS=0), PyTorch's attention computes every row."""
+    monkeypatch.setenv("FLEXBATCH_NATIVE_KERNELS", "1" if native else "0")
     folder, hf = tiny_model(kind)
     prompts, news = mixed_requests(1, 14)
     full = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
@@ -78,7 +83,9 @@ def test_refill_gives_each_sequence_its_tokens_alone(tiny_model, kind, monkeypat
     assert any(len(e) < n for e, n in zip(expected, news)), "some request must stop early"
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True, stop_token_ids=s) for n, s in zip(news, stops)]
     monkeypatch.setattr(generation, "REFILL_FRACTION", 0.0)  # refill as soon as one row frees
-    got, counter = run_with_refill(LLM(folder, dtype="float32", batch_size=4), prompts, params)
+    llm = LLM(folder, dtype="float32", batch_size=4)
+    assert (llm.runner.decode is not None) == (native and decode_kernel() is not None)
+    got, counter = run_with_refill(llm, prompts, params)
     assert got == expected
     assert counter.admits > 4 and counter.shifts >= 1
 
