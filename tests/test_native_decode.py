@@ -99,3 +99,17 @@ def test_a_head_dim_the_kernel_cannot_take_is_left_to_pytorch(kernel):
     assert not kernel.handles(torch.device("cpu"), torch.bfloat16, 72)  # not a multiple of 16
     assert not kernel.handles(torch.device("cpu"), torch.float64, 64)
     assert not kernel.handles(torch.device("meta"), torch.float32, 64)
+
+
+def test_a_kernel_that_cannot_be_built_leaves_decoding_to_pytorch_with_a_warning(tmp_path, monkeypatch, capsys):
+    from flexbatch.model_policy import decode_kernel
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    reason = "not-a-folder" if shutil.which("cc") else "could not run"  # without a compiler, that comes first
+    with pytest.raises(NativeBuildError, match=reason):
+        build_decode_kernel(blocker / "native")
+    monkeypatch.setenv("FLEXBATCH_CACHE", str(blocker))  # the cache folder cannot be created
+    assert decode_kernel() is None
+    warning = capsys.readouterr().err
+    assert reason in warning and "FLEXBATCH_NATIVE_KERNELS=0" in warning

@@ -90,18 +90,21 @@ def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
     version = _run([compiler, "--version"]).splitlines()[0]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([version, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     library = Path(folder) / f"decode_attention-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        # built beside its final name and moved there: processes starting together never
-        # load a half-written file
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(fd)
-        try:
-            _run([compiler, *FLAGS, "-o", partial, str(SOURCE)])
-            os.replace(partial, library)
-        finally:
-            Path(partial).unlink(missing_ok=True)
-    return DecodeKernel(ctypes.CDLL(str(library)))
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            # built beside its final name and moved there: processes starting together never
+            # load a half-written file
+            fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+            os.close(fd)
+            try:
+                _run([compiler, *FLAGS, "-o", partial, str(SOURCE)])
+                os.replace(partial, library)
+            finally:
+                Path(partial).unlink(missing_ok=True)
+        return DecodeKernel(ctypes.CDLL(str(library)))
+    except OSError as e:  # an unwritable folder, a library this system cannot load
+        raise NativeBuildError(f"{library}: {e}") from e
 
 
 def _run(command: list[str]) -> str:
