@@ -63,7 +63,8 @@ static inline __m512 exp_nonpositive(__m512 x) {
 }
 
 /* The `g` query heads of KV head `kvh` of sequence `b` (a GQA group) over its visible keys.
- * buf: g * end + g * dim floats. */
+ * Scores first (keys loaded once for the group), then per query its softmax and values.
+ * buf: g * end floats. */
 static inline __attribute__((always_inline)) void attend_group(const DecodeArgs *a, int64_t b, int64_t kvh, float *buf,
                                                               __m512 (*load)(const void *), int element) {
     const int64_t g = a->heads / a->kv_heads, D = a->dim, T = a->end, chunks = D / 16;
@@ -73,10 +74,9 @@ static inline __attribute__((always_inline)) void attend_group(const DecodeArgs 
     memcpy(k + (T - 1) * a->k_strides[2] * element, (const char *)a->k_new + fresh, D * element);
     memcpy(v + (T - 1) * a->v_strides[2] * element, (const char *)a->v_new + fresh, D * element);
     const float *mask = a->mask + b * a->mask_stride, *q = a->q + (b * a->heads + kvh * g) * D;
-    float *scores = buf, *acc = buf + g * T, best[g], total[g];
+    float *scores = buf; /* [g, T] */
     int64_t first = 0;
     while (first < T && mask[first] < a->hidden_below) first++;
-    for (int64_t j = 0; j < g; j++) best[j] = -INFINITY;
     __m512 key[MAX_CHUNKS];
     for (int64_t t = first; t < T; t++) {
         if (mask[t] < a->hidden_below) {
@@ -95,42 +95,36 @@ static inline __attribute__((always_inline)) void attend_group(const DecodeArgs 
             for (int64_t c = 1; c < chunks; c++) sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + c * 16), key[c], sum);
             float s = _mm512_reduce_add_ps(sum) * a->scale;
             if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
-            s += mask[t];
-            scores[j * T + t] = s;
-            if (s > best[j]) best[j] = s;
+            scores[j * T + t] = s + mask[t];
         }
     }
-    for (int64_t j = 0; j < g; j++) { /* probabilities, unnormalised, in place of the scores */
+    float *out = a->out + (b * a->heads + kvh * g) * D;
+    for (int64_t j = 0; j < g; j++) { /* per query: the softmax, then its sum of values in registers */
         float *s = scores + j * T;
-        __m512 shift = _mm512_set1_ps(best[j]), sum = _mm512_setzero_ps();
+        __m512 most = _mm512_set1_ps(-INFINITY);
         int64_t t = first;
-        for (; t + 16 <= T; t += 16) {
+        for (; t + 16 <= T; t += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(s + t));
+        const __mmask16 tail = (__mmask16)((1u << (T - t)) - 1);
+        most = _mm512_mask_max_ps(most, tail, most, _mm512_maskz_loadu_ps(tail, s + t));
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(most));
+        __m512 sum = _mm512_setzero_ps();
+        for (t = first; t + 16 <= T; t += 16) { /* probabilities, unnormalised, in place of the scores */
             __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
             _mm512_storeu_ps(s + t, p);
             sum = _mm512_add_ps(sum, p);
         }
-        __mmask16 tail = (__mmask16)((1u << (T - t)) - 1);
         __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), shift));
         _mm512_mask_storeu_ps(s + t, tail, p);
-        total[j] = _mm512_reduce_add_ps(_mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p)));
-    }
-    memset(acc, 0, sizeof(float) * g * D);
-    __m512 value[MAX_CHUNKS];
-    for (int64_t t = first; t < T; t++) {
-        if (mask[t] < a->hidden_below) continue;
-        for (int64_t c = 0; c < chunks; c++) value[c] = load(v + (t * a->v_strides[2] + c * 16) * element);
-        for (int64_t j = 0; j < g; j++) {
-            __m512 p = _mm512_set1_ps(scores[j * T + t]);
-            float *o = acc + j * D;
+        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p))));
+        __m512 o[MAX_CHUNKS]; /* the values of one (sequence, KV head) stay in L1 across its queries */
+        for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
+        for (t = first; t < T; t++) {
+            if (mask[t] < a->hidden_below) continue;
+            const __m512 weight = _mm512_set1_ps(s[t]);
             for (int64_t c = 0; c < chunks; c++)
-                _mm512_storeu_ps(o + c * 16, _mm512_fmadd_ps(p, value[c], _mm512_loadu_ps(o + c * 16)));
+                o[c] = _mm512_fmadd_ps(weight, load(v + (t * a->v_strides[2] + c * 16) * element), o[c]);
         }
-    }
-    float *out = a->out + (b * a->heads + kvh * g) * D;
-    for (int64_t j = 0; j < g; j++) {
-        __m512 inverse = _mm512_set1_ps(1.0f / total[j]);
-        for (int64_t c = 0; c < chunks; c++)
-            _mm512_storeu_ps(out + j * D + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + j * D + c * 16), inverse));
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(out + j * D + c * 16, _mm512_mul_ps(o[c], inverse));
     }
 }
 
@@ -148,7 +142,7 @@ int decode_attention(const DecodeArgs *a, int dtype, int threads) {
     void (*attend)(const DecodeArgs *, int64_t, int64_t, float *) =
         dtype == 1 ? attend_bf16 : dtype == 2 ? attend_f16 : attend_f32;
     const int64_t g = a->heads / a->kv_heads, tasks = a->n * a->kv_heads;
-    const size_t floats = (size_t)(g * a->end + g * a->dim);
+    const size_t floats = (size_t)(g * a->end);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {

@@ -98,7 +98,7 @@ def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
             fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
             os.close(fd)
             try:
-                _run([compiler, *FLAGS, "-o", partial, str(SOURCE)])
+                _run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"])
                 os.replace(partial, library)
             finally:
                 Path(partial).unlink(missing_ok=True)
