@@ -20,6 +20,7 @@ from ..errors import ConfigError
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+LIBRARIES = ["-lm"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -88,7 +89,8 @@ def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
     """Compile decode_attention.c into `folder` (once per source, compiler and CPU: the build
     targets this CPU's instructions) and load it. Raises NativeBuildError, saying why."""
     version = _run([compiler, "--version"]).splitlines()[0]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([version, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
+    settings = " ".join([version, *FLAGS, *LIBRARIES, _cpu_flags()])
+    key = hashlib.sha256(SOURCE.read_bytes() + settings.encode()).hexdigest()[:16]
     library = Path(folder) / f"decode_attention-{key}.so"
     try:
         if not library.exists():
@@ -98,7 +100,7 @@ def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
             fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
             os.close(fd)
             try:
-                _run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"])
+                _run([compiler, *FLAGS, "-o", partial, str(SOURCE), *LIBRARIES])
                 os.replace(partial, library)
             finally:
                 Path(partial).unlink(missing_ok=True)
