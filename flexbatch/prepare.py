@@ -38,7 +38,6 @@ from .weights.source import OpenedModel, open_model
 DEFAULT_BATCH_SIZE = 32  # sequences per block without a policy or the planner
 PROMPT_SAMPLE = 512  # prompts tokenized to estimate a workload's prompt length
 MIN_PROMPT_TOKENS = 64  # the shortest prompt length the planner plans for
-REFILLS_PER_ROW = 4  # a planned block has at least this many of the job's requests per row (small jobs aside)
 MAX_SCORING_BLOCK = 256  # rows a planned scoring block holds at most (each reads every layer's weights once)
 
 log_to_stderr = lambda msg: print(msg, file=sys.stderr)
@@ -140,7 +139,8 @@ def prepare_scoring(settings: RunSettings, log=log_to_stderr) -> PreparedRun:
     from .engine.scoring import MAX_ROW_TOKENS
 
     def estimate(opened: OpenedModel) -> tuple[int, int]:
-        return min(MAX_ROW_TOKENS, opened.config.max_position_embeddings - 1), REFILLS_PER_ROW * MAX_SCORING_BLOCK
+        # as many rows as a block may hold: the planner's blocks go up to the sequences estimated
+        return min(MAX_ROW_TOKENS, opened.config.max_position_embeddings - 1), MAX_SCORING_BLOCK
 
     return prepare_run(settings, 1, estimate, log=log)
 

@@ -94,6 +94,18 @@ def test_decode_attention_reads_what_each_query_sees(kernel, dtype, heads, kv_he
     torch.testing.assert_close(out[3, :, 0].double(), only_itself, atol=tolerance, rtol=tolerance)
 
 
+def test_without_rows_sequence_i_is_cache_row_i(kernel):
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = (torch.randn(3, 2, 20, 32, generator=gen) for _ in range(2))
+    q = torch.randn(3, 4, 1, 32, generator=gen)
+    k_new, v_new = (torch.randn(3, 2, 1, 32, generator=gen) for _ in range(2))
+    mask = torch.zeros(3, 1, 1, 17)
+    named = (k_cache.clone(), v_cache.clone())
+    out = kernel(q, k_new, v_new, *named, torch.arange(3), mask, 17, 0.2)
+    assert torch.equal(kernel(q, k_new, v_new, k_cache, v_cache, None, mask, 17, 0.2), out)
+    assert torch.equal(k_cache, named[0]) and torch.equal(v_cache, named[1])
+
+
 def test_a_head_dim_the_kernel_cannot_take_is_left_to_pytorch(kernel):
     assert kernel.handles(torch.device("cpu"), torch.bfloat16, 64)
     assert not kernel.handles(torch.device("cpu"), torch.bfloat16, 72)  # not a multiple of 16

@@ -397,3 +397,29 @@ def test_a_pipeline_stage_is_planned_with_every_block_in_flight(gib):
     kv_per_block = 2 * CFG.num_kv_heads * CFG.head_dim * 2 * capacity * CFG.num_layers * 16  # K and V, bf16
     kv = lambda work: evaluate(CFG, FAMILY, torch.bfloat16, HW, in_memory, work).memory.merged()["KV cache"]
     assert kv(WORK) == pytest.approx(kv_per_block) and kv(staged) == pytest.approx(2 * kv_per_block)
+
+
+class _Planned(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_the_largest_block_the_planner_may_choose(tiny_model, monkeypatch, stages):
+    """A generation job may run all its requests in one block (per pipeline stage); scoring
+    blocks hold at most MAX_SCORING_BLOCK rows. Checked where the planner is asked."""
+    from flexbatch import prepare
+
+    folder, _ = tiny_model("llama_gqa_tied_llama3")
+    asked = []
+
+    def plan_for(settings, opened, device, dtype, work, max_block=None, *rest, **named):
+        asked.append(max_block)
+        raise _Planned
+
+    monkeypatch.setattr(prepare, "plan_for", plan_for)
+    settings = prepare.RunSettings(model=str(folder), dtype="float32", pipeline_stages=stages)
+    with pytest.raises(_Planned):
+        prepare.prepare_run(settings, 8, lambda opened: (20, 1000))
+    with pytest.raises(_Planned):
+        prepare.prepare_scoring(settings)
+    assert asked == [1000 // stages, prepare.MAX_SCORING_BLOCK // stages]

@@ -99,8 +99,8 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
 def _decode(q, k_new, v_new, k_cache: torch.Tensor, v_cache: torch.Tensor, step: AttentionStep) -> torch.Tensor:
     """One token per sequence, written at slot `start` of its cache row, then attention over
     the keys its mask leaves visible (`DecodeKernel`)."""
-    rows = torch.arange(q.shape[0]) if step.rows is None else step.rows
-    return step.decode(q, k_new, v_new, k_cache, v_cache, rows, step.mask, step.start + 1, step.scale, step.softcap)
+    return step.decode(q, k_new, v_new, k_cache, v_cache, step.rows, step.mask, step.start + 1, step.scale,
+                       step.softcap)
 
 
 def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegments,

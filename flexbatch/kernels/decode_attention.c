@@ -28,7 +28,7 @@ typedef struct {
     const void *k_new, *v_new; /* [n, kv_heads, dim], the caches' type: written at slot end - 1 */
     void *k, *v;         /* caches: any row, head and slot strides */
     int64_t k_strides[3], v_strides[3];
-    const int64_t *rows; /* [n]: the cache row each sequence's queries read */
+    const int64_t *rows; /* [n]: the cache row each sequence's queries read; NULL: row b */
     const float *mask;   /* [n, mask_stride] additive fp32 */
     int64_t mask_stride;
     float hidden_below;  /* a mask value below this hides its key */
@@ -68,8 +68,9 @@ static inline __m512 exp_nonpositive(__m512 x) {
 static inline __attribute__((always_inline)) void attend_group(const DecodeArgs *a, int64_t b, int64_t kvh, float *buf,
                                                               __m512 (*load)(const void *), int element) {
     const int64_t g = a->heads / a->kv_heads, D = a->dim, T = a->end, chunks = D / 16;
-    char *k = (char *)a->k + (a->rows[b] * a->k_strides[0] + kvh * a->k_strides[1]) * element;
-    char *v = (char *)a->v + (a->rows[b] * a->v_strides[0] + kvh * a->v_strides[1]) * element;
+    const int64_t row = a->rows ? a->rows[b] : b;
+    char *k = (char *)a->k + (row * a->k_strides[0] + kvh * a->k_strides[1]) * element;
+    char *v = (char *)a->v + (row * a->v_strides[0] + kvh * a->v_strides[1]) * element;
     const int64_t fresh = (b * a->kv_heads + kvh) * D * element;
     memcpy(k + (T - 1) * a->k_strides[2] * element, (const char *)a->k_new + fresh, D * element);
     memcpy(v + (T - 1) * a->v_strides[2] * element, (const char *)a->v_new + fresh, D * element);

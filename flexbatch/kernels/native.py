@@ -60,11 +60,11 @@ class DecodeKernel:
             and k_cache.stride(-1) == 1
 
     def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, end: int, scale: float,
+                 v_cache: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor, end: int, scale: float,
                  softcap: float | None = None) -> torch.Tensor:
         """q [n, H, 1, D]; k_new, v_new [n, Hkv, 1, D], written into slot end - 1 of each
         sequence's cache row; caches [N, Hkv, capacity, D] (any strides but the last); rows
-        [n] int64, the cache row of each sequence; mask [n, 1, 1, >= end] additive. Keys are
+        [n] int64, the cache row of each sequence (None: row i); mask [n, 1, 1, >= end] additive. Keys are
         slots [0, end). Returns [n, H, 1, D] in q's dtype."""
         n, heads, _, dim = q.shape
         queries = q.reshape(n, heads, dim).float().contiguous()
@@ -72,12 +72,13 @@ class DecodeKernel:
         visible = mask.reshape(n, mask.shape[-1]).float()
         if visible.stride(-1) != 1:
             visible = visible.contiguous()
-        rows = rows.contiguous()
+        rows = None if rows is None else rows.contiguous()
         out = torch.empty(n, heads, dim)
         args = _DecodeArgs(queries.data_ptr(), k_new.data_ptr(), v_new.data_ptr(),
                            k_cache.data_ptr(), v_cache.data_ptr(),
                            (ctypes.c_int64 * 3)(*k_cache.stride()[:3]), (ctypes.c_int64 * 3)(*v_cache.stride()[:3]),
-                           rows.data_ptr(), visible.data_ptr(), visible.stride(0), torch.finfo(mask.dtype).min / 2,
+                           None if rows is None else rows.data_ptr(), visible.data_ptr(), visible.stride(0),
+                           torch.finfo(mask.dtype).min / 2,
                            n, heads, k_cache.shape[1], dim, end, scale, softcap or 0.0, out.data_ptr())
         status = self._call(ctypes.byref(args), DTYPES[k_cache.dtype], torch.get_num_threads())
         if status != 0:
