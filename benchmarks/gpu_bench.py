@@ -93,8 +93,10 @@ def _peak_gpu() -> int:
 def run_child(kind: str, spec: dict) -> dict:
     from offload_bench import child_result
 
-    return child_result(subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
-                                       capture_output=True, text=True))
+    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:  # the whole traceback, for a failure seen only on a lent GPU
+        print(out.stderr[-6000:], file=sys.stderr)
+    return child_result(out)
 
 
 def main() -> None:
@@ -130,10 +132,12 @@ def main() -> None:
     for text in args.policy:
         policy = json.loads(text)
         r = run_child("flexbatch", {**common, "policy": policy, "offload_dir": str(work / "offload")})
-        on_disk = 1 - policy.get("weights_device", 1) - policy.get("weights_host", 0) > 0
-        # the floor models bf16 over the link
-        if "error" not in r and not on_disk and not policy.get("compress_weight"):
-            r["roofline_s"] = transfer_floor(args.shape, policy, args.gen_len, bandwidth)
+        on_disk = 1 - policy.get("weights_device", 1) - policy.get("weights_host", 0) > 0 or \
+            1 - policy.get("cache_device", 1) - policy.get("cache_host", 0) > 0
+        # the floor models bf16 over the link, and the GPU attending over every cache row
+        plain = not (policy.get("compress_weight") or policy.get("compress_cache") or policy.get("cpu_attention"))
+        if "error" not in r and not on_disk and plain:
+            r["roofline_s"] = transfer_floor(args.shape, policy, args.prompt_len, args.gen_len, bandwidth)
             r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
         results["flexbatch"].append({"policy": policy, **r})
         print("flexbatch", text, _row(r), flush=True)
@@ -167,16 +171,21 @@ def host_to_gpu_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / best
 
 
-def transfer_floor(shape: str, policy: dict, gen_len: int, bandwidth: float) -> float:
-    """The roofline of a weights-off-GPU policy on a GPU this fast: every token step (the
-    prompt's and each generated one's but the last) moves the bf16 layer weights not kept on
-    the GPU over the host link once; compute and KV traffic are taken as hidden under it."""
+def transfer_floor(shape: str, policy: dict, prompt_len: int, gen_len: int, bandwidth: float) -> float:
+    """The roofline of a policy that keeps weights or KV cache off the GPU, on a GPU this fast:
+    every token step (the prompt's and each generated one's but the last) moves the bf16 layer
+    weights not kept on the GPU over the host link once, and each decode step reads the cache
+    of every sequence kept in host RAM (its whole prefix) and the prefill writes it; compute
+    is taken as hidden under the copies."""
     from dummy_model import opt_config
 
     cfg = opt_config(shape)
-    h = cfg["hidden_size"]
-    layer_bytes = 2 * (12 * h * h + 9 * h) * cfg["num_hidden_layers"]
-    return gen_len * layer_bytes * (1 - policy.get("weights_device", 1)) / bandwidth
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    weights = gen_len * 2 * (12 * h * h + 9 * h) * layers * (1 - policy.get("weights_device", 1))
+    block = policy["gpu_batch_size"] * policy["num_gpu_batches"]
+    token_kv = 2 * 2 * h * layers * (1 - policy.get("cache_device", 1))  # K and V, bf16, all layers
+    cache = block * token_kv * (prompt_len + sum(prompt_len + t for t in range(1, gen_len)))
+    return (weights + cache) / bandwidth
 
 
 def _row(r: dict) -> str:

@@ -108,3 +108,28 @@ def test_profile_measures_the_gpu():
     assert set(gpu.op_seconds) == {"compute", "cache_load", "cpu_attention"} and 0 < gpu.op_seconds["compute"] < 0.1
     profile = HardwareProfile("t", 1, ComputeRates({"float32": {1: 1.0}}), DiskRates(1e9, 1e9), gpu)
     assert HardwareProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+
+
+def test_gpu_peak_memory_is_within_the_memory_plan(tmp_path):
+    """The GPU memory a block takes at its peak, its admission included, is at most what its
+    memory plan counts (the plan the budget check and the planner trust). A 128-row block of
+    an OPT-125m-shaped model in bf16, weights and KV cache in host RAM."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from flexbatch.sizing import run_memory
+
+    cfg = OPTConfig(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=4, num_attention_heads=12,
+                    max_position_embeddings=2048)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path / "model")
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=4, weights_device=0, weights_host=1, cache_device=0,
+                    cache_host=1)
+    prompts = torch.randint(10, 50000, (128, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with LLM(tmp_path / "model", dtype="bfloat16", device="cuda", policy=policy, offload_dir=tmp_path / "off") as llm:
+        llm.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        plan = run_memory(llm.config, llm.family, policy, llm.dtype, 128, 128 + 8, 128, llm.device)
+    peak, planned = torch.cuda.max_memory_allocated() - before, sum(plan.device.values())
+    assert peak <= planned, f"peak {peak / 2**20:.0f} MiB, planned {planned / 2**20:.0f} MiB: {plan.device}"

@@ -55,7 +55,7 @@ def ours_with_logits(llm: LLM, prompt: list[int]):
 
 
 def hf_with_logits(model, prompt: list[int]):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                              min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,

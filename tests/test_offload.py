@@ -273,3 +273,34 @@ def test_scoring_blocks_shrink_to_fit_the_memory_budget(tiny_model, tmp_path, mo
             logprobs = torch.log_softmax(hf(ids).logits[0, len(context) - 1:-1], -1)
         expected = logprobs.gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
         torch.testing.assert_close(torch.tensor(ours.logprobs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_admission_holds_one_gpu_batch_of_fresh_keys_at_a_time(tiny_model, tmp_path, monkeypatch):
+    """Each GPU batch of newcomers' keys and values goes into the block's cache as soon as it
+    is computed: an admission never holds a whole layer of them (on a GPU, that made a
+    256-row block use 2.2x the memory its plan counts). Tokens stay those of the in-memory run."""
+    from flexbatch.engine.offload_steps import AdmitStep
+
+    held, compute = [], AdmitStep.compute
+
+    def counting(step, layer, batch, loaded, cache):
+        held.append(len(step.fresh))
+        compute(step, layer, batch, loaded, cache)
+
+    monkeypatch.setattr(AdmitStep, "compute", counting)
+    folder, _ = tiny_model("llama_gqa_tied_llama3")
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=4, weights_device=0, weights_host=0, cache_device=0,
+                    cache_host=0, overlap=False)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    assert got == in_memory_tokens(folder)
+    assert len(held) == 3 * 4 and max(held) == 1  # 3 layers x 4 GPU batches, one admission
+
+
+def test_admitted_rows_must_ascend(tiny_model, tmp_path):
+    folder, _ = tiny_model("opt_pre_ln")
+    with LLM(folder, dtype="float32", policy=POLICIES["weights_on_disk"], offload_dir=tmp_path) as llm:
+        # GPU batches of 4 rows: rows 0-2 in the first, 5-7 in the second, 9 in the third
+        assert llm.runner.admit_batches([0, 1, 2, 5, 6, 7, 9]) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+        with pytest.raises(ValueError, match="ascend"):
+            llm.runner.admit_batches([3, 1])

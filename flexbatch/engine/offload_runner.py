@@ -21,15 +21,15 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from itertools import accumulate, groupby
 from pathlib import Path
 
 import torch
 
 from ..config import Policy
 from ..kernels import KernelChoice
-from ..kernels.attention import CacheSegments, orthonormal
-from ..kernels.linear import dequantize_for_block
-from ..kernels.packed import PackedLinear, free_dense_buffers
+from ..kernels.attention import orthonormal
+from ..kernels.packed import free_dense_buffers
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..sizing import (
@@ -49,6 +49,7 @@ from ..weights.source import TensorSource
 from .executor import Executor, InlineIO
 from .kv_cache import BatchKV, KVFormat, block_pools
 from .memory import detect_budget
+from .offload_steps import AdmitStep, PrefillOnlyStep, TokenStep, cache_parts
 from .runner import (
     Runner,
     TokenScores,
@@ -62,7 +63,7 @@ from .runner import (
 )
 from .scoring import PackedRows
 from .streams import CopyStreams
-from .weight_home import LayerLoad, WeightHome
+from .weight_home import WeightHome
 
 FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_gpu_batches, "
             "or raise the budget (--cpu-memory / --gpu-memory).")
@@ -125,6 +126,16 @@ class OffloadRunner(Runner):
         gbs = self.policy.gpu_batch_size
         return [slice(s, min(s + gbs, batch_size)) for s in range(0, batch_size, gbs)]
 
+    def admit_batches(self, rows: list[int]) -> list[slice]:
+        """The GPU batches of an admission into block rows `rows` (ascending): runs of
+        newcomers whose rows lie in one GPU batch of the block, so that each run's keys and
+        values go to one cache as soon as they are computed, and no more than a GPU batch of
+        them is ever held (`AdmitStep`)."""
+        if any(a >= b for a, b in zip(rows, rows[1:])):
+            raise ValueError(f"admitted rows must ascend, got {rows}")
+        ends = list(accumulate(len(list(run)) for _, run in groupby(rows, lambda r: r // self.policy.gpu_batch_size)))
+        return [slice(a, b) for a, b in zip([0, *ends], ends)]
+
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
         # every lane's block is counted as this one's: they are alike
         plan = run_memory(self.sized, self.family, self.policy, self.dtype, batch_size * self.lanes, capacity,
@@ -181,7 +192,7 @@ class OffloadRunner(Runner):
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
         began = time.perf_counter()
-        hidden = self.admit_hidden(rows, self.admit_inputs(input_ids, shared), key_valid, end, shared)
+        hidden = self.admit_hidden(rows, self.admit_inputs(input_ids, shared, rows), key_valid, end, shared)
         out = self.last_logits(hidden[1:] if shared else hidden)
         self.admit_seconds.append(time.perf_counter() - began)
         return out
@@ -191,10 +202,10 @@ class OffloadRunner(Runner):
     def step_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         return [input_ids[b] for b in self.batches]
 
-    def admit_inputs(self, input_ids: torch.Tensor, shared: int) -> list[torch.Tensor]:
-        """One input per GPU batch of newcomers; with a `shared` prefix, one more, first: the
-        prefix alone (`_AdmitStep`)."""
-        inputs = [input_ids[b, shared:] for b in self.gpu_batches(input_ids.shape[0])]
+    def admit_inputs(self, input_ids: torch.Tensor, shared: int, rows: list[int]) -> list[torch.Tensor]:
+        """One input per GPU batch of newcomers (`admit_batches`); with a `shared` prefix, one
+        more, first: the prefix alone (`AdmitStep`)."""
+        inputs = [input_ids[b, shared:] for b in self.admit_batches(rows)]
         return [input_ids[:1, :shared], *inputs] if shared else inputs
 
     @torch.inference_mode()
@@ -205,7 +216,7 @@ class OffloadRunner(Runner):
                              self.policy.attn_sparsity, self.kv_rotation)
                 for b in self.batches]
         end = start + inputs[0].shape[1]
-        return self._run(inputs, ctxs, lambda h: _TokenStep(self, h, ctxs, start, end))
+        return self._run(inputs, ctxs, lambda h: TokenStep(self, h, ctxs, start, end))
 
     @torch.inference_mode()
     def admit_hidden(self, rows: list[int], inputs: list[torch.Tensor], key_valid: torch.Tensor, end: int,
@@ -213,11 +224,11 @@ class OffloadRunner(Runner):
         """`admit`'s hidden states after this runner's layers (`admit_inputs`' batches)."""
         ctxs = [make_context(self.cfg, self.family, key_valid[b], shared, self.dtype, self.device,
                              self.policy.attn_sparsity, self.kv_rotation)
-                for b in self.gpu_batches(key_valid.shape[0])]
+                for b in self.admit_batches(rows)]
         if shared:  # one more GPU batch, first in every layer: the prefix, whose keys the others copy
             ctxs.insert(0, make_context(self.cfg, self.family, torch.ones(1, shared, dtype=torch.bool), 0,
                                         self.dtype, self.device, kv_rotation=self.kv_rotation))
-        return self._run(inputs, ctxs, lambda h: _AdmitStep(self, h, ctxs, rows, end, shared))
+        return self._run(inputs, ctxs, lambda h: AdmitStep(self, h, ctxs, rows, end, shared))
 
     @torch.inference_mode()
     def last_logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
@@ -231,7 +242,7 @@ class OffloadRunner(Runner):
         for layer in self.kv:
             for kv in layer:
                 for cache in kv.load(end):
-                    for part in _parts(cache):
+                    for part in cache_parts(cache):
                         shift_slots(part, offset, end)
                 kv.store(0, end - offset)
 
@@ -258,7 +269,7 @@ class OffloadRunner(Runner):
         no KV cache: each layer's keys and values are used where computed and dropped."""
         batches = self.gpu_batches(rows.input_ids.shape[0])
         ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device) for b in batches]
-        hidden = self._run([rows.input_ids[b] for b in batches], ctxs, lambda h: _PrefillOnlyStep(self, h, ctxs, 0, 0))
+        hidden = self._run([rows.input_ids[b] for b in batches], ctxs, lambda h: PrefillOnlyStep(self, h, ctxs, 0, 0))
         return TokenScores.cat([source_logprobs(self.cfg, self.family, self.home.globals, h, rows.rows(b))
                                 for h, b in zip(hidden, batches)], 0)
 
@@ -275,119 +286,3 @@ class OffloadRunner(Runner):
             hidden = [h.to(self.device, self.dtype) for h in inputs]
         self.wait_seconds += self.executor.run_step(work_of(hidden), len(self.layers), len(inputs))
         return hidden
-
-
-class _TokenStep:
-    """One token step's cache and compute operations (the executor's `StepWork`): GPU batch
-    k's hidden states [b, S, C] advance through layer j over the cache self.runner.kv[j][k]."""
-
-    def __init__(self, runner: OffloadRunner, hidden: list[torch.Tensor], ctxs: list, start: int, end: int):
-        self.runner, self.hidden, self.ctxs, self.start, self.end = runner, hidden, ctxs, start, end
-        self.rows = sum(h.shape[0] * h.shape[1] for h in hidden)  # token rows each layer multiplies
-
-    def load_cache(self, layer: int, batch: int):
-        return self.runner.kv[layer][batch].load(self.start)
-
-    def compute(self, layer: int, batch: int, loaded: LayerLoad, cache) -> None:
-        r, (k_cache, v_cache) = self.runner, cache
-        r.streams.claim(_tensors_of([k_cache, v_cache, *loaded.weights.values()]))
-        if batch == 0:
-            dequantize_for_block(loaded.weights.values(), self.rows)
-        self.hidden[batch] = r.family.layer(r.cfg, loaded.weights, self.hidden[batch], self.ctxs[batch],
-                                            k_cache, v_cache, r.layers[layer])
-        if batch == len(self.hidden) - 1:
-            _drop_dense_copies(loaded.weights)
-
-    def store_cache(self, layer: int, batch: int) -> None:
-        self.runner.kv[layer][batch].store(self.start, self.end)
-
-
-class _PrefillOnlyStep(_TokenStep):
-    """A prefill that keeps no KV cache (scoring): nothing to load or store."""
-
-    def load_cache(self, layer: int, batch: int):
-        return None, None
-
-    def store_cache(self, layer: int, batch: int) -> None:
-        return None
-
-
-class _AdmitStep(_TokenStep):
-    """A prefill of prompts joining the block (`Runner.admit`): each (layer, GPU batch of the
-    newcomers) attends over fresh cache tensors of its own, and once a layer's last GPU batch
-    is computed, its keys and values are written into the block's cache rows `rows`. With a
-    `shared` prefix, GPU batch 0 is the prefix alone and the others copy its keys and values."""
-
-    def __init__(self, runner: OffloadRunner, hidden: list[torch.Tensor], ctxs: list, rows: list[int], end: int,
-                 shared: int):
-        super().__init__(runner, hidden, ctxs, 0, end)
-        self.block_rows, self.shared, self.fresh = rows, shared, {}
-        self.first = 1 if shared else 0  # the first GPU batch of newcomers
-
-    def load_cache(self, layer: int, batch: int):
-        n, width = self.hidden[batch].shape[:2]
-        if batch >= self.first:
-            width += self.shared
-        shape = (n, self.runner.cfg.num_kv_heads, width, self.runner.cfg.head_dim)
-        fresh = [torch.empty(shape, dtype=self.runner.dtype, device=self.runner.device) for _ in range(2)]
-        self.fresh[layer, batch] = fresh
-        return fresh
-
-    def compute(self, layer: int, batch: int, loaded: LayerLoad, cache) -> None:
-        if self.shared and batch >= self.first:  # the prefix computed this layer first
-            for kv in range(2):
-                cache[kv][:, :, :self.shared] = self.fresh[layer, 0][kv]
-        super().compute(layer, batch, loaded, cache)
-
-    def store_cache(self, layer: int, batch: int) -> None:
-        if batch < len(self.hidden) - 1:
-            return
-        parts = [self.fresh.pop((layer, b)) for b in range(len(self.hidden))][self.first:]
-        new = [torch.cat([p[kv] for p in parts]) for kv in range(2)]  # [n, Hkv, W, D], newcomers in order
-        slots = slice(self.end - new[0].shape[2], self.end)
-        gbs = self.runner.policy.gpu_batch_size
-        for k, kv in enumerate(self.runner.kv[layer]):
-            mine = [(i, row - k * gbs) for i, row in enumerate(self.block_rows) if row // gbs == k]
-            if mine:
-                caches = kv.load(self.end)
-                for cache, values in zip(caches, new):
-                    _write_rows(cache, mine, slots, values)
-                kv.store(slots.start, slots.stop)
-
-
-def _parts(cache) -> list[torch.Tensor]:
-    return cache.parts if isinstance(cache, CacheSegments) else [cache]
-
-
-def _write_rows(cache, rows: list[tuple[int, int]], slots: slice, values: torch.Tensor) -> None:
-    """cache[local, :, slots] = values[i] for each (i, local) in rows, over a cache split in
-    segments of consecutive sequences or not."""
-    first = 0
-    for part in _parts(cache):
-        for i, local in rows:
-            if first <= local < first + part.shape[0]:
-                part[local - first, :, slots] = values[i].to(part.device)
-        first += part.shape[0]
-
-
-def _tensors_of(values) -> list[torch.Tensor]:
-    """The tensors inside loaded weights and caches (compressed weights hold two)."""
-    out = []
-    for v in values:
-        if v is None:  # no cache (a prefill that keeps none)
-            continue
-        if isinstance(v, PackedLinear):
-            out += [v.data, v.scale_zero]
-        elif isinstance(v, CacheSegments):
-            out += v.parts
-        else:
-            out.append(v)
-    return out
-
-
-def _drop_dense_copies(layer_weights: dict) -> None:
-    """Free the dequantized copies compressed weights made for this layer: the last GPU batch
-    has used them, so at most one layer is held dense at a time."""
-    for w in layer_weights.values():
-        if isinstance(w, PackedLinear):
-            w.release_dense()

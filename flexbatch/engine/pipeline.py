@@ -236,7 +236,7 @@ class PipelineLane(Runner):
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
         r = self.runner
-        compute = lambda: r.admit_hidden(rows, r.admit_inputs(input_ids, shared), key_valid, end, shared)
+        compute = lambda: r.admit_hidden(rows, r.admit_inputs(input_ids, shared, rows), key_valid, end, shared)
         return self._call({"op": "admit", "rows": rows, "end": end, "shared": shared}, compute, [key_valid])[0]
 
     def shift(self, offset: int, end: int) -> None:

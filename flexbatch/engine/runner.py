@@ -97,7 +97,7 @@ class Runner(abc.ABC):
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
         """Prefill prompts input_ids [n, W] (key_valid [n, W]) on their own and place their
-        keys and values in cache slots [end - W, end) of block rows `rows`; return their
+        keys and values in cache slots [end - W, end) of block rows `rows` (ascending); return their
         last-position logits [n, V] fp32. Other rows' caches are unchanged. The first
         `shared` columns are the same tokens in every row, computed once."""
 
