@@ -1,6 +1,7 @@
-"""The C decode attention kernel (kernels/decode_attention.c) against attention computed by
+"""The C decode kernels: attention (kernels/decode_attention.c) against attention computed by
 hand in float64: visible keys only, GQA groups, soft-capping, caches with any strides, and
-only the cache rows named; the new keys and values land in their rows' last slot."""
+only the cache rows named; the new keys and values land in their rows' last slot. The greedy
+pick (kernels/greedy.c) against argmax and log_softmax."""
 from __future__ import annotations
 
 import shutil
@@ -125,3 +126,24 @@ def test_a_kernel_that_cannot_be_built_leaves_decoding_to_pytorch_with_a_warning
     assert decode_kernel() is None
     warning = capsys.readouterr().err
     assert reason in warning and "FLEXBATCH_NATIVE_KERNELS=0" in warning
+
+
+def test_greedy_pick_is_the_first_maximum_and_its_log_softmax(kernel):
+    torch.manual_seed(0)
+    logits = torch.randn(40, 1000) * 4
+    logits[3, 100] = logits[3, 900] = logits[3].max() + 1  # a tie: the first index wins, as argmax says
+    logits[7] = float("-inf")  # every token but one masked
+    logits[7, 5] = -2.0
+    logits[9, 999] = 50.0  # the maximum in the last vector
+    for view in (logits, logits[:, :993]):  # a vocabulary that is not a multiple of 16, rows strided
+        tokens, logprobs = kernel.greedy(view)
+        assert torch.equal(tokens, view.argmax(-1))
+        expected = torch.log_softmax(view.double(), -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(logprobs.double(), expected, rtol=1e-5, atol=1e-5)
+    assert tokens[3] == 100 and tokens[7] == 5 and logprobs[7] == 0.0
+
+
+def test_greedy_pick_leaves_a_nan_to_pytorch(kernel):
+    logits = torch.zeros(4, 64)
+    logits[2, 17] = float("nan")
+    assert kernel.greedy(logits) is None

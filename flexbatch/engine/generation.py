@@ -361,9 +361,12 @@ class Block:
     def choose(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Pick the next token of block rows `rows` from their logits [n, V]; finish those done."""
         # The mask acts on logits the model produced, so every placement shares this code.
-        allowed = self.masks.apply(logits, rows) if self.masks else logits
-        tokens = self.sampler.sample(allowed, rows)
-        logprobs = token_logprobs(logits, tokens)
+        picked = None if self.masks else self.sampler.greedy_pick(logits, rows, self.runner.decode)
+        if picked is not None:
+            tokens, logprobs = picked
+        else:
+            tokens = self.sampler.sample(self.masks.apply(logits, rows) if self.masks else logits, rows)
+            logprobs = token_logprobs(logits, tokens)
         num_alternatives = max(self.live[r][1].params.top_logprobs for r in rows)
         alternatives = top_alternatives(logits, num_alternatives) if num_alternatives else None
         self.tokens[rows] = tokens

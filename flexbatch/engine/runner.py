@@ -82,6 +82,8 @@ def packed_context(cfg: ModelConfig, family: Family, rows: PackedRows, dtype: to
 class Runner(abc.ABC):
     """Forward steps over one batch at a time, with the batch's KV cache."""
 
+    decode: DecodeKernel | None = None  # the C kernels of a decode step, where they run
+
     @abc.abstractmethod
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
         """Start a batch of `batch_size` sequences of up to `capacity` tokens (KV cache slots)."""
@@ -194,19 +196,32 @@ class InMemoryRunner(Runner):
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
         width = input_ids.shape[1]
-        index = torch.tensor(rows, device=self.device)
         last = []
         for group, first in prompt_groups(key_valid, shared):
             # the group's own columns: the left padding all its prompts share is not computed
-            valid = torch.cat([key_valid[group, :shared], key_valid[group, first:]], 1)
-            fresh = [self._empty_cache(valid.shape[0], valid.shape[1]) for _ in range(self.cfg.num_layers)]
+            ids, block_rows = input_ids[group, first:], rows[group]
+            in_place = block_rows == list(range(block_rows[0], block_rows[-1] + 1))
+            if in_place:
+                # consecutive rows: computed in the block's cache itself, the padding columns
+                # [shared, first) kept there but masked (and zeroed, so no stale value meets a
+                # masked weight)
+                caches = [tuple(c[block_rows[0]:block_rows[-1] + 1, :, end - width:end] for c in cache)
+                          for cache in self._cache]
+                valid, start = key_valid[group], first
+                for cache in caches:
+                    for kv in range(2):
+                        cache[kv][:, :, shared:first] = 0
+            else:  # computed apart, then placed
+                valid = torch.cat([key_valid[group, :shared], key_valid[group, first:]], 1)
+                caches, start = [self._empty_cache(len(block_rows), valid.shape[1]) for _ in self._cache], shared
             if shared:
-                for cache, prefix in zip(fresh, self._prefix_cache(input_ids[0, :shared])):
+                for cache, prefix in zip(caches, self._prefix_cache(input_ids[0, :shared])):
                     for kv in range(2):
                         cache[kv][:, :, :shared] = prefix[kv]
-            ctx = make_context(self.cfg, self.family, valid, shared, self.dtype, self.device)
-            last.append(self._forward(input_ids[group, first:], ctx, fresh)[:, -1:])
-            self._place(fresh, index[group], end - width, shared, end - (width - first))
+            ctx = make_context(self.cfg, self.family, valid, start, self.dtype, self.device)
+            last.append(self._forward(ids, ctx, caches)[:, -1:])
+            if not in_place:
+                self._place(caches, torch.tensor(block_rows), end - width, shared, end - (width - first))
         h = torch.cat(last)
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SamplingParams
+from ..kernels import DecodeKernel
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -39,6 +40,15 @@ class Sampler:
 
     def release(self, row: int) -> None:
         self.rows.pop(row, None)
+
+    def greedy_pick(self, logits: torch.Tensor, rows: list[int],
+                    kernel: DecodeKernel | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(next tokens, their log-probabilities) of block rows `rows` from the C kernel, in
+        one pass where `sample` and `token_logprobs` take three; None if one of the rows
+        samples, there is no kernel, or a logit is NaN."""
+        if kernel is None or any(row in self.rows for row in rows):
+            return None
+        return kernel.greedy(logits)
 
     def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """logits [n, V] fp32 of block rows `rows` -> next token ids [n] int64."""

@@ -1,5 +1,6 @@
-"""Kernels written in C (decode_attention.c), built with the machine's C compiler at first
-use and called through ctypes: no Python or torch headers, so a build takes about a second.
+"""Kernels written in C (decode_attention.c, greedy.c, sharing simd.h), built into one library
+with the machine's C compiler at first use and called through ctypes: no Python or torch
+headers, so a build takes about a second.
 
 `build_decode_kernel` compiles into a folder it is given and returns a `DecodeKernel`; which
 folder, and whether to use it at all, is decided above the engine (model_policy.py), which
@@ -18,7 +19,9 @@ import torch
 
 from ..errors import ConfigError
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "decode_attention.c", HERE / "greedy.c"]
+HEADERS = [HERE / "simd.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -40,14 +43,31 @@ class _DecodeArgs(ctypes.Structure):
 
 
 class DecodeKernel:
-    """Attention of one new token per sequence over its cache row's visible keys, reading
-    only those (decode_attention.c): on a CPU, a block whose rows joined at different times
-    reads a fraction of what SDPA does, and only the rows named are computed."""
+    """The C kernels of a decode step. Called: attention of one new token per sequence over
+    its cache row's visible keys, reading only those (decode_attention.c): on a CPU, a block
+    whose rows joined at different times reads a fraction of what SDPA does, and only the rows
+    named are computed. `greedy`: the next tokens of greedy rows with their log-probabilities."""
 
     def __init__(self, library: ctypes.CDLL):
         self._call = library.decode_attention
         self._call.argtypes = [ctypes.POINTER(_DecodeArgs), ctypes.c_int, ctypes.c_int]
         self._call.restype = ctypes.c_int
+        self._greedy = library.greedy_pick
+        self._greedy.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_int]
+        self._greedy.restype = ctypes.c_int
+
+    def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """logits [n, V] fp32 on the CPU -> (the first index of each row's maximum [n] int64,
+        its log-probability [n] fp32), as argmax and log_softmax give them; None if a row
+        holds a NaN (PyTorch's rules for it then apply)."""
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        n, vocab = logits.shape
+        tokens, logprobs = torch.empty(n, dtype=torch.int64), torch.empty(n)
+        nan = self._greedy(logits.data_ptr(), n, vocab, logits.stride(0), tokens.data_ptr(), logprobs.data_ptr(),
+                           torch.get_num_threads())
+        return None if nan else (tokens, logprobs)
 
     @staticmethod
     def handles(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -87,12 +107,13 @@ class DecodeKernel:
 
 
 def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
-    """Compile decode_attention.c into `folder` (once per source, compiler and CPU: the build
-    targets this CPU's instructions) and load it. Raises NativeBuildError, saying why."""
+    """Compile the C kernels into `folder` (once per source, compiler and CPU: the build
+    targets this CPU's instructions) and load them. Raises NativeBuildError, saying why."""
     version = _run([compiler, "--version"]).splitlines()[0]
     settings = " ".join([version, *FLAGS, *LIBRARIES, _cpu_flags()])
-    key = hashlib.sha256(SOURCE.read_bytes() + settings.encode()).hexdigest()[:16]
-    library = Path(folder) / f"decode_attention-{key}.so"
+    code = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
+    key = hashlib.sha256(code + settings.encode()).hexdigest()[:16]
+    library = Path(folder) / f"flexbatch-kernels-{key}.so"
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +122,7 @@ def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
             fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
             os.close(fd)
             try:
-                _run([compiler, *FLAGS, "-o", partial, str(SOURCE), *LIBRARIES])
+                _run([compiler, *FLAGS, "-o", partial, *map(str, SOURCES), *LIBRARIES])
                 os.replace(partial, library)
             finally:
                 Path(partial).unlink(missing_ok=True)
