@@ -127,6 +127,7 @@ class LLM:
         return self.pipeline.lanes if self.pipeline else [self.runner]
 
     def _build_runner(self, opened, policy: Policy | None, offload_dir, cpu_memory, gpu_memory, kernels) -> None:
+        decode = decode_kernel()  # also switches the fused elementwise kernels on for every runner
         if policy is not None and policy.all_in_memory(self.device.type):
             self.batch_size = policy.block_size  # nothing to stream: the in-memory runner, faster
             policy = None
@@ -134,7 +135,7 @@ class LLM:
             if cpu_memory is not None:
                 self._check_in_memory_fit(cpu_memory, gpu_memory)
             weights = load_weights(self.config, self.family, opened.source, self.dtype, self.device)
-            self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device, decode_kernel())
+            self.runner = InMemoryRunner(self.config, self.family, weights, self.dtype, self.device, decode)
         else:
             self.runner = self._offload_runner(opened, policy, offload_dir, cpu_memory, gpu_memory, kernels)
             self.batch_size = policy.block_size

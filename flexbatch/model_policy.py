@@ -14,7 +14,7 @@ import torch
 from .config import Policy
 from .default_model import cache_dir
 from .errors import ConfigError
-from .kernels import DecodeKernel, KernelChoice, NativeBuildError, build_decode_kernel
+from .kernels import DecodeKernel, KernelChoice, NativeBuildError, build_decode_kernel, fused
 from .models import get_family
 from .weights.loader import layer_weight_grid
 
@@ -25,10 +25,12 @@ NATIVE_ENV = "FLEXBATCH_NATIVE_KERNELS"
 def decode_kernel() -> DecodeKernel | None:
     """The C decode attention kernel (kernels/native.py), built on first use into the cache
     folder with the machine's C compiler; None with FLEXBATCH_NATIVE_KERNELS=0, or if it
-    cannot be built (a warning says why, once): PyTorch's attention runs instead."""
-    if os.environ.get(NATIVE_ENV, "1").strip() == "0":
-        return None
-    return _built_decode_kernel(str(cache_dir() / "native"))
+    cannot be built (a warning says why, once): PyTorch's attention runs instead. The fused
+    elementwise kernels built with it are switched on (or off) with it."""
+    wanted = os.environ.get(NATIVE_ENV, "1").strip() != "0"
+    kernel = _built_decode_kernel(str(cache_dir() / "native")) if wanted else None
+    fused.use(kernel and kernel.fused)  # the models' elementwise steps too, process-wide
+    return kernel
 
 
 @functools.cache

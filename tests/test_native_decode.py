@@ -147,3 +147,64 @@ def test_greedy_pick_leaves_a_nan_to_pytorch(kernel):
     logits = torch.zeros(4, 64)
     logits[2, 17] = float("nan")
     assert kernel.greedy(logits) is None
+
+
+@pytest.fixture
+def pytorch_then_fused(kernel):
+    """f(op, *args) -> (PyTorch's result, the fused kernel's), restoring the switch after."""
+    from flexbatch.kernels import fused
+
+    before = fused._active
+
+    def both(op, *args):
+        fused.use(None)
+        expected = op(*[a.clone() for a in args])
+        fused.use(kernel.fused)
+        return expected, op(*[a.clone() for a in args])
+
+    yield both
+    fused.use(before)
+
+
+def _agree(expected, got, dtype):
+    """fp32 within rounding; bf16 rounded where PyTorch rounds, so nearly every element identical."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        assert (got != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_kernels_equal_pytorchs_operations(pytorch_then_fused, dtype):
+    from flexbatch.models import ops
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 50, 100) * 2).to(dtype)[:, 5:45]  # rows at a stride, 100 not a multiple of 16
+    weight = (torch.randn(100) * 0.3 + 1).to(dtype)
+    for unit_offset in (False, True):
+        _agree(*pytorch_then_fused(lambda a, w: ops.rms_norm(a, w, 1e-5, unit_offset), x, weight), dtype)
+    q = torch.randn(2, 9, 4, 40).to(dtype).transpose(1, 2)  # [B, H, S, D] as split_heads views it
+    for rotary_dim in (40, 24):  # all of the head dim, and a part of it (Phi-3)
+        cos, sin = (torch.randn(2, 9, rotary_dim).to(dtype) for _ in range(2))
+        _agree(*pytorch_then_fused(ops.apply_rotary, q, cos, sin), dtype)
+    gate, up = (torch.randn(33, 70) * 3).to(dtype), torch.randn(33, 70).to(dtype)
+    _agree(*pytorch_then_fused(ops.silu_times, gate, up), dtype)
+
+
+def test_fused_kernels_leave_what_they_do_not_take_to_pytorch(kernel):
+    from flexbatch.kernels import fused
+
+    before = fused._active
+    fused.use(kernel.fused)
+    try:
+        half = torch.randn(4, 32, dtype=torch.float16)
+        assert fused.rms_norm(half, torch.ones(32, dtype=torch.float16), 1e-5, False) is None
+        strided = torch.randn(4, 64)[:, ::2]  # elements at a stride
+        assert fused.rms_norm(strided, torch.ones(32), 1e-5, False) is None
+        q, table = torch.randn(1, 2, 3, 8), torch.randn(1, 3, 8)
+        assert fused.rotary(q, table[:, :, :6].clone(), table) is None  # cos and sin disagree
+        assert fused.silu_times(torch.randn(4, 8), torch.randn(4, 4)) is None
+    finally:
+        fused.use(before)

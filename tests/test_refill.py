@@ -13,6 +13,7 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine import generation
 from flexbatch.engine import runner as runner_module
+from flexbatch.kernels import fused
 from flexbatch.model_policy import decode_kernel
 
 from test_models_vs_hf import RecordingRunner
@@ -85,6 +86,7 @@ def test_refill_gives_each_sequence_its_tokens_alone(tiny_model, kind, monkeypat
     monkeypatch.setattr(generation, "REFILL_FRACTION", 0.0)  # refill as soon as one row frees
     llm = LLM(folder, dtype="float32", batch_size=4)
     assert (llm.runner.decode is not None) == (native and decode_kernel() is not None)
+    assert (fused._active is not None) == (llm.runner.decode is not None)  # the elementwise kernels with it
     got, counter = run_with_refill(llm, prompts, params)
     assert got == expected
     assert counter.admits > 4 and counter.shifts >= 1

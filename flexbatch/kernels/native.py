@@ -1,4 +1,4 @@
-"""Kernels written in C (decode_attention.c, greedy.c, sharing simd.h), built into one library
+"""Kernels written in C (decode_attention.c, greedy.c, fused.c, sharing simd.h), built into one library
 with the machine's C compiler at first use and called through ctypes: no Python or torch
 headers, so a build takes about a second.
 
@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from .fused import FusedOps
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode_attention.c", HERE / "greedy.c"]
+SOURCES = [HERE / "decode_attention.c", HERE / "greedy.c", HERE / "fused.c"]
 HEADERS = [HERE / "simd.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
@@ -56,6 +57,7 @@ class DecodeKernel:
         self._greedy.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_int]
         self._greedy.restype = ctypes.c_int
+        self.fused = FusedOps(library)  # the elementwise kernels built with these (kernels/fused.py)
 
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """logits [n, V] fp32 on the CPU -> (the first index of each row's maximum [n] int64,

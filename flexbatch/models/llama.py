@@ -85,7 +85,8 @@ def attention(cfg: ModelConfig, w: Weights, x: torch.Tensor, ctx: StepContext,
 
 def gated_mlp(cfg: ModelConfig, w: Weights, prefix: str, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with the weights under `prefix` (a dense MLP or one expert)."""
-    gated = ACTIVATIONS[cfg.hidden_act](proj(w, f"{prefix}gate_proj", x)) * proj(w, f"{prefix}up_proj", x)
+    gate, up = proj(w, f"{prefix}gate_proj", x), proj(w, f"{prefix}up_proj", x)
+    gated = ops.silu_times(gate, up) if cfg.hidden_act == "silu" else ACTIVATIONS[cfg.hidden_act](gate) * up
     return proj(w, f"{prefix}down_proj", gated)
 
 

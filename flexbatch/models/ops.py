@@ -114,6 +114,9 @@ def positions_from_mask(key_valid: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    fused = kernels.fused.rms_norm(x, weight, eps, unit_offset)
+    if fused is not None:
+        return fused
     # Normalise in fp32, as the reference implementation does, then cast back.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -186,6 +189,9 @@ def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, heads, S, D]; cos/sin: [B, S, R], R <= D: dims past R pass unrotated (Phi-3's partial rotary)
+    fused = kernels.fused.rotary(x, cos, sin)
+    if fused is not None:
+        return fused
     if cos.shape[-1] < x.shape[-1]:
         rotary = cos.shape[-1]
         return torch.cat((apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
@@ -193,6 +199,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, gate a projection's fresh output (overwritten)."""
+    fused = kernels.fused.silu_times(gate, up)
+    return fused if fused is not None else F.silu(gate, inplace=True) * up
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
