@@ -5,6 +5,7 @@ pick (kernels/greedy.c) against argmax and log_softmax."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -208,3 +209,39 @@ def test_fused_kernels_leave_what_they_do_not_take_to_pytorch(kernel):
         assert fused.silu_times(torch.randn(4, 8), torch.randn(4, 4)) is None
     finally:
         fused.use(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_keys_attended_once_equal_each_rows_copy(kernel, dtype):
+    """Rows holding copies of one prefix's keys and values at different slots: attending to the
+    prefix once for all of them (a matrix product per KV head) and to the rest of each row
+    with the kernel, merged by log-sum-exp, gives the attention over each whole row."""
+    from flexbatch.kernels import AttentionStep, SharedKeys, cached_attention
+
+    gen = torch.Generator().manual_seed(3)
+    rows, heads, kv_heads, dim, capacity, prefix, end = 6, 6, 2, 32, 48, 20, 44
+    k_cache, v_cache = (torch.randn(rows, kv_heads, capacity, dim, generator=gen).to(dtype) for _ in range(2))
+    shared_k, shared_v = (torch.randn(kv_heads, prefix, dim, generator=gen).to(dtype) for _ in range(2))
+    at = torch.tensor([3, 10, 0, 5, 12, 7])  # where each row's copy starts
+    readers = torch.tensor([True, True, False, True, True, True])  # row 2 holds other keys there
+    visible = torch.rand(rows, end, generator=gen) < 0.7
+    for r in range(rows):
+        visible[r, :at[r]] = False  # left padding
+        visible[r, at[r]:at[r] + prefix] = True
+        if readers[r]:
+            k_cache[r, :, at[r]:at[r] + prefix], v_cache[r, :, at[r]:at[r] + prefix] = shared_k, shared_v
+    visible[:, end - 1] = True
+    mask = torch.zeros(rows, 1, 1, end, dtype=dtype).masked_fill(~visible.view(rows, 1, 1, end),
+                                                                  torch.finfo(dtype).min)
+    copies = torch.zeros(rows, end, dtype=torch.bool)
+    for r in range(rows):
+        copies[r, at[r]:at[r] + prefix] = readers[r]
+    own_mask = mask.masked_fill(copies.view(rows, 1, 1, end), torch.finfo(dtype).min)
+    q = torch.randn(rows, heads, 1, dim, generator=gen).to(dtype)
+    k_new, v_new = (torch.randn(rows, kv_heads, 1, dim, generator=gen).to(dtype) for _ in range(2))
+    plain = AttentionStep(end - 1, mask, dim ** -0.5, decode=kernel)
+    expected = cached_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), plain)
+    step = replace(plain, shared=SharedKeys(shared_k, shared_v, readers, own_mask))
+    got = cached_attention(q, k_new, v_new, k_cache, v_cache, step)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), expected.double(), atol=tolerance, rtol=tolerance)

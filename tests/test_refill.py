@@ -13,6 +13,7 @@ from flexbatch import LLM, SamplingParams
 from flexbatch.config import Policy
 from flexbatch.engine import generation
 from flexbatch.engine import runner as runner_module
+from flexbatch.kernels import attention as attention_module
 from flexbatch.kernels import fused
 from flexbatch.model_policy import decode_kernel
 
@@ -207,9 +208,23 @@ def test_shared_prefix_with_a_short_prompt_that_generates_long(tiny_model, monke
     expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
     monkeypatch.setattr(generation, "REFILL_FRACTION", 0.0)
+    shared_calls = count_calls(monkeypatch, attention_module, "_attend_shared")
     got, counter = run_with_refill(LLM(folder, dtype="float32", batch_size=3), prompts, params)
     assert got == expected
     assert max(counter.shared) >= 20 and counter.shifts >= 1
+    # with the decode kernel, decode steps attend to the prefix once for the rows holding it
+    assert (shared_calls[0] > 0) == (decode_kernel() is not None)
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    calls, original = [0], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 class ScriptedArrivals:

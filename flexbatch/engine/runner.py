@@ -16,7 +16,7 @@ import torch
 from ..kernels import DecodeKernel
 from ..models import ops
 from ..models.family import Family
-from ..models.ops import StepContext
+from ..models.ops import SharedPrefix, StepContext
 from ..models.spec import ModelConfig
 from ..weights.loader import ModelWeights
 from .scoring import PackedRows
@@ -159,9 +159,12 @@ class InMemoryRunner(Runner):
         self.decode = decode if decode is not None and decode.handles(device, dtype, cfg.head_dim) else None
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._prefix: tuple[tuple[int, ...], list] | None = None  # (tokens, caches) of the last shared prefix
+        # per block row: the slot where its copy of that prefix starts, -1 if it holds none
+        self._prefix_at = torch.empty(0, dtype=torch.long)
 
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
         self._cache = [self._empty_cache(batch_size, capacity) for _ in range(self.cfg.num_layers)]
+        self._prefix_at = torch.full((batch_size,), -1, dtype=torch.long)
 
     def end(self) -> None:
         self._cache, self._prefix = [], None
@@ -176,8 +179,21 @@ class InMemoryRunner(Runner):
     def _forward(self, input_ids: torch.Tensor, ctx: StepContext, caches) -> torch.Tensor:
         h = self.family.embed(self.cfg, self.weights.globals, input_ids.to(self.device), ctx)
         for j, (layer_weights, (k_cache, v_cache)) in enumerate(zip(self.weights.layers, caches)):
+            ctx.layer = j
             h = self.family.layer(self.cfg, layer_weights, h, ctx, k_cache, v_cache, j)
         return h
+
+    def _shared_prefix(self, ctx: StepContext, rows: list[int]) -> SharedPrefix | None:
+        """The shared prefix the rows of a decode step hold copies of, if any does: attended
+        once for all of them (kernels.SharedKeys) instead of from every row."""
+        at = self._prefix_at[rows]
+        readers = at >= 0
+        if self._prefix is None or self.cfg.sliding_window is not None or not bool(readers.any()):
+            return None  # (a window of the mask could hide part of the prefix: the rows' copies are read)
+        slots = torch.arange(ctx.attn_mask.shape[-1])
+        copy = readers[:, None] & (slots >= at[:, None]) & (slots < at[:, None] + len(self._prefix[0]))
+        own_mask = ctx.attn_mask.masked_fill(copy.view(len(rows), 1, 1, -1), torch.finfo(ctx.attn_mask.dtype).min)
+        return SharedPrefix(self._prefix[1], readers, own_mask)
 
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
@@ -189,6 +205,7 @@ class InMemoryRunner(Runner):
         else:
             ctx = make_context(self.cfg, self.family, key_valid[rows], start, self.dtype, self.device,
                                decode=self.decode, rows=rows)
+            ctx.shared = self._shared_prefix(ctx, rows)
             h = self._forward(input_ids[rows], ctx, self._cache)
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
@@ -222,6 +239,7 @@ class InMemoryRunner(Runner):
             last.append(self._forward(ids, ctx, caches)[:, -1:])
             if not in_place:
                 self._place(caches, torch.tensor(block_rows), end - width, shared, end - (width - first))
+            self._prefix_at[block_rows] = end - width if shared else -1
         h = torch.cat(last)
         return self.family.head(self.cfg, self.weights.globals, h[:, -1:]).squeeze(1).cpu()
 
@@ -249,6 +267,7 @@ class InMemoryRunner(Runner):
         kept until the block ends, since the requests joining next often share it too."""
         key = tuple(tokens.tolist())
         if self._prefix is None or self._prefix[0] != key:
+            self._prefix_at.fill_(-1)  # rows with the last one keep their copies, read as any keys
             caches = [self._empty_cache(1, len(key)) for _ in range(self.cfg.num_layers)]
             ctx = make_context(self.cfg, self.family, torch.ones(1, len(key), dtype=torch.bool), 0, self.dtype,
                                self.device)
@@ -261,6 +280,8 @@ class InMemoryRunner(Runner):
         for cache in self._cache:
             for tensor in cache:
                 shift_slots(tensor, offset, end)
+        at = self._prefix_at  # a copy that starts before the offset is cut (a finished row's)
+        self._prefix_at = torch.where(at >= offset, at - offset, torch.full_like(at, -1))
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor, key_valid: torch.Tensor, piece: int | None = None,

@@ -27,6 +27,18 @@ class CacheSegments:
 
 
 @dataclass(frozen=True)
+class SharedKeys:
+    """Keys and values [Hkv, P, D] that many sequences' cache rows hold the same copy of (a
+    prompt prefix they share): a decode step attends to them once for all of those sequences,
+    as one matrix product per KV head, and to the rest of each row with the decode kernel."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    readers: torch.Tensor  # [B] bool: the step's sequences whose rows hold them
+    own_mask: torch.Tensor  # [B, 1, 1, T] additive: the step's mask, the readers' copies hidden
+
+
+@dataclass(frozen=True)
 class AttentionStep:
     """What attention over a cache needs of one forward step."""
 
@@ -43,6 +55,7 @@ class AttentionStep:
     # [B] int64: the cache row each sequence of the step reads and writes (a decode step over
     # the rows in flight, with `decode`); None: sequence i is cache row i
     rows: torch.Tensor | None = None
+    shared: SharedKeys | None = None  # with `decode`: keys read once for many sequences
 
     def for_rows(self, rows: slice) -> "AttentionStep":
         """The step for a slice of the batch (a mask shared by all sequences stays shared)."""
@@ -98,9 +111,37 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
 
 def _decode(q, k_new, v_new, k_cache: torch.Tensor, v_cache: torch.Tensor, step: AttentionStep) -> torch.Tensor:
     """One token per sequence, written at slot `start` of its cache row, then attention over
-    the keys its mask leaves visible (`DecodeKernel`)."""
-    return step.decode(q, k_new, v_new, k_cache, v_cache, step.rows, step.mask, step.start + 1, step.scale,
-                       step.softcap)
+    the keys its mask leaves visible (`DecodeKernel`); with `shared` keys, those once for all
+    their readers, merged with the rest of each row by log-sum-exp."""
+    if step.shared is None or step.softcap is not None:
+        return step.decode(q, k_new, v_new, k_cache, v_cache, step.rows, step.mask, step.start + 1, step.scale,
+                           step.softcap)
+    shared = step.shared
+    own, own_lse = step.decode.with_lse(q, k_new, v_new, k_cache, v_cache, step.rows, shared.own_mask,
+                                        step.start + 1, step.scale)
+    readers = shared.readers.nonzero().squeeze(1)
+    common, common_lse = _attend_shared(q[readers], shared.keys, shared.values, step.scale)
+    mine = own_lse[readers]
+    total = torch.logaddexp(mine, common_lse)
+    own[readers] = own[readers] * (mine - total).exp().unsqueeze(-1) + common * (common_lse - total).exp().unsqueeze(-1)
+    return own.to(q.dtype)
+
+
+def _attend_shared(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [m, H, 1, D] over keys/values [Hkv, P, D] that every sequence sees whole: one matrix
+    product per KV head over all m sequences' queries of its group. Returns the output
+    [m, H, 1, D] fp32 and each query's log-sum-exp [m, H, 1]."""
+    m, heads, _, dim = q.shape
+    kv_heads = keys.shape[0]
+    grouped = q.reshape(m, kv_heads, heads // kv_heads, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
+    scores = torch.matmul(grouped * scale, keys.transpose(1, 2))  # [Hkv, m * g, P]
+    probs = torch.softmax(scores, -1, dtype=torch.float32)
+    # the largest probability is e^(max - lse): the log-sum-exp without another pass
+    lse = scores.amax(-1).float() - probs.amax(-1).log()
+    out = torch.matmul(probs.to(values.dtype), values).float()  # [Hkv, m * g, D]
+    unfold = lambda x: x.view(kv_heads, m, heads // kv_heads, -1).transpose(0, 1).reshape(m, heads, 1, -1)
+    return unfold(out), unfold(lse.unsqueeze(-1)).squeeze(-1)
 
 
 def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegments,

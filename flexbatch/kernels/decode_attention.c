@@ -31,6 +31,7 @@ typedef struct {
     int64_t n, heads, kv_heads, dim, end; /* keys are cache slots [0, end) */
     float scale, softcap;                 /* softcap 0: scores are not capped */
     float *out;                           /* [n, heads, dim] fp32 */
+    float *lse;                           /* [n, heads]: each query's log-sum-exp of scores; NULL: not written */
 } DecodeArgs;
 
 /* The `g` query heads of KV head `kvh` of sequence `b` (a GQA group) over its visible keys.
@@ -78,7 +79,8 @@ static inline __attribute__((always_inline)) void attend_group(const DecodeArgs 
         for (; t + 16 <= T; t += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(s + t));
         const __mmask16 tail = (__mmask16)((1u << (T - t)) - 1);
         most = _mm512_mask_max_ps(most, tail, most, _mm512_maskz_loadu_ps(tail, s + t));
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(most));
+        const float top = _mm512_reduce_max_ps(most);
+        const __m512 shift = _mm512_set1_ps(top);
         __m512 sum = _mm512_setzero_ps();
         for (t = first; t + 16 <= T; t += 16) { /* probabilities, unnormalised, in place of the scores */
             __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
@@ -87,7 +89,9 @@ static inline __attribute__((always_inline)) void attend_group(const DecodeArgs 
         }
         __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), shift));
         _mm512_mask_storeu_ps(s + t, tail, p);
-        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p))));
+        const float total = _mm512_reduce_add_ps(_mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p)));
+        const __m512 inverse = _mm512_set1_ps(1.0f / total);
+        if (a->lse) a->lse[b * a->heads + kvh * g + j] = top + logf(total); /* to merge with other keys' */
         __m512 o[MAX_CHUNKS]; /* the values of one (sequence, KV head) stay in L1 across its queries */
         for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
         for (t = first; t < T; t++) {

@@ -40,7 +40,8 @@ class _DecodeArgs(ctypes.Structure):
                 ("rows", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("mask_stride", ctypes.c_int64),
                 ("hidden_below", ctypes.c_float), ("n", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64), ("end", ctypes.c_int64),
-                ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("out", ctypes.c_void_p)]
+                ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("out", ctypes.c_void_p),
+                ("lse", ctypes.c_void_p)]
 
 
 class DecodeKernel:
@@ -88,6 +89,18 @@ class DecodeKernel:
         sequence's cache row; caches [N, Hkv, capacity, D] (any strides but the last); rows
         [n] int64, the cache row of each sequence (None: row i); mask [n, 1, 1, >= end] additive. Keys are
         slots [0, end). Returns [n, H, 1, D] in q's dtype."""
+        out = self._attend(q, k_new, v_new, k_cache, v_cache, rows, mask, end, scale, softcap, None)
+        return out.to(q.dtype)
+
+    def with_lse(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor, end: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """As calling it, but the output [n, H, 1, D] stays fp32 and comes with each query's
+        log-sum-exp of its scores [n, H, 1]: attention over more keys elsewhere merges with it."""
+        lse = torch.empty(q.shape[0], q.shape[1], 1)
+        return self._attend(q, k_new, v_new, k_cache, v_cache, rows, mask, end, scale, None, lse), lse
+
+    def _attend(self, q, k_new, v_new, k_cache, v_cache, rows, mask, end, scale, softcap, lse) -> torch.Tensor:
         n, heads, _, dim = q.shape
         queries = q.reshape(n, heads, dim).float().contiguous()
         k_new, v_new = (x.to(k_cache.dtype).contiguous() for x in (k_new, v_new))
@@ -101,11 +114,12 @@ class DecodeKernel:
                            (ctypes.c_int64 * 3)(*k_cache.stride()[:3]), (ctypes.c_int64 * 3)(*v_cache.stride()[:3]),
                            None if rows is None else rows.data_ptr(), visible.data_ptr(), visible.stride(0),
                            torch.finfo(mask.dtype).min / 2,
-                           n, heads, k_cache.shape[1], dim, end, scale, softcap or 0.0, out.data_ptr())
+                           n, heads, k_cache.shape[1], dim, end, scale, softcap or 0.0, out.data_ptr(),
+                           None if lse is None else lse.data_ptr())
         status = self._call(ctypes.byref(args), DTYPES[k_cache.dtype], torch.get_num_threads())
         if status != 0:
             raise MemoryError(f"decode attention failed (status {status}): out of memory for its score buffers")
-        return out.to(q.dtype).view(n, heads, 1, dim)
+        return out.view(n, heads, 1, dim)
 
 
 def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:

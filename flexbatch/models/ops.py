@@ -50,6 +50,24 @@ class StepContext:
     # [B] int64: the cache rows the step's sequences read and write (a step over the rows in
     # flight, with `decode`); None: sequence i is cache row i
     rows: torch.Tensor | None = None
+    # With `decode`: a prompt prefix that several rows hold copies of, attended once for them
+    # (kernels.SharedKeys), and the layer being computed, whose keys of it to use
+    shared: SharedPrefix | None = None
+    layer: int = 0
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """A prompt prefix's keys and values [1, Hkv, P, D] per layer, held as copies by the rows
+    `readers` [B] bool marks; own_mask [B, 1, 1, T]: the step's mask with those copies hidden."""
+
+    caches: list[tuple[torch.Tensor, torch.Tensor]]
+    readers: torch.Tensor
+    own_mask: torch.Tensor
+
+    def keys_of(self, layer: int) -> kernels.SharedKeys:
+        keys, values = self.caches[layer]
+        return kernels.SharedKeys(keys[0], values[0], self.readers, self.own_mask)
 
 
 def attention_mask(key_valid: torch.Tensor, start: int, dtype: torch.dtype,
@@ -228,9 +246,11 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 
     q: [B, H, S, D]; k_new, v_new: [B, Hkv, S, D]. Returns [B, H, S, D].
     """
+    # a sliding window would hide part of the shared prefix: those layers read the rows' copies
+    shared = ctx.shared.keys_of(ctx.layer) if ctx.shared is not None and not local else None
     step = AttentionStep(ctx.start, ctx.local_mask if local else ctx.attn_mask,
                          q.shape[-1] ** -0.5 if scale is None else scale,
-                         ctx.attn_keep, ctx.kv_rotation, softcap, ctx.first_key, ctx.decode, ctx.rows)
+                         ctx.attn_keep, ctx.kv_rotation, softcap, ctx.first_key, ctx.decode, ctx.rows, shared)
     return kernels.cached_attention(q, k_new, v_new, k_cache, v_cache, step)
 
 
