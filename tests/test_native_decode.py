@@ -136,18 +136,21 @@ def test_greedy_pick_is_the_first_maximum_and_its_log_softmax(kernel):
     logits[7] = float("-inf")  # every token but one masked
     logits[7, 5] = -2.0
     logits[9, 999] = 50.0  # the maximum in the last vector
-    for view in (logits, logits[:, :993]):  # a vocabulary that is not a multiple of 16, rows strided
+    # a vocabulary that is not a multiple of 16, rows strided; logits as a bf16 or fp16 model
+    # computes them, read as their `.float()`
+    views = [logits, logits[:, :993], logits.bfloat16(), logits.half()[:, :993]]
+    for view in views:
         tokens, logprobs = kernel.greedy(view)
-        assert torch.equal(tokens, view.argmax(-1))
+        assert torch.equal(tokens, view.float().argmax(-1))
         expected = torch.log_softmax(view.double(), -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
         torch.testing.assert_close(logprobs.double(), expected, rtol=1e-5, atol=1e-5)
-    assert tokens[3] == 100 and tokens[7] == 5 and logprobs[7] == 0.0
+        assert tokens[3] == 100 and tokens[7] == 5 and logprobs[7] == 0.0
 
 
 def test_greedy_pick_leaves_a_nan_to_pytorch(kernel):
     logits = torch.zeros(4, 64)
     logits[2, 17] = float("nan")
-    assert kernel.greedy(logits) is None
+    assert kernel.greedy(logits) is None and kernel.greedy(logits.bfloat16()) is None
 
 
 @pytest.fixture

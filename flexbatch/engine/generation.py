@@ -362,12 +362,14 @@ class Block:
         """Pick the next token of block rows `rows` from their logits [n, V]; finish those done."""
         # The mask acts on logits the model produced, so every placement shares this code.
         picked = None if self.masks else self.sampler.greedy_pick(logits, rows, self.runner.decode)
+        num_alternatives = max(self.live[r][1].params.top_logprobs for r in rows)
+        if picked is None or num_alternatives:
+            logits = logits.float()  # the runner's are in the model's dtype
         if picked is not None:
             tokens, logprobs = picked
         else:
             tokens = self.sampler.sample(self.masks.apply(logits, rows) if self.masks else logits, rows)
             logprobs = token_logprobs(logits, tokens)
-        num_alternatives = max(self.live[r][1].params.top_logprobs for r in rows)
         alternatives = top_alternatives(logits, num_alternatives) if num_alternatives else None
         self.tokens[rows] = tokens
         for i, row in enumerate(rows):

@@ -232,7 +232,7 @@ class OffloadRunner(Runner):
 
     @torch.inference_mode()
     def last_logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """Logits [B, V] fp32 on the CPU of each row's last position (the model's last layer)."""
+        """Logits [B, V] (the head's dtype) on the CPU of each row's last position (the model's last layer)."""
         return torch.cat([self.family.head(self.cfg, self.home.globals, h[:, -1:]).squeeze(1) for h in hidden]).cpu()
 
     @torch.inference_mode()

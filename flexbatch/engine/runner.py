@@ -92,15 +92,16 @@ class Runner(abc.ABC):
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
              rows: list[int] | None = None) -> torch.Tensor:
         """Append input_ids [B, S] at cache slot `start`; return last-position logits [B, V]
-        fp32, or with `rows` (ascending) only those rows' [len(rows), V]: the other rows hold no
-        sequence, and a runner that can leaves them out of the step."""
+        in the head's dtype (`Family.head`), or with `rows` (ascending) only those rows'
+        [len(rows), V]: the other rows hold no sequence, and a runner that can leaves them out
+        of the step."""
 
     @abc.abstractmethod
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
               shared: int = 0) -> torch.Tensor:
         """Prefill prompts input_ids [n, W] (key_valid [n, W]) on their own and place their
         keys and values in cache slots [end - W, end) of block rows `rows` (ascending); return their
-        last-position logits [n, V] fp32. Other rows' caches are unchanged. The first
+        last-position logits [n, V] (as `step`'s). Other rows' caches are unchanged. The first
         `shared` columns are the same tokens in every row, computed once."""
 
     def prefilled_tokens(self, key_valid: torch.Tensor, shared: int) -> int:
@@ -336,7 +337,7 @@ def target_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: to
     logprobs, greedy = [torch.empty(1, 0)], [torch.empty(1, 0, dtype=torch.bool)]
     top_ids, top_logprobs = [torch.empty(1, 0, top, dtype=torch.long)], [torch.empty(1, 0, top)]
     for s in range(0, b * t, HEAD_ROWS):
-        logits = torch.log_softmax(family.head(cfg, global_weights, flat_hidden[:, s:s + HEAD_ROWS]), dim=-1)
+        logits = torch.log_softmax(family.head(cfg, global_weights, flat_hidden[:, s:s + HEAD_ROWS]).float(), dim=-1)
         chunk = flat_targets[:, s:s + HEAD_ROWS]
         logprobs.append(logits.gather(-1, chunk.unsqueeze(-1)).squeeze(-1).cpu())
         greedy.append((logits.argmax(-1) == chunk).cpu())

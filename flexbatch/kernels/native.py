@@ -55,21 +55,22 @@ class DecodeKernel:
         self._call.argtypes = [ctypes.POINTER(_DecodeArgs), ctypes.c_int, ctypes.c_int]
         self._call.restype = ctypes.c_int
         self._greedy = library.greedy_pick
-        self._greedy.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                 ctypes.c_void_p, ctypes.c_int]
+        self._greedy.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self._greedy.restype = ctypes.c_int
         self.fused = FusedOps(library)  # the elementwise kernels built with these (kernels/fused.py)
 
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """logits [n, V] fp32 on the CPU -> (the first index of each row's maximum [n] int64,
-        its log-probability [n] fp32), as argmax and log_softmax give them; None if a row
-        holds a NaN (PyTorch's rules for it then apply)."""
+        """logits [n, V] on the CPU, fp32 or as the model computed them (bf16, fp16) ->
+        (the first index of each row's maximum [n] int64, its log-probability [n] fp32), as
+        argmax and log_softmax give them on `logits.float()`; None if a row holds a NaN
+        (PyTorch's rules for it then apply)."""
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
         n, vocab = logits.shape
         tokens, logprobs = torch.empty(n, dtype=torch.int64), torch.empty(n)
-        nan = self._greedy(logits.data_ptr(), n, vocab, logits.stride(0), tokens.data_ptr(), logprobs.data_ptr(),
-                           torch.get_num_threads())
+        nan = self._greedy(logits.data_ptr(), DTYPES[logits.dtype], n, vocab, logits.stride(0), tokens.data_ptr(),
+                           logprobs.data_ptr(), torch.get_num_threads())
         return None if nan else (tokens, logprobs)
 
     @staticmethod

@@ -31,7 +31,8 @@ class Family:
     # layer(cfg, layer_weights, hidden, ctx, k_cache, v_cache, j) -> hidden; j is the layer's
     # index, for families whose layers differ (Gemma's local and global attention)
     layer: Callable[..., torch.Tensor]
-    # head(cfg, weights, hidden [B, S, C]) -> logits [B, S, V] in fp32
+    # head(cfg, weights, hidden [B, S, C]) -> logits [B, S, V] in the compute dtype or fp32: a
+    # consumer that needs fp32 converts them (greedy decoding reads bf16 as it is)
     head: Callable[[ModelConfig, Weights, torch.Tensor], torch.Tensor]
     # Fill family-specific parts of the step context (rotary tables); may be a no-op.
     prepare_step: Callable[[ModelConfig, StepContext, torch.dtype], None]

@@ -100,7 +100,7 @@ def layer(cfg: ModelConfig, w: Weights, h: torch.Tensor, ctx: StepContext,
 
 def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
     x = ops.rms_norm(h, w["model.norm.weight"], cfg.norm_eps)
-    return linear(x, w["lm_head.weight"]).float()
+    return linear(x, w["lm_head.weight"])
 
 
 FAMILY = Family(

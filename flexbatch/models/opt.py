@@ -105,7 +105,7 @@ def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
         h = _norm(cfg, w, PREFIX + "final_layer_norm", h)
     if _has_projection(cfg):
         h = linear(h, w[PREFIX + "project_out.weight"])
-    return linear(h, w["lm_head.weight"]).float()
+    return linear(h, w["lm_head.weight"])
 
 
 FAMILY = Family(
