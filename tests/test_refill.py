@@ -216,6 +216,24 @@ def test_shared_prefix_with_a_short_prompt_that_generates_long(tiny_model, monke
     assert (shared_calls[0] > 0) == (decode_kernel() is not None)
 
 
+def test_a_new_shared_prefix_while_rows_hold_the_last_one(tiny_model, monkeypatch):
+    """Prompts with another shared prefix join while rows of the last one are in flight: the
+    runner keeps one prefix's keys and values, and the rows in flight keep seeing theirs."""
+    folder, hf = tiny_model("llama_gqa_tied_llama3")
+    rng = random.Random(13)
+    tokens = lambda n: [rng.randrange(2, 256) for _ in range(n)]
+    first, second = tokens(24), tokens(24)
+    prompts = [first + tokens(rng.randint(20, 30)) for _ in range(4)] + \
+        [second + tokens(rng.randint(1, 10)) for _ in range(4)]  # longer: they join first
+    news = [40, 3, 4, 40, 6, 5, 7, 6]
+    expected = [hf_alone(hf, p, n) for p, n in zip(prompts, news)]
+    monkeypatch.setattr(generation, "REFILL_FRACTION", 0.5)  # two rows free: two join together
+    llm = LLM(folder, dtype="float32", batch_size=4)
+    got, counter = run_with_refill(llm, prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news])
+    assert got == expected
+    assert counter.shared.count(24) >= 2, counter.shared  # both prefixes computed once
+
+
 def count_calls(monkeypatch, module, name: str) -> list[int]:
     calls, original = [0], getattr(module, name)
 
