@@ -4,11 +4,14 @@ concurrent clients."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from flexbatch import LLM, SamplingParams  # noqa: E402
+from flexbatch.jobs.runner import run_job  # noqa: E402
 
 from serve_util import (  # noqa: E402
     API_KEY,
@@ -252,6 +256,43 @@ def test_cancel_keeps_finished_results_and_stops_the_rest(server, model_name, tm
     counts = batch.request_counts
     assert len(results) == counts.completed + counts.failed < 64
     assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling again changes nothing
+
+
+def move_deadline(data_dir: Path, batch_id: str, when: float) -> None:
+    """Set a batch's `expires_at` in the server's own SQLite store, as its 24-hour window
+    running out would (the server reads it before each block)."""
+    db = sqlite3.connect(data_dir / "server.sqlite3", timeout=30)
+    with db:
+        doc = json.loads(db.execute("SELECT doc FROM batches WHERE id = ?", (batch_id,)).fetchone()[0])
+        db.execute("UPDATE batches SET doc = ? WHERE id = ?", (json.dumps({**doc, "expires_at": int(when)}), batch_id))
+    db.close()
+
+
+def test_a_batch_whose_window_closes_expires_with_what_it_answered(server, llm, model_name, tmp_path):
+    """Past its completion window a batch stops after the running block and expires: the
+    answered requests are in its output file as an uninterrupted run gives them, every other
+    one in its error file as `batch_expired`, each exactly once."""
+    requests = write_jsonl(tmp_path / "many.jsonl", batch_lines(64, model_name))
+    client = server.client()
+    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    while batch.request_counts.completed < BLOCK:  # a block answered first
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        move_deadline(server.data_dir, batch.id, time.time())  # again: the server may write an older copy back
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "expired" and batch.expired_at, batch
+    output = records_by_id(client.files.content(batch.output_file_id).text)
+    errors = records_by_id(client.files.content(batch.error_file_id).text)
+    run_job(llm, requests, tmp_path / "run.jsonl", fmt="openai", defaults=SamplingParams(max_new_tokens=MAX_NEW_TOKENS),
+            progress=False, model_name=model_name)
+    expected = records_by_id((tmp_path / "run.jsonl").read_text())
+    assert output and errors and not set(output) & set(errors) and set(output) | set(errors) == set(expected)
+    assert output == {i: expected[i] for i in output}
+    assert {e["error"]["code"] for i, e in errors.items() if not expected[i]["error"]} == {"batch_expired"}
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(output), len(errors))
 
 
 def test_online_requests_are_answered_while_a_batch_runs(server, llm, model_name, tmp_path):

@@ -44,6 +44,14 @@ def openai_record(req: JobRequest, model: str, output=None, error: str | None = 
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
+def expired_record(req: JobRequest) -> dict:
+    """A batch output line for a request its batch's completion window closed on before it
+    ran (OpenAI's `batch_expired` error: the line goes to the batch's error file)."""
+    return {"id": _stable_id("batch_req", req.id), "custom_id": req.id, "response": None,
+            "error": {"code": "batch_expired",
+                      "message": "the batch's completion window closed before this request ran"}}
+
+
 def _chat_logprobs(output) -> dict:
     return {"content": [{"token_id": t, "logprob": lp} for t, lp in zip(output.token_ids, output.logprobs)]}
 

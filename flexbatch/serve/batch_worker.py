@@ -4,7 +4,9 @@ Each batch is a job whose input is a hard link to the uploaded file and whose ou
 manifest live in the batch's job folder. The job's output is the durable state: after a
 crash, the worker picks up every batch not in a final state and the runner resumes it from
 its output, so no request is lost or run twice. When the job ends, its records are split
-into the batch's output file (answered requests) and error file (failed ones).
+into the batch's output file (answered requests) and error file (failed ones). A batch whose
+completion window closes first stops after the running block and expires: what it answered
+goes to the output file, a `batch_expired` error for each other request to the error file.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from pathlib import Path
 
 from ..config import SamplingParams
 from ..errors import FlexbatchError
+from ..jobs.index import contains, duplicate_id
 from ..jobs.job import Job, JobSpec
+from ..jobs.output import scan_results
+from ..jobs.records import expired_record
 from ..jobs.runner import WindowRunner
 from ..jobs.settings import job_settings
 from ..storage.disk import write_durably
@@ -71,7 +76,7 @@ class BatchWorker:
         batch_id = batch["id"]
         job_dir = self.store.batch_job_dir(batch_id)
         if batch["status"] in ("finalizing", "cancelling"):
-            self._finalize(batch_id, job_dir, cancelled=batch["status"] == "cancelling")
+            self._finalize(batch_id, job_dir, "completed" if batch["status"] == "finalizing" else "cancelled")
             return
         if batch["status"] == "validating" and (wrong := other_endpoints(job_dir / "input.jsonl", batch["endpoint"])):
             self._fail(batch_id, "invalid_url", f"line(s) {', '.join(map(str, wrong))} use another url than the "
@@ -83,21 +88,25 @@ class BatchWorker:
             self._fail(batch_id, "invalid_file", str(e))
             return
         try:
-            ran = self._run_job(batch, job)
+            end = self._run_job(batch, job)
+            if end == "expired":
+                expire_unfinished(job)
         finally:
             job.close()
-        if ran:
-            self._finalize(batch_id, job_dir, cancelled=self._is_cancelled(batch_id))
+        if end is not None:
+            self._finalize(batch_id, job_dir, end)
 
-    def _run_job(self, batch: dict, job: Job) -> bool:
-        """Run (or resume) the batch's job; False if it cannot run with this server's settings."""
+    def _run_job(self, batch: dict, job: Job) -> str | None:
+        """Run (or resume) the batch's job until it ends: its final status ("completed", or
+        "cancelled" or "expired" if stopped for that); None if it cannot run with this server's
+        settings."""
         batch_id = batch["id"]
         llm = self.engine.llm
         try:
             job.bind(job_settings(job, llm.model_path, llm.dtype, llm.policy, llm.batch_size))
         except FlexbatchError as e:  # the server restarted with another model or policy
             self._fail(batch_id, "settings_changed", str(e))
-            return False
+            return None
         done_ok, done_failed = count_records(job.output)
         counts = {"total": len(job.index), "completed": done_ok, "failed": done_failed}
         if batch["status"] == "validating":
@@ -112,7 +121,7 @@ class BatchWorker:
                 "failed": done_failed + summary.errors})
 
         def should_stop():
-            return self._stopping.is_set() or self._is_cancelled(batch_id)
+            return self._stopping.is_set() or self._stop_reason(batch_id) is not None
 
         # Segments of one block: online requests run between the engine's calls, so a longer
         # segment would make them wait longer (they do not join a running block yet).
@@ -120,24 +129,30 @@ class BatchWorker:
                               segment_blocks=1)
         try:
             runner.run()
+            end = "completed"
         except JobStopped:
-            if not self._is_cancelled(batch_id):
+            end = self._stop_reason(batch_id)
+            if end is None:  # the server is stopping: the batch resumes on the next start
                 raise
         report_progress()
-        return True
+        return end
 
-    def _is_cancelled(self, batch_id: str) -> bool:
-        if batch_id in self._cancelled:
-            return True
+    def _stop_reason(self, batch_id: str) -> str | None:
+        """"cancelled" if the batch was cancelled, "expired" if its completion window has
+        closed, else None (checked before each block; a test may move `expires_at`)."""
         batch = self.store.get_batch(batch_id)
-        return batch is not None and batch["status"] == "cancelling"
+        if batch_id in self._cancelled or (batch is not None and batch["status"] == "cancelling"):
+            return "cancelled"
+        if batch is not None and batch["expires_at"] is not None and time.time() >= batch["expires_at"]:
+            return "expired"
+        return None
 
-    def _finalize(self, batch_id: str, job_dir: Path, cancelled: bool) -> None:
+    def _finalize(self, batch_id: str, job_dir: Path, status: str) -> None:
         """Split the job's records into the output and error files; register them and the
-        final status in one transaction (a crash before it leaves unregistered files, which
-        the next start deletes, and the batch still finalizing)."""
+        final `status` in one transaction (a crash before it leaves unregistered files, which
+        the next start deletes, and the batch still in its last state)."""
         now = int(time.time())
-        if not cancelled:
+        if status == "completed":
             self.store.update_batch(batch_id, status="finalizing", finalizing_at=now)
         output, errors = split_records(job_dir / OUTPUT_NAME)
         files = []
@@ -146,8 +161,7 @@ class BatchWorker:
                 path = self.store.new_file_path()
                 write_durably(path, lines)
                 files.append((kind, path, f"{batch_id}_{kind}.jsonl"))
-        final = {"status": "cancelled", "cancelled_at": now} if cancelled else \
-                {"status": "completed", "completed_at": int(time.time())}
+        final = {"status": status, f"{status}_at": int(time.time())}
         counts = {"total": self.store.get_batch(batch_id)["request_counts"]["total"] or len(output) + len(errors),
                   "completed": len(output), "failed": len(errors)}
         self.store.finish_batch(batch_id, files, request_counts=counts, **final)
@@ -159,6 +173,21 @@ class BatchWorker:
         self.store.update_batch(batch_id, status="failed", failed_at=int(time.time()),
                                 errors={"object": "list", "data": [{"code": code, "message": message,
                                                                     "param": None, "line": None}]})
+
+
+def expire_unfinished(job: Job) -> None:
+    """Append a `batch_expired` error record for every request of the job without a result,
+    under the id the runner would have written it with. Durable before the batch is marked
+    expired: a crash in between expires it again at the next start, adding nothing twice."""
+    finished, _ = scan_results(job.output, job.id_key, job.job_ids)
+    unfinished = ~contains(finished, job.index.rows["id"])
+    records = []
+    for request, open_, duplicate in zip(job.requests(), unfinished, job.index.duplicate):
+        if open_:
+            if duplicate:
+                request.id = duplicate_id(request.id, request.line)
+            records.append(expired_record(request))
+    job.out.append(records)
 
 
 def split_records(output: Path) -> tuple[list[bytes], list[bytes]]:
