@@ -63,6 +63,7 @@ def test_batch_through_the_api_equals_flexbatch_run(server, default_model_store,
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h",
                                   metadata={"purpose": "test"})
     assert batch.status == "validating" and batch.metadata == {"purpose": "test"}
+    assert batch.expires_at is None  # without --expire-batches a batch runs to the end
     batch = wait_batch(client, batch.id)
     assert batch.status == "completed", batch
     assert batch.request_counts.total == 20 and batch.request_counts.failed == 2
@@ -268,24 +269,19 @@ def move_deadline(data_dir: Path, batch_id: str, when: float) -> None:
     db.close()
 
 
-def test_a_batch_whose_window_closes_expires_with_what_it_answered(server, llm, model_name, tmp_path):
-    """Past its completion window a batch stops after the running block and expires: the
-    answered requests are in its output file as an uninterrupted run gives them, every other
-    one in its error file as `batch_expired`, each exactly once."""
+def test_a_batch_whose_window_closes_expires_with_what_it_answered(default_model_store, llm, model_name, tmp_path):
+    """With --expire-batches, a batch past its completion window stops after the running block
+    and expires: the answered requests are in its output file as an uninterrupted run gives
+    them, every other one in its error file as `batch_expired`, each exactly once."""
     requests = write_jsonl(tmp_path / "many.jsonl", batch_lines(64, model_name))
-    client = server.client()
-    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
-    while batch.request_counts.completed < BLOCK:  # a block answered first
-        time.sleep(0.1)
-        batch = client.batches.retrieve(batch.id)
-    while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        move_deadline(server.data_dir, batch.id, time.time())  # again: the server may write an older copy back
-        time.sleep(0.5)
-        batch = client.batches.retrieve(batch.id)
-    assert batch.status == "expired" and batch.expired_at, batch
-    output = records_by_id(client.files.content(batch.output_file_id).text)
-    errors = records_by_id(client.files.content(batch.error_file_id).text)
+    server = ServerProcess(default_model_store, tmp_path / "data", "--expire-batches")
+    try:
+        batch = _expire_mid_batch(server, requests)
+        client = server.client()
+        output = records_by_id(client.files.content(batch.output_file_id).text)
+        errors = records_by_id(client.files.content(batch.error_file_id).text)
+    finally:
+        server.stop()
     run_job(llm, requests, tmp_path / "run.jsonl", fmt="openai", defaults=SamplingParams(max_new_tokens=MAX_NEW_TOKENS),
             progress=False, model_name=model_name)
     expected = records_by_id((tmp_path / "run.jsonl").read_text())
@@ -293,6 +289,24 @@ def test_a_batch_whose_window_closes_expires_with_what_it_answered(server, llm, 
     assert output == {i: expected[i] for i in output}
     assert {e["error"]["code"] for i, e in errors.items() if not expected[i]["error"]} == {"batch_expired"}
     assert (batch.request_counts.completed, batch.request_counts.failed) == (len(output), len(errors))
+
+
+def _expire_mid_batch(server: ServerProcess, requests: Path):
+    """Create a batch of `requests`, let a block of it be answered, then close its window."""
+    client = server.client()
+    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    final = ("completed", "failed", "expired", "cancelled")
+    while batch.request_counts.completed < BLOCK and batch.status not in final:  # a block answered first
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    while batch.status not in final:
+        move_deadline(server.data_dir, batch.id, time.time())  # again: the server may write an older copy back
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "expired" and batch.expired_at, batch
+    return batch
 
 
 def test_online_requests_are_answered_while_a_batch_runs(server, llm, model_name, tmp_path):

@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the model's "
                                                              "folder or file name)")
     p.add_argument("--max-upload-bytes", type=int, default=512 << 20, help="largest file accepted (default 512 MiB)")
+    p.add_argument("--expire-batches", action="store_true",
+                   help="a batch expires when its completion_window (24h) closes, as OpenAI's do: its answered "
+                        "requests stay in its output file, the others get batch_expired errors (default: a "
+                        "batch runs to the end however long it takes, and its expires_at is null)")
     p.add_argument("--collect-ms", type=float, default=10.0,
                    help="how long an online request waits for others to share its block (default 10 ms)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -59,7 +63,7 @@ def run(args) -> int:
     policy = run.policy
     name = args.served_model_name or llm.model_path.name
     state = ServerState.start(llm, data_dir, name, sampling_params(args), api_key, args.max_upload_bytes,
-                              args.collect_ms / 1000, pool)
+                              args.collect_ms / 1000, pool, args.expire_batches)
     print(f"serving {name} (block of {llm.batch_size} sequences, policy: {policy or 'everything in memory'}) "
           f"on http://{args.host}:{args.port}/v1, data in {data_dir}", file=sys.stderr)
     try:

@@ -33,11 +33,12 @@ class ServerState:
     api_key: str | None
     max_upload_bytes: int
     started_at: int
+    expire_batches: bool = False  # batches expire when their completion window closes (OpenAI's rule)
 
     @classmethod
     def start(cls, llm, data_dir: Path, model_name: str, defaults: SamplingParams, api_key: str | None,
               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, collect_seconds: float = 0.01,
-              pool=None) -> "ServerState":
+              pool=None, expire_batches: bool = False) -> "ServerState":
         """`pool`: the compute thread the LLM was loaded on (serve/engine.py says why)."""
         store = Store(data_dir)
         removed = store.remove_orphan_files()
@@ -48,7 +49,8 @@ class ServerState:
         resumed = store.active_batches()
         if resumed:
             print(f"resuming {len(resumed)} unfinished batch(es)", file=sys.stderr)
-        return cls(engine, store, worker, model_name, defaults, api_key, max_upload_bytes, int(time.time()))
+        return cls(engine, store, worker, model_name, defaults, api_key, max_upload_bytes, int(time.time()),
+                   expire_batches)
 
     def stop(self) -> None:
         self.worker.stop()

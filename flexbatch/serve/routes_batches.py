@@ -41,10 +41,11 @@ async def create_batch(request: Request):
         raise _bad(f"file {file_id} has purpose {stored.purpose!r}; upload the input with purpose=batch",
                    "input_file_id")
     now = int(time.time())
+    expires = now + WINDOWS[window] if state.expire_batches else None  # else: runs to the end
     doc = {"id": new_id("batch"), "object": "batch", "endpoint": endpoint, "errors": None,
            "input_file_id": file_id, "completion_window": window, "status": "validating",
            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-           "expires_at": now + WINDOWS[window], "finalizing_at": None, "completed_at": None, "failed_at": None,
+           "expires_at": expires, "finalizing_at": None, "completed_at": None, "failed_at": None,
            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
            "model": state.model_name}
