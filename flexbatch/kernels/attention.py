@@ -119,12 +119,19 @@ def _decode(q, k_new, v_new, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
     shared = step.shared
     own, own_lse = step.decode.with_lse(q, k_new, v_new, k_cache, v_cache, step.rows, shared.own_mask,
                                         step.start + 1, step.scale)
+    if bool(shared.readers.all()):
+        return _merge(own, own_lse, *_attend_shared(q, shared.keys, shared.values, step.scale)).to(q.dtype)
     readers = shared.readers.nonzero().squeeze(1)
-    common, common_lse = _attend_shared(q[readers], shared.keys, shared.values, step.scale)
-    mine = own_lse[readers]
-    total = torch.logaddexp(mine, common_lse)
-    own[readers] = own[readers] * (mine - total).exp().unsqueeze(-1) + common * (common_lse - total).exp().unsqueeze(-1)
+    own[readers] = _merge(own[readers], own_lse[readers], *_attend_shared(q[readers], shared.keys, shared.values,
+                                                                        step.scale))
     return own.to(q.dtype)
+
+
+def _merge(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse: torch.Tensor) -> torch.Tensor:
+    """Attention outputs [..., S, D] fp32 over two disjoint sets of keys, with each query's
+    log-sum-exp of scores [..., S], as the output over both: b's share of the softmax mass is
+    e^b_lse / (e^a_lse + e^b_lse) = sigmoid(b_lse - a_lse)."""
+    return torch.lerp(a, b, torch.sigmoid(b_lse - a_lse).unsqueeze(-1))
 
 
 def _attend_shared(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
