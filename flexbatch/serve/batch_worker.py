@@ -4,9 +4,10 @@ Each batch is a job whose input is a hard link to the uploaded file and whose ou
 manifest live in the batch's job folder. The job's output is the durable state: after a
 crash, the worker picks up every batch not in a final state and the runner resumes it from
 its output, so no request is lost or run twice. When the job ends, its records are split
-into the batch's output file (answered requests) and error file (failed ones). A batch whose
-completion window closes first stops after the running block and expires: what it answered
-goes to the output file, a `batch_expired` error for each other request to the error file.
+into the batch's output file (answered requests) and error file (failed ones). A batch with
+an `expires_at` (the server's --expire-batches) whose window closes first stops after the
+running block and expires: what it answered goes to the output file, a `batch_expired` error
+for each other request to the error file.
 """
 from __future__ import annotations
 
@@ -138,8 +139,8 @@ class BatchWorker:
         return end
 
     def _stop_reason(self, batch_id: str) -> str | None:
-        """"cancelled" if the batch was cancelled, "expired" if its completion window has
-        closed, else None (checked before each block; a test may move `expires_at`)."""
+        """"cancelled" if the batch was cancelled, "expired" if its `expires_at` has passed,
+        else None (read from the store before each block)."""
         batch = self.store.get_batch(batch_id)
         if batch_id in self._cancelled or (batch is not None and batch["status"] == "cancelling"):
             return "cancelled"
