@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -70,6 +70,16 @@ class RunSettings:
                               f"{p.gpu_batch_size} x {p.num_gpu_batches} = {p.block_size} sequences; drop one of them.")
 
 
+class WorkloadEstimate(NamedTuple):
+    """What a command tells the planner of its work: the longest prompt in tokens, how many
+    sequences there are, and the most tokens one of them may generate (None: the run's
+    default; requests may ask for more, and their KV cache must fit the plan)."""
+
+    prompt_len: int
+    num_sequences: int
+    gen_len: int | None = None
+
+
 @dataclass
 class PreparedRun:
     """A model opened once and the policy and block size it will run with."""
@@ -96,11 +106,12 @@ def open_settings_model(settings: RunSettings) -> OpenedModel:
     return open_model(default_model_path() if model is None else model)
 
 
-def prepare_run(settings: RunSettings, gen_len: int, estimate: Callable[[OpenedModel], tuple[int, int]],
+def prepare_run(settings: RunSettings, gen_len: int, estimate: Callable[[OpenedModel], tuple],
                 recorded: tuple[dict | None, int] | None = None, recorded_where: str = "",
                 log=log_to_stderr) -> PreparedRun:
     """Open the model and choose the policy (see the module's docstring). `estimate(opened)`
-    -> (longest prompt in tokens, number of sequences), asked only if the planner runs;
+    -> the fields of a WorkloadEstimate, asked only if the planner runs; `gen_len`: the
+    tokens a sequence generates unless the estimate says more;
     `recorded`: (policy fields or None, block size) from an earlier run, named
     `recorded_where` in the message."""
     opened = open_settings_model(settings)
@@ -120,13 +131,13 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
         return (Policy(**recorded[0]) if recorded[0] else None), recorded[1], None
     if not settings.plan:
         return None, settings.batch_size or DEFAULT_BATCH_SIZE, None
-    prompt_len, num_sequences = estimate(opened)
+    prompt_len, num_sequences, asked_len = WorkloadEstimate(*estimate(opened))
     # Up to every request of the job in one block: each decode step reads every weight once
     # whatever the rows in flight, so the fewer steps the better, and rows whose sequence
     # finished cost nothing on a CPU (the decode kernel computes the rows in flight alone;
     # on a large job, refill keeps them busy). Pipeline stages keep a block per stage in flight.
     max_block = max(1, num_sequences // settings.pipeline_stages)
-    work = Workload(prompt_len, gen_len)
+    work = Workload(prompt_len, asked_len or gen_len)
     plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
     log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)
     return plan.best.policy, plan.best.policy.block_size, work

@@ -423,3 +423,30 @@ def test_the_largest_block_the_planner_may_choose(tiny_model, monkeypatch, stage
     with pytest.raises(_Planned):
         prepare.prepare_scoring(settings)
     assert asked == [1000 // stages, prepare.MAX_SCORING_BLOCK // stages]
+
+
+def test_a_job_is_planned_for_the_tokens_its_requests_ask_for(tiny_model, monkeypatch, tmp_path):
+    """`flexbatch run` plans for the most tokens the job's requests may generate (a batch
+    file's bodies carry max_tokens), not for the --max-new-tokens default alone: the KV cache
+    the plan sizes must hold them. A request whose max_tokens is invalid does not count."""
+    from flexbatch import prepare
+    from flexbatch.cli.main import main
+
+    folder, _ = tiny_model("llama_gqa_tied_llama3")
+    planned = []
+
+    def plan_for(settings, opened, device, dtype, work, *rest, **named):
+        planned.append(work.gen_len)
+        raise _Planned
+
+    monkeypatch.setattr(prepare, "plan_for", plan_for)
+    for asked, expected in (([5, 90, -1, None], 90), ([5, 3], 5), ([None, 3], 7)):
+        requests = tmp_path / "requests.jsonl"
+        requests.write_text("".join(json.dumps({
+            "custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "a short prompt", **({} if n is None else {"max_tokens": n})}}) + "\n"
+            for i, n in enumerate(asked)))
+        with pytest.raises(_Planned):
+            main(["run", str(requests), "-o", str(tmp_path / "out.jsonl"), "--model", str(folder), "--dtype", "float32",
+                  "--max-new-tokens", "7", "--force-new"])
+        assert planned[-1] == expected, asked

@@ -153,15 +153,21 @@ def _check_counts(args) -> None:
 def _prepare(args, settings, job):
     """The model opened and its policy chosen for this job: as recorded in the job's
     manifest if it has one, else from the flags or the planner (prepare.prepare_run)."""
-    from ..prepare import longest_prompt_tokens, prepare_run
+    from itertools import islice
+
+    from ..jobs.params import most_new_tokens
+    from ..prepare import PROMPT_SAMPLE, longest_prompt_tokens, prepare_run
 
     manifest = job.manifest.settings if job.manifest else None
     recorded = (manifest.policy, manifest.block_size) if manifest else None
 
     def estimate(opened):
-        limit = opened.config.max_position_embeddings - args.max_new_tokens
-        prompts = (_prompt_of(r, args.chat) for r in job.requests() if not r.error)
-        return longest_prompt_tokens(opened.load_tokenizer(), prompts, limit), len(job.index)
+        context = opened.config.max_position_embeddings
+        sample = [r for r in islice(job.requests(), PROMPT_SAMPLE) if not r.error]
+        prompts = (_prompt_of(r, args.chat) for r in sample)
+        longest = longest_prompt_tokens(opened.load_tokenizer(), prompts, context - args.max_new_tokens)
+        # the requests' own max_tokens (a batch file's bodies carry them), within the context
+        return longest, len(job.index), min(most_new_tokens(sample, job.spec.defaults), context - longest)
 
     return prepare_run(settings, args.max_new_tokens, estimate, recorded, "the job manifest")
 

@@ -55,6 +55,19 @@ def request_params(fields: dict[str, Any], defaults: SamplingParams) -> Sampling
     return replace(defaults, **changes) if changes else defaults
 
 
+def most_new_tokens(requests, defaults: SamplingParams) -> int:
+    """The most tokens any of `requests` (JobRequests) may generate: its own max_tokens, else
+    the job's default (also the answer if there are no requests); a request whose fields are
+    invalid (it will get an error record) does not count."""
+    asked = []
+    for request in requests:
+        try:
+            asked.append(request_params(request.fields, defaults).max_new_tokens)
+        except ConfigError:
+            continue
+    return max(asked, default=defaults.max_new_tokens)
+
+
 def _int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
