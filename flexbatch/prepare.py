@@ -73,7 +73,8 @@ class RunSettings:
 class WorkloadEstimate(NamedTuple):
     """What a command tells the planner of its work: the longest prompt in tokens, how many
     sequences there are, and the most tokens one of them may generate (None: the run's
-    default; requests may ask for more, and their KV cache must fit the plan)."""
+    default; a job's requests may ask for more or fewer, and their KV cache must fit the
+    plan)."""
 
     prompt_len: int
     num_sequences: int
@@ -111,7 +112,7 @@ def prepare_run(settings: RunSettings, gen_len: int, estimate: Callable[[OpenedM
                 log=log_to_stderr) -> PreparedRun:
     """Open the model and choose the policy (see the module's docstring). `estimate(opened)`
     -> the fields of a WorkloadEstimate, asked only if the planner runs; `gen_len`: the
-    tokens a sequence generates unless the estimate says more;
+    tokens a sequence generates unless the estimate gives its own;
     `recorded`: (policy fields or None, block size) from an earlier run, named
     `recorded_where` in the message."""
     opened = open_settings_model(settings)
