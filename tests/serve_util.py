@@ -27,7 +27,7 @@ class ServerProcess:
     """`python -m flexbatch serve` on a free localhost port, importing this checkout."""
 
     def __init__(self, model: Path, data_dir: Path, *extra: str):
-        self.port, self.data_dir = free_port(), data_dir
+        self.port, self.model, self.data_dir = free_port(), model, data_dir
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")
         cmd = [sys.executable, "-m", "flexbatch", "serve", "--model", str(model), "--dtype", "float32",

@@ -269,14 +269,19 @@ def move_deadline(data_dir: Path, batch_id: str, when: float) -> None:
     db.close()
 
 
-def test_a_batch_whose_window_closes_expires_with_what_it_answered(default_model_store, llm, model_name, tmp_path):
+@pytest.mark.parametrize("when", ["running", "server down"])
+def test_a_batch_whose_window_closes_expires_with_what_it_answered(default_model_store, llm, model_name, tmp_path,
+                                                                     when):
     """With --expire-batches, a batch past its completion window stops after the running block
-    and expires: the answered requests are in its output file as an uninterrupted run gives
-    them, every other one in its error file as `batch_expired`, each exactly once."""
+    (or at the start of a server that was down when it closed) and expires: the answered
+    requests are in its output file as an uninterrupted run gives them, every other one in
+    its error file as `batch_expired`, each exactly once."""
     requests = write_jsonl(tmp_path / "many.jsonl", batch_lines(64, model_name))
     server = ServerProcess(default_model_store, tmp_path / "data", "--expire-batches")
     try:
-        batch = _expire_mid_batch(server, requests)
+        batch = _expire_mid_batch(server, requests) if when == "running" else None
+        if batch is None:
+            server, batch = _expire_while_down(server, requests)
         client = server.client()
         output = records_by_id(client.files.content(batch.output_file_id).text)
         errors = records_by_id(client.files.content(batch.error_file_id).text)
@@ -289,6 +294,28 @@ def test_a_batch_whose_window_closes_expires_with_what_it_answered(default_model
     assert output == {i: expected[i] for i in output}
     assert {e["error"]["code"] for i, e in errors.items() if not expected[i]["error"]} == {"batch_expired"}
     assert (batch.request_counts.completed, batch.request_counts.failed) == (len(output), len(errors))
+
+
+def _expire_while_down(server: ServerProcess, requests: Path):
+    """Create a batch, SIGKILL the server once a block of it is answered, close the batch's
+    window, start the server again: returns (the new server, the batch once final)."""
+    client = server.client()
+    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    while batch.status == "validating" or batch.status == "in_progress" and batch.request_counts.completed < BLOCK:
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+    server.kill()
+    assert batch.status == "in_progress", batch
+    move_deadline(server.data_dir, batch.id, time.time())
+    server = ServerProcess(server.model, server.data_dir, "--expire-batches")
+    try:
+        batch = wait_batch(server.client(), batch.id, until=("completed", "failed", "expired", "cancelled"))
+    except BaseException:
+        server.stop()
+        raise
+    assert batch.status == "expired" and batch.expired_at, batch
+    return server, batch
 
 
 def _expire_mid_batch(server: ServerProcess, requests: Path):

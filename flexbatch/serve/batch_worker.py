@@ -113,6 +113,8 @@ class BatchWorker:
         if batch["status"] == "validating":
             self.store.update_batch(batch_id, status="in_progress", in_progress_at=int(time.time()),
                                     request_counts=counts)
+        if self._stop_reason(batch_id) == "expired":  # its window closed while the server was down
+            return "expired"  # (a job with nothing left to run would otherwise complete)
         runner = None
 
         def report_progress():
