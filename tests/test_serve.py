@@ -279,9 +279,12 @@ def test_a_batch_whose_window_closes_expires_with_what_it_answered(default_model
     requests = write_jsonl(tmp_path / "many.jsonl", batch_lines(64, model_name))
     server = ServerProcess(default_model_store, tmp_path / "data", "--expire-batches")
     try:
-        batch = _expire_mid_batch(server, requests) if when == "running" else None
-        if batch is None:
-            server, batch = _expire_while_down(server, requests)
+        batch = _a_block_answered(server, requests)
+        if when == "running":
+            batch = _close_window_while_running(server, batch)
+        else:
+            server, batch = _close_window_while_down(server, batch)
+        assert batch.status == "expired" and batch.expired_at, batch
         client = server.client()
         output = records_by_id(client.files.content(batch.output_file_id).text)
         errors = records_by_id(client.files.content(batch.error_file_id).text)
@@ -296,44 +299,43 @@ def test_a_batch_whose_window_closes_expires_with_what_it_answered(default_model
     assert (batch.request_counts.completed, batch.request_counts.failed) == (len(output), len(errors))
 
 
-def _expire_while_down(server: ServerProcess, requests: Path):
-    """Create a batch, SIGKILL the server once a block of it is answered, close the batch's
-    window, start the server again: returns (the new server, the batch once final)."""
-    client = server.client()
-    uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
-    while batch.status == "validating" or batch.status == "in_progress" and batch.request_counts.completed < BLOCK:
-        time.sleep(0.1)
-        batch = client.batches.retrieve(batch.id)
-    server.kill()
-    assert batch.status == "in_progress", batch
-    move_deadline(server.data_dir, batch.id, time.time())
-    server = ServerProcess(server.model, server.data_dir, "--expire-batches")
-    try:
-        batch = wait_batch(server.client(), batch.id, until=("completed", "failed", "expired", "cancelled"))
-    except BaseException:
-        server.stop()
-        raise
-    assert batch.status == "expired" and batch.expired_at, batch
-    return server, batch
+FINAL = ("completed", "failed", "expired", "cancelled")
 
 
-def _expire_mid_batch(server: ServerProcess, requests: Path):
-    """Create a batch of `requests`, let a block of it be answered, then close its window."""
+def _a_block_answered(server: ServerProcess, requests: Path):
+    """A batch of `requests` created with a 24-hour window, once a block of it is answered."""
     client = server.client()
     uploaded = client.files.create(file=requests.open("rb"), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
     assert batch.expires_at == batch.created_at + 24 * 3600
-    final = ("completed", "failed", "expired", "cancelled")
-    while batch.request_counts.completed < BLOCK and batch.status not in final:  # a block answered first
+    while batch.request_counts.completed < BLOCK and batch.status not in FINAL:
         time.sleep(0.1)
         batch = client.batches.retrieve(batch.id)
-    while batch.status not in final:
+    assert batch.status == "in_progress", batch
+    return batch
+
+
+def _close_window_while_running(server: ServerProcess, batch):
+    """The batch's window closed while it runs; returns the batch once final."""
+    client = server.client()
+    while batch.status not in FINAL:
         move_deadline(server.data_dir, batch.id, time.time())  # again: the server may write an older copy back
         time.sleep(0.5)
         batch = client.batches.retrieve(batch.id)
-    assert batch.status == "expired" and batch.expired_at, batch
     return batch
+
+
+def _close_window_while_down(server: ServerProcess, batch):
+    """SIGKILL the server, close the batch's window, start the server again on the same data
+    dir: returns (the new server, the batch once final)."""
+    server.kill()
+    move_deadline(server.data_dir, batch.id, time.time())
+    server = ServerProcess(server.model, server.data_dir, "--expire-batches")
+    try:
+        return server, wait_batch(server.client(), batch.id, until=FINAL)
+    except BaseException:
+        server.stop()
+        raise
 
 
 def test_online_requests_are_answered_while_a_batch_runs(server, llm, model_name, tmp_path):
