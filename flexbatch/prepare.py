@@ -79,6 +79,7 @@ class WorkloadEstimate(NamedTuple):
     prompt_len: int
     num_sequences: int
     gen_len: int | None = None
+    shared_prefix: int = 0  # leading tokens every prompt shares (`prompt_shape`)
 
 
 @dataclass
@@ -132,13 +133,13 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
         return (Policy(**recorded[0]) if recorded[0] else None), recorded[1], None
     if not settings.plan:
         return None, settings.batch_size or DEFAULT_BATCH_SIZE, None
-    prompt_len, num_sequences, asked_len = WorkloadEstimate(*estimate(opened))
+    prompt_len, num_sequences, asked_len, shared_prefix = WorkloadEstimate(*estimate(opened))
     # Up to every request of the job in one block: each decode step reads every weight once
     # whatever the rows in flight, so the fewer steps the better, and rows whose sequence
     # finished cost nothing on a CPU (the decode kernel computes the rows in flight alone;
     # on a large job, refill keeps them busy). Pipeline stages keep a block per stage in flight.
     max_block = max(1, num_sequences // settings.pipeline_stages)
-    work = Workload(prompt_len, asked_len or gen_len)
+    work = Workload(prompt_len, asked_len or gen_len, shared_prefix=shared_prefix)
     plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
     log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)
     return plan.best.policy, plan.best.policy.block_size, work
@@ -225,9 +226,20 @@ def longest_prompt_tokens(tokenizer, prompts: Iterable[str | list[int] | list[di
     messages, which get the chat template), at least MIN_PROMPT_TOKENS, for the planner.
     Prompts over `limit` tokens will be refused one by one, so they do not count; neither
     does a conversation the template rejects."""
+    return prompt_shape(tokenizer, prompts, limit, sample)[0]
+
+
+def prompt_shape(tokenizer, prompts: Iterable[str | list[int] | list[dict]], limit: int,
+                 sample: int = PROMPT_SAMPLE) -> tuple[int, int]:
+    """(`longest_prompt_tokens`, the leading tokens all of those prompts share, as the engine
+    computes once: 0 unless there are two or more and it is at least MIN_SHARED_PREFIX long,
+    and every prompt keeps a token of its own)."""
+    import os
     from itertools import islice
 
-    lengths = [MIN_PROMPT_TOKENS]
+    from .engine.generation import MIN_SHARED_PREFIX
+
+    ids = []
     for prompt in islice(prompts, sample):
         if tokenizer is None:
             continue
@@ -236,17 +248,19 @@ def longest_prompt_tokens(tokenizer, prompts: Iterable[str | list[int] | list[di
                 prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             except Exception:  # the request gets its error later
                 continue
-        length = len(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else len(prompt)
-        if length <= limit:
-            lengths.append(length)
-    return max(lengths)
+        tokens = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if len(tokens) <= limit:
+            ids.append(tokens)
+    shared = len(os.path.commonprefix(ids)[:min(map(len, ids), default=1) - 1]) if len(ids) > 1 else 0
+    longest = max([MIN_PROMPT_TOKENS, *map(len, ids)])
+    return longest, (shared if shared >= MIN_SHARED_PREFIX else 0)
 
 
 def share_with_stages(place, run: PreparedRun) -> None:
     """The first pipeline stage's choice, sent to every other stage (`prepare_stage`)."""
     from .engine.pipeline import Link
 
-    work = [run.work.prompt_len, run.work.gen_len] if run.work else None
+    work = asdict(run.work) if run.work else None
     link = Link()
     for stage in range(1, place.stages):
         link.send(place.rank(stage), {"op": "setup", "policy": asdict(run.policy) if run.policy else None,
@@ -280,7 +294,7 @@ def prepare_stage(settings: RunSettings, place, log=log_to_stderr) -> PreparedRu
     if policy is not None and header["work"]:
         compression = {k: v for k, v in asdict(policy).items() if k.startswith("compress_")}
         stage_settings = replace(settings, compression=compression)
-        plan = plan_for(stage_settings, opened, device, dtype, Workload(*header["work"]), block_size=policy.block_size,
+        plan = plan_for(stage_settings, opened, device, dtype, Workload(**header["work"]), block_size=policy.block_size,
                         log=log, stage=place.stage, gpu_batch_size=policy.gpu_batch_size)
         log_plan(plan, device, log, place.stage)
         policy = plan.best.policy

@@ -54,6 +54,40 @@ def test_layer_costs_by_hand():
     assert costs.gen["compute"] == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
 
 
+def test_a_shared_prefix_is_prefilled_once_per_block():
+    """Prompts of 100 tokens whose first 60 all share: an admission computes those once for
+    the block, and each sequence's own 40, which attend to all 100. Every row still holds the
+    prefix's keys and values, so what is stored and read is unchanged."""
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2)
+    shared = HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, replace(WORK, shared_prefix=60))
+    plain = HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
+    params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+    batch, s, own, prefix = 8, 100, 40, 60
+    prefill = (batch * own + prefix) * 2 * params / 1e12 + (batch * 2 * own * s + 2 * prefix * prefix) * 1024 / 1e12
+    assert shared.pre["compute"] == pytest.approx((prefill, 0, 0))
+    assert shared.pre["io"] == pytest.approx(plain.pre["io"])
+    assert all(shared.gen[lane] == pytest.approx(plain.gen[lane]) for lane in plain.gen)
+
+
+def test_the_prompt_shape_the_planner_is_told():
+    """The longest prompt and the prefix every prompt shares, as the engine computes it once:
+    at least MIN_SHARED_PREFIX tokens, by two or more prompts, each keeping one of its own."""
+    from flexbatch.engine.generation import MIN_SHARED_PREFIX
+    from flexbatch.prepare import MIN_PROMPT_TOKENS, prompt_shape
+
+    by_bytes = lambda text: {"input_ids": list(text.encode())}  # a byte-level tokenizer for text prompts
+    prefix = list(range(1, 21))
+    rows = [prefix + [30, 31, 32], prefix + [40], prefix + [50] * 80]
+    assert prompt_shape(by_bytes, rows, limit=1000) == (100, 20)
+    assert prompt_shape(by_bytes, [*rows, prefix], limit=1000) == (100, 19)  # one keeps its last token
+    assert prompt_shape(by_bytes, [*rows, [7] * 500], limit=400) == (100, 20)  # refused later: not counted
+    assert prompt_shape(by_bytes, [*rows, "some text"], limit=1000) == (100, 0)  # shares nothing with them
+    for kept in (MIN_SHARED_PREFIX - 1, MIN_SHARED_PREFIX):  # of the 20 shared tokens
+        trimmed = [r[20 - kept:] for r in rows]
+        assert prompt_shape(by_bytes, trimmed, limit=1000)[1] == (0 if kept < MIN_SHARED_PREFIX else kept)
+    assert prompt_shape(by_bytes, rows[:1], limit=1000) == (MIN_PROMPT_TOKENS, 0)  # one prompt shares nothing
+
+
 def test_overlapped_io_slows_compute_by_the_measured_share():
     hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, share=0.75, attention_bps=1e10))
     costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)

@@ -156,7 +156,7 @@ def _prepare(args, settings, job):
     from itertools import islice
 
     from ..jobs.params import most_new_tokens
-    from ..prepare import PROMPT_SAMPLE, longest_prompt_tokens, prepare_run
+    from ..prepare import PROMPT_SAMPLE, prepare_run, prompt_shape
 
     manifest = job.manifest.settings if job.manifest else None
     recorded = (manifest.policy, manifest.block_size) if manifest else None
@@ -165,9 +165,9 @@ def _prepare(args, settings, job):
         context = opened.config.max_position_embeddings
         sample = [r for r in islice(job.requests(), PROMPT_SAMPLE) if not r.error]
         prompts = (_prompt_of(r, args.chat) for r in sample)
-        longest = longest_prompt_tokens(opened.load_tokenizer(), prompts, context - args.max_new_tokens)
+        longest, shared = prompt_shape(opened.load_tokenizer(), prompts, context - args.max_new_tokens)
         # the requests' own max_tokens (a batch file's bodies carry them), within the context
-        return longest, len(job.index), min(most_new_tokens(sample, job.spec.defaults), context - longest)
+        return longest, len(job.index), min(most_new_tokens(sample, job.spec.defaults), context - longest), shared
 
     return prepare_run(settings, args.max_new_tokens, estimate, recorded, "the job manifest")
 

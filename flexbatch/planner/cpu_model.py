@@ -53,7 +53,7 @@ from ..sizing import (
 )
 from .machine import MachineModel
 from .profile import ComputeRates
-from .terms import LayerCosts, Workload, weight_matmul_seconds
+from .terms import LayerCosts, Workload, prefill_seconds, weight_matmul_seconds
 
 ONE, W_MEM, C_MEM = np.eye(3)
 W_DISK, C_DISK = ONE - W_MEM, ONE - C_MEM
@@ -115,8 +115,7 @@ class CpuModel(MachineModel):
         attention = batch * t * kv_dense / cpu.attention_bps
         if policy.compress_cache:
             attention += batch * (t - dense_window(policy, t)) * kv_dense / cpu.kv_decode_bps
-        comp_pre = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, s, active) \
-            + batch * 2 * s * s * cfg.hidden_size / cpu.flops(dtype, gpu_batch_size * s)
+        comp_pre = prefill_seconds(cpu, dtype, bits, params, active, cfg.hidden_size, batch, gpu_batch_size, work)
         comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention
         io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
         return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre},

@@ -64,7 +64,7 @@ from ..sizing import (
 )
 from .machine import MachineModel
 from .profile import ComputeRates
-from .terms import LayerCosts, Workload, weight_matmul_seconds
+from .terms import LayerCosts, Workload, prefill_seconds, weight_matmul_seconds
 
 ONE, W_GPU, W_HOST, C_GPU, C_HOST = np.eye(5)
 W_OFF, W_DISK = ONE - W_GPU, ONE - W_GPU - W_HOST
@@ -133,8 +133,7 @@ class GpuModel(MachineModel):
         weight_in = {"disk": W * W_DISK / R, "link": W * W_OFF / H}
         operations = _operation_seconds(gpu.op_seconds, policy, cpu_attention)
 
-        prompt_compute = weight_matmul_seconds(rates, dtype, bits, params, B, gbs, s, active) \
-            + B * 2 * s * s * cfg.hidden_size / rates.flops(dtype, gbs * s)
+        prompt_compute = prefill_seconds(rates, dtype, bits, params, active, cfg.hidden_size, B, gbs, work)
         # as stored: a compressed cache's quantized rows and its dense window (sizing.kv_stored_bytes),
         # read from disk at decode's own KV read rate, as the CPU model prices them
         stored = lambda tokens: B * kv_stored_bytes(cfg, dtype, policy, tokens)

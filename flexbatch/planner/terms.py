@@ -21,6 +21,9 @@ class Workload:
     prompt_len: int
     gen_len: int
     blocks_in_flight: int = 1  # a pipeline stage keeps one block's KV cache per stage (engine/pipeline.py)
+    # leading tokens every prompt shares (a system prompt, few-shot examples): an admission
+    # computes them once for the block; each row still holds their keys and values
+    shared_prefix: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,20 @@ def weight_matmul_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | N
     dense += params / rate if rate else 0.0
     fused = rates.flops(dtype, rows, bits)
     return min(dense, flop / fused) if fused else dense
+
+
+def prefill_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | None, params: int,
+                    active_params: int | None, hidden: int, batch: int, gpu_batch_size: int, work: Workload) -> float:
+    """One layer's prefill compute for a block: each sequence's tokens after the shared
+    prefix through the weights, attending to its whole prompt, and the shared prefix once."""
+    s, p = work.prompt_len, work.shared_prefix
+    own = s - p
+    seconds = weight_matmul_seconds(rates, dtype, bits, params, batch, gpu_batch_size, own, active_params) \
+        + batch * 2 * own * s * hidden / rates.flops(dtype, gpu_batch_size * own)
+    if p:
+        seconds += weight_matmul_seconds(rates, dtype, bits, params, 1, 1, p, active_params) \
+            + 2 * p * p * hidden / rates.flops(dtype, p)
+    return seconds
 
 
 def head_seconds(cfg: ModelConfig, dtype: torch.dtype, rates: ComputeRates, gpu_batch_size: int, batch: int,
