@@ -19,8 +19,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 # glibc's malloc maps each block over 128 KiB on its own (a threshold it raises as such blocks
 # are freed) and gives the heap's free top back to the system past twice that, so a step's
-# temporaries of a few MiB are faulted in again, page by page, at every use (a decode step's
-# shared-prefix attention: 4.3 ms, 1.7 ms with these kept).
+# temporaries of a few MiB are faulted in again, page by page, at every use (a softmax and
+# matmul over 3 x 768 x 407 fp32 scores: 45,173 page faults in 20 runs, 1,805 with these kept).
 MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest
 MALLOC_TRIM_THRESHOLD = 128 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)

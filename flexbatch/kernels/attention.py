@@ -30,7 +30,8 @@ class CacheSegments:
 class SharedKeys:
     """Keys and values [Hkv, P, D] that many sequences' cache rows hold the same copy of (a
     prompt prefix they share): a decode step attends to them once for all of those sequences,
-    as one matrix product per KV head, and to the rest of each row with the decode kernel."""
+    as one attention per KV head over all their queries, and to the rest of each row with the
+    decode kernel."""
 
     keys: torch.Tensor
     values: torch.Tensor
