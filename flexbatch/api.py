@@ -150,7 +150,7 @@ class LLM:
         if kernels is None:
             kernels = kernel_choice(policy, self.device, self.dtype, offload_dir)
         return OffloadRunner(self.config, self.family, opened.source, policy, self.dtype, self.device, offload_dir,
-                             budget, kernels, layers, lanes)
+                             budget, kernels, layers, lanes, decode_kernel())
 
     def _start_stage(self, opened, policy: Policy, stages: int, offload_dir, cpu_memory, gpu_memory, kernels):
         """This process's stage of a pipeline over the ranks torchrun started: the first

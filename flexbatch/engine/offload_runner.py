@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import Policy
-from ..kernels import KernelChoice
+from ..kernels import DecodeKernel, KernelChoice
 from ..kernels.attention import orthonormal
 from ..kernels.packed import free_dense_buffers
 from ..models.family import Family
@@ -73,9 +73,10 @@ class OffloadRunner(Runner):
     def __init__(self, cfg: ModelConfig, family: Family, source: TensorSource, policy: Policy,
                  dtype: torch.dtype, device: torch.device, offload_dir: str | Path | None = None,
                  budget: MemoryBudget | None = None, kernels: KernelChoice = KernelChoice(),
-                 layers: range | None = None, lanes: int = 1):
+                 layers: range | None = None, lanes: int = 1, decode: DecodeKernel | None = None):
         self.cfg, self.family, self.policy = cfg, family, policy
         self.dtype, self.device = dtype, device
+        self.decode = decode if decode is not None and decode.handles(device, dtype, cfg.head_dim) else None
         self.layers = layers if layers is not None else range(cfg.num_layers)
         self.sized = replace(cfg, num_layers=len(self.layers))  # what memory and disk checks count
         self.lanes = lanes  # blocks in flight at once, each with its KV cache (`lane`)
@@ -213,7 +214,7 @@ class OffloadRunner(Runner):
         """Hidden states after this runner's layers, one tensor per GPU batch, of inputs [b, S]
         appended at cache slot `start`."""
         ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
-                             self.policy.attn_sparsity, self.kv_rotation)
+                             self.policy.attn_sparsity, self.kv_rotation, self.decode)
                 for b in self.batches]
         end = start + inputs[0].shape[1]
         return self._run(inputs, ctxs, lambda h: TokenStep(self, h, ctxs, start, end))
@@ -223,11 +224,11 @@ class OffloadRunner(Runner):
                      shared: int = 0) -> list[torch.Tensor]:
         """`admit`'s hidden states after this runner's layers (`admit_inputs`' batches)."""
         ctxs = [make_context(self.cfg, self.family, key_valid[b], shared, self.dtype, self.device,
-                             self.policy.attn_sparsity, self.kv_rotation)
+                             self.policy.attn_sparsity, self.kv_rotation, self.decode)
                 for b in self.admit_batches(rows)]
         if shared:  # one more GPU batch, first in every layer: the prefix, whose keys the others copy
             ctxs.insert(0, make_context(self.cfg, self.family, torch.ones(1, shared, dtype=torch.bool), 0,
-                                        self.dtype, self.device, kv_rotation=self.kv_rotation))
+                                        self.dtype, self.device, kv_rotation=self.kv_rotation, decode=self.decode))
         return self._run(inputs, ctxs, lambda h: AdmitStep(self, h, ctxs, rows, end, shared))
 
     @torch.inference_mode()
@@ -268,7 +269,8 @@ class OffloadRunner(Runner):
         """One block of packed rows through every layer (weights stream as in generation), with
         no KV cache: each layer's keys and values are used where computed and dropped."""
         batches = self.gpu_batches(rows.input_ids.shape[0])
-        ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device) for b in batches]
+        ctxs = [packed_context(self.cfg, self.family, rows.rows(b), self.dtype, self.device, self.decode)
+                for b in batches]
         hidden = self._run([rows.input_ids[b] for b in batches], ctxs, lambda h: PrefillOnlyStep(self, h, ctxs, 0, 0))
         return TokenScores.cat([source_logprobs(self.cfg, self.family, self.home.globals, h, rows.rows(b))
                                 for h, b in zip(hidden, batches)], 0)

@@ -70,11 +70,12 @@ def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, star
 
 
 def packed_context(cfg: ModelConfig, family: Family, rows: PackedRows, dtype: torch.dtype,
-                   device: torch.device) -> StepContext:
+                   device: torch.device, decode: DecodeKernel | None = None) -> StepContext:
     """The context of a prefill over packed rows (engine/scoring.py), with no cache before it."""
     positions = rows.positions.to(device)
     ctx = StepContext(positions=positions, start=0, key_positions=positions,
-                      attn_mask=ops.segment_mask(rows.positions, rows.segments, dtype, cfg.sliding_window).to(device))
+                      attn_mask=ops.segment_mask(rows.positions, rows.segments, dtype, cfg.sliding_window).to(device),
+                      decode=decode)
     family.prepare_step(cfg, ctx, dtype)
     return ctx
 
@@ -82,7 +83,8 @@ def packed_context(cfg: ModelConfig, family: Family, rows: PackedRows, dtype: to
 class Runner(abc.ABC):
     """Forward steps over one batch at a time, with the batch's KV cache."""
 
-    decode: DecodeKernel | None = None  # the C kernels of a decode step, where they run
+    # the C kernels (attention of decode steps and of prompts, the greedy pick), where they run
+    decode: DecodeKernel | None = None
 
     @abc.abstractmethod
     def begin(self, batch_size: int, capacity: int, prompt_width: int | None = None) -> None:
@@ -150,8 +152,9 @@ def family_recomputes_at(cfg: ModelConfig, family: Family, length: int) -> bool:
 
 
 class InMemoryRunner(Runner):
-    """decode: the decode attention kernel that reads only what each row sees (decode steps
-    then compute the rows in flight alone); None: PyTorch's attention over every row."""
+    """decode: the C kernels (kernels/native.py): decode attention that reads only what each
+    row sees (decode steps then compute the rows in flight alone), and prompts' attention;
+    None: PyTorch's attention over every row."""
 
     def __init__(self, cfg: ModelConfig, family: Family, weights: ModelWeights,
                  dtype: torch.dtype, device: torch.device, decode: DecodeKernel | None = None):
@@ -236,7 +239,7 @@ class InMemoryRunner(Runner):
                 for cache, prefix in zip(caches, self._prefix_cache(input_ids[0, :shared])):
                     for kv in range(2):
                         cache[kv][:, :, :shared] = prefix[kv]
-            ctx = make_context(self.cfg, self.family, valid, start, self.dtype, self.device)
+            ctx = make_context(self.cfg, self.family, valid, start, self.dtype, self.device, decode=self.decode)
             last.append(self._forward(ids, ctx, caches)[:, -1:])
             if not in_place:
                 self._place(caches, torch.tensor(block_rows), end - width, shared, end - (width - first))
@@ -271,7 +274,7 @@ class InMemoryRunner(Runner):
             self._prefix_at.fill_(-1)  # rows with the last one keep their copies, read as any keys
             caches = [self._empty_cache(1, len(key)) for _ in range(self.cfg.num_layers)]
             ctx = make_context(self.cfg, self.family, torch.ones(1, len(key), dtype=torch.bool), 0, self.dtype,
-                               self.device)
+                               self.device, decode=self.decode)
             self._forward(tokens.unsqueeze(0), ctx, caches)
             self._prefix = (key, caches)
         return self._prefix[1]
@@ -292,7 +295,7 @@ class InMemoryRunner(Runner):
 
     @torch.inference_mode()
     def score_packed(self, rows: PackedRows) -> TokenScores:
-        ctx = packed_context(self.cfg, self.family, rows, self.dtype, self.device)
+        ctx = packed_context(self.cfg, self.family, rows, self.dtype, self.device, self.decode)
         hidden = self._forward(rows.input_ids, ctx, [(None, None)] * self.cfg.num_layers)
         return source_logprobs(self.cfg, self.family, self.weights.globals, hidden, rows)
 

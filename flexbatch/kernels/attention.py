@@ -105,8 +105,12 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
         # strided views: 3.3x faster than grouped_attention's chunked matmuls)
         return grouped_attention(q, keys, values, step.mask, step.scale, step.keep, step.softcap)
     first = 0 if q.is_cuda else step.first  # on a CPU, skip what no query sees
-    return F.scaled_dot_product_attention(q, keys[:, :, first:], values[:, :, first:],
-                                          attn_mask=step.mask[..., first:], scale=step.scale,
+    keys, values, mask = keys[:, :, first:], values[:, :, first:], step.mask[..., first:]
+    many = step.decode.many if step.decode is not None and q.shape[2] > 1 else None
+    done = many(q, keys, values, mask, step.scale) if many is not None else None
+    if done is not None:
+        return done[0]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=step.scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
@@ -121,10 +125,9 @@ def _decode(q, k_new, v_new, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
     own, own_lse = step.decode.with_lse(q, k_new, v_new, k_cache, v_cache, step.rows, shared.own_mask,
                                         step.start + 1, step.scale)
     if bool(shared.readers.all()):
-        return _merge(own, own_lse, *_attend_shared(q, shared.keys, shared.values, step.scale)).to(q.dtype)
+        return _merge(own, own_lse, *_attend_shared(q, shared, step)).to(q.dtype)
     readers = shared.readers.nonzero().squeeze(1)
-    own[readers] = _merge(own[readers], own_lse[readers], *_attend_shared(q[readers], shared.keys, shared.values,
-                                                                        step.scale))
+    own[readers] = _merge(own[readers], own_lse[readers], *_attend_shared(q[readers], shared, step))
     return own.to(q.dtype)
 
 
@@ -135,18 +138,21 @@ def _merge(a: torch.Tensor, a_lse: torch.Tensor, b: torch.Tensor, b_lse: torch.T
     return torch.lerp(a, b, torch.sigmoid(b_lse - a_lse).unsqueeze(-1))
 
 
-def _attend_shared(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [m, H, 1, D] over keys/values [Hkv, P, D] that every sequence sees whole: the queries
-    of each KV head's group, all m sequences' at once, as one attention over the same keys
-    (PyTorch's CPU flash attention, which also returns the log-sum-exp: 3x faster here than
-    matmul, softmax and matmul, and its scores stay fp32). Returns the output [m, H, 1, D]
-    fp32 and each query's log-sum-exp [m, H, 1]."""
+def _attend_shared(q: torch.Tensor, shared: SharedKeys, step: AttentionStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [m, H, 1, D] over the shared keys/values [Hkv, P, D] that every sequence sees whole:
+    the queries of each KV head's group, all m sequences' at once, as one attention over the
+    same keys (the many-query C kernel, else PyTorch's CPU flash attention, which also
+    returns the log-sum-exp: 3x faster here than matmul, softmax and matmul; both keep scores
+    fp32). Returns the output [m, H, 1, D] fp32 and each query's log-sum-exp [m, H, 1]."""
     m, heads, _, dim = q.shape
-    kv_heads = keys.shape[0]
+    kv_heads = shared.keys.shape[0]
     grouped = q.reshape(m, kv_heads, heads // kv_heads, dim).transpose(0, 1).reshape(1, kv_heads, -1, dim)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        grouped, keys.unsqueeze(0), values.unsqueeze(0), scale=scale)  # [1, Hkv, m * g, D], [1, Hkv, m * g]
+    keys, values = shared.keys.unsqueeze(0), shared.values.unsqueeze(0)
+    many = step.decode.many
+    done = many(grouped, keys, values, None, step.scale, lse=True) if many is not None else None
+    if done is None:  # [1, Hkv, m * g, D], [1, Hkv, m * g]
+        done = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(grouped, keys, values, scale=step.scale)
+    out, lse = done[0], done[1]
     unfold = lambda x: x.view(kv_heads, m, heads // kv_heads, -1).transpose(0, 1).reshape(m, heads, 1, -1)
     return unfold(out[0].float()), unfold(lse[0].unsqueeze(-1)).squeeze(-1)
 

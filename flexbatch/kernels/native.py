@@ -1,6 +1,6 @@
-"""Kernels written in C (decode_attention.c, greedy.c, fused.c, sharing simd.h), built into one library
-with the machine's C compiler at first use and called through ctypes: no Python or torch
-headers, so a build takes about a second.
+"""Kernels written in C (decode_attention.c, prefill_attention.c, greedy.c, fused.c, sharing
+simd.h), built into one library with the machine's C compiler at first use and called through
+ctypes: no Python or torch headers, so a build takes about a second.
 
 `build_decode_kernel` compiles into a folder it is given and returns a `DecodeKernel`; which
 folder, and whether to use it at all, is decided above the engine (model_policy.py), which
@@ -19,9 +19,10 @@ import torch
 
 from ..errors import ConfigError
 from .fused import FusedOps
+from .many_query import ManyQueryAttention
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode_attention.c", HERE / "greedy.c", HERE / "fused.c"]
+SOURCES = [HERE / "decode_attention.c", HERE / "prefill_attention.c", HERE / "greedy.c", HERE / "fused.c"]
 HEADERS = [HERE / "simd.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LIBRARIES = ["-lm"]
@@ -59,6 +60,8 @@ class DecodeKernel:
                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self._greedy.restype = ctypes.c_int
         self.fused = FusedOps(library)  # the elementwise kernels built with these (kernels/fused.py)
+        # many queries per sequence (prefill, a shared prefix), where the CPU has AVX512-BF16
+        self.many = ManyQueryAttention(library) if ManyQueryAttention.built(library) else None
 
     def greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """logits [n, V] on the CPU, fp32 or as the model computed them (bf16, fp16) ->

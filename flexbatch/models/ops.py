@@ -45,7 +45,8 @@ class StepContext:
     kv_rotation: torch.Tensor | None = None
     # No query of the step sees a key before this slot (found once per step, used by every layer)
     first_key: int = 0
-    # Decode steps on a CPU: the kernel that reads only the keys each query sees (kernels/native.py)
+    # On a CPU, the C kernels (kernels/native.py): decode attention that reads only the keys
+    # each query sees, and prompts' attention
     decode: kernels.DecodeKernel | None = None
     # [B] int64: the cache rows the step's sequences read and write (a step over the rows in
     # flight, with `decode`); None: sequence i is cache row i
