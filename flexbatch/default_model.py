@@ -33,6 +33,11 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def kernels_dir() -> Path:
+    """Where the C kernels are built for this machine (kernels/native.py)."""
+    return cache_dir() / "native"
+
+
 def default_model_path(log=print) -> Path:
     """The converted default model, converting it on first use (a few seconds)."""
     store = cache_dir() / "models" / STORE_NAME

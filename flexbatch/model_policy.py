@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import Policy
-from .default_model import cache_dir
+from .default_model import kernels_dir
 from .errors import ConfigError
 from .kernels import DecodeKernel, KernelChoice, NativeBuildError, build_decode_kernel, fused
 from .models import get_family
@@ -28,7 +28,7 @@ def decode_kernel() -> DecodeKernel | None:
     cannot be built (a warning says why, once): PyTorch's attention runs instead. The fused
     elementwise kernels built with it are switched on (or off) with it."""
     wanted = os.environ.get(NATIVE_ENV, "1").strip() != "0"
-    kernel = _built_decode_kernel(str(cache_dir() / "native")) if wanted else None
+    kernel = _built_decode_kernel(str(kernels_dir())) if wanted else None
     fused.use(kernel and kernel.fused)  # the models' elementwise steps too, process-wide
     return kernel
 

@@ -80,6 +80,15 @@ class WorkloadEstimate(NamedTuple):
     num_sequences: int
     gen_len: int | None = None
     shared_prefix: int = 0  # leading tokens every prompt shares (`prompt_shape`)
+    mean_prompt_len: float | None = None  # None: every prompt as long as the longest
+
+
+class PromptShape(NamedTuple):
+    """What the planner is told of a job's prompts (`prompt_shape`)."""
+
+    longest: int
+    shared_prefix: int
+    mean: float
 
 
 @dataclass
@@ -133,13 +142,13 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
         return (Policy(**recorded[0]) if recorded[0] else None), recorded[1], None
     if not settings.plan:
         return None, settings.batch_size or DEFAULT_BATCH_SIZE, None
-    prompt_len, num_sequences, asked_len, shared_prefix = WorkloadEstimate(*estimate(opened))
+    prompt_len, num_sequences, asked_len, shared_prefix, mean_len = WorkloadEstimate(*estimate(opened))
     # Up to every request of the job in one block: each decode step reads every weight once
     # whatever the rows in flight, so the fewer steps the better, and rows whose sequence
     # finished cost nothing on a CPU (the decode kernel computes the rows in flight alone;
     # on a large job, refill keeps them busy). Pipeline stages keep a block per stage in flight.
     max_block = max(1, num_sequences // settings.pipeline_stages)
-    work = Workload(prompt_len, asked_len or gen_len, shared_prefix=shared_prefix)
+    work = Workload(prompt_len, asked_len or gen_len, shared_prefix=shared_prefix, mean_prompt_len=mean_len)
     plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
     log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)
     return plan.best.policy, plan.best.policy.block_size, work
@@ -220,20 +229,14 @@ def describe(candidate: Candidate, gpu: bool = False) -> str:
             f"per block), {memory}")
 
 
-def longest_prompt_tokens(tokenizer, prompts: Iterable[str | list[int] | list[dict]], limit: int,
-                          sample: int = PROMPT_SAMPLE) -> int:
-    """Tokens of the longest of the first `sample` prompts (text, token ids, or chat
-    messages, which get the chat template), at least MIN_PROMPT_TOKENS, for the planner.
-    Prompts over `limit` tokens will be refused one by one, so they do not count; neither
-    does a conversation the template rejects."""
-    return prompt_shape(tokenizer, prompts, limit, sample)[0]
-
-
 def prompt_shape(tokenizer, prompts: Iterable[str | list[int] | list[dict]], limit: int,
-                 sample: int = PROMPT_SAMPLE) -> tuple[int, int]:
-    """(`longest_prompt_tokens`, the leading tokens all of those prompts share, as the engine
+                 sample: int = PROMPT_SAMPLE) -> PromptShape:
+    """Tokens of the longest of the first `sample` prompts (text, token ids, or chat
+    messages, which get the chat template), at least MIN_PROMPT_TOKENS: prompts over `limit`
+    tokens will be refused one by one, so they do not count, nor does a conversation the
+    template rejects; the leading tokens all of those prompts share, as the engine
     computes once: 0 unless there are two or more and it is at least MIN_SHARED_PREFIX long,
-    and every prompt keeps a token of its own)."""
+    and every prompt keeps a token of its own; and their mean length (the longest if none)."""
     import os
     from itertools import islice
 
@@ -253,7 +256,8 @@ def prompt_shape(tokenizer, prompts: Iterable[str | list[int] | list[dict]], lim
             ids.append(tokens)
     shared = len(os.path.commonprefix(ids)[:min(map(len, ids), default=1) - 1]) if len(ids) > 1 else 0
     longest = max([MIN_PROMPT_TOKENS, *map(len, ids)])
-    return longest, (shared if shared >= MIN_SHARED_PREFIX else 0)
+    mean = sum(map(len, ids)) / len(ids) if ids else longest
+    return PromptShape(longest, shared if shared >= MIN_SHARED_PREFIX else 0, mean)
 
 
 def share_with_stages(place, run: PreparedRun) -> None:

@@ -56,36 +56,71 @@ def test_layer_costs_by_hand():
 
 def test_a_shared_prefix_is_prefilled_once_per_block():
     """Prompts of 100 tokens whose first 60 all share: an admission computes those once for
-    the block, and each sequence's own 40, which attend to all 100. Every row still holds the
-    prefix's keys and values, so what is stored and read is unchanged."""
-    policy = Policy(gpu_batch_size=4, num_gpu_batches=2)
-    shared = HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, replace(WORK, shared_prefix=60))
-    plain = HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
+    the block, and each sequence's own 40, which attend to the 60 and causally to each
+    other, at the measured attention rate. Every row still holds the prefix's keys and
+    values, so what is stored is unchanged; the offloading runner reads every row's copy in
+    decode, while in memory a step reads each row's own 40 + 5.5 tokens and attends to the
+    prefix once, as many-query attention."""
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9,
+                          prompt_attention_flops=2.5e11))
+    in_memory = Policy(gpu_batch_size=4, num_gpu_batches=2)
+    offloaded = replace(in_memory, weights_device=0.5)
+    work = replace(WORK, shared_prefix=60)
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
-    batch, s, own, prefix = 8, 100, 40, 60
-    prefill = (batch * own + prefix) * 2 * params / 1e12 + (batch * 2 * own * s + 2 * prefix * prefix) * 1024 / 1e12
-    assert shared.pre["compute"] == pytest.approx((prefill, 0, 0))
-    assert shared.pre["io"] == pytest.approx(plain.pre["io"])
-    assert all(shared.gen[lane] == pytest.approx(plain.gen[lane]) for lane in plain.gen)
+    kv = 2 * 16 * 64 * 2
+    batch, own, prefix, t = 8, 40, 60, 100 + 11 / 2
+    attention_flop = batch * 4 * own * (prefix + own / 2) * 1024 + 4 * prefix * (prefix / 2) * 1024
+    prefill = (batch * own + prefix) * 2 * params / 1e12 + attention_flop / 2.5e11
+    for policy in (in_memory, offloaded):
+        shared = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, work)
+        plain = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
+        assert shared.pre["compute"] == pytest.approx((prefill, 0, 0))
+        assert shared.pre["io"] == pytest.approx(plain.pre["io"])
+        assert shared.gen["io"] == pytest.approx(plain.gen["io"])
+    assert shared.gen["compute"] == pytest.approx(plain.gen["compute"])  # the offloading runner
+    decode = batch * 2 * params / 1e12 + batch * (t - prefix) * kv / 1e10 + batch * 4 * prefix * 1024 / 2.5e11
+    in_memory_costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, in_memory, work)
+    assert in_memory_costs.gen["compute"] == pytest.approx((decode, 0, 0))
+
+
+def test_prompts_of_many_lengths_are_computed_at_their_mean():
+    """Prompts of up to 100 tokens, 40 on average: the engine computes each prompt's own
+    tokens (not its padding) and decode attention reads the keys each row holds, so compute
+    is priced for 40; the KV cache and what moves to and from disk stay sized for 100."""
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.5, cache_device=0.5)
+    spread, plain = (HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, work)
+                     for work in (replace(WORK, mean_prompt_len=40), WORK))
+    params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+    kv = 2 * 16 * 64 * 2
+    batch, s, t = 8, 40, 40 + 11 / 2
+    prefill = batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12  # weights, then causal attention
+    assert spread.pre["compute"] == pytest.approx((prefill, 0, 0))
+    assert spread.gen["compute"] == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
+    for phase in ("pre", "gen"):
+        assert getattr(spread, phase)["io"] == pytest.approx(getattr(plain, phase)["io"])
+    sized = [evaluate(CFG, FAMILY, torch.bfloat16, HW, policy, work).memory
+             for work in (replace(WORK, mean_prompt_len=40), WORK)]
+    assert sized[0] == sized[1]
 
 
 def test_the_prompt_shape_the_planner_is_told():
-    """The longest prompt and the prefix every prompt shares, as the engine computes it once:
-    at least MIN_SHARED_PREFIX tokens, by two or more prompts, each keeping one of its own."""
+    """The longest prompt, the prefix every prompt shares, as the engine computes it once (at
+    least MIN_SHARED_PREFIX tokens, by two or more prompts, each keeping one of its own), and
+    the prompts' mean length."""
     from flexbatch.engine.generation import MIN_SHARED_PREFIX
     from flexbatch.prepare import MIN_PROMPT_TOKENS, prompt_shape
 
     by_bytes = lambda text: {"input_ids": list(text.encode())}  # a byte-level tokenizer for text prompts
     prefix = list(range(1, 21))
     rows = [prefix + [30, 31, 32], prefix + [40], prefix + [50] * 80]
-    assert prompt_shape(by_bytes, rows, limit=1000) == (100, 20)
-    assert prompt_shape(by_bytes, [*rows, prefix], limit=1000) == (100, 19)  # one keeps its last token
-    assert prompt_shape(by_bytes, [*rows, [7] * 500], limit=400) == (100, 20)  # refused later: not counted
-    assert prompt_shape(by_bytes, [*rows, "some text"], limit=1000) == (100, 0)  # shares nothing with them
+    assert prompt_shape(by_bytes, rows, limit=1000) == (100, 20, (23 + 21 + 100) / 3)
+    assert prompt_shape(by_bytes, [*rows, prefix], limit=1000) == (100, 19, 164 / 4)  # one keeps its last token
+    assert prompt_shape(by_bytes, [*rows, [7] * 500], limit=400) == (100, 20, 48)  # refused later: not counted
+    assert prompt_shape(by_bytes, [*rows, "some text"], limit=1000) == (100, 0, 153 / 4)  # shares nothing
     for kept in (MIN_SHARED_PREFIX - 1, MIN_SHARED_PREFIX):  # of the 20 shared tokens
         trimmed = [r[20 - kept:] for r in rows]
         assert prompt_shape(by_bytes, trimmed, limit=1000)[1] == (0 if kept < MIN_SHARED_PREFIX else kept)
-    assert prompt_shape(by_bytes, rows[:1], limit=1000) == (MIN_PROMPT_TOKENS, 0)  # one prompt shares nothing
+    assert prompt_shape(by_bytes, rows[:1], limit=1000) == (MIN_PROMPT_TOKENS, 0, 23)  # one shares nothing
 
 
 def test_overlapped_io_slows_compute_by_the_measured_share():

@@ -66,7 +66,7 @@ def run(args) -> int:
 
 def generate(args, place=None) -> int:
     """Generate and print; `place`: this process is the first of pipeline stages."""
-    from ..prepare import longest_prompt_tokens, prepare_run
+    from ..prepare import prepare_run, prompt_shape
 
     prompts, as_given, params = [], [], []
 
@@ -78,7 +78,8 @@ def generate(args, place=None) -> int:
 
         def estimate(opened):
             limit = opened.config.max_position_embeddings - args.max_new_tokens
-            return longest_prompt_tokens(opened.load_tokenizer(), as_given, limit), len(prompts)
+            shape = prompt_shape(opened.load_tokenizer(), as_given, limit)
+            return shape.longest, len(prompts), None, shape.shared_prefix, shape.mean
 
         return prepare_run(settings, args.max_new_tokens, estimate)
 

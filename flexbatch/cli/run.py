@@ -165,9 +165,10 @@ def _prepare(args, settings, job):
         context = opened.config.max_position_embeddings
         sample = [r for r in islice(job.requests(), PROMPT_SAMPLE) if not r.error]
         prompts = (_prompt_of(r, args.chat) for r in sample)
-        longest, shared = prompt_shape(opened.load_tokenizer(), prompts, context - args.max_new_tokens)
+        shape = prompt_shape(opened.load_tokenizer(), prompts, context - args.max_new_tokens)
         # the requests' own max_tokens (a batch file's bodies carry them), within the context
-        return longest, len(job.index), min(most_new_tokens(sample, job.spec.defaults), context - longest), shared
+        asked = min(most_new_tokens(sample, job.spec.defaults), context - shape.longest)
+        return shape.longest, len(job.index), asked, shape.shared_prefix, shape.mean
 
     return prepare_run(settings, args.max_new_tokens, estimate, recorded, "the job manifest")
 

@@ -89,6 +89,11 @@ class ModelConfig:
     def family(self) -> str:
         return FAMILY_OF_MODEL_TYPE[self.model_type]
 
+    @property
+    def attention_width(self) -> int:
+        """The query heads times the head dim: what a query's scores and output span."""
+        return self.num_heads * self.head_dim
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

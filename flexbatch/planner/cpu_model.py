@@ -9,12 +9,17 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
     io_gen  = w_disk * W / R + c_disk * B * t * K / Rkv + c_disk * B * K / Wr,   t = s + n / 2
     (a compressed cache keeps its last cache_window tokens at Kd as well: sizing.kv_stored_bytes)
-    comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / F(gbs * s) + cpu_io * io_pre
+    comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / Fa + cpu_io * io_pre
     comp_gen = B * 2 * P / Fw(gbs) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
 
+(with a prompt prefix of p tokens that every sequence shares, prefill computes it once and
+each sequence's s - p others over it, terms.prefill_seconds; in memory a decode step reads
+t - p tokens of each row and attends to the prefix once, `decode_attention_seconds`)
+
 W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
-stored, Kd: the same in the compute dtype, C: hidden size, R / Wr: disk read / write
-bandwidth (R measured while the CPU computes when I/O overlaps compute; Rkv the same for
+stored, Kd: the same in the compute dtype, C: the query heads times the head dim, Fa: the
+measured attention rate of many queries per sequence (the matmul rate if not measured),
+R / Wr: disk read / write bandwidth (R measured while the CPU computes when I/O overlaps compute; Rkv the same for
 reads as decode makes them, one large request per K or V prefix), F(rows): measured
 matmul FLOP/s at that many rows, Fw: the same with the weights as stored (compressed weights
 cost the cheaper of the fused int4 kernel, measured, and one measured dequantization per
@@ -22,8 +27,8 @@ layer load plus dense matmuls).
 
 Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
 decode attention is bound by memory, not FLOPs, so it costs the cache's bytes over the
-measured attention rate A (and, for a compressed cache, over the measured dequantization
-rate Dq); and overlapped disk reads slow the matmuls on the same cores, so every second of
+measured attention rate A of the engine's kernel (and, for a compressed cache, over the
+measured dequantization rate Dq); and overlapped disk reads slow the matmuls on the same cores, so every second of
 overlapped I/O adds cpu_io = (1 - f) seconds of compute, f being the measured share of
 matmul speed left while the disk reads.
 
@@ -112,12 +117,28 @@ class CpuModel(MachineModel):
         kv_read = disk.kv_read_bps if policy.overlap else disk.read_bps
         io_gen = weight_io + batch * stored(t) * C_DISK / kv_read + batch * appended * C_DISK / disk.write_bps
         bits = policy.compress_bits if policy.compress_weight else None
-        attention = batch * t * kv_dense / cpu.attention_bps
+        attention = decode_attention_seconds(cfg, dtype, cpu, policy, work, kv_dense)
         if policy.compress_cache:
             attention += batch * (t - dense_window(policy, t)) * kv_dense / cpu.kv_decode_bps
-        comp_pre = prefill_seconds(cpu, dtype, bits, params, active, cfg.hidden_size, batch, gpu_batch_size, work)
+        comp_pre = prefill_seconds(cpu, dtype, bits, params, active, cfg.attention_width, batch, gpu_batch_size, work)
         comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention
         io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
         return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre},
                           gen={"io": io_gen, "compute": comp_gen * ONE + io_cpu * io_gen},
                           serial_lanes=("io", "compute"))
+
+
+def decode_attention_seconds(cfg: ModelConfig, dtype: torch.dtype, cpu: ComputeRates, policy: Policy, work: Workload,
+                             kv_dense: int) -> float:
+    """One layer's decode attention for the block: each row's cached keys and values read at
+    the measured rate. With everything in memory, rows that share a prompt prefix attend to
+    it once per step for all of them, as many-query attention (engine/runner.py), and read
+    only the rest of their row; the offloading runner reads every row's copy of it."""
+    batch, t = policy.block_size, work.computed_prompt_len + work.gen_len / 2
+    shared = work.shared_prefix if policy.all_in_memory("cpu") else 0
+    seconds = batch * (t - shared) * kv_dense / cpu.attention_bps
+    if shared:
+        # each row's queries over the prefix: scores and weighted values
+        seconds += cpu.attention_seconds(dtype, policy.gpu_batch_size, batch * 4 * shared * cfg.attention_width)
+    return seconds
+

@@ -41,10 +41,15 @@ class ComputeRates:
     # matmul FLOP/s by number of rows (interpolated in between): "bfloat16", "float32", and
     # "int4" for torch's fused kernel on 4-bit weights (absent where torch has none)
     matmul_flops: dict[str, dict[int, float]]
-    attention_bps: float = INF  # decode attention: bytes of K and V (compute dtype) per second
+    # decode attention as the engine computes it (on a CPU, the C kernel that reads only the
+    # keys each query sees): bytes of visible K and V (compute dtype) per second
+    attention_bps: float = INF
     kv_decode_bps: float = INF  # a compressed KV cache dequantized, bytes of the compute dtype per second
     # compressed weights: parameters dequantized per second, by format ("int4", "int8")
     dequantize_params_per_s: dict[str, float] = field(default_factory=dict)
+    # the attention of many queries per sequence (a prompt's, a decode step's shared prefix),
+    # FLOP/s; None (a profile without it): priced at the matmul rate
+    prompt_attention_flops: float | None = None
 
     def flops(self, dtype: torch.dtype, rows: int, packed_bits: int | None = None) -> float | None:
         """Measured FLOP/s for a matmul with `rows` rows (see `table_rate`)."""
@@ -54,7 +59,12 @@ class ComputeRates:
         """These rates with every compute-bound one (matmuls, dequantization) times `factor`."""
         flops = {name: {rows: v * factor for rows, v in table.items()} for name, table in self.matmul_flops.items()}
         dequantize = {name: v * factor for name, v in self.dequantize_params_per_s.items()}
-        return ComputeRates(flops, self.attention_bps, self.kv_decode_bps, dequantize)
+        prompt_attention = self.prompt_attention_flops and self.prompt_attention_flops * factor
+        return ComputeRates(flops, self.attention_bps, self.kv_decode_bps, dequantize, prompt_attention)
+
+    def attention_seconds(self, dtype: torch.dtype, rows: int, flop: float) -> float:
+        """Seconds of `flop` of many-query attention over `rows` query rows at a time."""
+        return flop / (self.prompt_attention_flops or self.flops(dtype, rows))
 
     @classmethod
     def from_json(cls, data: dict) -> "ComputeRates":

@@ -18,12 +18,20 @@ from .profile import ComputeRates
 
 @dataclass(frozen=True)
 class Workload:
-    prompt_len: int
+    prompt_len: int  # the longest prompt: what the KV cache and the rows moved to and from disk hold
     gen_len: int
     blocks_in_flight: int = 1  # a pipeline stage keeps one block's KV cache per stage (engine/pipeline.py)
     # leading tokens every prompt shares (a system prompt, few-shot examples): an admission
     # computes them once for the block; each row still holds their keys and values
     shared_prefix: int = 0
+    # the prompts' mean length (None: prompt_len): the engine computes each prompt's own
+    # tokens, not its padding, and decode attention reads the keys each row holds
+    mean_prompt_len: float | None = None
+
+    @property
+    def computed_prompt_len(self) -> float:
+        """The prompt tokens a sequence's compute is priced for."""
+        return self.mean_prompt_len or self.prompt_len
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ def term_value(term: np.ndarray, x) -> float:
 
 
 def weight_matmul_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | None, params: int, batch: int,
-                          gpu_batch_size: int, rows_per_sequence: int, active_params: int | None = None) -> float:
+                          gpu_batch_size: int, rows_per_sequence: float, active_params: int | None = None) -> float:
     """One layer's weight matmuls for the whole block (`batch` sequences, `rows_per_sequence`
     token rows each, in GPU batches of gpu_batch_size). Compressed weights take the cheaper
     of the two ways the engine has: the fused int4 kernel per GPU batch, or one
@@ -69,17 +77,24 @@ def weight_matmul_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | N
 
 
 def prefill_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | None, params: int,
-                    active_params: int | None, hidden: int, batch: int, gpu_batch_size: int, work: Workload) -> float:
+                    active_params: int | None, width: int, batch: int, gpu_batch_size: int, work: Workload) -> float:
     """One layer's prefill compute for a block: each sequence's tokens after the shared
-    prefix through the weights, attending to its whole prompt, and the shared prefix once."""
-    s, p = work.prompt_len, work.shared_prefix
-    own = s - p
+    prefix through the weights, attending to the prefix and causally to each other, and the
+    shared prefix once. width: the query heads times the head dim."""
+    p = work.shared_prefix
+    own = work.computed_prompt_len - p
     seconds = weight_matmul_seconds(rates, dtype, bits, params, batch, gpu_batch_size, own, active_params) \
-        + batch * 2 * own * s * hidden / rates.flops(dtype, gpu_batch_size * own)
+        + rates.attention_seconds(dtype, round(gpu_batch_size * own), batch * attention_flop(own, p, width))
     if p:
         seconds += weight_matmul_seconds(rates, dtype, bits, params, 1, 1, p, active_params) \
-            + 2 * p * p * hidden / rates.flops(dtype, p)
+            + rates.attention_seconds(dtype, p, attention_flop(p, 0, width))
     return seconds
+
+
+def attention_flop(queries: int, before: int, width: int) -> float:
+    """FLOP of `queries` consecutive tokens attending to `before` keys and causally to each
+    other (on average to half of their own): the scores and the weighted values."""
+    return 4 * queries * (before + queries / 2) * width
 
 
 def head_seconds(cfg: ModelConfig, dtype: torch.dtype, rates: ComputeRates, gpu_batch_size: int, batch: int,

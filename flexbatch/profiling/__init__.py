@@ -15,9 +15,17 @@ from pathlib import Path
 import torch
 
 from ..planner.profile import ComputeRates, DiskRates, HardwareProfile
-from .cpu import disk_read_now, measure_attention, measure_dequantize, measure_disk, measure_kv_decode, measure_matmul
+from .cpu import (
+    disk_read_now,
+    measure_attention,
+    measure_dequantize,
+    measure_disk,
+    measure_kv_decode,
+    measure_matmul,
+    measure_prompt_attention,
+)
 
-PROFILE_VERSION = 8  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 9  # bump when the measured fields change, so cached profiles are redone
 
 __all__ = ["at_current_speed", "hardware_profile", "load_or_measure", "measure"]
 
@@ -82,15 +90,30 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     if fused:
         flops["int4"] = fused
     dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
-    log("measuring decode attention and KV cache dequantization...")
-    attention, kv_decode = measure_attention(torch.bfloat16), measure_kv_decode(torch.bfloat16)
-    cpu = ComputeRates(flops, attention, kv_decode, dequantize)
+    log("measuring attention and KV cache dequantization...")
+    kernel = native_kernels()
+    attention, kv_decode = measure_attention(torch.bfloat16, kernel=kernel), measure_kv_decode(torch.bfloat16)
+    prompt_attention = measure_prompt_attention(torch.bfloat16, kernel=kernel)
+    cpu = ComputeRates(flops, attention, kv_decode, dequantize, prompt_attention)
     gpu = None
     if torch.cuda.is_available():
         from .gpu import measure_gpu
 
         gpu = measure_gpu(log)
     return HardwareProfile(fingerprint(folder), psutil.virtual_memory().total, cpu, disk, gpu)
+
+
+def native_kernels():
+    """The C kernels the engine computes attention with on this machine, as it builds them
+    (model_policy.decode_kernel, whose folder this is), or None where they cannot be built:
+    the profile measures what the engine will run."""
+    from ..default_model import kernels_dir
+    from ..kernels import NativeBuildError, build_decode_kernel
+
+    try:
+        return build_decode_kernel(kernels_dir())
+    except NativeBuildError:
+        return None
 
 
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None,

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import DecodeKernel
+
 CPU = torch.device("cpu")
 MATMUL_ROWS = (1, 8, 32, 128, 512, 2048)  # token rows per matmul: decode batches .. prefill chunks
 PROBE_BYTES = 512 << 20
 CHUNK = 4 << 20  # a weight read request: several in flight
 KV_REQUEST = 32 << 20  # a K or V prefix of one (layer, GPU batch) as decode reads it: one request
 DRIFT_PROBE_BYTES = 256 << 20
+ATTENTION_BYTES = 512 << 20  # K and V a decode attention probe reads: more than any L3 here (480 MiB on one)
 
 
 def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float, float]:
@@ -104,21 +107,45 @@ def _read_while_computing(pool, file, buf, nbytes: int, request: int, passes: in
     return passes * nbytes / seconds, min(1.0, during / alone)
 
 
-def measure_attention(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
-                      head_dim: int = 64, device: torch.device = CPU, token_major: bool = False) -> float:
-    """Decode attention's speed in K and V bytes per second, over a cache larger than L3;
+def measure_attention(dtype: torch.dtype, batch: int = 64, heads: int = 16, tokens: int = 256,
+                      head_dim: int = 64, device: torch.device = CPU, token_major: bool = False,
+                      kernel: DecodeKernel | None = None, kv_heads: int = 4) -> float:
+    """Decode attention's speed as the engine computes it (with `kernel`, the C kernels on a
+    CPU), in bytes of the K and V read per second. A step reads every layer's cache once, so
+    the probe cycles through copies of the cache that together exceed any L3 (ATTENTION_BYTES);
     token_major: over K and V laid out token by token, as host-RAM rows are on a GPU machine."""
-    from ..kernels import grouped_attention
+    from ..kernels import AttentionStep, cached_attention
 
     q = torch.randn(batch, heads, 1, head_dim, device=device).to(dtype)
-    if token_major:
-        keys, values = (torch.randn(tokens, batch, heads, head_dim, device=device).to(dtype).permute(1, 2, 0, 3)
-                        for _ in range(2))
-    else:
-        keys, values = (torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype) for _ in range(2))
+    new = torch.randn(batch, kv_heads, 1, head_dim, device=device).to(dtype)
+    shape = (tokens, batch, kv_heads, head_dim) if token_major else (batch, kv_heads, tokens, head_dim)
+    layout = (lambda t: t.permute(1, 2, 0, 3)) if token_major else (lambda t: t)
+    per_copy = 2 * batch * kv_heads * tokens * head_dim * torch.empty((), dtype=dtype).element_size()
+    copies = [[layout(torch.randn(shape, device=device).to(dtype)) for _ in range(2)]
+              for _ in range(max(1, ATTENTION_BYTES // per_copy))]
     mask = torch.zeros(batch, 1, 1, tokens, dtype=dtype, device=device)
-    seconds = best_seconds(lambda: grouped_attention(q, keys, values, mask, head_dim ** -0.5), device=device)
-    return 2 * keys.numel() * keys.element_size() / seconds
+    step = AttentionStep(start=tokens - 1, mask=mask, scale=head_dim ** -0.5, decode=kernel)
+    seconds = best_seconds(lambda: [cached_attention(q, new, new, k, v, step) for k, v in copies], device=device)
+    return len(copies) * per_copy / seconds
+
+
+def measure_prompt_attention(dtype: torch.dtype, batch: int = 8, heads: int = 16, kv_heads: int = 4,
+                             queries: int = 128, before: int = 256, head_dim: int = 64, device: torch.device = CPU,
+                             kernel: DecodeKernel | None = None) -> float:
+    """The attention of a prompt's `queries` tokens over `before` cached keys and causally
+    over each other, as the engine computes it (with `kernel`, the C kernels on a CPU), in
+    FLOP/s of the scores and weighted values (planner.terms.attention_flop)."""
+    from ..kernels import AttentionStep, cached_attention
+
+    end = before + queries
+    q = torch.randn(batch, heads, queries, head_dim, device=device).to(dtype)
+    new = torch.randn(batch, kv_heads, queries, head_dim, device=device).to(dtype)
+    keys, values = (torch.randn(batch, kv_heads, end, head_dim, device=device).to(dtype) for _ in range(2))
+    causal = torch.ones(queries, end, dtype=torch.bool, device=device).tril(before)
+    mask = torch.zeros(1, 1, queries, end, dtype=dtype, device=device).masked_fill(~causal, torch.finfo(dtype).min)
+    step = AttentionStep(start=before, mask=mask, scale=head_dim ** -0.5, decode=kernel)
+    seconds = best_seconds(lambda: cached_attention(q, new, new, keys, values, step), device=device)
+    return batch * 4 * queries * (before + queries / 2) * heads * head_dim / seconds
 
 
 def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,

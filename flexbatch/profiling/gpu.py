@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..planner.profile import ComputeRates, GpuRates
-from .cpu import measure_attention, measure_dequantize, measure_kv_decode, measure_matmul
+from .cpu import measure_attention, measure_dequantize, measure_kv_decode, measure_matmul, measure_prompt_attention
 from .engine_probe import operation_seconds
 
 GPU_MATMUL_ROWS = (1, 8, 32, 128, 512, 2048, 8192)  # a GPU reaches its peak at more rows
@@ -78,13 +78,14 @@ def measure_gpu(log=lambda msg: None) -> GpuRates:
     dequantize = {f"int{bits}": measure_dequantize(bits, 4096, device=gpu) for bits in (4, 8)}
     attention = measure_attention(dtype, batch=64, device=gpu)
     kv_decode = measure_kv_decode(dtype, batch=64, device=gpu)
+    prompt_attention = measure_prompt_attention(dtype, batch=64, device=gpu)
     log("measuring CPU attention over host-RAM rows and the engine's per-operation time...")
     # as large as a GPU batch's cache and laid out as host rows are (a server's L3 holds the
     # small probe), while the link streams weights out of the same host memory
     cpu_attention = while_copying_to_gpu(
         lambda: measure_attention(dtype, batch=64, heads=32, tokens=256, token_major=True))
     return GpuRates(torch.cuda.get_device_name(gpu), torch.cuda.get_device_properties(gpu).total_memory, to_gpu,
-                    to_host, ComputeRates(flops, attention, kv_decode, dequantize), cpu_attention,
+                    to_host, ComputeRates(flops, attention, kv_decode, dequantize, prompt_attention), cpu_attention,
                     operation_seconds(gpu, dtype))
 
 
