@@ -80,7 +80,7 @@ class WorkloadEstimate(NamedTuple):
     num_sequences: int
     gen_len: int | None = None
     shared_prefix: int = 0  # leading tokens every prompt shares (`prompt_shape`)
-    mean_prompt_len: float | None = None  # None: every prompt as long as the longest
+    grouped_prompt_len: float | None = None  # see planner.Workload; None: the longest
 
 
 class PromptShape(NamedTuple):
@@ -88,7 +88,7 @@ class PromptShape(NamedTuple):
 
     longest: int
     shared_prefix: int
-    mean: float
+    grouped: float  # tokens per prompt the in-memory runner computes (planner.Workload.grouped_prompt_len)
 
 
 @dataclass
@@ -142,13 +142,13 @@ def _choose(settings, opened, device, dtype, gen_len, estimate, recorded, record
         return (Policy(**recorded[0]) if recorded[0] else None), recorded[1], None
     if not settings.plan:
         return None, settings.batch_size or DEFAULT_BATCH_SIZE, None
-    prompt_len, num_sequences, asked_len, shared_prefix, mean_len = WorkloadEstimate(*estimate(opened))
+    prompt_len, num_sequences, asked_len, shared_prefix, grouped = WorkloadEstimate(*estimate(opened))
     # Up to every request of the job in one block: each decode step reads every weight once
     # whatever the rows in flight, so the fewer steps the better, and rows whose sequence
     # finished cost nothing on a CPU (the decode kernel computes the rows in flight alone;
     # on a large job, refill keeps them busy). Pipeline stages keep a block per stage in flight.
     max_block = max(1, num_sequences // settings.pipeline_stages)
-    work = Workload(prompt_len, asked_len or gen_len, shared_prefix=shared_prefix, mean_prompt_len=mean_len)
+    work = Workload(prompt_len, asked_len or gen_len, shared_prefix=shared_prefix, grouped_prompt_len=grouped)
     plan = plan_for(settings, opened, device, dtype, work, max_block, settings.batch_size, log)
     log_plan(plan, device, log, 0 if settings.pipeline_stages > 1 else None)
     return plan.best.policy, plan.best.policy.block_size, work
@@ -236,7 +236,8 @@ def prompt_shape(tokenizer, prompts: Iterable[str | list[int] | list[dict]], lim
     tokens will be refused one by one, so they do not count, nor does a conversation the
     template rejects; the leading tokens all of those prompts share, as the engine
     computes once: 0 unless there are two or more and it is at least MIN_SHARED_PREFIX long,
-    and every prompt keeps a token of its own; and their mean length (the longest if none)."""
+    and every prompt keeps a token of its own; and the tokens per prompt that the in-memory
+    runner computes when they join together (longest first, in its groups)."""
     import os
     from itertools import islice
 
@@ -256,8 +257,23 @@ def prompt_shape(tokenizer, prompts: Iterable[str | list[int] | list[dict]], lim
             ids.append(tokens)
     shared = len(os.path.commonprefix(ids)[:min(map(len, ids), default=1) - 1]) if len(ids) > 1 else 0
     longest = max([MIN_PROMPT_TOKENS, *map(len, ids)])
-    mean = sum(map(len, ids)) / len(ids) if ids else longest
-    return PromptShape(longest, shared if shared >= MIN_SHARED_PREFIX else 0, mean)
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    return PromptShape(longest, shared, grouped_prompt_tokens(ids, shared) if ids else longest)
+
+
+def grouped_prompt_tokens(prompts: list[list[int]], shared: int) -> float:
+    """Prompt tokens per sequence that the in-memory runner computes for `prompts` joining
+    together: laid out longest first as the engine lays them out, each group computed from
+    where its longest prompt starts (engine.runner.prompt_groups), the shared prefix as if
+    each computed it (the planner prices it once per block apart)."""
+    from .engine.generation import prefix_layout
+    from .engine.runner import prompt_groups
+
+    ordered = sorted(prompts, key=len, reverse=True)
+    _, valid = prefix_layout(ordered, shared, len(ordered[0]), 0)
+    width = valid.shape[1]
+    own = sum((group.stop - group.start) * (width - first) for group, first in prompt_groups(valid, shared))
+    return shared + own / len(ordered)
 
 
 def share_with_stages(place, run: PreparedRun) -> None:

@@ -83,40 +83,57 @@ def test_a_shared_prefix_is_prefilled_once_per_block():
     assert in_memory_costs.gen["compute"] == pytest.approx((decode, 0, 0))
 
 
-def test_prompts_of_many_lengths_are_computed_at_their_mean():
-    """Prompts of up to 100 tokens, 40 on average: the engine computes each prompt's own
-    tokens (not its padding) and decode attention reads the keys each row holds, so compute
-    is priced for 40; the KV cache and what moves to and from disk stay sized for 100."""
-    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.5, cache_device=0.5)
-    spread, plain = (HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, work)
-                     for work in (replace(WORK, mean_prompt_len=40), WORK))
+def test_prompts_of_many_lengths_are_priced_as_each_runner_computes_them():
+    """Prompts of up to 100 tokens of which the in-memory runner computes 40 a sequence (its
+    groups start where their longest prompt does), while the offloading runner pads an
+    admission to its longest prompt: prefill is priced at 40 and 100 tokens; decode
+    attention reads the 40 a row holds in both (the C kernel reads only the keys a row
+    holds); the KV cache and what moves to and from disk stay sized for 100."""
+    in_memory = Policy(gpu_batch_size=4, num_gpu_batches=2)
+    offloaded = replace(in_memory, weights_device=0.5, cache_device=0.5)
+    grouped = replace(WORK, grouped_prompt_len=40)
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
     kv = 2 * 16 * 64 * 2
-    batch, s, t = 8, 40, 40 + 11 / 2
-    prefill = batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12  # weights, then causal attention
-    assert spread.pre["compute"] == pytest.approx((prefill, 0, 0))
-    assert spread.gen["compute"] == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
-    for phase in ("pre", "gen"):
-        assert getattr(spread, phase)["io"] == pytest.approx(getattr(plain, phase)["io"])
-    sized = [evaluate(CFG, FAMILY, torch.bfloat16, HW, policy, work).memory
-             for work in (replace(WORK, mean_prompt_len=40), WORK)]
-    assert sized[0] == sized[1]
+    batch, t = 8, 40 + 11 / 2
+    for policy, s in ((in_memory, 40), (offloaded, 100)):
+        spread, plain = (HW.layer_costs(CFG, FAMILY, torch.bfloat16, policy, work) for work in (grouped, WORK))
+        prefill = batch * s * 2 * params / 1e12 + batch * 2 * s * s * 1024 / 1e12  # weights, then causal attention
+        assert spread.pre["compute"] == pytest.approx((prefill, 0, 0))
+        assert spread.gen["compute"] == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
+        for phase in ("pre", "gen"):
+            assert getattr(spread, phase)["io"] == pytest.approx(getattr(plain, phase)["io"])
+        sized = [evaluate(CFG, FAMILY, torch.bfloat16, HW, policy, work).memory for work in (grouped, WORK)]
+        assert sized[0] == sized[1]
+
+
+def test_the_prompt_tokens_the_in_memory_runner_computes():
+    """64 prompts of 100 tokens and 64 of 10 join together: laid out longest first, in groups
+    of at most 4096 computed tokens each computed from its longest prompt's start, they are
+    rows 0-39 (40 x 100), 40-79 (24 long and 16 short, all 100 wide) and 80-127 (48 x 10)."""
+    from flexbatch.engine.runner import PREFILL_TOKENS
+    from flexbatch.prepare import grouped_prompt_tokens
+
+    assert PREFILL_TOKENS == 4096
+    prompts = [[5] * 10, [6] * 100] * 64
+    assert grouped_prompt_tokens(prompts, 0) == pytest.approx((40 * 100 + 40 * 100 + 48 * 10) / 128)
+    prefixed = [[1] * 20 + p for p in prompts]  # a shared prefix is counted once a sequence, as computed
+    assert grouped_prompt_tokens(prefixed, 20) == pytest.approx(20 + (40 * 100 + 40 * 100 + 48 * 10) / 128)
 
 
 def test_the_prompt_shape_the_planner_is_told():
     """The longest prompt, the prefix every prompt shares, as the engine computes it once (at
     least MIN_SHARED_PREFIX tokens, by two or more prompts, each keeping one of its own), and
-    the prompts' mean length."""
+    the tokens per prompt the in-memory runner computes."""
     from flexbatch.engine.generation import MIN_SHARED_PREFIX
     from flexbatch.prepare import MIN_PROMPT_TOKENS, prompt_shape
 
     by_bytes = lambda text: {"input_ids": list(text.encode())}  # a byte-level tokenizer for text prompts
     prefix = list(range(1, 21))
     rows = [prefix + [30, 31, 32], prefix + [40], prefix + [50] * 80]
-    assert prompt_shape(by_bytes, rows, limit=1000) == (100, 20, (23 + 21 + 100) / 3)
-    assert prompt_shape(by_bytes, [*rows, prefix], limit=1000) == (100, 19, 164 / 4)  # one keeps its last token
-    assert prompt_shape(by_bytes, [*rows, [7] * 500], limit=400) == (100, 20, 48)  # refused later: not counted
-    assert prompt_shape(by_bytes, [*rows, "some text"], limit=1000) == (100, 0, 153 / 4)  # shares nothing
+    assert prompt_shape(by_bytes, rows, limit=1000) == (100, 20, 100)  # one group, as wide as the longest
+    assert prompt_shape(by_bytes, [*rows, prefix], limit=1000)[:2] == (100, 19)  # one keeps its last token
+    assert prompt_shape(by_bytes, [*rows, [7] * 500], limit=400) == (100, 20, 100)  # refused later: not counted
+    assert prompt_shape(by_bytes, [*rows, "some text"], limit=1000)[:2] == (100, 0)  # shares nothing
     for kept in (MIN_SHARED_PREFIX - 1, MIN_SHARED_PREFIX):  # of the 20 shared tokens
         trimmed = [r[20 - kept:] for r in rows]
         assert prompt_shape(by_bytes, trimmed, limit=1000)[1] == (0 if kept < MIN_SHARED_PREFIX else kept)

@@ -79,7 +79,7 @@ def generate(args, place=None) -> int:
         def estimate(opened):
             limit = opened.config.max_position_embeddings - args.max_new_tokens
             shape = prompt_shape(opened.load_tokenizer(), as_given, limit)
-            return shape.longest, len(prompts), None, shape.shared_prefix, shape.mean
+            return shape.longest, len(prompts), None, shape.shared_prefix, shape.grouped
 
         return prepare_run(settings, args.max_new_tokens, estimate)
 

@@ -168,7 +168,7 @@ def _prepare(args, settings, job):
         shape = prompt_shape(opened.load_tokenizer(), prompts, context - args.max_new_tokens)
         # the requests' own max_tokens (a batch file's bodies carry them), within the context
         asked = min(most_new_tokens(sample, job.spec.defaults), context - shape.longest)
-        return shape.longest, len(job.index), asked, shape.shared_prefix, shape.mean
+        return shape.longest, len(job.index), asked, shape.shared_prefix, shape.grouped
 
     return prepare_run(settings, args.max_new_tokens, estimate, recorded, "the job manifest")
 

@@ -120,7 +120,8 @@ class CpuModel(MachineModel):
         attention = decode_attention_seconds(cfg, dtype, cpu, policy, work, kv_dense)
         if policy.compress_cache:
             attention += batch * (t - dense_window(policy, t)) * kv_dense / cpu.kv_decode_bps
-        comp_pre = prefill_seconds(cpu, dtype, bits, params, active, cfg.attention_width, batch, gpu_batch_size, work)
+        comp_pre = prefill_seconds(cpu, dtype, bits, params, active, cfg.attention_width, batch, gpu_batch_size, work,
+                                   policy.all_in_memory("cpu"))
         comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention
         io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
         return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre},
@@ -134,8 +135,9 @@ def decode_attention_seconds(cfg: ModelConfig, dtype: torch.dtype, cpu: ComputeR
     the measured rate. With everything in memory, rows that share a prompt prefix attend to
     it once per step for all of them, as many-query attention (engine/runner.py), and read
     only the rest of their row; the offloading runner reads every row's copy of it."""
-    batch, t = policy.block_size, work.computed_prompt_len + work.gen_len / 2
-    shared = work.shared_prefix if policy.all_in_memory("cpu") else 0
+    in_memory = policy.all_in_memory("cpu")
+    batch, t = policy.block_size, work.computed_prompt_len(True) + work.gen_len / 2
+    shared = work.shared_prefix if in_memory else 0
     seconds = batch * (t - shared) * kv_dense / cpu.attention_bps
     if shared:
         # each row's queries over the prefix: scores and weighted values

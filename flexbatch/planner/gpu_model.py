@@ -133,7 +133,8 @@ class GpuModel(MachineModel):
         weight_in = {"disk": W * W_DISK / R, "link": W * W_OFF / H}
         operations = _operation_seconds(gpu.op_seconds, policy, cpu_attention)
 
-        prompt_compute = prefill_seconds(rates, dtype, bits, params, active, cfg.attention_width, B, gbs, work)
+        prompt_compute = prefill_seconds(rates, dtype, bits, params, active, cfg.attention_width, B, gbs, work,
+                                         policy.all_in_memory("cuda"))
         # as stored: a compressed cache's quantized rows and its dense window (sizing.kv_stored_bytes),
         # read from disk at decode's own KV read rate, as the CPU model prices them
         stored = lambda tokens: B * kv_stored_bytes(cfg, dtype, policy, tokens)

@@ -24,14 +24,16 @@ class Workload:
     # leading tokens every prompt shares (a system prompt, few-shot examples): an admission
     # computes them once for the block; each row still holds their keys and values
     shared_prefix: int = 0
-    # the prompts' mean length (None: prompt_len): the engine computes each prompt's own
-    # tokens, not its padding, and decode attention reads the keys each row holds
-    mean_prompt_len: float | None = None
+    # prompt tokens per sequence that the in-memory runner computes, which prefills prompts
+    # admitted together in groups, each from where its longest prompt starts, with the
+    # padding that leaves (engine.runner.prompt_groups; None: prompt_len, as the offloading
+    # runner pads an admission to its longest prompt)
+    grouped_prompt_len: float | None = None
 
-    @property
-    def computed_prompt_len(self) -> float:
-        """The prompt tokens a sequence's compute is priced for."""
-        return self.mean_prompt_len or self.prompt_len
+    def computed_prompt_len(self, in_memory: bool) -> float:
+        """The prompt tokens per sequence that prefill computes and decode attention reads
+        (the C kernel reads only the keys a row holds), by the runner a policy gets."""
+        return (self.grouped_prompt_len or self.prompt_len) if in_memory else self.prompt_len
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,14 @@ def weight_matmul_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | N
 
 
 def prefill_seconds(rates: ComputeRates, dtype: torch.dtype, bits: int | None, params: int,
-                    active_params: int | None, width: int, batch: int, gpu_batch_size: int, work: Workload) -> float:
+                    active_params: int | None, width: int, batch: int, gpu_batch_size: int, work: Workload,
+                    in_memory: bool) -> float:
     """One layer's prefill compute for a block: each sequence's tokens after the shared
     prefix through the weights, attending to the prefix and causally to each other, and the
-    shared prefix once. width: the query heads times the head dim."""
+    shared prefix once. width: the query heads times the head dim; in_memory: whether the
+    policy runs on the in-memory runner (`Workload.computed_prompt_len`)."""
     p = work.shared_prefix
-    own = work.computed_prompt_len - p
+    own = work.computed_prompt_len(in_memory) - p
     seconds = weight_matmul_seconds(rates, dtype, bits, params, batch, gpu_batch_size, own, active_params) \
         + rates.attention_seconds(dtype, round(gpu_batch_size * own), batch * attention_flop(own, p, width))
     if p:
