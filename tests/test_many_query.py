@@ -76,6 +76,24 @@ def test_many_query_attention_is_attention(kernel, batch, heads, kv_heads, queri
     assert torch.allclose(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_a_shared_prefix_is_read_from_its_own_keys(kernel):
+    """Sequences whose first 23 positions are a prefix they share: given its keys and values
+    apart, the kernel reads those instead of the sequences' slots, which hold NaN here."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, kv_heads, dim, prefix, queries = 3, 6, 2, 64, 23, 18
+    shared_k, shared_v = (torch.randn(kv_heads, prefix, dim, generator=gen).to(BF16) for _ in range(2))
+    q = torch.randn(batch, heads, queries, dim, generator=gen).to(BF16)
+    keys, values = (torch.randn(batch, kv_heads, prefix + queries, dim, generator=gen).to(BF16) for _ in range(2))
+    whole_k, whole_v = keys.clone(), values.clone()
+    whole_k[:, :, :prefix], whole_v[:, :, :prefix] = shared_k, shared_v
+    keys[:, :, :prefix], values[:, :, :prefix] = float("nan"), float("nan")
+    mask = causal_left_padded([queries, queries - 4, 1], queries, prefix)
+    out, lse = kernel.many(q, keys, values, mask, dim ** -0.5, lse=True, prefix=(shared_k, shared_v))
+    want, want_lse = by_hand(q, whole_k, whole_v, mask, dim ** -0.5)
+    assert (out.double() - want).abs().max() < TOLERANCE
+    assert torch.allclose(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_a_query_that_sees_one_key_gets_its_value(kernel):
     q = torch.randn(1, 2, 16, 64).to(BF16)
     keys, values = torch.randn(2, 1, 2, 40, 64).to(BF16)
@@ -133,3 +151,36 @@ def test_a_decode_steps_shared_prefix_uses_it(kernel):
     values = torch.cat([shared_v.expand(rows, -1, -1, -1), cache[1]], 2)
     want, _ = by_hand(q, keys, values, None, dim ** -0.5)
     assert (out.double() - want).abs().max() < TOLERANCE
+
+
+def test_rows_that_hold_no_copy_of_their_prefix_generate_what_copies_give(kernel, default_model_store, monkeypatch):
+    """The default model in bf16 (head dim 64): requests of two 30-token prefixes join a
+    refilling block, the second while rows of the first are in flight. Rows that hold no copy
+    of their prefix (admissions read it apart through this kernel, decode steps attend to it
+    once, and a prefix that another replaces is copied into its rows then) give the tokens
+    and log-probabilities of rows that hold copies, exactly."""
+    from flexbatch import LLM, SamplingParams
+    from flexbatch.engine import generation
+    from flexbatch.engine.runner import InMemoryRunner
+
+    rng = torch.Generator().manual_seed(5)
+    tokens = lambda n: torch.randint(100, 20000, (n,), generator=rng).tolist()
+    first, second = tokens(30), tokens(30)
+    # longer first: they join first, and the second prefix's join as rows of the first finish
+    prompts = [first + tokens(20 + 2 * i) for i in range(4)] + [second + tokens(1 + i) for i in range(4)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True) for n in (24, 3, 4, 24, 6, 5, 7, 6)]
+    monkeypatch.setattr(generation, "REFILL_FRACTION", 0.5)
+
+    def run(skip: bool):
+        monkeypatch.setattr(InMemoryRunner, "_rows_skip_prefix", lambda self: skip)
+        llm = LLM(default_model_store, dtype="bfloat16", batch_size=4)
+        copied = []
+        original = InMemoryRunner._copy_prefix_into_rows
+        monkeypatch.setattr(InMemoryRunner, "_copy_prefix_into_rows",
+                            lambda self: copied.append(1) or original(self))
+        outs = llm.generate(prompts, params)
+        return [(o.token_ids, o.logprobs) for o in outs], copied
+
+    apart, copied = run(True)
+    assert copied, "the first prefix must be copied into its rows when the second replaces it"
+    assert apart == run(False)[0]

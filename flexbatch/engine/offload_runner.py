@@ -50,19 +50,10 @@ from .executor import Executor, InlineIO
 from .kv_cache import BatchKV, KVFormat, block_pools
 from .memory import detect_budget
 from .offload_steps import AdmitStep, PrefillOnlyStep, TokenStep, cache_parts
-from .runner import (
-    Runner,
-    TokenScores,
-    family_recomputes_at,
-    make_context,
-    packed_context,
-    score_in_pieces,
-    shift_slots,
-    source_logprobs,
-    target_logprobs,
-)
+from .runner import Runner, family_recomputes_at, make_context, packed_context, shift_slots
 from .scoring import PackedRows
 from .streams import CopyStreams
+from .token_scores import TokenScores, score_in_pieces, source_logprobs, target_logprobs
 from .weight_home import WeightHome
 
 FIT_HINT = ("Put more weights or KV cache on disk, lower gpu_batch_size or num_gpu_batches, "

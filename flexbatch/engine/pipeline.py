@@ -29,7 +29,8 @@ import torch
 
 from ..errors import ConfigError, StageLostError
 from .offload_runner import OffloadRunner
-from .runner import Runner, TokenScores
+from .runner import Runner
+from .token_scores import TokenScores
 
 
 @dataclass(frozen=True)

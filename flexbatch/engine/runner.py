@@ -9,7 +9,6 @@ without changing them.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 import torch
 
@@ -20,29 +19,12 @@ from ..models.ops import SharedPrefix, StepContext
 from ..models.spec import ModelConfig
 from ..weights.loader import ModelWeights
 from .scoring import PackedRows
+from .token_scores import TokenScores, score_in_pieces, source_logprobs, target_logprobs
 
-HEAD_ROWS = 512  # positions per head matmul when scoring: bounds the [rows, V] fp32 logits
 # Tokens per forward pass of a prefill: larger passes' activations spill out of the CPU's
 # caches, smaller ones lose to per-pass costs (the default model, bf16, 2 cores: a 64 x 200
 # token admission 1.35x faster in passes of 4096 than at once; 1.1x slower in passes of 1024).
 PREFILL_TOKENS = 4096
-
-
-@dataclass
-class TokenScores:
-    """Per target token: log p(token | tokens before it), and whether it is the most likely."""
-
-    logprobs: torch.Tensor  # [B, T] fp32, on the CPU
-    greedy: torch.Tensor  # [B, T] bool: the target is the argmax of the model's distribution
-    # when asked for: the k most likely tokens at each position, [B, T, k] ids and fp32 logprobs
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
-
-    @staticmethod
-    def cat(parts: list["TokenScores"], dim: int) -> "TokenScores":
-        joined = lambda name: None if getattr(parts[0], name) is None else \
-            torch.cat([getattr(p, name) for p in parts], dim)
-        return TokenScores(*(joined(name) for name in ("logprobs", "greedy", "top_ids", "top_logprobs")))
 
 
 def make_context(cfg: ModelConfig, family: Family, key_valid: torch.Tensor, start: int,
@@ -235,11 +217,9 @@ class InMemoryRunner(Runner):
             else:  # computed apart, then placed
                 valid = torch.cat([key_valid[group, :shared], key_valid[group, first:]], 1)
                 caches, start = [self._empty_cache(len(block_rows), valid.shape[1]) for _ in self._cache], shared
-            if shared:
-                for cache, prefix in zip(caches, self._prefix_cache(input_ids[0, :shared])):
-                    for kv in range(2):
-                        cache[kv][:, :, :shared] = prefix[kv]
             ctx = make_context(self.cfg, self.family, valid, start, self.dtype, self.device, decode=self.decode)
+            if shared:
+                ctx.shared = self._admit_prefix(caches, input_ids[0, :shared], ctx)
             last.append(self._forward(ids, ctx, caches)[:, -1:])
             if not in_place:
                 self._place(caches, torch.tensor(block_rows), end - width, shared, end - (width - first))
@@ -251,13 +231,36 @@ class InMemoryRunner(Runner):
         return shared + sum((group.stop - group.start) * (key_valid.shape[1] - first)
                             for group, first in prompt_groups(key_valid, shared))
 
+    def _admit_prefix(self, caches, tokens: torch.Tensor, ctx: StepContext) -> SharedPrefix | None:
+        """The shared prefix `tokens` of an admission: read in place of the rows' first slots
+        where the many-query kernel computes the admission (`_rows_skip_prefix`), else copied
+        into them."""
+        prefix = self._prefix_cache(tokens)
+        if self._rows_skip_prefix():
+            return SharedPrefix(prefix, torch.ones(ctx.attn_mask.shape[0], dtype=torch.bool), ctx.attn_mask)
+        for cache, (keys, values) in zip(caches, prefix):
+            cache[0][:, :, :len(tokens)], cache[1][:, :, :len(tokens)] = keys, values
+        return None
+
+    def _rows_skip_prefix(self) -> bool:
+        """Whether admitted rows hold no copy of their shared prefix: every step reads it from
+        its own keys then (admissions through the many-query kernel, decode steps as
+        `SharedKeys`; no sliding window or soft-capped score needs the rows' copies), so its
+        slots in each row are never written, read, or even touched."""
+        cfg, kernel = self.cfg, self.decode
+        return kernel is not None and kernel.many is not None \
+            and kernel.many.handles(self.device, self.dtype, cfg.head_dim) \
+            and cfg.sliding_window is None and cfg.local_window is None and cfg.attn_softcap is None
+
     def _place(self, fresh, index: torch.Tensor, begin: int, shared: int, own: int) -> None:
         """Admitted rows' keys and values into block rows `index`: the shared prefix at slots
-        [begin, begin + shared), the rest of each prompt at [own, end); the slots between are
-        padding, zeroed so that no stale value meets a masked attention weight."""
+        [begin, begin + shared) (unless rows hold none), the rest of each prompt at [own, end);
+        the slots between are padding, zeroed so that no stale value meets a masked weight."""
+        skip = self._rows_skip_prefix()
         for cache, new in zip(self._cache, fresh):
             for kv in range(2):
-                cache[kv][index, :, begin:begin + shared] = new[kv][:, :, :shared]
+                if not skip:
+                    cache[kv][index, :, begin:begin + shared] = new[kv][:, :, :shared]
                 cache[kv][index, :, begin + shared:own] = 0
                 cache[kv][index, :, own:own + new[kv].shape[2] - shared] = new[kv][:, :, shared:]
 
@@ -271,6 +274,8 @@ class InMemoryRunner(Runner):
         kept until the block ends, since the requests joining next often share it too."""
         key = tuple(tokens.tolist())
         if self._prefix is None or self._prefix[0] != key:
+            if self._prefix is not None and self._rows_skip_prefix():
+                self._copy_prefix_into_rows()
             self._prefix_at.fill_(-1)  # rows with the last one keep their copies, read as any keys
             caches = [self._empty_cache(1, len(key)) for _ in range(self.cfg.num_layers)]
             ctx = make_context(self.cfg, self.family, torch.ones(1, len(key), dtype=torch.bool), 0, self.dtype,
@@ -278,6 +283,16 @@ class InMemoryRunner(Runner):
             self._forward(tokens.unsqueeze(0), ctx, caches)
             self._prefix = (key, caches)
         return self._prefix[1]
+
+    def _copy_prefix_into_rows(self) -> None:
+        """The last shared prefix into the slots of the rows that read it apart: once another
+        prefix replaces it, their steps read those slots as any keys."""
+        for at in self._prefix_at.unique().tolist():
+            if at >= 0:
+                rows = (self._prefix_at == at).nonzero().squeeze(1)
+                for cache, prefix in zip(self._cache, self._prefix[1]):
+                    for kv in range(2):
+                        cache[kv][rows, :, at:at + prefix[kv].shape[2]] = prefix[kv]
 
     @torch.inference_mode()
     def shift(self, offset: int, end: int) -> None:
@@ -319,54 +334,3 @@ def prompt_groups(key_valid: torch.Tensor, shared: int) -> list[tuple[slice, int
 def shift_slots(cache: torch.Tensor, offset: int, end: int) -> None:
     """cache [n, Hkv, capacity, D]: slots [offset, end) moved to [0, end - offset)."""
     cache[:, :, :end - offset] = cache[:, :, offset:end].clone()
-
-
-def source_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
-                    rows: PackedRows) -> TokenScores:
-    """Scores of rows.targets from the hidden states [B, S, C] at rows.sources."""
-    index = rows.sources.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return target_logprobs(cfg, family, global_weights, hidden.gather(1, index), rows.targets)
-
-
-def target_logprobs(cfg: ModelConfig, family: Family, global_weights, hidden: torch.Tensor,
-                    targets: torch.Tensor, top: int = 0) -> TokenScores:
-    """Scores of targets[:, i] from hidden[:, i], for aligned [B, T] positions, on the CPU,
-    with the `top` most likely tokens at each position.
-
-    The head runs over HEAD_ROWS positions at a time so [B, T, V] logits never exist at once.
-    """
-    b, t = targets.shape
-    flat_hidden, flat_targets = hidden.reshape(1, b * t, hidden.shape[-1]), targets.reshape(1, b * t).to(hidden.device)
-    logprobs, greedy = [torch.empty(1, 0)], [torch.empty(1, 0, dtype=torch.bool)]
-    top_ids, top_logprobs = [torch.empty(1, 0, top, dtype=torch.long)], [torch.empty(1, 0, top)]
-    for s in range(0, b * t, HEAD_ROWS):
-        logits = torch.log_softmax(family.head(cfg, global_weights, flat_hidden[:, s:s + HEAD_ROWS]).float(), dim=-1)
-        chunk = flat_targets[:, s:s + HEAD_ROWS]
-        logprobs.append(logits.gather(-1, chunk.unsqueeze(-1)).squeeze(-1).cpu())
-        greedy.append((logits.argmax(-1) == chunk).cpu())
-        if top:
-            best = logits.topk(top, dim=-1)
-            top_ids.append(best.indices.cpu())
-            top_logprobs.append(best.values.cpu())
-    tops = (torch.cat(top_ids, 1).view(b, t, top), torch.cat(top_logprobs, 1).view(b, t, top)) if top else (None, None)
-    return TokenScores(torch.cat(logprobs, 1).view(b, t), torch.cat(greedy, 1).view(b, t), *tops)
-
-
-def score_in_pieces(hidden_of, logprobs_of, input_ids: torch.Tensor, key_valid: torch.Tensor,
-                    piece: int | None = None) -> TokenScores:
-    """Scores [B, S-1] of each token given the tokens before it.
-
-    The forward pass runs `piece` tokens at a time (default: all at once); each piece attends
-    to the earlier ones through the KV cache, so with a compressed cache and small pieces
-    the scores see the cache as generation does (piece 1 is exactly generation's view).
-    hidden_of(ids, key_valid, start) -> [B, P, C]; logprobs_of(hidden, targets) -> TokenScores [B, P].
-    """
-    width = input_ids.shape[1]
-    piece = piece or width
-    parts = []
-    for start in range(0, width, piece):
-        end = min(start + piece, width)
-        hidden = hidden_of(input_ids[:, start:end], key_valid[:, :end], start)
-        targets = input_ids[:, start + 1:end + 1]  # one shorter than the piece at the end
-        parts.append(logprobs_of(hidden[:, :targets.shape[1]], targets))
-    return TokenScores.cat(parts, dim=1)

@@ -28,10 +28,11 @@ class CacheSegments:
 
 @dataclass(frozen=True)
 class SharedKeys:
-    """Keys and values [Hkv, P, D] that many sequences' cache rows hold the same copy of (a
-    prompt prefix they share): a decode step attends to them once for all of those sequences,
-    as one attention per KV head over all their queries, and to the rest of each row with the
-    decode kernel."""
+    """Keys and values [Hkv, P, D] of a prompt prefix many sequences share, which their cache
+    rows hold a copy of or, where their admission ran through the many-query kernel, leave
+    out: a decode step attends to them once for all of those sequences, as one attention per
+    KV head over all their queries, and to the rest of each row with the decode kernel; an
+    admission reads them in place of its rows' first slots."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -104,6 +105,11 @@ def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> tor
         # the fastest here (torch 2.13, one query token in bf16 over a 64 x 300-token cache,
         # strided views: 3.3x faster than grouped_attention's chunked matmuls)
         return grouped_attention(q, keys, values, step.mask, step.scale, step.keep, step.softcap)
+    if step.shared is not None and q.shape[2] > 1:  # a prompt whose rows hold no copy of their prefix
+        done = step.decode.many(q, keys, values, step.mask, step.scale, prefix=(step.shared.keys, step.shared.values))
+        if done is None:
+            raise RuntimeError("the many-query kernel refused an admission whose rows hold no copy of their prefix")
+        return done[0]
     first = 0 if q.is_cuda else step.first  # on a CPU, skip what no query sees
     keys, values, mask = keys[:, :, first:], values[:, :, first:], step.mask[..., first:]
     many = step.decode.many if step.decode is not None and q.shape[2] > 1 else None

@@ -35,6 +35,11 @@ typedef struct {
     uint16_t *out;                 /* [B, H, S, D] bf16 */
     int64_t out_strides[3];
     float *lse;                    /* [B, H, S] log-sum-exp of each query's scores; NULL: not written */
+    /* keys and values [Hkv, P, D] of the first P positions, the same for every sequence (a
+     * prompt prefix they share), read in place of the sequences' own first P slots; NULL: none */
+    const uint16_t *prefix_k, *prefix_v;
+    int64_t prefix_strides[2];     /* of head, position */
+    int64_t prefix_len;
 } ManyArgs;
 
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -45,25 +50,36 @@ static inline float bf16_float(uint16_t x) {
     return f;
 }
 
-/* keys [T, D] (position stride `step`) into blocks of KEYS keys: [T/KEYS][D/2][KEYS] pairs */
-static void pack_keys(const uint16_t *k, int64_t step, int64_t T, int64_t D, int64_t padded, uint32_t *out) {
+/* Where position t's key (or value) of one (sequence, KV head) is: the shared prefix's, or
+ * the sequence's own slot */
+typedef struct {
+    const uint16_t *own, *prefix;
+    int64_t own_step, prefix_step, prefix_len;
+} Rows;
+
+static inline const uint16_t *row_at(const Rows *r, int64_t t) {
+    return t < r->prefix_len ? r->prefix + t * r->prefix_step : r->own + t * r->own_step;
+}
+
+/* keys [T, D] into blocks of KEYS keys: [T/KEYS][D/2][KEYS] pairs */
+static void pack_keys(const Rows *k, int64_t T, int64_t D, int64_t padded, uint32_t *out) {
     memset(out, 0, sizeof(uint16_t) * padded * D);
     for (int64_t t = 0; t < T; t++) {
-        const uint32_t *pairs = (const uint32_t *)(k + t * step);
+        const uint32_t *pairs = (const uint32_t *)row_at(k, t);
         uint32_t *block = out + (t / KEYS) * (D / 2) * KEYS + t % KEYS;
         for (int64_t p = 0; p < D / 2; p++) block[p * KEYS] = pairs[p];
     }
 }
 
 /* values [T, D] into pairs of keys: [T/2][D/16][16 dims][2 keys] */
-static void pack_values(const uint16_t *v, int64_t step, int64_t T, int64_t D, int64_t padded, uint16_t *out) {
+static void pack_values(const Rows *v, int64_t T, int64_t D, int64_t padded, uint16_t *out) {
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t t = 0; t < padded; t += 2) {
         for (int64_t c = 0; c < D / 16; c++) {
-            __m256i a = t < T ? _mm256_loadu_si256((const __m256i *)(v + t * step + c * 16)) : zero;
-            __m256i b = t + 1 < T ? _mm256_loadu_si256((const __m256i *)(v + (t + 1) * step + c * 16)) : zero;
+            __m256i a = t < T ? _mm256_loadu_si256((const __m256i *)(row_at(v, t) + c * 16)) : zero;
+            __m256i b = t + 1 < T ? _mm256_loadu_si256((const __m256i *)(row_at(v, t + 1) + c * 16)) : zero;
             __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
             _mm512_storeu_si512(out + (t / 2 * (D / 16) + c) * 32, _mm512_permutexvar_epi16(interleave, both));
         }
@@ -216,10 +232,13 @@ int many_query_attention(const ManyArgs *a, int threads) {
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < pairs; pair++) {
             const int64_t b = pair / a->kv_heads, kvh = pair % a->kv_heads;
-            pack_keys(a->k + b * a->k_strides[0] + kvh * a->k_strides[1], a->k_strides[2], T, D, padded,
-                      (uint32_t *)(packed + 2 * each * pair));
-            pack_values(a->v + b * a->v_strides[0] + kvh * a->v_strides[1], a->v_strides[2], T, D, padded,
-                        (uint16_t *)(packed + 2 * each * pair + each));
+            const int64_t shared = a->prefix_k ? a->prefix_len : 0, at = kvh * a->prefix_strides[0];
+            const Rows keys = {a->k + b * a->k_strides[0] + kvh * a->k_strides[1], shared ? a->prefix_k + at : NULL,
+                               a->k_strides[2], a->prefix_strides[1], shared};
+            const Rows values = {a->v + b * a->v_strides[0] + kvh * a->v_strides[1], shared ? a->prefix_v + at : NULL,
+                                 a->v_strides[2], a->prefix_strides[1], shared};
+            pack_keys(&keys, T, D, padded, (uint32_t *)(packed + 2 * each * pair));
+            pack_values(&values, T, D, padded, (uint16_t *)(packed + 2 * each * pair + each));
         }
         Scratch w;
         w.scores = aligned_alloc(64, sizeof(float) * ROWS * padded);
