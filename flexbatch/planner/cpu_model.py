@@ -19,18 +19,18 @@ t - p tokens of each row and attends to the prefix once, `decode_attention_secon
 W: one layer's weight bytes as stored, P: its parameters, K: KV bytes per token per layer as
 stored, Kd: the same in the compute dtype, C: the query heads times the head dim, Fa: the
 measured attention rate of many queries per sequence (the matmul rate if not measured),
-R / Wr: disk read / write bandwidth (R measured while the CPU computes when I/O overlaps compute; Rkv the same for
-reads as decode makes them, one large request per K or V prefix), F(rows): measured
-matmul FLOP/s at that many rows, Fw: the same with the weights as stored (compressed weights
-cost the cheaper of the fused int4 kernel, measured, and one measured dequantization per
-layer load plus dense matmuls).
+R / Wr: disk read / write bandwidth (R measured while the CPU computes when I/O overlaps
+compute; Rkv the same for reads as decode makes them, one large request per K or V
+prefix), F(rows): measured matmul FLOP/s at that many rows, Fw: the same with the weights
+as stored (compressed weights cost the cheaper of the fused int4 kernel, measured, and one
+measured dequantization per layer load plus dense matmuls).
 
 Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
 decode attention is bound by memory, not FLOPs, so it costs the cache's bytes over the
 measured attention rate A of the engine's kernel (and, for a compressed cache, over the
-measured dequantization rate Dq); and overlapped disk reads slow the matmuls on the same cores, so every second of
-overlapped I/O adds cpu_io = (1 - f) seconds of compute, f being the measured share of
-matmul speed left while the disk reads.
+measured dequantization rate Dq); and overlapped disk reads slow the matmuls on the same
+cores, so every second of overlapped I/O adds cpu_io = (1 - f) seconds of compute, f being
+the measured share of matmul speed left while the disk reads.
 
 Throughput = B * n / T. On a CPU-only machine the device and host tiers are the same RAM, so
 the placement variables are the Policy's `weights_device` and `cache_device` (what is in

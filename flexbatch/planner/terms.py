@@ -22,7 +22,7 @@ class Workload:
     gen_len: int
     blocks_in_flight: int = 1  # a pipeline stage keeps one block's KV cache per stage (engine/pipeline.py)
     # leading tokens every prompt shares (a system prompt, few-shot examples): an admission
-    # computes them once for the block; each row still holds their keys and values
+    # computes them once for the block; offloaded, each row holds their keys and values
     shared_prefix: int = 0
     # prompt tokens per sequence that the in-memory runner computes, which prefills prompts
     # admitted together in groups, each from where its longest prompt starts, with the
