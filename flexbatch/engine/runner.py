@@ -236,8 +236,10 @@ class InMemoryRunner(Runner):
         where the many-query kernel computes the admission (`_rows_skip_prefix`), else copied
         into them."""
         prefix = self._prefix_cache(tokens)
-        if self._rows_skip_prefix():
-            return SharedPrefix(prefix, torch.ones(ctx.attn_mask.shape[0], dtype=torch.bool), ctx.attn_mask)
+        if self._rows_skip_prefix():  # (prompts of one token past it attend as decode steps do: rest, then prefix)
+            own_mask = ctx.attn_mask.clone()
+            own_mask[..., :len(tokens)] = torch.finfo(own_mask.dtype).min
+            return SharedPrefix(prefix, torch.ones(own_mask.shape[0], dtype=torch.bool), own_mask)
         for cache, (keys, values) in zip(caches, prefix):
             cache[0][:, :, :len(tokens)], cache[1][:, :, :len(tokens)] = keys, values
         return None
