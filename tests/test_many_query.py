@@ -184,3 +184,24 @@ def test_rows_that_hold_no_copy_of_their_prefix_generate_what_copies_give(kernel
     apart, copied = run(True)
     assert copied, "the first prefix must be copied into its rows when the second replaces it"
     assert apart == run(False)[0]
+
+
+def test_prompts_one_token_past_a_prefix_they_hold_no_copy_of(kernel, default_model_store, monkeypatch):
+    """Two copies of one chat prompt share all but its last token: their admission computes
+    one query each, as decode steps do, over the prefix apart and the rest of their rows
+    (whose prefix slots were never written). Its log-probabilities are those of rows that
+    hold copies, up to bf16 rounding (the prefix's part is rounded to bf16 before the merge)."""
+    from flexbatch import LLM, SamplingParams
+    from flexbatch.engine.runner import InMemoryRunner
+
+    ask = [{"role": "user", "content": "Give Ada Lovelace's name and birth year as JSON."}]
+    params = SamplingParams(max_new_tokens=4, logprobs=True)
+
+    def first_steps(skip: bool):
+        monkeypatch.setattr(InMemoryRunner, "_rows_skip_prefix", lambda self: skip)
+        return LLM(default_model_store, dtype="bfloat16").chat([ask, ask], [params, params])
+
+    apart, copies = first_steps(True), first_steps(False)
+    for a, c in zip(apart, copies):
+        assert all(abs(x) < 50 for x in a.logprobs)  # finite: no unwritten slot was read
+        assert a.token_ids[0] == c.token_ids[0] and abs(a.logprobs[0] - c.logprobs[0]) < 0.2
