@@ -4,8 +4,8 @@ share, in bf16 on AVX512-BF16 dot products.
 
 It comes with the C decode kernels (one library, kernels/native.py); `DecodeKernel.many` is
 None where the CPU has no AVX512-BF16, and `__call__` returns None for what it does not take
-(another dtype or device, a head dim that is not a multiple of 64, soft-capped scores): the
-caller then runs PyTorch's attention.
+(another dtype or device, a head dim that is not a multiple of 64): the caller then runs
+PyTorch's attention. Soft-capped scores never reach it (kernels/attention.py).
 """
 from __future__ import annotations
 
