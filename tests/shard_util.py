@@ -81,7 +81,7 @@ def by_id(path) -> dict[str, dict]:
 def generated_tokens(path, count: int) -> list[list[int]]:
     """The generated token ids of requests req-0 .. req-{count-1} of an output, in that order."""
     found = by_id(path)
-    return [found[f"req-{i}"]["response"]["body"]["choices"][0]["logprobs"]["tokens"] for i in range(count)]
+    return [found[f"req-{i}"]["response"]["body"]["choices"][0]["logprobs"]["token_ids"] for i in range(count)]
 
 
 def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:

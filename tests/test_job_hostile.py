@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flexbatch import LLM, SamplingParams
@@ -132,7 +132,7 @@ def test_hostile_file_every_bad_line_gets_its_error_and_the_job_exits_0(llm, def
     bad = len(HOSTILE) + 1  # + the line that is not UTF-8
     assert bad >= 40
     assert f"{len(GOOD)} completed now, {bad} errors" in proc.stderr
-    records = [json.loads(x) for x in out.read_text().splitlines()]
+    records = [json.loads(x) for x in out.read_text().split("\n")[:-1]]
     assert len(records) == len(GOOD) + bad
     errors = [r for r in records if r["error"]]
     assert len(errors) == bad and all(r["response"]["status_code"] == 400 for r in errors)
@@ -172,12 +172,13 @@ def test_fuzzed_bodies_never_raise(llm, body, chat_url, chat_flag):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bodies=st.lists(BODIES, min_size=1, max_size=4))
+@example(bodies=[{"prompt": {"\x85": None}}])  # echoed in the error message: a line break to str.splitlines
 def test_fuzzed_files_always_finish_with_one_line_per_request(llm, tmp_path_factory, bodies):
     folder = tmp_path_factory.mktemp("fuzz")
     src = folder / "in.jsonl"
     src.write_text("".join(line(f"r{i}", {**b, "max_tokens": 2}) + "\n" for i, b in enumerate(bodies)))
     summary = run_job(llm, src, folder / "out.jsonl", defaults=PARAMS, progress=False)
-    records = [json.loads(x) for x in (folder / "out.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (folder / "out.jsonl").read_text().split("\n")[:-1]]
     assert sorted(r["custom_id"] for r in records) == sorted(f"r{i}" for i in range(len(bodies)))
     assert summary.completed + summary.errors == len(bodies)
 
@@ -198,9 +199,35 @@ def test_a_request_that_makes_the_engine_raise_costs_only_that_request(llm, tmp_
     src.write_text("\n".join(prompts) + "\n")
     summary = run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
     monkeypatch.undo()
-    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().split("\n")[:-1])}
     assert summary.completed == 7 and summary.errors == 1 and summary.engine_errors == 1
     assert "injected kernel failure" in records["line-3"]["error"]
     direct = llm.generate([p for p in prompts if "POISON" not in p], PARAMS)
     texts = [records[f"line-{i + 1}"]["text"] for i, p in enumerate(prompts) if "POISON" not in p]
     assert texts == [d.text for d in direct]
+
+
+def test_a_result_whose_record_cannot_be_built_becomes_an_error_record(llm, tmp_path, monkeypatch):
+    """The record of one finished request raises (as a tokenizer might on its logprobs): that
+    request gets an error record, every other its result, and the counts agree with the file."""
+    import flexbatch.jobs.runner as job_runner
+
+    prompts = ["The capital of France is", "Water boils at", "Once upon a time", "The moon is"]
+    real = job_runner.simple_record
+
+    def fragile(req, model, output=None, **kw):
+        if output is not None and req.id == "line-2":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "injected: a lone surrogate")
+        return real(req, model, output=output, **kw)
+
+    monkeypatch.setattr(job_runner, "simple_record", fragile)
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    summary = run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    monkeypatch.undo()
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().split("\n")[:-1])}
+    assert sorted(records) == [f"line-{i}" for i in range(1, 5)]
+    assert "injected: a lone surrogate" in records["line-2"]["error"]
+    assert summary.completed == 3 and summary.errors == 1
+    direct = llm.generate(prompts, PARAMS)
+    assert [records[f"line-{i}"]["text"] for i in (1, 3, 4)] == [direct[i].text for i in (0, 2, 3)]

@@ -57,6 +57,56 @@ def test_openai_batch_format_round_trip(llm, direct, tmp_path):
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == expected.text
 
 
+def test_batch_logprobs_take_openai_forms_with_top_alternatives(llm, tmp_path):
+    """Completions' integer logprobs and chat's logprobs + top_logprobs give the engine's own
+    alternatives, named by each token's text, in OpenAI's shapes; an unpaired top_logprobs is
+    that request's error. (Values within 1e-4: batched with other requests, sums run in
+    another order.)"""
+    chat = [{"role": "user", "content": "Say hi"}]
+    bodies = {"cmpl": {"prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 3},
+              "cmpl-own": {"prompt": PROMPTS[0], "max_tokens": 6, "logprobs": 0},
+              "chat": {"messages": chat, "max_tokens": 6, "logprobs": True, "top_logprobs": 2},
+              "chat-off": {"messages": chat, "max_tokens": 6, "logprobs": False, "top_logprobs": 2},
+              "cmpl-unpaired": {"prompt": PROMPTS[0], "max_tokens": 6, "top_logprobs": 2}}
+    src = tmp_path / "batch.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": cid, "method": "POST", "body": body,
+                                       "url": "/v1/chat/completions" if "messages" in body else "/v1/completions"})
+                           + "\n" for cid, body in bodies.items()))
+    run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    records = {r["custom_id"]: r for r in read(tmp_path / "out.jsonl")}
+    decode = llm.tokenizer.decode
+
+    (want,) = llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, top_logprobs=3))
+    got = records["cmpl"]["response"]["body"]["choices"][0]["logprobs"]
+    assert got["token_ids"] == want.token_ids and got["tokens"] == [decode([t]) for t in want.token_ids]
+    assert got["token_logprobs"] == pytest.approx(want.logprobs, abs=1e-4)
+    close = lambda lp: pytest.approx(lp, abs=1e-4)  # noqa: E731
+    assert got["top_logprobs"] == [{decode([t]): close(lp) for t, lp in top} for top in want.top_logprobs]
+    assert "".join(got["tokens"]) == records["cmpl"]["response"]["body"]["choices"][0]["text"]
+    assert got["text_offset"] == [len("".join(got["tokens"][:i])) for i in range(len(got["tokens"]))]
+    own = records["cmpl-own"]["response"]["body"]["choices"][0]["logprobs"]
+    assert own["top_logprobs"] == [{decode([t]): close(lp)} for t, lp in zip(want.token_ids, want.logprobs)]
+
+    (want,) = llm.chat(chat, SamplingParams(max_new_tokens=6, top_logprobs=2))
+    content = records["chat"]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert [c["token_id"] for c in content] == want.token_ids
+    for item, token, alternatives in zip(content, want.token_ids, want.top_logprobs):
+        assert item["token"] == decode([token]) and item["bytes"] == list(decode([token]).encode("utf-8"))
+        named = [(a["token_id"], a["token"]) for a in item["top_logprobs"]]
+        assert named == [(t, decode([t])) for t, _ in alternatives]
+    for cid in ("chat-off", "cmpl-unpaired"):
+        assert "top_logprobs needs logprobs=true" in records[cid]["error"]["message"]
+
+    plain = tmp_path / "plain.txt"  # flat records, with --top-logprobs 2 job-wide
+    plain.write_text(PROMPTS[1] + "\n")
+    run_job(llm, plain, tmp_path / "plain.jsonl", defaults=SamplingParams(max_new_tokens=6, top_logprobs=2),
+            progress=False)
+    (record,) = read(tmp_path / "plain.jsonl")
+    (want,) = llm.generate([PROMPTS[1]], SamplingParams(max_new_tokens=6, top_logprobs=2))
+    assert record["token_ids"] == want.token_ids and record["logprobs"] == pytest.approx(want.logprobs, abs=1e-4)
+    assert [[t for t, _ in top] for top in record["top_logprobs"]] == [[t for t, _ in top] for top in want.top_logprobs]
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "text", "csv"])
 def test_plain_formats_round_trip(llm, direct, tmp_path, fmt):
     if fmt == "jsonl":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -40,12 +41,22 @@ def match_tables(tmp_path):
             write_csv(tmp_path / "pairs.csv", ["left_id", "right_id", "label"], PAIRS))
 
 
+class PieceTokenizer:
+    """Token id -> text for the rule models' answers (what records decode logprobs with)."""
+
+    PIECES = ['{"answer":"', "Yes", "No", '"}', " maybe"]
+
+    def batch_decode(self, ids):
+        return [self.PIECES[i] for (i,) in ids]
+
+
 class RuleLLM:
     """Answers each prompt's last question by a rule (the job runner's LLM interface): match
     says Yes when both names are equal ignoring case. Raises KeyboardInterrupt (a kill) on
     its answer number `kill_at` (earlier answers have reached the job's output)."""
 
     model_path, dtype, policy, batch_size = Path("rule-model"), "float32", None, 2
+    tokenizer = PieceTokenizer()
 
     def __init__(self, kill_at: int | None = None):
         self.prompts: list[str] = []
@@ -67,12 +78,67 @@ class RuleLLM:
                 raise KeyboardInterrupt
             question = self.prompts[ids[0]].split("\n\n")[-1]
             self.asked.append(question)
-            a, b = re.findall(r"name: (.*?)\. city:", question)
-            text = json.dumps({"answer": "Yes" if a.lower() == b.lower() else "No"})
-            outs.append(RequestOutput(None, ids, text, [1, 2, 3], "stop"))
+            outs.append(self.output(ids, re.findall(r"name: (.*?)\. city:", question), params[i]))
             if on_finish is not None:
                 on_finish(i, outs[-1])
         return outs
+
+    def output(self, ids, names, params) -> RequestOutput:
+        a, b = names
+        return RequestOutput(None, ids, json.dumps({"answer": "Yes" if a.lower() == b.lower() else "No"}),
+                             [1, 2, 3], "stop")
+
+
+class ScoreLLM(RuleLLM):
+    """Answers with log p(Yes) - log p(No) = SCORES[(name A, name B)], as a model's logprobs
+    would carry it: tokens `{"answer":"`, Yes or No (the likelier), `"}`."""
+
+    SCORES = {("Ada Lovelace", "A. Turing"): -3.0, ("Alan Turing", "A. Turing"): -1.0,  # calibration rows
+              ("Grace Hopper", "Grace Hopper"): -0.5,
+              ("Edsger Dijkstra", "Edsger Dijkstra"): -2.5, ("Barbara Liskov", "Barbara Liskov"): -1.5,  # asked
+              ("Alan Turing", "ada lovelace"): -4.0, ("Grace Hopper", "Edsger Dijkstra"): -1.2}
+
+    def output(self, ids, names, params) -> RequestOutput:
+        s = self.SCORES[tuple(names)]
+        yes, no = -math.log1p(math.exp(-s)), -math.log1p(math.exp(s))  # log sigmoid(s), log sigmoid(-s)
+        word = 1 if s > 0 else 2
+        top = [[(0, 0.0)], sorted([(1, yes), (2, no), (4, -9.0)], key=lambda a: -a[1]), [(3, 0.0)]]
+        return RequestOutput(None, ids, '{"answer":"' + PieceTokenizer.PIECES[word] + '"}', [0, word, 3], "stop",
+                             [0.0, max(yes, no), 0.0], top if params.top_logprobs else None)
+
+
+def test_calibrated_answers_and_their_metrics_by_hand(match_tables, tmp_path):
+    """Pool of 4, one example shown: the other 3 pool rows fit the threshold. Calibration scores
+    -3 (No), -1 (Yes), -0.5 (Yes): a cut at -2 (between -3 and -1) gives F1 1. Asked: -2.5 No,
+    -1.5 Yes, -4 No, -1.2 No -> answers No, Yes, No, Yes: tp 1, fp 1, fn 0. The model's own
+    answers (score > 0) are all No: F1 0. AUC: -1.5 ranks above 2 of the 3 No rows."""
+    pool, asked = split(match_items(*match_tables), pool_size=4, limit=None)
+    settings = WrangleSettings(shots=1, calibrate=True)
+    metrics = wrangle(ScoreLLM(), TASKS["match"], asked, pool, tmp_path / "work", settings)
+    assert metrics["threshold"] == pytest.approx(-2.0) and metrics["calibration_rows"] == 3
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == (1, 1, 0) and metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["model_answer_f1"] == 0.0 and metrics["auc"] == pytest.approx(2 / 3)
+    predictions = [json.loads(x) for x in (tmp_path / "work" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["answer"] for p in predictions] == ["No", "Yes", "No", "Yes"]
+    assert [p["model_answer"] for p in predictions] == ["No"] * 4
+    assert [p["score"] for p in predictions] == pytest.approx([-2.5, -1.5, -4.0, -1.2])
+    small_pool, more_asked = split(match_items(*match_tables), pool_size=2, limit=None)
+    with pytest.raises(ConfigError, match="0 Yes and 1 No left"):  # one example shown, one No row left
+        wrangle(ScoreLLM(), TASKS["match"], more_asked, small_pool, tmp_path / "w2", settings)
+
+
+def test_yes_no_scores_read_from_alternatives():
+    from flexbatch.apps.wrangle.calibration import auc, best_threshold, yes_no_score
+
+    lp = {"Yes": math.log(0.5), " yes": math.log(0.1), "No": math.log(0.2), "Not": math.log(0.1), "Y": math.log(0.05)}
+    tokens = ['{"', 'answer', '":"', "No", '"}']  # the answer starts at "No": its alternatives count
+    score = yes_no_score(tokens, [{}, {}, {}, lp, {}])
+    assert score == pytest.approx(math.log(0.65) - math.log(0.2))  # "Not" is not "No"
+    assert yes_no_score([" Yes", "."], [{" Yes": -0.1, " Maybe": -3.0}, {}]) == pytest.approx(-0.1 + 3.0)  # floor
+    assert yes_no_score(["   "], [{"Yes": -1.0}]) is None and yes_no_score([" x"], [{"z": -1.0}]) is None
+    assert auc([1.0, 2.0, 2.0, 0.5], ["No", "Yes", "No", "Yes"]) == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert best_threshold([-3.0, -1.0, -0.5], ["No", "Yes", "Yes"]) == pytest.approx(-2.0)
+    assert best_threshold([1.0, 2.0], ["Yes", "Yes"]) == pytest.approx(0.0)  # all Yes: the cut nearest 0
 
 
 def test_match_prompt_holds_the_fields_and_the_pool_examples(match_tables):
@@ -245,3 +311,40 @@ def test_febrl4_pairs_read_from_the_package_wheel(tmp_path):
                                        "circuit. address_2: . suburb: richlands. postcode: 4560. state: vic. "
                                        "date_of_birth: 19161214. soc_sec_id: 4066625")
     assert items[1].fields["right"].startswith("given_name: courtney. surname: paintr. ")
+
+
+def test_calibration_scores_are_transformers_log_odds_with_the_default_model(match_tables, tmp_path,
+                                                                            default_model_store, default_gguf):
+    """With the default model, JSON answers and --calibrate, each asked pair's score is the log
+    odds transformers gives (same weights, from the GGUF) at the token where the answer starts,
+    summed over the top 20 tokens that spell Yes or No there."""
+    pytest.importorskip("llguidance")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flexbatch import LLM
+
+    llm = LLM(default_model_store, dtype="float32", batch_size=8)
+    pool, asked = split(match_items(*match_tables), pool_size=4, limit=None)
+    metrics = wrangle(llm, TASKS["match"], asked, pool, tmp_path / "work",
+                      WrangleSettings(shots=1, calibrate=True, max_new_tokens=8))
+    assert metrics["calibration_rows"] == 3 and metrics["unparsed"] == 0
+    hf = AutoModelForCausalLM.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name,
+                                              dtype=torch.float32).eval()
+    prompts = {r["custom_id"]: r["body"]["prompt"] for r in map(json.loads, open(tmp_path / "work" / "requests.jsonl"))}
+    generated = {r["custom_id"]: r["response"]["body"]["choices"][0]["logprobs"]["token_ids"]
+                 for r in map(json.loads, open(tmp_path / "work" / RESULTS))}
+    predictions = [json.loads(x) for x in open(tmp_path / "work" / "predictions.jsonl")]
+    spelled = {"Yes": re.compile(r"^(y|ye|yes\W*)$"), "No": re.compile(r"^(n|no\W*)$")}
+    for n, prediction in enumerate(predictions):
+        custom_id = f"{n}:{prediction['id']}"
+        tokens = generated[custom_id]
+        at = next(i for i, t in enumerate(tokens) if llm.tokenizer.decode([t]).strip(' "') in ("Yes", "No"))
+        with torch.no_grad():
+            logits = hf(torch.tensor([llm.encode(prompts[custom_id]) + tokens[:at]])).logits[0, -1]
+        best = torch.log_softmax(logits.double(), -1).topk(20)
+        sums = {word: [v for v, t in zip(best.values.tolist(), best.indices.tolist())
+                       if rule.match(llm.tokenizer.decode([t]).strip().strip("\"'").strip().lower())]
+                for word, rule in spelled.items()}
+        odds = [torch.tensor(sums[w]).logsumexp(0).item() if sums[w] else best.values[-1].item() for w in spelled]
+        assert prediction["score"] == pytest.approx(odds[0] - odds[1], abs=2e-3), prediction

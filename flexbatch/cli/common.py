@@ -32,4 +32,5 @@ def sampling_params(args):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                          ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False))
+                          ignore_eos=args.ignore_eos, logprobs=getattr(args, "logprobs", False),
+                          top_logprobs=getattr(args, "top_logprobs", 0))

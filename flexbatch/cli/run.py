@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--logprobs", action="store_true", help="include per-token log-probabilities by default")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                   help="each generated token's N most likely alternatives too (implies --logprobs; at most 20)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences in flight at once, the block (default: the planner's choice; 32 with --no-plan)")
     p.add_argument("--window", type=int, default=None,
@@ -183,10 +185,9 @@ def _prompt_of(request, chat: bool):
 
 def show_results(output: Path) -> None:
     """Print `id: text` for each line of a results file (either output format)."""
-    import json
+    from ..jobs.output import read_records
 
-    for line in output.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_records(output):
         rid = record.get("custom_id", record.get("id"))
         if record.get("error"):
             error = record["error"]

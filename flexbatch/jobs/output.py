@@ -124,6 +124,14 @@ def iter_results(path: Path, id_key: str) -> Iterator[tuple[int, bytes, str]]:
             offset += len(raw)
 
 
+def read_records(path: Path) -> Iterator[dict]:
+    """Each line of a results file as a record. Lines end at "\n" only: a generated text may
+    hold U+2028 or U+0085 unescaped, which str.splitlines would also cut at."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            yield json.loads(line)
+
+
 def _foreign(path: Path, line: int | None, what: str) -> ConfigError:
     where = f"line {line} of {path}" if line else str(path)
     return ConfigError(f"{where} {what}; it is not this job's output, so flexbatch will not append to it. "

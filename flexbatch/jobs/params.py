@@ -9,19 +9,18 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from ..config import SamplingParams
+from ..config import MAX_TOP_LOGPROBS, SamplingParams
 from ..errors import ConfigError
 from ..structured import ResponseFormat
 from .validate import short_json
 
 IGNORED = {"model", "user", "metadata", "service_tier", "store", "stream_options"}
-MUST_EQUAL = {"n": 1, "stream": False, "echo": False, "best_of": 1, "top_logprobs": 0,
-              "presence_penalty": 0, "frequency_penalty": 0}
+MUST_EQUAL = {"n": 1, "stream": False, "echo": False, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take
 MAX_STOP_STRINGS = 16
 # Every field a request may carry besides its prompt (the checks below give each its meaning).
 FIELDS = (*IGNORED, *MUST_EQUAL, "max_tokens", "max_completion_tokens", "max_new_tokens", "temperature", "top_p",
-          "top_k", "seed", "stop", "logprobs", "ignore_eos")
+          "top_k", "seed", "stop", "logprobs", "top_logprobs", "ignore_eos")
 
 
 def request_params(fields: dict[str, Any], defaults: SamplingParams) -> SamplingParams:
@@ -48,11 +47,25 @@ def request_params(fields: dict[str, Any], defaults: SamplingParams) -> Sampling
             changes["stop"] = _stop(value)
         elif name == "response_format":
             changes[name] = ResponseFormat.parse(value)  # checks the schema: a bad one fails this request alone
-        elif name in ("logprobs", "ignore_eos"):
+        elif name == "logprobs":
+            changes.update(_logprobs(value))
+        elif name == "top_logprobs":
+            changes[name] = _int(name, value, 0, MAX_TOP_LOGPROBS)
+        elif name == "ignore_eos":
             changes[name] = _flag(name, value)
         else:
             raise ConfigError(f"field {name!r} is not supported by flexbatch")
+    _pair_logprobs(changes, defaults)
     return replace(defaults, **changes) if changes else defaults
+
+
+def _pair_logprobs(changes: dict[str, Any], defaults: SamplingParams) -> None:
+    """top_logprobs needs logprobs (as OpenAI's chat API says); logprobs=false turns off a
+    job-wide --top-logprobs too."""
+    if changes.get("top_logprobs") and not changes.get("logprobs", defaults.logprobs):
+        raise ConfigError("field top_logprobs needs logprobs=true")
+    if changes.get("logprobs") is False:
+        changes["top_logprobs"] = 0
 
 
 def most_new_tokens(requests, defaults: SamplingParams) -> int:
@@ -88,12 +101,20 @@ def _number(name: str, value: Any, low: float, high: float, open_low: bool = Fal
 
 
 def _flag(name: str, value: Any) -> bool:
-    """true/false; for logprobs also the completions API's integer count (0 = off)."""
     if isinstance(value, bool):
         return value
-    if name == "logprobs" and isinstance(value, int) and 0 <= value <= 20:
-        return value > 0
     raise ConfigError(f"field {name} must be true or false, got {short_json(value)}")
+
+
+def _logprobs(value: Any) -> dict[str, Any]:
+    """Chat's true/false, or the completions API's count of alternatives per token (0: the
+    chosen token's logprob alone), which sets top_logprobs too."""
+    if isinstance(value, bool):
+        return {"logprobs": value}
+    if isinstance(value, int) and 0 <= value <= MAX_TOP_LOGPROBS:
+        return {"logprobs": True, "top_logprobs": value}
+    raise ConfigError(f"field logprobs must be true or false, or (completions) an integer in "
+                      f"[0, {MAX_TOP_LOGPROBS}], got {short_json(value)}")
 
 
 def _stop(value: Any) -> tuple[str, ...]:

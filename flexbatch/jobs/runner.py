@@ -219,9 +219,9 @@ class WindowRunner:
             p = segment[i]
             if p.request.id in finished:
                 return
-            finished.add(p.request.id)
             sync = time.monotonic() - synced >= SYNC_SECONDS
             self.job.out.append([self._record(p, out)], sync=sync)  # written at once: a kill loses nothing
+            finished.add(p.request.id)  # only now: a record that failed to build leaves the request to be retried
             self.bar.add_requests(1)
             if sync:
                 synced = time.monotonic()
@@ -235,11 +235,12 @@ class WindowRunner:
     def _record(self, p: Prepared, out) -> dict:
         if isinstance(out, str):
             return self._error(p.request, out, engine=True)
+        record = self.record(p.request, self.model_name, output=out, tokenizer=self.llm.tokenizer)
         self.summary.completed += 1
         self.summary.prompt_tokens += len(p.token_ids)
         self.summary.generated_tokens += len(out.token_ids)
         self.bar.add_tokens(len(out.token_ids))
-        return self.record(p.request, self.model_name, output=out)
+        return record
 
 def run_job(llm, input_path: str | Path, output_path: str | Path, fmt: str = "auto", column: str = "prompt",
             defaults: SamplingParams = SamplingParams(), progress: bool = True, model_name: str | None = None,

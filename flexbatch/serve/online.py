@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import MAX_TOP_LOGPROBS, SamplingParams
 from ..errors import ConfigError
+from ..jobs.logprobs import completion_logprobs, generated_tops
 from ..jobs.params import request_params
 from ..jobs.validate import check_messages, check_prompt, short_json
 from .errors import APIError
@@ -128,37 +129,15 @@ def completion_choice(index: int, tokenizer, prompt_ids: list[int], prompt_score
               "finish_reason": out.finish_reason if out is not None else "length"}
     if logprobs is None:
         return choice
-    tokens, values, tops = [], [], []
+    ids, values, tops = [], [], []
     if echo:  # the first prompt token has no logprob: nothing comes before it
-        tokens += prompt_ids
+        ids += prompt_ids
         values += [None, *prompt_scores.logprobs]
-        tops += [None, *(dict(alternatives) for alternatives in prompt_scores.top_logprobs)] if logprobs else \
-            [None, *({t: lp} for t, lp in zip(prompt_ids[1:], prompt_scores.logprobs))]
+        tops += [None, *prompt_scores.top_logprobs] if logprobs else \
+            [None, *([(t, lp)] for t, lp in zip(prompt_ids[1:], prompt_scores.logprobs))]
     if out is not None:
-        tokens += out.token_ids
+        ids += out.token_ids
         values += out.logprobs
-        tops += [dict(alts) for alts in out.top_logprobs] if out.top_logprobs is not None else \
-            [{t: lp} for t, lp in zip(out.token_ids, out.logprobs)]
-    strings = [tokenizer.decode([t]) for t in tokens]
-    offsets, position = [], 0 if echo else len(prompt_text)
-    for s in strings:
-        offsets.append(position)
-        position += len(s)
-    named = [None if top is None else {tokenizer.decode([t]): lp for t, lp in top.items()} for top in tops]
-    choice["logprobs"] = {"tokens": strings, "token_logprobs": values, "top_logprobs": named,
-                          "text_offset": offsets}
+        tops += generated_tops(out)
+    choice["logprobs"] = completion_logprobs(tokenizer, ids, values, tops)
     return choice
-
-
-def chat_logprobs(tokenizer, out) -> dict:
-    def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    content = []
-    for i, (t, lp) in enumerate(zip(out.token_ids, out.logprobs)):
-        item = entry(t, lp)
-        alternatives = out.top_logprobs[i] if out.top_logprobs is not None else []
-        item["top_logprobs"] = [entry(a, alp) for a, alp in alternatives]
-        content.append(item)
-    return {"content": content, "refusal": None}

@@ -8,8 +8,9 @@ import time
 
 from fastapi import APIRouter, Request
 
+from ..jobs.logprobs import chat_logprobs
 from .errors import APIError
-from .online import chat_logprobs, chat_request, completion_choice, completion_request, usage
+from .online import chat_request, completion_choice, completion_request, usage
 
 router = APIRouter()
 
