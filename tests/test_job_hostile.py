@@ -183,6 +183,14 @@ def test_fuzzed_files_always_finish_with_one_line_per_request(llm, tmp_path_fact
     assert summary.completed + summary.errors == len(bodies)
 
 
+def run_lines(llm, folder, prompts: list[str]):
+    """(summary, records by id) of a job over a text file of `prompts`."""
+    src = folder / "in.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    summary = run_job(llm, src, folder / "out.jsonl", defaults=PARAMS, progress=False)
+    return summary, {r["id"]: r for r in map(json.loads, (folder / "out.jsonl").read_text().split("\n")[:-1])}
+
+
 def test_a_request_that_makes_the_engine_raise_costs_only_that_request(llm, tmp_path, monkeypatch):
     prompts = ["The capital of France is", "Water boils at", "POISON pill", "My favourite colour is",
                "The moon is", "Once upon a time", "def square(x):", "Two plus two is"]
@@ -195,11 +203,8 @@ def test_a_request_that_makes_the_engine_raise_costs_only_that_request(llm, tmp_
         return real(prompt_ids, params, **kw)
 
     monkeypatch.setattr(llm, "generate_ids", flaky)
-    src = tmp_path / "in.txt"
-    src.write_text("\n".join(prompts) + "\n")
-    summary = run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    summary, records = run_lines(llm, tmp_path, prompts)
     monkeypatch.undo()
-    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().split("\n")[:-1])}
     assert summary.completed == 7 and summary.errors == 1 and summary.engine_errors == 1
     assert "injected kernel failure" in records["line-3"]["error"]
     direct = llm.generate([p for p in prompts if "POISON" not in p], PARAMS)
@@ -221,11 +226,8 @@ def test_a_result_whose_record_cannot_be_built_becomes_an_error_record(llm, tmp_
         return real(req, model, output=output, **kw)
 
     monkeypatch.setattr(job_runner, "simple_record", fragile)
-    src = tmp_path / "in.txt"
-    src.write_text("\n".join(prompts) + "\n")
-    summary = run_job(llm, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+    summary, records = run_lines(llm, tmp_path, prompts)
     monkeypatch.undo()
-    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().split("\n")[:-1])}
     assert sorted(records) == [f"line-{i}" for i in range(1, 5)]
     assert "injected: a lone surrogate" in records["line-2"]["error"]
     assert summary.completed == 3 and summary.errors == 1

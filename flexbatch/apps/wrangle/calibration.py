@@ -2,7 +2,7 @@
 
 A small model can rank pairs well and still lean to one answer: the 135M default model
 answers "No" to every FEBRL pair (F1 0), yet log p(Yes) - log p(No) puts the true matches
-first (AUC 0.90 with 3 examples). So each binary question asks for the top alternatives of
+first (AUC 0.90 with 3 examples and free-text answers). So each binary question asks for the top alternatives of
 every generated token; its score is log p(Yes) - log p(No) at the token where the answer
 starts, under the model's unconstrained distribution. A threshold fitted on labeled pool rows
 that are not shown as examples (they are asked like the others) turns scores into answers.
