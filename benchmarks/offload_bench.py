@@ -164,15 +164,28 @@ def run_child(kind: str, spec: dict, memory: int, script: str = __file__) -> dic
     out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
     wall = time.perf_counter() - began
     peak = int((group / "memory.max_usage_in_bytes").read_text())
+    oom_kills = oom_kill_count(group)
     group.rmdir()
-    return {**child_result(out), "wall_s": wall, "peak_bytes": peak}
+    return {**child_result(out, oom_kills), "wall_s": wall, "peak_bytes": peak}
 
 
-def child_result(out: subprocess.CompletedProcess) -> dict:
-    """A child's JSON result with its throughput (FlexGen's metric), or its error's last lines."""
+def oom_kill_count(group: Path) -> int:
+    """Processes of the group its memory limit's OOM killer ended (cgroup v1 `oom_kill` line)."""
+    for line in (group / "memory.oom_control").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill":
+            return int(value)
+    return 0
+
+
+def child_result(out: subprocess.CompletedProcess, oom_kills: int = 0) -> dict:
+    """A child's JSON result with its throughput (FlexGen's metric), or its error's last lines
+    (a child killed by a signal says so, and whether the memory limit's OOM killer did it)."""
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)[-400:]}
+        killed = [f"killed by signal {-out.returncode}"] if out.returncode < 0 else []
+        killed += ["the OOM killer of the memory limit ended it"] if oom_kills else []
+        return {"error": " | ".join(killed + tail)[-400:]}
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["throughput"] = result["tokens"] / (result["prefill_s"] + result["decode_s"])
     return result
