@@ -99,7 +99,11 @@ def child_flexbatch(spec: dict) -> dict:
 
     lm = FlexbatchLM(pretrained=spec["model"], **spec["options"])
     with lm.llm:
-        return {**timed_evaluate(lm, spec), "policy": asdict(lm.llm.policy)}
+        result = {**timed_evaluate(lm, spec), "policy": asdict(lm.llm.policy)}
+        runner = lm.llm.runner
+        if hasattr(runner, "wait_seconds"):  # weights streamed from disk: how long compute waited for them
+            result.update(io_wait_s=runner.wait_seconds, weight_read_bytes=runner.home.traffic.read)
+        return result
 
 
 def child_hf(spec: dict) -> dict:

@@ -344,38 +344,21 @@ class LLM:
         """Scores of each continuation's tokens given its context, for (context ids,
         continuation ids) pairs: lm-eval's loglikelihood, multiple-choice answers.
 
-        A prefill pass and no KV cache: pairs that share a context are packed into one row
-        that runs the context once (engine/scoring.py), rows longest first, `batch_size`
-        rows a block (fewer where wide rows would not fit the memory budget), and every
-        layer's weights are read once per block.
+        A prefill pass and no KV cache: pairs that share a context run the context once, as
+        one group, and groups fill rows of about a thousand tokens (engine/scoring.py); rows
+        longest first, `batch_size` rows a block (fewer where wide rows would not fit the
+        memory budget), and every layer's weights are read once per block.
         """
-        from .engine.scoring import pack_by_context, to_tensors
+        from .engine.scoring import score_pairs
 
         encoded = [(self.encode(context), self.encode(continuation)) for context, continuation in pairs]
         for context, continuation in encoded:
             self._check_scored_length(len(context), len(continuation))
         group = self.family.length_group
-        rows = pack_by_context(encoded, length_group=group and (lambda n: group(self.config, n)))
-        results: list[ScoreOutput | None] = [None] * len(encoded)
-        bar = TokenProgress(total=len(encoded), enabled=progress, desc="scoring")
-        s = 0
-        while s < len(rows):  # rows come longest first: a block's first row is its widest
-            fitting = self.runner.most_scored_rows(rows[s].num_tokens, self.batch_size)
-            if not fitting:  # only the first, widest row can fail this: before any block has run
-                raise ConfigError(f"a packed row of {rows[s].num_tokens} tokens (a context and its continuations) "
-                                  "does not fit the memory budget beside the weights: shorten the context, or put "
-                                  "more weights on disk.")
-            packed = to_tensors(rows[s:s + fitting], self.pad_id)
-            s += fitting
-            scores = self.runner.score_packed(packed)
-            for b, spans in enumerate(packed.spans):
-                for index, first, end in spans:
-                    results[index] = ScoreOutput(encoded[index][1], scores.logprobs[b, first:end].tolist(),
-                                                 scores.greedy[b, first:end].tolist())
-                bar.add_requests(len(spans))
-            bar.add_tokens(packed.input_ids.numel())
-        bar.close()
-        return results
+        scored = score_pairs(self.runner, encoded, self.pad_id, self.batch_size,
+                             group and (lambda n: group(self.config, n)), progress)
+        return [ScoreOutput(continuation, logprobs, greedy)
+                for (_, continuation), (logprobs, greedy) in zip(encoded, scored)]
 
     def _check_scored_length(self, context: int, continuation: int) -> None:
         limit = self.config.max_position_embeddings

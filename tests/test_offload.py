@@ -241,38 +241,48 @@ def test_weights_kept_in_memory_are_not_pages_of_the_model_file(tiny_model, tmp_
 
 def test_scoring_blocks_shrink_to_fit_the_memory_budget(tiny_model, tmp_path, monkeypatch):
     """Packed scoring rows too wide for a full block under the budget are scored in smaller
-    blocks, with transformers' log-likelihoods; a row that alone does not fit is refused
+    blocks; where not even one row of 1,024 tokens fits, rows are filled to fewer tokens;
+    both with transformers' log-likelihoods. A context that alone does not fit is refused
     with a clear error before any block runs."""
     import torch
 
     from flexbatch.engine.offload_runner import OffloadRunner
+    from flexbatch.engine.scoring import pack_by_context
     from flexbatch.sizing import scoring_memory
 
     folder, hf = tiny_model("opt_pre_ln")
     gen = torch.Generator().manual_seed(5)
     pairs = [(torch.randint(2, 256, (n,), generator=gen).tolist(), torch.randint(2, 256, (4,), generator=gen).tolist())
-             for n in (300, 280, 260, 240, 220, 200)]
+             for n in range(300, 180, -10)]
+    rows = pack_by_context(pairs)  # groups fill rows of up to 1,024 tokens: 1022, 882, 879 and 193
+    assert [r.num_tokens for r in rows] == [1022, 882, 879, 193]
     policy = Policy(gpu_batch_size=8, num_gpu_batches=1, weights_device=0.5, weights_host=0, cache_device=1)
-    blocks = []
+    blocks = []  # (rows, width) of each block scored
     real = OffloadRunner.score_packed
-    monkeypatch.setattr(OffloadRunner, "score_packed", lambda self, rows: (blocks.append(len(rows.spans)),
-                                                                             real(self, rows))[1])
+    monkeypatch.setattr(OffloadRunner, "score_packed", lambda self, rows: (
+        blocks.append(tuple(rows.input_ids.shape)), real(self, rows))[1])
     with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path, batch_size=8) as llm:
-        width = len(pairs[0][0]) + len(pairs[0][1]) - 1
-        need = lambda rows: sum(scoring_memory(llm.config, llm.family, policy, torch.float32, rows, width)
-                                .merged().values())
-        llm.runner.budget = replace(llm.runner.budget, host_bytes=need(2))  # two of the widest rows, not three
-        got = llm.score_continuations(pairs)
-        llm.runner.budget = replace(llm.runner.budget, host_bytes=need(1) - 1)
+        need = lambda rows, width: sum(scoring_memory(llm.config, llm.family, policy, torch.float32, rows, width)
+                                       .merged().values())
+        llm.runner.budget = replace(llm.runner.budget, host_bytes=need(2, 1022))  # two of the widest rows, not 3
+        wide = llm.score_continuations(pairs)
+        assert [b[0] for b in blocks] == [2, 2]  # and not one block of 4
+        llm.runner.budget = replace(llm.runner.budget, host_bytes=need(1, 1024) - 1)
+        blocks.clear()
+        narrow = llm.score_continuations(pairs)
+        assert blocks and max(b[1] for b in blocks) <= 512  # rows filled to 512 tokens
+        llm.runner.budget = replace(llm.runner.budget, host_bytes=need(1, 303) - 1)
+        blocks.clear()
         with pytest.raises(ConfigError, match="does not fit the memory budget"):
-            llm.score_continuations(pairs[:1])
-    assert blocks == [2, 2, 2]  # and not one block of 6; the refused row ran no block
-    for (context, continuation), ours in zip(pairs, got):
+            llm.score_continuations(pairs)  # the 303 tokens of the first context and its continuation
+        assert blocks == []  # refused before any block ran
+    for (context, continuation), *ours in zip(pairs, wide, narrow):
         ids = torch.tensor([context + continuation])
         with torch.no_grad():
             logprobs = torch.log_softmax(hf(ids).logits[0, len(context) - 1:-1], -1)
         expected = logprobs.gather(1, torch.tensor(continuation).unsqueeze(1)).squeeze(1)
-        torch.testing.assert_close(torch.tensor(ours.logprobs), expected, rtol=1e-4, atol=1e-4)
+        for scored in ours:
+            torch.testing.assert_close(torch.tensor(scored.logprobs), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_an_admission_holds_one_gpu_batch_of_fresh_keys_at_a_time(tiny_model, tmp_path, monkeypatch):

@@ -55,15 +55,44 @@ def test_weights_on_disk_score_the_same(tiny_model, tmp_path):
         assert g.logprobs == pytest.approx(e.logprobs, abs=1e-5) and g.greedy == e.greedy
 
 
-def test_shared_contexts_run_once_per_row():
+def test_shared_contexts_run_once_per_group_and_groups_fill_rows():
     rows = pack_by_context(PAIRS)
-    assert sorted(tuple(r.context) for r in rows) == sorted([tuple(CONTEXT), (1, 2), (40,)])
-    row = next(r for r in rows if r.context == CONTEXT)
-    assert row.num_tokens == 7 + 2 + 0 + 1 + 2  # the context once, each continuation less its last token
-    assert rows == sorted(rows, key=lambda r: -r.num_tokens)
+    assert len(rows) == 1  # 12 + 3 + 4 tokens: one row
+    groups = rows[0].groups
+    assert sorted(tuple(g.context) for g in groups) == sorted([tuple(CONTEXT), (1, 2), (40,)])
+    group = next(g for g in groups if g.context == CONTEXT)
+    assert group.num_tokens == 7 + 2 + 0 + 1 + 2  # the context once, each continuation less its last token
     split = pack_by_context(PAIRS, max_row_tokens=10)
-    assert sorted(i for r in split for i, _ in r.continuations) == list(range(len(PAIRS)))
-    assert all(r.num_tokens <= 10 or len(r.continuations) == 1 for r in split)
+    assert sorted(i for r in split for g in r.groups for i, _ in g.continuations) == list(range(len(PAIRS)))
+    assert all(g.num_tokens <= 10 or len(g.continuations) == 1 for r in split for g in r.groups)
+    assert all(r.num_tokens <= 10 or len(r.groups) == 1 for r in split)
+    assert split == sorted(split, key=lambda r: -r.num_tokens)
+
+
+def test_groups_fill_rows_best_fit_largest_first():
+    # groups of 6, 5, 4, 3, 2 tokens (a context of n - 1 and one two-token continuation) in rows of 9:
+    # 6 + 3, 5 + 4, 2 by hand
+    pairs = [([n] * (n - 1), [1, 2]) for n in (2, 4, 6, 3, 5)]
+    rows = pack_by_context(pairs, max_row_tokens=9)
+    assert [[g.num_tokens for g in r.groups] for r in rows] == [[6, 3], [5, 4], [2]]
+
+
+def test_short_contexts_packed_in_one_row_score_as_alone(tiny_model):
+    """Eighty short contexts with two continuations each, in rows of several groups (a group's
+    tokens must see nothing of the other groups in its row); blocks of two rows."""
+    folder, hf = tiny_model("llama_gqa_tied_llama3")
+    g = torch.Generator().manual_seed(3)
+    pairs = []
+    for i in range(80):
+        context = torch.randint(3, 250, (int(torch.randint(5, 60, (), generator=g)),), generator=g).tolist()
+        pairs += [(context, [7 + i, 9]), (context, [11, 12, 13 + i % 200])]
+    rows = pack_by_context(pairs)
+    assert len(rows) >= 3 and all(len(r.groups) > 1 for r in rows)
+    got = LLM(folder, dtype="float32", batch_size=2).score_continuations(pairs)
+    for (context, continuation), scored in zip(pairs, got):
+        logprobs, greedy = hf_scores(hf, context, continuation)
+        assert scored.logprobs == pytest.approx(logprobs, abs=1e-4)
+        assert scored.greedy == greedy
 
 
 def test_bad_pairs_are_refused_before_running(tiny_model):

@@ -55,8 +55,8 @@ def packed_context(cfg: ModelConfig, family: Family, rows: PackedRows, dtype: to
                    device: torch.device, decode: DecodeKernel | None = None) -> StepContext:
     """The context of a prefill over packed rows (engine/scoring.py), with no cache before it."""
     positions = rows.positions.to(device)
-    ctx = StepContext(positions=positions, start=0, key_positions=positions,
-                      attn_mask=ops.segment_mask(rows.positions, rows.segments, dtype, cfg.sliding_window).to(device),
+    mask = ops.segment_mask(rows.positions, rows.groups, rows.segments, dtype, cfg.sliding_window)
+    ctx = StepContext(positions=positions, start=0, key_positions=positions, attn_mask=mask.to(device),
                       decode=decode)
     family.prepare_step(cfg, ctx, dtype)
     return ctx

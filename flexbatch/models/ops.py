@@ -107,16 +107,17 @@ def sliding_window_mask(ctx: StepContext, window: int) -> torch.Tensor:
     return mask.masked_fill(q_idx - k_idx >= window, torch.finfo(mask.dtype).min)
 
 
-def segment_mask(positions: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype,
+def segment_mask(positions: torch.Tensor, groups: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype,
                  sliding_window: int | None = None) -> torch.Tensor:
-    """Additive mask [B, 1, S, S] for rows that pack several sequences sharing a prefix, with no
-    KV cache before them: segment 0 is the shared prefix, segment i > 0 one continuation of it,
-    -1 padding. A token sees the prefix and its own segment up to its position, so each
-    continuation is scored as if it followed the prefix alone. A token always sees itself.
+    """Additive mask [B, 1, S, S] for packed scoring rows (engine/scoring.py), with no KV cache
+    before them. A row holds groups (ids in `groups`, -1 padding), each a shared prefix
+    (segment 0) and continuations of it (segments i > 0). A token sees its own group's prefix
+    and its own segment up to its position, so each continuation is scored as if it followed
+    its prefix alone. A token always sees itself.
     """
     q_pos, k_pos = positions.unsqueeze(2), positions.unsqueeze(1)  # [B, S, 1], [B, 1, S]
     q_seg, k_seg = segments.unsqueeze(2), segments.unsqueeze(1)
-    allowed = (k_pos <= q_pos) & ((k_seg == 0) | (k_seg == q_seg))
+    allowed = (k_pos <= q_pos) & (groups.unsqueeze(2) == groups.unsqueeze(1)) & ((k_seg == 0) | (k_seg == q_seg))
     if sliding_window is not None:
         allowed &= q_pos - k_pos < sliding_window
     allowed |= torch.eye(positions.shape[1], dtype=torch.bool)
