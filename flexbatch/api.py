@@ -15,7 +15,7 @@ import torch
 
 from .config import Policy, SamplingParams, parse_dtype
 from .default_model import default_model_path
-from .devices import default_dtype, keep_freed_memory, pick_device
+from .devices import default_dtype, pick_device
 from .engine.generation import Arrivals, BlockStats, Completion, Request, Vocabulary
 from .engine.lanes import generate_in_lanes
 from .engine.runner import InMemoryRunner
@@ -128,7 +128,6 @@ class LLM:
 
     def _build_runner(self, opened, policy: Policy | None, offload_dir, cpu_memory, gpu_memory, kernels) -> None:
         decode = decode_kernel()  # also switches the fused elementwise kernels on for every runner
-        keep_freed_memory()
         if policy is not None and policy.all_in_memory(self.device.type):
             self.batch_size = policy.block_size  # nothing to stream: the in-memory runner, faster
             policy = None

@@ -1,7 +1,6 @@
 """The compute device and its facts that choose defaults: which device, which dtype, the CPU."""
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
@@ -15,27 +14,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but no CUDA GPU is visible; use --device cpu.")
     return torch.device(name)
-
-
-# glibc's malloc maps each block over 128 KiB on its own (a threshold it raises as such blocks
-# are freed) and gives the heap's free top back to the system past twice that, so a step's
-# temporaries of a few MiB are faulted in again, page by page, at every use (a softmax and
-# matmul over 3 x 768 x 407 fp32 scores: 45,173 page faults in 20 runs, 1,805 with these kept).
-MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest
-MALLOC_TRIM_THRESHOLD = 128 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc reuse freed blocks of up to 32 MiB and keep up to 128 MiB of freed
-    heap, for the whole process; False where there is no glibc (nothing changes then)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def cpu_name() -> str:

@@ -229,6 +229,9 @@ def run_memory(cfg: ModelConfig, family: Family, policy: Policy, dtype: torch.dt
         window = min(policy.cache_window, capacity) * dense * cfg.num_layers * batch_size
         plan.add(True, "recent KV window", window * policy.cache_device)
         plan.add(False, "recent KV window", window * policy.cache_host)
+        # a disk segment's window rows are read into host buffers too, like its quantized rows
+        plan.add(False, "KV staging buffers", KV_IN_FLIGHT * window / cfg.num_layers / batch_size
+                 * policy.gpu_batch_size * policy.cache_disk)
     plan.add(True, "activations and temporaries", working_bytes(cfg, policy, dtype, prompt_width, capacity))
     plan.add(False, "runtime overhead", RUNTIME_OVERHEAD)
     return plan

@@ -86,6 +86,21 @@ def test_kv_rows_decode_what_was_encoded(quant, dtype):
     assert torch.all((decoded - g).abs() <= step / 2 + slack)
 
 
+def test_kv_rows_encoded_a_few_tokens_at_a_time_are_the_rows_of_all_at_once(monkeypatch):
+    """A store quantizes its tokens in chunks (`ENCODE_CHUNK_VALUES` values) to bound its
+    temporaries: each token's row depends on that token alone, so chunks of 2 tokens (with a
+    short last one) give the bytes of one call over all seven."""
+    from flexbatch.storage import kv_rows
+
+    monkeypatch.setattr(kv_rows, "ENCODE_CHUNK_VALUES", 2 * 3 * 2 * 16)
+    torch.manual_seed(4)
+    tokens = torch.randn(7, 3, 2, 16, dtype=torch.bfloat16)  # [T, n, Hkv, D]
+    codec = RowCodec(3, 2, 16, torch.bfloat16, QuantConfig(4, 16))
+    out = torch.zeros(7, codec.row_bytes, dtype=torch.uint8)
+    codec.encode_rows_into(tokens, out)
+    assert torch.equal(out, torch.cat([codec.encode_rows(tokens[t:t + 1]) for t in range(7)]))
+
+
 @pytest.mark.parametrize("n", [16, 24])
 def test_rotation_is_orthonormal(n):
     rotation = orthonormal(n)

@@ -126,7 +126,8 @@ def test_the_kv_buffers_a_gpu_block_allocates_are_what_its_memory_plan_counts(ti
     """The engine's KV buffer pools for a GPU block, summed per tier, equal the plan the
     policy is checked against: staging for plain rows attended on the GPU (host and disk
     shares), or dense decode buffers for a compressed cache (every share), KV_IN_FLIGHT
-    caches of K and V each; host read buffers for the disk share."""
+    caches of K and V each; host read buffers for the disk share (its quantized rows, and a
+    compressed cache's exact window rows)."""
     from flexbatch import LLM
     from flexbatch.config import Policy
     from flexbatch.engine.kv_cache import KVFormat, buffer_needs
@@ -137,9 +138,9 @@ def test_the_kv_buffers_a_gpu_block_allocates_are_what_its_memory_plan_counts(ti
     llm = LLM(tiny_model("opt_pre_ln")[0], dtype="float32", device="cpu")
     cfg, gpu, capacity = llm.config, torch.device("cuda"), 64
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, cache_device=0.25, cache_host=0.25,
-                    compress_cache=compress_cache, cache_window=0)
+                    compress_cache=compress_cache, cache_window=8)
     split = split_sequences(4, {Tier.DEVICE: 0.25, Tier.HOST: 0.25, Tier.DISK: 0.5})
-    fmt = KVFormat(cfg.num_kv_heads, cfg.head_dim, capacity, torch.float32, policy.cache_quant)
+    fmt = KVFormat(cfg.num_kv_heads, cfg.head_dim, capacity, torch.float32, policy.cache_quant, policy.cache_window)
     needs = buffer_needs([kv_route(policy, True).segments(split)] * 2, fmt, gpu)
     allocated = {"cuda": 0, "cpu": 0}
     for nbytes, where, _ in needs.values():
@@ -152,8 +153,8 @@ def test_the_kv_buffers_a_gpu_block_allocates_are_what_its_memory_plan_counts(ti
 
 FAULTS_CHILD = textwrap.dedent("""
     import resource, sys, torch
-    from flexbatch.devices import keep_freed_memory
-    if sys.argv[1] == "kept":
+    if sys.argv[1] == "kept":  # importing flexbatch keeps freed memory
+        from flexbatch.malloc import keep_freed_memory
         assert keep_freed_memory()
     def attend():  # 768 queries per KV head over 407 keys, as matmuls: 3.75 MiB of fp32 scores
         probs = torch.softmax(torch.randn(3, 768, 407), -1)
@@ -167,7 +168,7 @@ FAULTS_CHILD = textwrap.dedent("""
 
 
 def test_a_steps_temporaries_reuse_freed_memory():
-    """With keep_freed_memory (every LLM calls it), temporaries of a few MiB made and freed at
+    """With keep_freed_memory (set when flexbatch is imported), temporaries of a few MiB made and freed at
     every step reuse the same pages: by default glibc hands them back and faults them in
     again each time. Minor page faults counted in subprocesses."""
     faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_CHILD, mode], capture_output=True, text=True,

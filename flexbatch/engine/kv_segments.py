@@ -175,7 +175,7 @@ class RowSegment:
         recent_from = max(start, end - self.window)
         slots = torch.arange(recent_from, end) % max(self.window, 1)
         for kv in range(2):
-            self._rows[kv][start:end] = self.codec.encode_rows(work[kv][start:end]).to(self._rows[kv].device)
+            self.codec.encode_rows_into(work[kv][start:end], self._rows[kv][start:end])
             if end > recent_from:
                 self._ring[kv][slots] = self.exact.encode_rows(work[kv][recent_from:end]).to(self._ring[kv].device)
         if end > recent_from:
