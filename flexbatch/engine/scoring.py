@@ -131,7 +131,7 @@ def to_tensors(rows: list[Row], pad_id: int) -> PackedRows:
             m = len(group.context)
             ids[b, at:at + m] = torch.tensor(group.context)
             positions[b, at:at + m] = torch.arange(m)
-            groups[b, at:at + m + group.num_tokens - m] = g
+            groups[b, at:at + group.num_tokens] = g
             segments[b, at:at + m] = 0
             last_of_context, at = at + m - 1, at + m
             for index, continuation in group.continuations:
