@@ -43,7 +43,7 @@ def test_packed_weight_round_trip_within_half_a_step(tiles, groups, group, bits,
 
 def test_fused_kernel_reads_our_layout():
     if not packed_linear.fused_kernel_available():
-        pytest.skip("this torch build has no CPU int4 kernel; the dequantize path is used")
+        pytest.skip("this torch build has no CPU int4 kernel that reads our tile layout; the dequantize path is used")
     torch.manual_seed(0)
     p = pack_linear(torch.randn(192, 256, dtype=torch.bfloat16), 4, 64)
     for rows in (1, 5, 64):

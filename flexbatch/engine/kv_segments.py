@@ -139,13 +139,21 @@ class RowSegment:
         self._attended = [self.to_attend.acquire() for _ in range(2)]
         work = self._token_major()
         exact_from = max(0, length - self.window)
-        slots = torch.arange(exact_from, length) % max(self.window, 1)
         for kv in range(2):
             if exact_from:
                 self.codec.decode_rows_into(self._rows[kv][:exact_from], work[kv][:exact_from])
-            if length > exact_from:
-                self.exact.decode_rows_into(self._ring[kv][slots], work[kv][exact_from:length])
+            for slots, positions in self._window_runs(exact_from, length):
+                self.exact.decode_rows_into(self._ring[kv][slots], work[kv][positions])
         return work
+
+    def _window_runs(self, start: int, end: int) -> list[tuple[slice, slice]]:
+        """(ring slots, positions) of positions [start, end) in the window: one or two
+        contiguous pairs, copied as such (no gathered temporary), none for an empty range."""
+        runs, at = [], start
+        for first, last in ring_runs(start, end, self.window) if end > start else []:
+            runs.append((slice(first, last), slice(at, at + last - first)))
+            at += last - first
+        return runs
 
     def _token_major(self) -> list[torch.Tensor]:
         c = self.codec
@@ -172,15 +180,13 @@ class RowSegment:
     def _encode(self, start: int, end: int) -> None:
         """Quantize tokens [start, end) into the rows, and their exact copy into the ring."""
         work = self._token_major()
-        recent_from = max(start, end - self.window)
-        slots = torch.arange(recent_from, end) % max(self.window, 1)
+        recent = self._window_runs(max(start, end - self.window), end)
         for kv in range(2):
             self.codec.encode_rows_into(work[kv][start:end], self._rows[kv][start:end])
-            if end > recent_from:
-                self._ring[kv][slots] = self.exact.encode_rows(work[kv][recent_from:end]).to(self._ring[kv].device)
-        if end > recent_from:
-            for first, last in ring_runs(recent_from, end, self.window):
-                self.ring.persist(first, last)
+            for slots, positions in recent:
+                self.exact.encode_rows_into(work[kv][positions], self._ring[kv][slots])
+        for slots, _ in recent:
+            self.ring.persist(slots.start, slots.stop)
 
     def close(self) -> None:
         self.home.close()

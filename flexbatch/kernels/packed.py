@@ -18,6 +18,7 @@ carries the `KernelChoice` that says where the crossover is; whoever builds it s
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -67,7 +68,9 @@ class PackedLinear:
             self.dense_transposed()
 
     def _fused_fits(self, device: torch.device, rows: int) -> bool:
-        return self.bits == 4 and device.type == "cpu" and self.choice.fused(rows)
+        # a choice handed down from elsewhere may name the fused kernel where this CPU's build
+        # of it reads another layout (AVX2-only machines): its products would be garbage
+        return self.bits == 4 and device.type == "cpu" and self.choice.fused(rows) and fused_kernel_available()
 
     def dense_transposed(self) -> torch.Tensor:
         """W.T [K, N] in the compute dtype (computed once per object, into a pooled buffer)."""
@@ -207,6 +210,7 @@ def fused_int4_matmul(x2d: torch.Tensor, p: PackedLinear) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), p.data, p.group, p.scale_zero)
 
 
+@functools.cache
 def fused_kernel_available() -> bool:
     """The kernel exists and reads our tile layout as we write it (checked, not assumed)."""
     try:
