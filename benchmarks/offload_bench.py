@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CGROUP = Path("/sys/fs/cgroup/memory")
 COMPRESSION = {"none": {}, "weight": {"compress_weight": True}, "cache": {"compress_cache": True},
-               "both": {"compress_weight": True, "compress_cache": True}}
+               "both": {"compress_weight": True, "compress_cache": True},
+               # FlexGen's cache compression: every token 4-bit, no exact window of recent tokens
+               "cache-nowindow": {"compress_cache": True, "cache_window": 0}}
 PACKED_RATIO = (32 + 4) / 128  # 4-bit, group 64, bf16 step and zero: bytes per bf16 byte
 
 
@@ -260,8 +262,12 @@ def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: 
     weight_bytes = 2 * layer_params * layers * (PACKED_RATIO if policy["compress_weight"] else 1)
     weight_io = weight_bytes * (1 - policy["weights_device"] - policy["weights_host"]) / bandwidth
     cache_disk = 1 - policy["cache_device"] - policy["cache_host"]
-    token_bytes = 2 * 2 * h * layers * (PACKED_RATIO if policy["compress_cache"] else 1)  # K and V, all layers
-    cache_io = lambda tokens: batch * cache_disk * token_bytes * (tokens + 1) / bandwidth  # + the appended token
+    dense = 2 * 2 * h * layers  # a token's K and V, all layers
+    compressed, window = policy["compress_cache"], policy.get("cache_window", 0)
+    # a compressed cache reads its rows packed, and its last `window` tokens dense as well
+    stored = lambda tokens: tokens * dense * PACKED_RATIO + min(window, tokens) * dense if compressed \
+        else tokens * dense
+    cache_io = lambda tokens: batch * cache_disk * stored(tokens + 1) / bandwidth  # the prefix read, a token written
     f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
     f_decode = matmul_flops(batch, h)
     head = 2 * cfg["vocab_size"] * h
@@ -295,7 +301,8 @@ def main() -> None:
     p.add_argument("--hf-batches", default="4,16", help="HF Accelerate batch sizes (empty to skip)")
     p.add_argument("--compress", default="none",
                    help="flexbatch compression settings to run each block with, comma separated: "
-                        "none, weight, cache, both (4 bits, groups of 64)")
+                        "none, weight, cache, both (4 bits, groups of 64), cache-nowindow (the cache "
+                        "without its exact window of the last --cache-window tokens, as FlexGen compresses it)")
     p.add_argument("--cache-disk", type=float, default=0.0,
                    help="fraction of the KV cache the --blocks runs keep on disk (default 0: all in memory)")
     p.add_argument("--plan", action="store_true",

@@ -197,6 +197,29 @@ def test_fused_elementwise_kernels_equal_pytorchs_operations(pytorch_then_fused,
     _agree(*pytorch_then_fused(ops.silu_times, gate, up), dtype)
 
 
+@pytest.mark.parametrize("head_dim,group", [(64, 64), (48, 24), (12, 6)])  # one, two, a part of a vector
+def test_kv_cache_rows_decoded_by_the_kernel_are_pytorchs_bits(pytorch_then_fused, head_dim, group):
+    """A 4-bit KV cache block decoded by dequantize_rows equals dequantize_into's torch ops
+    bit for bit (groups shorter than a vector, tails shorter than 16 bytes, outlier channels)."""
+    from flexbatch.kernels import fused
+    from flexbatch.kernels.quant import QuantConfig
+    from flexbatch.storage.kv_rows import RowCodec
+
+    torch.manual_seed(1)
+    codec = RowCodec(3, 5, head_dim, torch.bfloat16, QuantConfig(4, group))
+    assert codec.quant.group_size == group
+    tokens = torch.randn(11, 3, 5, head_dim) * torch.rand(head_dim) * 8  # [T, n, Hkv, D], channels of all scales
+    rows = codec.encode_rows(tokens.to(torch.bfloat16))
+    decode = lambda packed, out: codec.decode_rows_into(packed, out)
+    expected, got = pytorch_then_fused(decode, rows, torch.empty(11, 3, 5, head_dim, dtype=torch.bfloat16))
+    assert torch.equal(got, expected)
+    assert (expected.float() - tokens).abs().max() < tokens.abs().max() / 8  # a real decode, not zeros
+    groups, direct = 3 * 5 * head_dim // group, torch.empty_like(got)
+    assert fused.dequantize_rows(rows, direct, groups, group) and torch.equal(direct, expected)  # the kernel ran
+    fused.use(None)
+    assert not fused.dequantize_rows(rows, direct, groups, group)  # off: PyTorch's ops run
+
+
 def test_fused_kernels_leave_what_they_do_not_take_to_pytorch(kernel):
     from flexbatch.kernels import fused
 

@@ -114,3 +114,37 @@ void silu_times(void *gate, const void *up, int64_t n, int dtype, int threads) {
         }
     }
 }
+
+/* 4-bit KV cache rows decoded into bf16 (storage/kv_rows.py's layout): each of `count` rows,
+ * `row_bytes` apart, holds `groups` groups of packed levels (group / 2 bytes each, the first
+ * value in the high nibble), then the groups' bf16 minimums, then their bf16 steps.
+ * out[r, g, j] = level * step + minimum, rounded to bf16 after the product and after the sum,
+ * as PyTorch's mul_ then add_ round them: the same bits. A group's 16 possible values are
+ * computed once and looked up 32 at a time (vpermw), so the pass is bound by memory. */
+void dequantize_rows(const uint8_t *rows, int64_t count, int64_t row_bytes, int64_t groups, int64_t group,
+                     uint16_t *out, int threads) {
+    const int64_t packed = group / 2;
+    const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < count; r++) {
+        const uint8_t *data = rows + r * row_bytes;
+        const uint16_t *minimums = (const uint16_t *)(data + groups * packed), *steps = minimums + groups;
+        for (int64_t g = 0; g < groups; g++) {
+            __m512 step = _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)((uint32_t)steps[g] << 16)));
+            __m512 minimum = _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)((uint32_t)minimums[g] << 16)));
+            __m512 values = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(levels, step)), minimum));
+            __m512i table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(values), 16)));
+            const uint8_t *src = data + g * packed;
+            uint16_t *dst = out + (r * groups + g) * group;
+            for (int64_t i = 0; i < packed; i += 16) {
+                const int64_t left = packed - i;
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes_from(left), src + i));
+                /* word 2k is byte k's high nibble, word 2k + 1 its low one */
+                __m512i index = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),
+                                                _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), 16));
+                __mmask32 lanes = left >= 16 ? 0xFFFFFFFFu : (__mmask32)((1u << (2 * left)) - 1);
+                _mm512_mask_storeu_epi16(dst + 2 * i, lanes, _mm512_permutexvar_epi16(index, table));
+            }
+        }
+    }
+}

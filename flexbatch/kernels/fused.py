@@ -24,11 +24,18 @@ class FusedOps:
         self._rotary.argtypes = [_PTR, _I64, _I64, _I64, _I64, ctypes.POINTER(_I64), _PTR, _PTR, _I64, _PTR, _INT,
                                  _INT]
         self._silu.argtypes = [_PTR, _PTR, _I64, _INT, _INT]
-        for fn in (self._rms_norm, self._rotary, self._silu):
+        self._dequantize = library.dequantize_rows
+        self._dequantize.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _INT]
+        for fn in (self._rms_norm, self._rotary, self._silu, self._dequantize):
             fn.restype = None
 
 
 _active: FusedOps | None = None
+
+
+def active() -> FusedOps | None:
+    """The kernels the models' ops run with now (None: PyTorch's)."""
+    return _active
 
 
 def use(ops: FusedOps | None) -> None:
@@ -78,3 +85,16 @@ def silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         return None
     _active._silu(gate.data_ptr(), up.data_ptr(), gate.numel(), DTYPES[gate.dtype], torch.get_num_threads())
     return gate
+
+
+def dequantize_rows(rows: torch.Tensor, out: torch.Tensor, groups: int, group: int) -> bool:
+    """4-bit KV cache rows (uint8 [T, row_bytes], storage/kv_rows.py's layout: `groups`
+    groups of `group` values a row, bf16 minimums and steps) decoded into contiguous bf16
+    `out` (T x groups x group values) in one pass, bit for bit as dequantize_into; False
+    where the kernel does not apply. One thread: it runs on an I/O thread beside the
+    compute's threads."""
+    if _active is None or rows.device.type != "cpu" or out.dtype != torch.bfloat16 or group % 2 \
+            or rows.dtype != torch.uint8 or rows.stride(1) != 1 or not out.is_contiguous() or out.device.type != "cpu":
+        return False
+    _active._dequantize(rows.data_ptr(), rows.shape[0], rows.stride(0), groups, group, out.data_ptr(), 1)
+    return True

@@ -25,7 +25,7 @@ from .cpu import (
     measure_prompt_attention,
 )
 
-PROFILE_VERSION = 9  # bump when the measured fields change, so cached profiles are redone
+PROFILE_VERSION = 10  # bump when the measured fields change, so cached profiles are redone
 
 __all__ = ["at_current_speed", "hardware_profile", "load_or_measure", "measure"]
 
@@ -92,7 +92,8 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
     log("measuring attention and KV cache dequantization...")
     kernel = native_kernels()
-    attention, kv_decode = measure_attention(torch.bfloat16, kernel=kernel), measure_kv_decode(torch.bfloat16)
+    attention = measure_attention(torch.bfloat16, kernel=kernel)
+    kv_decode = measure_kv_decode(torch.bfloat16, fused_ops=kernel and kernel.fused)
     prompt_attention = measure_prompt_attention(torch.bfloat16, kernel=kernel)
     cpu = ComputeRates(flops, attention, kv_decode, dequantize, prompt_attention)
     gpu = None

@@ -149,14 +149,21 @@ def measure_prompt_attention(dtype: torch.dtype, batch: int = 8, heads: int = 16
 
 
 def measure_kv_decode(dtype: torch.dtype, batch: int = 16, heads: int = 16, tokens: int = 512,
-                      head_dim: int = 64, device: torch.device = CPU) -> float:
-    """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second."""
+                      head_dim: int = 64, device: torch.device = CPU, fused_ops=None) -> float:
+    """Dequantization of a 4-bit KV cache block, in bytes of the compute dtype per second,
+    with the C kernels' `fused_ops` where the engine has them (it decodes with them then)."""
+    from ..kernels import fused
     from ..kernels.quant import QuantConfig
     from ..storage.kv_rows import RowCodec
 
     codec = RowCodec(batch, heads, head_dim, dtype, QuantConfig(4, 64))
     rows = codec.encode(torch.randn(batch, heads, tokens, head_dim, device=device).to(dtype))
-    seconds = best_seconds(lambda: codec.decode(rows), device=device)
+    before = fused.active()
+    fused.use(fused_ops)
+    try:
+        seconds = best_seconds(lambda: codec.decode(rows), device=device)
+    finally:
+        fused.use(before)
     return batch * heads * tokens * head_dim * torch.empty((), dtype=dtype).element_size() / seconds
 
 

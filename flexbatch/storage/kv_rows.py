@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import fused
 from ..kernels.quant import QuantConfig, dequantize_into, quantize, quantized_row_bytes, row_group
 
 # Values quantized at once by `encode_rows_into`: the quantizer's fp32 temporaries (several
@@ -85,6 +86,9 @@ class RowCodec:
             torch.empty(t, vectors, groups, group, dtype=self.dtype, device=rows.device)
         data_cols = vectors * groups * group * bits // 8
         scale_cols = (rows.shape[1] - data_cols) // 2
+        if in_place and bits == 4 and out.dtype == self.dtype and scale_cols == 2 * vectors * groups \
+                and fused.dequantize_rows(rows, out, vectors * groups, group):
+            return out
         data, minimum, step = rows.split([data_cols, scale_cols, scale_cols], dim=1)
         grid = (t, vectors, groups, 1)
         scale = lambda part: part.view(self.dtype).reshape(grid)
