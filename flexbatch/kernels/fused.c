@@ -1,7 +1,8 @@
 /* Elementwise steps of a transformer layer, each in one pass over its rows where PyTorch runs
  * a chain of operations that each read and write the whole tensor: RMSNorm (seven of them),
  * rotary embedding (five) and the SiLU gate (two). A decode step of a small model spends as
- * long in those chains as in its matrix products.
+ * long in those chains as in its matrix products. Also the 4-bit KV cache's decode
+ * (dequantize_rows), four such passes in PyTorch.
  *
  * Arithmetic is fp32. With bf16 tensors, results are rounded to bf16 where PyTorch's chain
  * rounds them (after each operation it runs in bf16), so both agree to about bf16's precision.

@@ -1,5 +1,6 @@
-"""The fused elementwise kernels of fused.c (RMSNorm, rotary embedding, the SiLU gate), bound
-with ctypes, and the switch that lets the models' ops use them.
+"""The fused elementwise kernels of fused.c (RMSNorm, rotary embedding, the SiLU gate, the
+4-bit KV cache's decode), bound with ctypes, and the switch that lets the models' ops and the
+cache's rows (storage/kv_rows.py) use them.
 
 They come with the C decode kernels (one library, kernels/native.py). Whether to use them
 is decided above the engine, as for the decode kernel (model_policy.py), and set here for
