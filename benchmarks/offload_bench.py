@@ -302,7 +302,7 @@ def main() -> None:
     p.add_argument("--compress", default="none",
                    help="flexbatch compression settings to run each block with, comma separated: "
                         "none, weight, cache, both (4 bits, groups of 64), cache-nowindow (the cache "
-                        "without its exact window of the last --cache-window tokens, as FlexGen compresses it)")
+                        "without its exact window of recent tokens: cache_window 0, as FlexGen compresses it)")
     p.add_argument("--cache-disk", type=float, default=0.0,
                    help="fraction of the KV cache the --blocks runs keep on disk (default 0: all in memory)")
     p.add_argument("--plan", action="store_true",
