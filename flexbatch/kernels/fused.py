@@ -94,8 +94,8 @@ def dequantize_rows(rows: torch.Tensor, out: torch.Tensor, groups: int, group: i
     `out` (T x groups x group values) in one pass, bit for bit as dequantize_into; False
     where the kernel does not apply. One thread: it runs on an I/O thread beside the
     compute's threads."""
-    if _active is None or rows.device.type != "cpu" or out.dtype != torch.bfloat16 or group % 2 \
-            or rows.dtype != torch.uint8 or rows.stride(1) != 1 or not out.is_contiguous() or out.device.type != "cpu":
+    if not _takes(out) or out.dtype != torch.bfloat16 or not out.is_contiguous() or group % 2 \
+            or rows.device.type != "cpu" or rows.dtype != torch.uint8 or rows.stride(1) != 1:
         return False
     _active._dequantize(rows.data_ptr(), rows.shape[0], rows.stride(0), groups, group, out.data_ptr(), 1)
     return True
