@@ -41,7 +41,8 @@ def cap_gpu(nbytes: int) -> None:
 def child_flexbatch(spec: dict) -> dict:
     """One run on the GPU; spec["policy"] may be "plan" (the planner's choice, as in
     benchmarks/offload_bench.py). The result carries the cost model's prediction."""
-    from offload_bench import choose_policy, current_profile, disk_read_GBps, measured_generate, predict, prompts
+    from offload_bench import choose_policy, current_profile, measured_generate, predict, prompts
+    from offload_figures import disk_read_GBps
 
     from flexbatch import LLM, SamplingParams
 

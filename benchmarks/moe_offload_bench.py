@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dummy_model import MIXTRAL_SHAPES, mixtral_config, mixtral_tensor_shapes, write_dummy  # noqa: E402
-from offload_bench import disk_figures, disk_read_bandwidth, matmul_flops, parse_blocks, print_row, run_child  # noqa: E402
+from offload_bench import parse_blocks, print_row, run_child  # noqa: E402
+from offload_figures import disk_figures, disk_read_bandwidth, matmul_flops  # noqa: E402
 
 
 def parameter_counts(cfg: dict) -> tuple[int, int]:

@@ -22,19 +22,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from offload_figures import disk_moved_bytes, disk_read_bandwidth, run_figures  # noqa: E402
+
 CGROUP = Path("/sys/fs/cgroup/memory")
 COMPRESSION = {"none": {}, "weight": {"compress_weight": True}, "cache": {"compress_cache": True},
                "both": {"compress_weight": True, "compress_cache": True},
                # FlexGen's cache compression: every token 4-bit, no exact window of recent tokens
                "cache-nowindow": {"compress_cache": True, "cache_window": 0}}
-PACKED_RATIO = (32 + 4) / 128  # 4-bit, group 64, bf16 step and zero: bytes per bf16 byte
 
 
 # ---- children --------------------------------------------------------------------------
@@ -59,12 +60,19 @@ def child_flexbatch(spec: dict) -> dict:
         predicted = predict(llm, policy, spec, hw)
         params = SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True)
         measured = measured_generate(llm, prompts(policy.block_size, spec["prompt_len"]), params)
-        return {**measured, "batch": policy.block_size, "policy": asdict(policy), **predicted}
+        at_run_disk = {}
+        if measured["disk_busy_s"]:
+            rate = disk_moved_bytes(measured) / measured["disk_busy_s"]
+            disk = hw.disk.scaled(rate / (hw.disk.read_busy_bps or hw.disk.read_bps))
+            at_run_disk = {f"{k}_at_run_disk": v for k, v in predict(llm, policy, spec, replace(hw, disk=disk)).items()
+                           if k != "predicted_memory_bytes"}
+        return {**measured, "batch": policy.block_size, "policy": asdict(policy), **predicted, **at_run_disk}
 
 
 def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
     """Generate after a warm-up, timed by the runner: prefill is the admissions' time, decode
-    the token steps'; with the disk traffic of each (weights read; KV cache read, written).
+    the token steps'; with the disk traffic of each (weights read; KV cache read, written)
+    and the seconds the disk was busy with it (at least one request in flight).
     A policy with everything in memory runs on the in-memory runner, which keeps no clocks:
     its generation time counts as decode, with no disk traffic."""
     from flexbatch import SamplingParams
@@ -81,12 +89,12 @@ def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
     wall = time.perf_counter() - began
     result = {"prefill_s": 0.0, "decode_s": wall, "generate_wall_s": wall, "decode_steps": None,
               "tokens": sum(len(o.token_ids) for o in outs), "io_wait_s": 0.0, "weight_read_bytes": 0,
-              "kv_read_bytes": 0, "kv_written_bytes": 0}
+              "kv_read_bytes": 0, "kv_written_bytes": 0, "disk_busy_s": 0.0}
     if offloaded:
         result.update(prefill_s=sum(runner.admit_seconds), decode_s=sum(runner.step_seconds),
                       decode_steps=len(runner.step_seconds), io_wait_s=runner.wait_seconds,
                       weight_read_bytes=runner.home.traffic.read, kv_read_bytes=runner.kv_traffic.read,
-                      kv_written_bytes=runner.kv_traffic.written)
+                      kv_written_bytes=runner.kv_traffic.written, disk_busy_s=runner.home.traffic.clock.seconds)
     return result
 
 
@@ -201,87 +209,6 @@ def drop_page_cache() -> None:
         print("warning: cannot drop the page cache (not root?)", file=sys.stderr)
 
 
-# ---- hardware measurements for the roofline ------------------------------------------
-def disk_read_bandwidth(folder: Path, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of O_DIRECT reads in 4 MiB requests, 4 in flight (what flexbatch issues)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from flexbatch.storage.aligned import aligned_bytes
-    from flexbatch.storage.disk import DiskFile
-
-    buf = aligned_bytes(nbytes)
-    buf.fill_(7)
-    f = DiskFile(folder / "bandwidth.probe", nbytes)
-    f.write_from(buf, 0, nbytes)
-    os.sync()
-    chunk = 4 << 20
-    with ThreadPoolExecutor(4) as pool:
-        start = time.perf_counter()
-        list(pool.map(lambda s: f.read_into(buf, s, s + chunk), range(0, nbytes, chunk)))
-        elapsed = time.perf_counter() - start
-    f.close()
-    (folder / "bandwidth.probe").unlink()
-    return nbytes / elapsed
-
-
-def matmul_flops(rows: int, hidden: int) -> float:
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.randn(rows, hidden, dtype=torch.bfloat16)
-    w = torch.randn(4 * hidden, hidden, dtype=torch.bfloat16)
-    F.linear(x, w)
-    start = time.perf_counter()
-    for _ in range(3):
-        F.linear(x, w)
-    return 3 * 2 * rows * hidden * 4 * hidden / (time.perf_counter() - start)
-
-
-def disk_read_GBps(r: dict) -> float:
-    """The disk bytes a run read (weights and KV cache) per second of its generation."""
-    return (r["weight_read_bytes"] + r["kv_read_bytes"]) / 1e9 / (r["prefill_s"] + r["decode_s"])
-
-
-def disk_figures(r: dict, bandwidth: float) -> dict:
-    """What the run moved over the disk: read and write GB/s over its generation, and the
-    decode steps' share of the disk's measured read bandwidth."""
-    seconds = r["prefill_s"] + r["decode_s"]
-    moved = r["weight_read_bytes"] + r["kv_read_bytes"] + r["kv_written_bytes"]
-    return {"disk_read_GBps": disk_read_GBps(r), "disk_write_GBps": r["kv_written_bytes"] / 1e9 / seconds,
-            "disk_GBps": moved / 1e9 / seconds, "disk_share_of_probe": moved / seconds / bandwidth}
-
-
-def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: float) -> dict:
-    """The least time the hardware needs for `policy`: per step, the larger of the disk time
-    (its weights' and KV cache's bytes on disk, read and written, over the measured O_DIRECT
-    read bandwidth) and the compute time (FLOPs at the bf16 matmul speed for the whole block,
-    even for compressed weights: a lower bound)."""
-    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    batch = policy["gpu_batch_size"] * policy["num_gpu_batches"]
-    layer_params = 12 * h * h + 9 * h
-    weight_bytes = 2 * layer_params * layers * (PACKED_RATIO if policy["compress_weight"] else 1)
-    weight_io = weight_bytes * (1 - policy["weights_device"] - policy["weights_host"]) / bandwidth
-    cache_disk = 1 - policy["cache_device"] - policy["cache_host"]
-    dense = 2 * 2 * h * layers  # a token's K and V, all layers
-    compressed, window = policy["compress_cache"], policy.get("cache_window", 0)
-    # a compressed cache reads its rows packed, and its last `window` tokens dense as well
-    stored = lambda tokens: tokens * dense * PACKED_RATIO + min(window, tokens) * dense if compressed \
-        else tokens * dense
-    cache_io = lambda tokens: batch * cache_disk * stored(tokens + 1) / bandwidth  # the prefix read, a token written
-    f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
-    f_decode = matmul_flops(batch, h)
-    head = 2 * cfg["vocab_size"] * h
-    prefill_flops = batch * prompt_len * (2 * layer_params * layers + 2 * prompt_len * h * layers) + batch * head
-    prefill = max(weight_io + cache_io(prompt_len), prefill_flops / f_prefill)
-    decode = 0.0
-    for i in range(1, gen_len):
-        ctx = prompt_len + i
-        flops = batch * (2 * layer_params * layers + 4 * ctx * h * layers + head)
-        decode += max(weight_io + cache_io(ctx), flops / f_decode)
-    return {"roofline_s": prefill + decode, "roofline_prefill_s": prefill, "roofline_decode_s": decode,
-            "weight_io_s_per_step": weight_io, "flops_prefill": f_prefill, "flops_decode": f_decode}
-
-
 # ---- driver ------------------------------------------------------------------------------
 def parse_blocks(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part]
@@ -344,12 +271,8 @@ def main() -> None:
             if gbs == "plan" and "error" not in r:
                 gbs, ngb = r["policy"]["gpu_batch_size"], f"{r['policy']['num_gpu_batches']} (plan)"
             if "error" not in r:
-                around = (probes["probe_before_Bps"] + probes["probe_after_Bps"]) / 2
                 r.update(probes)
-                r.update(roofline(cfg, r["policy"], args.prompt_len, args.gen_len, around))
-                r["roofline_fraction"] = r["roofline_s"] / (r["prefill_s"] + r["decode_s"])
-                r["prediction_error"] = r["predicted_throughput"] / r["throughput"] - 1
-                r.update(disk_figures(r, around))
+                r.update(run_figures(cfg, r, args.prompt_len, args.gen_len))
             results["flexbatch"].append({"gbs": gbs, "ngb": ngb, "compress": compress, **r})
             print_row("flexbatch", f"{gbs}x{ngb}" + ("" if compress == "none" else f" {compress}"), r)
     for batch in [int(b) for b in args.hf_batches.split(",") if b]:
@@ -381,6 +304,11 @@ def print_row(system: str, batch: str, r: dict) -> None:
                  f"{100 * r['roofline_fraction']:.0f}% of roofline")
     if "prediction_error" in r:
         extra += f", planner predicted {r['predicted_throughput']:.2f} tok/s ({100 * r['prediction_error']:+.0f}%)"
+    if r.get("roofline_fraction_at_run_disk"):
+        extra += (f"; the disk was busy {100 * r['disk_busy_share']:.0f}% of the run at "
+                  f"{r['disk_busy_GBps']:.2f} GB/s: at that rate {100 * r['roofline_fraction_at_run_disk']:.0f}% "
+                  f"of roofline, planner {r['predicted_throughput_at_run_disk']:.2f} tok/s "
+                  f"({100 * r['prediction_error_at_run_disk']:+.0f}%)")
     print(f"{system:14s} batch {batch:>12s}: {r['throughput']:.3f} tok/s (prefill {r['prefill_s']:.1f}s, "
           f"decode {r['decode_s']:.1f}s), peak {r['peak_bytes'] / 2**30:.2f} GiB{extra}")
 

@@ -88,7 +88,8 @@ class OffloadRunner(Runner):
         self.kv: list[list[BatchKV]] = []  # [layer][GPU batch]
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
         self.admit_seconds: list[float] = []  # wall time of each admission (prompts' prefill)
-        self.kv_traffic = Traffic()  # KV cache bytes read from and written to disk (weights: home.traffic)
+        # KV cache bytes read from and written to disk (weights: home.traffic; one disk, one busy clock)
+        self.kv_traffic = Traffic(self.home.traffic.clock)
         self.wait_seconds = 0.0  # time compute spent waiting for loads (I/O not hidden)
         self.kv_rotation = None  # a compressed cache is kept rotated (storage/kv_rows.py)
         if policy.compress_cache:
@@ -100,7 +101,7 @@ class OffloadRunner(Runner):
         lane = copy.copy(self)
         lane._owner, lane.kv, lane.pools = False, [], {}
         lane.cache_dir = self.offload_dir / f"cache-lane{index}"
-        lane.step_seconds, lane.admit_seconds, lane.kv_traffic = [], [], Traffic()
+        lane.step_seconds, lane.admit_seconds, lane.kv_traffic = [], [], Traffic(self.home.traffic.clock)
         return lane
 
     # ---- memory ---------------------------------------------------------------------------

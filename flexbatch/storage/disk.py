@@ -3,10 +3,12 @@ we did not account for. Where the filesystem refuses O_DIRECT (tmpfs, some netwo
 we fall back to buffered I/O, drop the pages we touched, and say so once."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -33,12 +35,42 @@ def _open(path: Path, flags: int) -> tuple[int, bool]:
     return os.open(path, flags), False
 
 
-class Traffic:
-    """Bytes moved to and from disk files, as the I/O threads move them (whole aligned
-    blocks): what benchmarks divide by time to report the bandwidth a run achieved."""
+class BusyClock:
+    """Seconds during which at least one disk request was in flight (the union of their
+    spans, however many threads issue them): bytes moved over these seconds is the rate the
+    disk gave the run while it was reading or writing, whatever a probe before said (a
+    shared disk's rate drifts by 2x within minutes)."""
 
     def __init__(self):
+        self.seconds = 0.0
+        self._in_flight, self._since = 0, 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            if not self._in_flight:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self.seconds += time.perf_counter() - self._since
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds, self._since = 0.0, time.perf_counter()
+
+
+class Traffic:
+    """Bytes moved to and from disk files, as the I/O threads move them (whole aligned
+    blocks), and the seconds the disk was busy with them (`clock`, which several Traffics
+    of one disk share): what benchmarks divide to report the bandwidth a run achieved."""
+
+    def __init__(self, clock: BusyClock | None = None):
         self.read = self.written = 0
+        self.clock = clock or BusyClock()
         self._lock = threading.Lock()
 
     def add(self, read: int = 0, written: int = 0) -> None:
@@ -49,6 +81,7 @@ class Traffic:
     def reset(self) -> None:
         with self._lock:
             self.read = self.written = 0
+        self.clock.reset()
 
 
 class DiskFile:
@@ -71,7 +104,8 @@ class DiskFile:
         """Fill buf[a:b] with file bytes [a, b), where [a, b) is [start, end) widened to blocks."""
         lo, hi = align_down(start), min(align_up(end), buf.numel())
         view = memoryview(buf.numpy())[lo:hi]
-        got = os.preadv(self.fd, [view], lo)
+        with self._clock():
+            got = os.preadv(self.fd, [view], lo)
         if got < min(end, self.size) - lo:
             raise OSError(f"short read from {self.path}: {got} bytes at offset {lo}, wanted {end - lo}")
         self._drop_cache(lo, hi)
@@ -83,12 +117,16 @@ class DiskFile:
         guarantees buf holds correct bytes for the whole widened range."""
         lo, hi = align_down(start), min(align_up(end), buf.numel())
         view = memoryview(buf.numpy())[lo:hi]
-        written = os.pwritev(self.fd, [view], lo)
+        with self._clock():
+            written = os.pwritev(self.fd, [view], lo)
         if written != hi - lo:
             raise OSError(f"short write to {self.path}: {written} of {hi - lo} bytes")
         self._drop_cache(lo, hi)
         if self.traffic:
             self.traffic.add(written=written)
+
+    def _clock(self):
+        return self.traffic.clock if self.traffic else contextlib.nullcontext()
 
     def _drop_cache(self, lo: int, hi: int) -> None:
         if not self.direct and hasattr(os, "posix_fadvise"):
