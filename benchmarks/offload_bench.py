@@ -81,7 +81,7 @@ def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
     runner = llm.runner
     offloaded = hasattr(runner, "kv_traffic")
     if offloaded:
-        runner.admit_seconds, runner.step_seconds, runner.wait_seconds = [], [], 0.0
+        runner.admit_seconds, runner.step_seconds, runner.step_disk, runner.wait_seconds = [], [], [], 0.0
         runner.home.traffic.reset()
         runner.kv_traffic.reset()
     began = time.perf_counter()
@@ -94,8 +94,16 @@ def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
         result.update(prefill_s=sum(runner.admit_seconds), decode_s=sum(runner.step_seconds),
                       decode_steps=len(runner.step_seconds), io_wait_s=runner.wait_seconds,
                       weight_read_bytes=runner.home.traffic.read, kv_read_bytes=runner.kv_traffic.read,
-                      kv_written_bytes=runner.kv_traffic.written, disk_busy_s=runner.home.traffic.clock.seconds)
+                      kv_written_bytes=runner.kv_traffic.written, disk_busy_s=runner.home.traffic.clock.seconds,
+                      **per_step_disk(runner.step_disk, runner.step_seconds))
     return result
+
+
+def per_step_disk(step_disk: list[tuple[int, float]], step_seconds: list[float]) -> dict:
+    """Each decode step's disk rate while busy (GB/s) and share of the step the disk was
+    busy: whether the disk's rate held over the run or fell (a burst allowance spent)."""
+    return {"step_disk_busy_GBps": [round(moved / busy / 1e9, 3) if busy else None for moved, busy in step_disk],
+            "step_disk_busy_share": [round(busy / s, 3) for (_, busy), s in zip(step_disk, step_seconds)]}
 
 
 def current_profile(spec: dict):

@@ -314,3 +314,21 @@ def test_admitted_rows_must_ascend(tiny_model, tmp_path):
         assert llm.runner.admit_batches([0, 1, 2, 5, 6, 7, 9]) == [slice(0, 3), slice(3, 6), slice(6, 7)]
         with pytest.raises(ValueError, match="ascend"):
             llm.runner.admit_batches([3, 1])
+
+
+def test_each_decode_step_reports_the_disk_bytes_it_moved_and_the_disk_busy_time(tiny_model, tmp_path):
+    """With every weight and the KV cache on disk and no overlap, each decode step reads
+    every layer's weights (their size from the model's shapes) and its busy disk time lies
+    within the step."""
+    from flexbatch.sizing import layer_weight_bytes
+
+    folder, _ = tiny_model("opt_pre_ln")
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0,
+                    cache_host=0, overlap=False)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        r = llm.runner
+        weights = r.cfg.num_layers * layer_weight_bytes(r.cfg, r.family, r.dtype, policy.weight_quant)
+        llm.generate(PROMPTS[:4], PARAMS)
+        assert len(r.step_disk) == len(r.step_seconds) == PARAMS.max_new_tokens - 1
+        for (moved, busy), seconds in zip(r.step_disk, r.step_seconds):
+            assert moved >= weights and 0 < busy <= seconds

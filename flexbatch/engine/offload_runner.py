@@ -87,6 +87,7 @@ class OffloadRunner(Runner):
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
         self.kv: list[list[BatchKV]] = []  # [layer][GPU batch]
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
+        self.step_disk: list[tuple[int, float]] = []  # each token step's `disk_counters` difference
         self.admit_seconds: list[float] = []  # wall time of each admission (prompts' prefill)
         # KV cache bytes read from and written to disk (weights: home.traffic; one disk, one busy clock)
         self.kv_traffic = Traffic(self.home.traffic.clock)
@@ -101,7 +102,8 @@ class OffloadRunner(Runner):
         lane = copy.copy(self)
         lane._owner, lane.kv, lane.pools = False, [], {}
         lane.cache_dir = self.offload_dir / f"cache-lane{index}"
-        lane.step_seconds, lane.admit_seconds, lane.kv_traffic = [], [], Traffic(self.home.traffic.clock)
+        lane.step_seconds, lane.step_disk, lane.admit_seconds = [], [], []
+        lane.kv_traffic = Traffic(self.home.traffic.clock)
         return lane
 
     # ---- memory ---------------------------------------------------------------------------
@@ -176,10 +178,17 @@ class OffloadRunner(Runner):
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
              rows: list[int] | None = None) -> torch.Tensor:
-        began = time.perf_counter()  # every row is computed: GPU batches are fixed slices of the block
+        # every row is computed: GPU batches are fixed slices of the block
+        began, disk = time.perf_counter(), self.disk_counters()
         out = self.last_logits(self.step_hidden(self.step_inputs(input_ids), key_valid, start))
         self.step_seconds.append(time.perf_counter() - began)
+        self.step_disk.append(tuple(now - then for now, then in zip(self.disk_counters(), disk)))
         return out if rows is None else out[rows]
+
+    def disk_counters(self) -> tuple[int, float]:
+        """(bytes read and written on the disk so far, seconds it was busy with them)."""
+        weights, kv = self.home.traffic, self.kv_traffic
+        return weights.read + kv.read + kv.written, weights.clock.seconds
 
     @torch.inference_mode()
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
