@@ -332,3 +332,35 @@ def test_kill_9_with_the_kv_cache_on_disk_never_reads_the_killed_runs_cache(defa
     resumed = run_cli(src, out, *flags, "--offload-dir", str(offload))
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     assert len(read(out)) == 24 and comparable(out) == comparable(reference)
+
+
+def test_summary_says_what_the_offload_disk_did(default_model_store, llm, tmp_path):
+    """A job with its weights and KV cache on disk reports the bytes moved (at least every
+    weight once per block's prefill, sized from the model's shapes) and the disk's busy time
+    within the run; an in-memory job reports no disk."""
+    from flexbatch.config import Policy
+    from flexbatch.sizing import layer_weight_bytes
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0,
+                    cache_host=0)
+    with LLM(default_model_store, dtype="float32", policy=policy, offload_dir=tmp_path / "off") as offloaded:
+        summary = run_job(offloaded, src, tmp_path / "out.jsonl", defaults=PARAMS, progress=False)
+        cfg = offloaded.config
+        weights = cfg.num_layers * layer_weight_bytes(cfg, offloaded.family, offloaded.dtype, None)
+    blocks = -(-len(PROMPTS) // policy.block_size)
+    assert summary.disk_bytes >= blocks * weights
+    assert 0 < summary.disk_busy_seconds <= summary.seconds
+    assert any(line.startswith("offload disk: ") for line in summary.lines())
+    in_memory = run_job(llm, src, tmp_path / "mem.jsonl", defaults=PARAMS, progress=False)
+    assert in_memory.disk_bytes == 0 and not any("offload disk" in line for line in in_memory.lines())
+
+
+@pytest.mark.parametrize("busy, says_disk_bound", [(9.0, True), (5.0, False)])
+def test_summary_names_the_disk_as_the_bound_when_it_was_busy_most_of_the_run(busy, says_disk_bound):
+    from flexbatch.jobs.runner import JobSummary
+
+    line = JobSummary(seconds=10.0, disk_bytes=int(18e9), disk_busy_seconds=busy).disk_line()
+    assert f"busy {busy * 10:.0f}% of the run at {18 / busy:.2f} GB/s" in line
+    assert ("waited on the disk" in line) == says_disk_bound

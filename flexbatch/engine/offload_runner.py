@@ -187,8 +187,7 @@ class OffloadRunner(Runner):
 
     def disk_counters(self) -> tuple[int, float]:
         """(bytes read and written on the disk so far, seconds it was busy with them)."""
-        weights, kv = self.home.traffic, self.kv_traffic
-        return weights.read + kv.read + kv.written, weights.clock.seconds
+        return disk_totals([self])
 
     @torch.inference_mode()
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
@@ -289,3 +288,12 @@ class OffloadRunner(Runner):
             hidden = [h.to(self.device, self.dtype) for h in inputs]
         self.wait_seconds += self.executor.run_step(work_of(hidden), len(self.layers), len(inputs))
         return hidden
+
+
+def disk_totals(runners: list[OffloadRunner]) -> tuple[int, float]:
+    """(bytes read and written on the offload disk so far, seconds it was busy with them) of
+    runners that share one weight home (a runner and its lanes): its weight reads and each
+    one's KV cache traffic, all timed on the home's one busy clock."""
+    weights = runners[0].home.traffic
+    kv = sum(r.kv_traffic.read + r.kv_traffic.written for r in runners)
+    return weights.read + kv, weights.clock.seconds

@@ -35,6 +35,9 @@ from .records import openai_record, simple_record
 # finish, so longer segments keep the block busier; a crash costs at most one segment's rerun.
 SEGMENT_BLOCKS = 8
 SYNC_SECONDS = 1.0  # results written since are fsynced at least this often
+# the share of a run the offload disk was busy from which the summary says the disk bound it
+# (compute and I/O overlap: a job bound by compute leaves the disk idle between its reads)
+DISK_BOUND = 0.8
 
 
 @dataclass
@@ -55,6 +58,8 @@ class JobSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     repaired_bytes: int = 0
+    disk_bytes: int = 0  # read and written on the offload disk during the run
+    disk_busy_seconds: float = 0.0  # while at least one of those requests was in flight
     notes: list[str] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
     blocks: BlockStats = field(default_factory=BlockStats)  # the engine's schedule, reruns included
@@ -81,11 +86,24 @@ class JobSummary:
                f"({self.tokens_per_second:.1f} tokens/s)",
                f"prompt tokens: {self.prompt_tokens}, padding overhead {100 * self.padding_overhead:.1f}%, "
                f"block rows busy {100 * self.blocks.occupancy:.1f}% of decode steps"]
+        if self.disk_bytes:
+            out.append(self.disk_line())
         if self.repaired_bytes:
             out.append(f"repaired a torn last line ({self.repaired_bytes} bytes) left by an interrupted run")
         out += self.notes
         out += [f"  error: {e}" for e in self.error_samples]
         return out
+
+
+    def disk_line(self) -> str:
+        """What the offload disk did, and whether it bound the job's speed."""
+        busy = self.disk_busy_seconds / max(self.seconds, 1e-9)
+        line = (f"offload disk: {self.disk_bytes / 1e9:.1f} GB read and written, busy {100 * busy:.0f}% of the "
+                f"run at {self.disk_bytes / max(self.disk_busy_seconds, 1e-9) / 1e9:.2f} GB/s")
+        if busy >= DISK_BOUND:
+            line += ("; the job waited on the disk: more memory for the weights and KV cache (--cpu-memory) "
+                     "or a faster offload disk (--offload-dir) would speed it up")
+        return line
 
 
 def prepare(llm, request: JobRequest, defaults: SamplingParams, chat: bool = False) -> Prepared:
@@ -170,14 +188,21 @@ class WindowRunner:
                                  else "job", initial=self.summary.already_done)
 
     def run(self) -> JobSummary:
-        started = time.perf_counter()
+        started, disk = time.perf_counter(), self._disk_counters()
         requests, position = self.job.requests(), 0
         while window := list(islice(requests, self.job.window)):
             self._run_window(window, position)
             position += len(window)
         self.bar.close()
         self.summary.seconds = time.perf_counter() - started
+        if disk is not None:
+            moved, busy = (now - then for now, then in zip(self._disk_counters(), disk))
+            self.summary.disk_bytes, self.summary.disk_busy_seconds = moved, busy
         return self.summary
+
+    def _disk_counters(self) -> tuple[int, float] | None:
+        counters = getattr(self.llm, "disk_counters", None)  # a server's engine keeps its own
+        return counters() if counters else None
 
     def _run_window(self, window: list[JobRequest], position: int) -> None:
         ids = self.job.index.rows["id"][position:position + len(window)]
