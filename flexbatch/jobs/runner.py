@@ -94,7 +94,6 @@ class JobSummary:
         out += [f"  error: {e}" for e in self.error_samples]
         return out
 
-
     def disk_line(self) -> str:
         """What the offload disk did, and whether it bound the job's speed."""
         busy = self.disk_busy_seconds / max(self.seconds, 1e-9)
