@@ -200,7 +200,8 @@ class WindowRunner:
         return self.summary
 
     def _disk_counters(self) -> tuple[int, float] | None:
-        counters = getattr(self.llm, "disk_counters", None)  # a server's engine keeps its own
+        # the LLM's whole disk: on a server, what its online requests move meanwhile too
+        counters = getattr(self.llm, "disk_counters", None)
         return counters() if counters else None
 
     def _run_window(self, window: list[JobRequest], position: int) -> None:
