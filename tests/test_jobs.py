@@ -362,5 +362,7 @@ def test_summary_names_the_disk_as_the_bound_when_it_was_busy_most_of_the_run(bu
     from flexbatch.jobs.runner import JobSummary
 
     line = JobSummary(seconds=10.0, disk_bytes=int(18e9), disk_busy_seconds=busy).disk_line()
-    assert f"busy {busy * 10:.0f}% of the run at {18 / busy:.2f} GB/s" in line
+    assert f"18.0 GB read and written, busy {busy * 10:.0f}% of the run at {18 / busy:.2f} GB/s" in line
     assert ("waited on the disk" in line) == says_disk_bound
+    small = JobSummary(seconds=10.0, disk_bytes=int(5e6), disk_busy_seconds=busy).disk_line()
+    assert small.startswith("offload disk: 5.0 MB read and written")

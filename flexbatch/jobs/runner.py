@@ -97,7 +97,8 @@ class JobSummary:
     def disk_line(self) -> str:
         """What the offload disk did, and whether it bound the job's speed."""
         busy = self.disk_busy_seconds / max(self.seconds, 1e-9)
-        line = (f"offload disk: {self.disk_bytes / 1e9:.1f} GB read and written, busy {100 * busy:.0f}% of the "
+        moved = f"{self.disk_bytes / 1e9:.1f} GB" if self.disk_bytes >= 1e9 else f"{self.disk_bytes / 1e6:.1f} MB"
+        line = (f"offload disk: {moved} read and written, busy {100 * busy:.0f}% of the "
                 f"run at {self.disk_bytes / max(self.disk_busy_seconds, 1e-9) / 1e9:.2f} GB/s")
         if busy >= DISK_BOUND:
             line += ("; the job waited on the disk: more memory for the weights and KV cache (--cpu-memory) "
