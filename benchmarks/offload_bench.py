@@ -99,11 +99,11 @@ def measured_generate(llm, prompt_ids: list[list[int]], params) -> dict:
     return result
 
 
-def per_step_disk(step_disk: list[tuple[int, float]], step_seconds: list[float]) -> dict:
+def per_step_disk(step_disk: list, step_seconds: list[float]) -> dict:
     """Each decode step's disk rate while busy (GB/s) and share of the step the disk was
     busy: how the disk's rate moved over the run (a shared disk's drifts)."""
-    return {"step_disk_busy_GBps": [round(moved / busy / 1e9, 3) if busy else None for moved, busy in step_disk],
-            "step_disk_busy_share": [round(busy / s, 3) for (_, busy), s in zip(step_disk, step_seconds)]}
+    return {"step_disk_busy_GBps": [round(d.rate / 1e9, 3) if d.busy_seconds else None for d in step_disk],
+            "step_disk_busy_share": [round(d.busy_seconds / s, 3) for d, s in zip(step_disk, step_seconds)]}
 
 
 def current_profile(spec: dict):

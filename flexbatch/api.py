@@ -126,13 +126,13 @@ class LLM:
         """The runners whose blocks are decoded at once: one, or a pipeline's lanes."""
         return self.pipeline.lanes if self.pipeline else [self.runner]
 
-    def disk_counters(self) -> tuple[int, float] | None:
-        """(bytes moved over the offload disk so far, seconds the disk was busy with them),
+    def disk_use(self):
+        """The offload disk's use so far (`storage.disk.DiskUse`: bytes moved, seconds busy),
         or None where nothing is offloaded (the in-memory runner)."""
-        from .engine.offload_runner import OffloadRunner, disk_totals
+        from .engine.offload_runner import OffloadRunner, disk_use
 
         offloaded = [r for r in self.lanes if isinstance(r, OffloadRunner)]
-        return disk_totals(offloaded) if offloaded else None
+        return disk_use(offloaded) if offloaded else None
 
     def _build_runner(self, opened, policy: Policy | None, offload_dir, cpu_memory, gpu_memory, kernels) -> None:
         decode = decode_kernel()  # also switches the fused elementwise kernels on for every runner

@@ -350,19 +350,20 @@ def test_summary_says_what_the_offload_disk_did(default_model_store, llm, tmp_pa
         cfg = offloaded.config
         weights = cfg.num_layers * layer_weight_bytes(cfg, offloaded.family, offloaded.dtype, None)
     blocks = -(-len(PROMPTS) // policy.block_size)
-    assert summary.disk_bytes >= blocks * weights
-    assert 0 < summary.disk_busy_seconds <= summary.seconds
+    assert summary.disk.moved >= blocks * weights
+    assert 0 < summary.disk.busy_seconds <= summary.seconds
     assert any(line.startswith("offload disk: ") for line in summary.lines())
     in_memory = run_job(llm, src, tmp_path / "mem.jsonl", defaults=PARAMS, progress=False)
-    assert in_memory.disk_bytes == 0 and not any("offload disk" in line for line in in_memory.lines())
+    assert in_memory.disk.moved == 0 and not any("offload disk" in line for line in in_memory.lines())
 
 
 @pytest.mark.parametrize("busy, says_disk_bound", [(9.0, True), (5.0, False)])
 def test_summary_names_the_disk_as_the_bound_when_it_was_busy_most_of_the_run(busy, says_disk_bound):
     from flexbatch.jobs.runner import JobSummary
+    from flexbatch.storage.disk import DiskUse
 
-    line = JobSummary(seconds=10.0, disk_bytes=int(18e9), disk_busy_seconds=busy).disk_line()
+    line = JobSummary(seconds=10.0, disk=DiskUse(int(18e9), busy)).disk_line()
     assert f"18.0 GB read and written, busy {busy * 10:.0f}% of the run at {18 / busy:.2f} GB/s" in line
     assert ("waited on the disk" in line) == says_disk_bound
-    small = JobSummary(seconds=10.0, disk_bytes=int(5e6), disk_busy_seconds=busy).disk_line()
+    small = JobSummary(seconds=10.0, disk=DiskUse(int(5e6), busy)).disk_line()
     assert small.startswith("offload disk: 5.0 MB read and written")

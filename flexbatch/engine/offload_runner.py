@@ -42,7 +42,7 @@ from ..sizing import (
     scoring_memory,
     weight_memory,
 )
-from ..storage.disk import Traffic, require_free_space
+from ..storage.disk import DiskUse, Traffic, require_free_space
 from ..storage.placement import split_sequences
 from ..storage.tiers import Tier
 from ..weights.source import TensorSource
@@ -87,7 +87,7 @@ class OffloadRunner(Runner):
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
         self.kv: list[list[BatchKV]] = []  # [layer][GPU batch]
         self.step_seconds: list[float] = []  # wall time of each token step, for benchmarks
-        self.step_disk: list[tuple[int, float]] = []  # each token step's `disk_counters` difference
+        self.step_disk: list[DiskUse] = []  # what each token step did on the disk
         self.admit_seconds: list[float] = []  # wall time of each admission (prompts' prefill)
         # KV cache bytes read from and written to disk (weights: home.traffic; one disk, one busy clock)
         self.kv_traffic = Traffic(self.home.traffic.clock)
@@ -179,15 +179,11 @@ class OffloadRunner(Runner):
     def step(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int,
              rows: list[int] | None = None) -> torch.Tensor:
         # every row is computed: GPU batches are fixed slices of the block
-        began, disk = time.perf_counter(), self.disk_counters()
+        began, disk = time.perf_counter(), disk_use([self])
         out = self.last_logits(self.step_hidden(self.step_inputs(input_ids), key_valid, start))
         self.step_seconds.append(time.perf_counter() - began)
-        self.step_disk.append(tuple(now - then for now, then in zip(self.disk_counters(), disk)))
+        self.step_disk.append(disk_use([self]).since(disk))
         return out if rows is None else out[rows]
-
-    def disk_counters(self) -> tuple[int, float]:
-        """(bytes read and written on the disk so far, seconds it was busy with them)."""
-        return disk_totals([self])
 
     @torch.inference_mode()
     def admit(self, rows: list[int], input_ids: torch.Tensor, key_valid: torch.Tensor, end: int,
@@ -290,10 +286,10 @@ class OffloadRunner(Runner):
         return hidden
 
 
-def disk_totals(runners: list[OffloadRunner]) -> tuple[int, float]:
-    """(bytes read and written on the offload disk so far, seconds it was busy with them) of
-    runners that share one weight home (a runner and its lanes): its weight reads and each
-    one's KV cache traffic, all timed on the home's one busy clock."""
+def disk_use(runners: list[OffloadRunner]) -> DiskUse:
+    """The offload disk's use so far by runners that share one weight home (a runner and its
+    lanes): its weight reads and each one's KV cache traffic, all timed on the home's one
+    busy clock."""
     weights = runners[0].home.traffic
     kv = sum(r.kv_traffic.read + r.kv_traffic.written for r in runners)
-    return weights.read + kv, weights.clock.seconds
+    return DiskUse(weights.read + kv, weights.clock.seconds)

@@ -25,6 +25,7 @@ from ..config import SamplingParams
 from ..engine.generation import BlockStats
 from ..errors import ConfigError, StageLostError, StorageError
 from ..progress import TokenProgress
+from ..storage.disk import DiskUse
 from .index import contains, duplicate_id
 from .inputs import JobRequest
 from .job import Job, JobSpec
@@ -58,8 +59,7 @@ class JobSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     repaired_bytes: int = 0
-    disk_bytes: int = 0  # read and written on the offload disk during the run
-    disk_busy_seconds: float = 0.0  # while at least one of those requests was in flight
+    disk: DiskUse = DiskUse(0, 0.0)  # the offload disk's use during the run
     notes: list[str] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
     blocks: BlockStats = field(default_factory=BlockStats)  # the engine's schedule, reruns included
@@ -86,7 +86,7 @@ class JobSummary:
                f"({self.tokens_per_second:.1f} tokens/s)",
                f"prompt tokens: {self.prompt_tokens}, padding overhead {100 * self.padding_overhead:.1f}%, "
                f"block rows busy {100 * self.blocks.occupancy:.1f}% of decode steps"]
-        if self.disk_bytes:
+        if self.disk.moved:
             out.append(self.disk_line())
         if self.repaired_bytes:
             out.append(f"repaired a torn last line ({self.repaired_bytes} bytes) left by an interrupted run")
@@ -96,10 +96,10 @@ class JobSummary:
 
     def disk_line(self) -> str:
         """What the offload disk did, and whether it bound the job's speed."""
-        busy = self.disk_busy_seconds / max(self.seconds, 1e-9)
-        moved = f"{self.disk_bytes / 1e9:.1f} GB" if self.disk_bytes >= 1e9 else f"{self.disk_bytes / 1e6:.1f} MB"
-        line = (f"offload disk: {moved} read and written, busy {100 * busy:.0f}% of the "
-                f"run at {self.disk_bytes / max(self.disk_busy_seconds, 1e-9) / 1e9:.2f} GB/s")
+        busy, moved = self.disk.busy_seconds / max(self.seconds, 1e-9), self.disk.moved
+        amount = f"{moved / 1e9:.1f} GB" if moved >= 1e9 else f"{moved / 1e6:.1f} MB"
+        line = (f"offload disk: {amount} read and written, busy {100 * busy:.0f}% of the "
+                f"run at {self.disk.rate / 1e9:.2f} GB/s")
         if busy >= DISK_BOUND:
             line += ("; the job waited on the disk: more memory for the weights and KV cache (--cpu-memory) "
                      "or a faster offload disk (--offload-dir) would speed it up")
@@ -188,7 +188,7 @@ class WindowRunner:
                                  else "job", initial=self.summary.already_done)
 
     def run(self) -> JobSummary:
-        started, disk = time.perf_counter(), self._disk_counters()
+        started, disk = time.perf_counter(), self._disk_use()
         requests, position = self.job.requests(), 0
         while window := list(islice(requests, self.job.window)):
             self._run_window(window, position)
@@ -196,14 +196,13 @@ class WindowRunner:
         self.bar.close()
         self.summary.seconds = time.perf_counter() - started
         if disk is not None:
-            moved, busy = (now - then for now, then in zip(self._disk_counters(), disk))
-            self.summary.disk_bytes, self.summary.disk_busy_seconds = moved, busy
+            self.summary.disk = self._disk_use().since(disk)
         return self.summary
 
-    def _disk_counters(self) -> tuple[int, float] | None:
+    def _disk_use(self) -> DiskUse | None:
         # the LLM's whole disk: on a server, what its online requests move meanwhile too
-        counters = getattr(self.llm, "disk_counters", None)
-        return counters() if counters else None
+        disk_use = getattr(self.llm, "disk_use", None)
+        return disk_use() if disk_use else None
 
     def _run_window(self, window: list[JobRequest], position: int) -> None:
         ids = self.job.index.rows["id"][position:position + len(window)]

@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -61,6 +62,21 @@ class BusyClock:
     def reset(self) -> None:
         with self._lock:
             self.seconds, self._since = 0.0, time.perf_counter()
+
+
+class DiskUse(NamedTuple):
+    """Bytes read and written on a disk, and the seconds it was busy with them (`BusyClock`)."""
+
+    moved: int
+    busy_seconds: float
+
+    def since(self, earlier: DiskUse) -> DiskUse:
+        return DiskUse(self.moved - earlier.moved, self.busy_seconds - earlier.busy_seconds)
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second while busy: the rate the disk gave (0 if it moved nothing)."""
+        return self.moved / self.busy_seconds if self.busy_seconds else 0.0
 
 
 class Traffic:
