@@ -129,8 +129,13 @@ class DecodeKernel:
 def build_decode_kernel(folder: Path, compiler: str = "cc") -> DecodeKernel:
     """Compile the C kernels into `folder` (once per source, compiler and CPU: the build
     targets this CPU's instructions) and load them. Raises NativeBuildError, saying why."""
+    cpu = _cpu_flags()
+    if cpu and "avx512f" not in cpu.split():
+        # known before compiling: a compiler run that must fail costs seconds and, in a
+        # process under a memory limit, the compiler's memory beside the model's
+        raise NativeBuildError("this CPU has no AVX-512 (its flags lack avx512f), which the kernels are written for")
     version = _run([compiler, "--version"]).splitlines()[0]
-    settings = " ".join([version, *FLAGS, *LIBRARIES, _cpu_flags()])
+    settings = " ".join([version, *FLAGS, *LIBRARIES, cpu])
     code = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     key = hashlib.sha256(code + settings.encode()).hexdigest()[:16]
     library = Path(folder) / f"flexbatch-kernels-{key}.so"
