@@ -332,3 +332,20 @@ def test_each_decode_step_reports_the_disk_bytes_it_moved_and_the_disk_busy_time
         assert len(r.step_disk) == len(r.step_seconds) == PARAMS.max_new_tokens - 1
         for (moved, busy), seconds in zip(r.step_disk, r.step_seconds):
             assert moved >= weights and 0 < busy <= seconds
+
+
+def test_an_offloaded_prefill_gives_the_freed_heap_back_after_each_layer_and_decode_does_not(
+        tiny_model, tmp_path, monkeypatch):
+    """A prompt's temporaries fragment the heap (malloc.py): one admission of two GPU
+    batches trims after each (layer, GPU batch); the nine decode steps never do."""
+    import flexbatch.engine.offload_steps as steps
+
+    calls = []
+    monkeypatch.setattr(steps, "give_back_freed_memory", lambda: calls.append(1))
+    folder, _ = tiny_model("opt_pre_ln")
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_device=0, weights_host=0, cache_device=0,
+                    cache_host=0)
+    with LLM(folder, dtype="float32", policy=policy, offload_dir=tmp_path) as llm:
+        llm.generate(PROMPTS[:4], PARAMS)
+        assert len(llm.runner.admit_seconds) == 1 and len(llm.runner.step_seconds) == PARAMS.max_new_tokens - 1
+        assert len(calls) == llm.runner.cfg.num_layers * 2

@@ -12,6 +12,7 @@ import torch
 from ..kernels.attention import CacheSegments
 from ..kernels.linear import dequantize_for_block
 from ..kernels.packed import PackedLinear
+from ..malloc import give_back_freed_memory
 from .weight_home import LayerLoad
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class TokenStep:
                                             k_cache, v_cache, r.layers[layer])
         if batch == len(self.hidden) - 1:
             _drop_dense_copies(loaded.weights)
+        if self.hidden[batch].shape[1] > 1:  # prompts: temporaries of many sizes (malloc.py); decode's reuse the heap
+            give_back_freed_memory()
 
     def store_cache(self, layer: int, batch: int) -> None:
         self.runner.kv[layer][batch].store(self.start, self.end)
