@@ -47,10 +47,11 @@ def give_back_freed_memory() -> None:
     """Return the heap's free pages to the system (glibc's malloc_trim; nothing elsewhere).
 
     Keeping freed blocks (above) lets a prompt's temporaries, of many sizes, fragment the
-    heap: only its free top is trimmed, so pages freed below a live block stay the process's. A prefill of 256 prompts of 32 tokens (OPT-1.3B shape,
-    fp32, weights and KV cache on disk) then held 1.9 GB of freed heap, its peak RSS 1.2 GB
-    over the memory plan, and a 2 GiB memory limit killed it; trimmed after each layer of
-    each GPU batch, it stayed within the plan, for 7 ms a trim."""
+    heap: only its free top is trimmed, so pages freed below a live block stay the process's.
+    A prefill of 256 prompts of 32 tokens (OPT-1.3B shape, fp32, weights and KV cache on
+    disk) then held 1.9 GB of freed heap, its peak RSS 1.2 GB over the memory plan, and a
+    2 GiB memory limit killed it; trimmed after each layer of each GPU batch, it stayed
+    within the plan, for 7 ms a trim."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
