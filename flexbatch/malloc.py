@@ -27,18 +27,18 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse freed blocks of up to 32 MiB and keep up to 128 MiB of freed
     heap, in one arena that threads allocating from now on share, for the whole process;
     False where there is no glibc (nothing changes then)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and \
         bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)) and bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc(name: str):
+    """The C library's function `name`, or None where the process has none (not glibc)."""
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
@@ -52,6 +52,6 @@ def give_back_freed_memory() -> None:
     disk) then held 1.9 GB of freed heap, its peak RSS 1.2 GB over the memory plan, and a
     2 GiB memory limit killed it; trimmed after each layer of each GPU batch, it stayed
     within the plan, for 7 ms a trim."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
