@@ -6,7 +6,9 @@ after the page cache is dropped, so neither profits from the OS caching the mode
 are random, in a published OPT shape (benchmarks/dummy_model.py). Metric (FlexGen's):
 generated tokens / (prefill time + decode time). The roofline is the time the hardware
 needs at least for the flexbatch policy: per step, the larger of the disk time (bytes read /
-measured O_DIRECT bandwidth) and the compute time (FLOPs / measured bf16 matmul FLOP/s).
+measured O_DIRECT bandwidth) and the compute time (FLOPs / measured matmul FLOP/s). Both
+systems compute in --dtype: bfloat16, or float32 on a CPU without fast bf16 (AVX2 only),
+where a bf16 matmul runs several times slower than fp32.
 
     sudo python benchmarks/offload_bench.py --shape opt-1.3b --memory 1.5GiB \\
         --blocks 16x2,32x4 --hf-batches 4,16 --prompt-len 128 --gen-len 32
@@ -55,7 +57,7 @@ def child_flexbatch(spec: dict) -> dict:
 
     hw = current_profile(spec)  # as the planner sees it, before the model fills memory
     policy = choose_policy(spec, hw)
-    with LLM(spec["model"], dtype="bfloat16", policy=policy, offload_dir=spec["offload_dir"],
+    with LLM(spec["model"], dtype=spec["dtype"], policy=policy, offload_dir=spec["offload_dir"],
              cpu_memory=spec["memory"]) as llm:
         predicted = predict(llm, policy, spec, hw)
         params = SamplingParams(max_new_tokens=spec["gen_len"], ignore_eos=True)
@@ -109,10 +111,12 @@ def per_step_disk(step_disk: list, step_seconds: list[float]) -> dict:
 def current_profile(spec: dict):
     """The hardware profile as `flexbatch run` plans with it: compute speed and the offload
     disk's read speed checked now."""
+    import torch
+
     from flexbatch.profiling import at_current_speed, hardware_profile
 
     folder = Path(spec["offload_dir"])
-    return at_current_speed(hardware_profile(folder), disk_folder=folder)
+    return at_current_speed(hardware_profile(folder), getattr(torch, spec["dtype"]), disk_folder=folder)
 
 
 def choose_policy(spec: dict, profile=None):
@@ -133,7 +137,7 @@ def choose_policy(spec: dict, profile=None):
     device = torch.device(spec.get("device", "cpu"))
     budget = detect_budget(device, spec.get("gpu_memory"), spec.get("memory"))
     profile = profile or current_profile(spec)
-    plan = plan_policy(cfg, get_family(cfg), torch.bfloat16, device, profile,
+    plan = plan_policy(cfg, get_family(cfg), getattr(torch, spec["dtype"]), device, profile,
                        Workload(spec["prompt_len"], spec["gen_len"]), budget, max_block=spec.get("max_block"),
                        compression=COMPRESSION[spec.get("compress", "none")])
     return plan.best.policy
@@ -154,7 +158,7 @@ def child_hf(spec: dict) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(
         spec["model"], device_map="auto", max_memory={"cpu": int(spec["memory"] * 0.5)},
-        offload_folder=spec["offload_dir"], dtype=torch.bfloat16)
+        offload_folder=spec["offload_dir"], dtype=getattr(torch, spec["dtype"]))
     ids = torch.tensor(prompts(spec["batch"], spec["prompt_len"]))
     mask = torch.ones_like(ids)
     with torch.no_grad():
@@ -243,6 +247,8 @@ def main() -> None:
     p.add_argument("--plan", action="store_true",
                    help="also run the planner's own policy for each --compress setting (as `flexbatch run` would)")
     p.add_argument("--max-block", type=int, default=64, help="the planner's largest block (sequences)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="what both systems compute in (float32 on a CPU without fast bf16)")
     args = p.parse_args()
     if args.child:
         fn = child_flexbatch if args.child == "flexbatch" else child_hf
@@ -262,7 +268,8 @@ def main() -> None:
     hardware_profile(work, log=print)  # measured here, outside the memory limit, and cached for the children
     print(f"model {args.shape}: {sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GiB, "
           f"memory limit {memory / 2**30:.2f} GiB, disk O_DIRECT read {bandwidth / 1e9:.2f} GB/s")
-    common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory}
+    common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
+              "dtype": args.dtype}
     results = {"flexbatch": [], "hf_accelerate": []}
     for compress in args.compress.split(","):
         blocks = parse_blocks(args.blocks) + ([("plan", "")] if args.plan else [])
@@ -280,7 +287,7 @@ def main() -> None:
                 gbs, ngb = r["policy"]["gpu_batch_size"], f"{r['policy']['num_gpu_batches']} (plan)"
             if "error" not in r:
                 r.update(probes)
-                r.update(run_figures(cfg, r, args.prompt_len, args.gen_len))
+                r.update(run_figures(cfg, r, args.prompt_len, args.gen_len, args.dtype))
             results["flexbatch"].append({"gbs": gbs, "ngb": ngb, "compress": compress, **r})
             print_row("flexbatch", f"{gbs}x{ngb}" + ("" if compress == "none" else f" {compress}"), r)
     for batch in [int(b) for b in args.hf_batches.split(",") if b]:
@@ -292,7 +299,8 @@ def main() -> None:
     for compress in args.compress.split(","):
         best[f"flexbatch_{compress}"] = max((r.get("throughput", 0) for r in results["flexbatch"]
                                              if r["compress"] == compress), default=0)
-    summary = {"shape": args.shape, "memory_bytes": memory, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+    summary = {"shape": args.shape, "dtype": args.dtype, "memory_bytes": memory, "prompt_len": args.prompt_len,
+               "gen_len": args.gen_len,
                "disk_read_Bps": bandwidth, "best_throughput": best,
                "ratio_flexbatch_over_hf": best["flexbatch"] / best["hf_accelerate"] if best["hf_accelerate"] else None,
                "results": results}

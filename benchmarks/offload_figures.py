@@ -32,12 +32,12 @@ def disk_read_bandwidth(folder: Path, nbytes: int = 1 << 30) -> float:
     return nbytes / elapsed
 
 
-def matmul_flops(rows: int, hidden: int) -> float:
+def matmul_flops(rows: int, hidden: int, dtype: str = "bfloat16") -> float:
     import torch
     import torch.nn.functional as F
 
-    x = torch.randn(rows, hidden, dtype=torch.bfloat16)
-    w = torch.randn(4 * hidden, hidden, dtype=torch.bfloat16)
+    x = torch.randn(rows, hidden, dtype=getattr(torch, dtype))
+    w = torch.randn(4 * hidden, hidden, dtype=getattr(torch, dtype))
     F.linear(x, w)
     start = time.perf_counter()
     for _ in range(3):
@@ -67,25 +67,30 @@ def disk_figures(r: dict, bandwidth: float) -> dict:
             "disk_busy_share": busy / seconds, "disk_busy_GBps": moved / 1e9 / busy if busy else None}
 
 
-def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: float) -> dict:
-    """The least time the hardware needs for `policy`: per step, the larger of the disk time
-    (its weights' and KV cache's bytes on disk, read and written, over the measured O_DIRECT
-    read bandwidth) and the compute time (FLOPs at the bf16 matmul speed for the whole block,
-    even for compressed weights: a lower bound)."""
+def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: float,
+             dtype: str = "bfloat16") -> dict:
+    """The least time the hardware needs for `policy` computing in `dtype`: per step, the
+    larger of the disk time (its weights' and KV cache's bytes on disk, read and written,
+    over the measured O_DIRECT read bandwidth) and the compute time (FLOPs at the dtype's
+    matmul speed for the whole block, even for compressed weights: a lower bound)."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     batch = policy["gpu_batch_size"] * policy["num_gpu_batches"]
     layer_params = 12 * h * h + 9 * h
-    weight_bytes = 2 * layer_params * layers * (PACKED_RATIO if policy["compress_weight"] else 1)
+    size = 4 if dtype == "float32" else 2  # bytes per value
+    # 4-bit data is the same bytes whatever the dtype; its steps and zeros are in the dtype
+    packed = lambda values: values * (0.5 + 2 * size / 64)
+    weight_bytes = packed(layer_params) if policy["compress_weight"] else size * layer_params
+    weight_bytes *= layers
     weight_io = weight_bytes * (1 - policy["weights_device"] - policy["weights_host"]) / bandwidth
     cache_disk = 1 - policy["cache_device"] - policy["cache_host"]
-    dense = 2 * 2 * h * layers  # a token's K and V, all layers
+    values = 2 * h * layers  # a token's K and V, all layers
     compressed, window = policy["compress_cache"], policy.get("cache_window", 0)
     # a compressed cache reads its rows packed, and its last `window` tokens dense as well
-    stored = lambda tokens: tokens * dense * PACKED_RATIO + min(window, tokens) * dense if compressed \
-        else tokens * dense
+    stored = lambda tokens: tokens * packed(values) + min(window, tokens) * size * values if compressed \
+        else tokens * size * values
     cache_io = lambda tokens: batch * cache_disk * stored(tokens + 1) / bandwidth  # the prefix read, a token written
-    f_prefill = matmul_flops(min(batch * prompt_len, 8192), h)
-    f_decode = matmul_flops(batch, h)
+    f_prefill = matmul_flops(min(batch * prompt_len, 8192), h, dtype)
+    f_decode = matmul_flops(batch, h, dtype)
     head = 2 * cfg["vocab_size"] * h
     prefill_flops = batch * prompt_len * (2 * layer_params * layers + 2 * prompt_len * h * layers) + batch * head
     prefill = max(weight_io + cache_io(prompt_len), prefill_flops / f_prefill)
@@ -98,18 +103,18 @@ def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: 
             "weight_io_s_per_step": weight_io, "flops_prefill": f_prefill, "flops_decode": f_decode}
 
 
-def run_figures(cfg: dict, r: dict, prompt_len: int, gen_len: int) -> dict:
+def run_figures(cfg: dict, r: dict, prompt_len: int, gen_len: int, dtype: str = "bfloat16") -> dict:
     """A flexbatch run's roofline, disk figures and prediction error: against the mean of
     the disk probes just before and after it, and against the rate the disk gave the run
     while busy (`_at_run_disk`), which separates the cost model's own error from the disk's
     drift."""
     seconds = r["prefill_s"] + r["decode_s"]
     around = (r["probe_before_Bps"] + r["probe_after_Bps"]) / 2
-    out = roofline(cfg, r["policy"], prompt_len, gen_len, around)
+    out = roofline(cfg, r["policy"], prompt_len, gen_len, around, dtype)
     out.update(disk_figures(r, around), roofline_fraction=out["roofline_s"] / seconds,
                prediction_error=r["predicted_throughput"] / r["throughput"] - 1)
     if out["disk_busy_GBps"]:
-        at_run = roofline(cfg, r["policy"], prompt_len, gen_len, out["disk_busy_GBps"] * 1e9)["roofline_s"]
+        at_run = roofline(cfg, r["policy"], prompt_len, gen_len, out["disk_busy_GBps"] * 1e9, dtype)["roofline_s"]
         out.update(roofline_fraction_at_run_disk=at_run / seconds,
                    prediction_error_at_run_disk=r["predicted_throughput_at_run_disk"] / r["throughput"] - 1)
     return out
