@@ -7,8 +7,6 @@ import os
 import time
 from pathlib import Path
 
-PACKED_RATIO = (32 + 4) / 128  # 4-bit, group 64, bf16 step and zero: bytes per bf16 byte
-
 
 def disk_read_bandwidth(folder: Path, nbytes: int = 1 << 30) -> float:
     """Bytes/s of O_DIRECT reads in 4 MiB requests, 4 in flight (what flexbatch issues)."""
