@@ -5,7 +5,8 @@ disk a 4 MiB request into scattered 4 KiB pages is a list of hundreds of segment
 device may take in several pieces; into 2 MiB huge pages it is two. This writes a file to
 --folder, then reads it again and again as the offloading engine reads weights (4 MiB
 requests, 4 in flight) into a pool of 16 buffers of each kind, alternating kinds so drift in
-the disk's speed hits both alike.
+the disk's speed hits both alike. The 4 KiB pages are scattered in physical memory on
+purpose, as a long-lived process's are (`small_page_buffers`).
 
     .venv/bin/python benchmarks/disk_buffers_bench.py --folder ~/.cache/flexbatch
 
@@ -31,10 +32,19 @@ REQUEST = 4 << 20
 POOL = 16
 
 
-def small_page_buffer(nbytes: int) -> memoryview:
-    """What `aligned_bytes` returned before: a shared anonymous mapping, never huge pages
-    unless the kernel's shmem_enabled says so."""
-    return memoryview(mmap.mmap(-1, nbytes))
+def small_page_buffers(count: int, nbytes: int) -> list[memoryview]:
+    """What `aligned_bytes` returned before: shared anonymous mappings, never huge pages
+    unless the kernel's shmem_enabled says so. Their pages are touched in turn with those of
+    a mapping thrown away after, so each buffer's pages are scattered in physical memory, as
+    a long-lived process's are; freshly touched pages of a fresh process often lie in order,
+    and read as fast as huge pages."""
+    buffers, spare = [mmap.mmap(-1, nbytes) for _ in range(count)], mmap.mmap(-1, count * nbytes)
+    for page in range(0, nbytes, mmap.PAGESIZE):
+        for i, buf in enumerate(buffers):
+            buf[page] = 1
+            spare[i * nbytes + page] = 1
+    spare.close()
+    return [memoryview(buf) for buf in buffers]
 
 
 def read_rate(fd: int, size: int, buffers: list[memoryview]) -> float:
@@ -53,7 +63,7 @@ def main() -> None:
     size = args.size << 20
     path = Path(args.folder) / "flexbatch-buffers-probe"
     kinds = {"huge_pages": [memoryview(aligned_bytes(REQUEST).numpy()) for _ in range(POOL)],
-             "small_pages": [small_page_buffer(REQUEST) for _ in range(POOL)]}
+             "small_pages": small_page_buffers(POOL, REQUEST)}
     for buffers in kinds.values():
         for buf in buffers:
             buf[:] = b"\1" * REQUEST  # touched, as the engine's pools are after their first use

@@ -23,8 +23,8 @@ def aligned_bytes(nbytes: int, pinned: bool = False) -> torch.Tensor:
     Backed by an anonymous mmap, which is aligned by construction; the tensor keeps the
     mapping alive. From HUGE_PAGE up it starts on a huge page boundary and asks the kernel for
     huge pages (MADV_HUGEPAGE): a disk request into 4 KiB pages scattered in physical memory
-    becomes hundreds of segments, and this VM's disk read 4 MiB requests into such buffers at
-    0.6 GB/s, into huge pages at 2.2-2.6 GB/s (`benchmarks/disk_buffers_bench.py`).
+    becomes hundreds of segments: a 2-core EPYC VM's disk read 4 MiB requests into such
+    buffers at 0.6 GB/s, into huge pages at 3.0 GB/s (`benchmarks/disk_buffers_bench.py`).
     `pinned` (with CUDA present): page-locked memory instead, so copies to
     and from the GPU run asynchronously at full speed; it is cut at a page boundary out of a
     slightly larger pinned allocation. Allocate these once and reuse them: fresh host
