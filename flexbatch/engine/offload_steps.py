@@ -39,7 +39,9 @@ class TokenStep:
                                             k_cache, v_cache, r.layers[layer])
         if batch == len(self.hidden) - 1:
             _drop_dense_copies(loaded.weights)
-        if self.hidden[batch].shape[1] > 1:  # prompts: temporaries of many sizes (malloc.py); decode's reuse the heap
+        if self.hidden[batch].shape[1] > 1 or batch == len(self.hidden) - 1:
+            # freed heap fragments (malloc.py): a prompt's temporaries come in many sizes, and a
+            # decode step's grow by a token each step, so last step's freed blocks rarely fit
             give_back_freed_memory()
 
     def store_cache(self, layer: int, batch: int) -> None:
