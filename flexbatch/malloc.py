@@ -61,3 +61,16 @@ def give_back_freed_memory() -> None:
     trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def gives_back_freed_memory(fn):
+    """`fn`, followed by `give_back_freed_memory()` however it ends: for one-off work (the
+    hardware probes) whose freed temporaries would otherwise stay the process's for good,
+    counted by a memory limit but by no memory plan."""
+    @functools.wraps(fn)
+    def trimmed(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            give_back_freed_memory()
+    return trimmed

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..malloc import gives_back_freed_memory
 from ..planner.profile import ComputeRates, DiskRates, HardwareProfile
 from .cpu import (
     disk_read_now,
@@ -57,6 +58,7 @@ def fingerprint(folder: Path) -> str:
 SPOT_ROWS = 512  # a spot check of compute speed: one point of the matmul table, about a second
 
 
+@gives_back_freed_memory  # its fp32 spot check frees ~140 MB of heap
 def at_current_speed(profile: HardwareProfile, dtype: torch.dtype = torch.bfloat16,
                      disk_folder: Path | None = None) -> HardwareProfile:
     """The profile with its compute-bound rates (matmul tables, dequantization) scaled by how
@@ -117,6 +119,7 @@ def native_kernels():
         return None
 
 
+@gives_back_freed_memory
 def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False, log=lambda msg: None,
                     disk_only: bool = False) -> HardwareProfile:
     """The cached profile if it matches this machine, else a new measurement (then cached).
