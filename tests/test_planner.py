@@ -468,6 +468,28 @@ def test_a_disk_that_cannot_take_the_drift_probe_leaves_the_profile_as_it_is(tmp
 
 
 
+
+def test_reads_while_computing_are_timed_by_the_reads_not_by_the_multiplies():
+    """Four reads of 10 ms, one in flight, beside multiplies of 250 ms each: the rate is the
+    reads' (4 units in ~40 ms), not 4 units over the multiply they ended within. Timed by the
+    multiplies, an AVX2-only CPU (a bf16 multiply of 0.9 s) measured KV cache reads at 0.60 GB/s
+    (2.98 timed by the reads), and the planner priced decode's at a quarter of the engine's
+    2.34 GB/s."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flexbatch.profiling.cpu import _read_while_computing
+
+    class TenMillisecondReads:
+        def read_into(self, buf, start, end):
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(1) as pool:
+        rate, _ = _read_while_computing(pool, TenMillisecondReads(), None, 4, 1, passes=1,
+                                        multiply=lambda: time.sleep(0.25))
+    seconds = 4 / rate
+    assert 0.04 <= seconds < 0.15
+
 SPOT_CHECK_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
