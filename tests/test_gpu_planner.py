@@ -22,8 +22,8 @@ from flexbatch.sizing import GiB, MemoryBudget, run_memory
 from test_planner import CFG, FAMILY, HW, WORK
 
 GPU = GpuRates("test GPU", 80 << 30, host_to_gpu_bps=2e10, gpu_to_host_bps=1e10,
-               compute=ComputeRates({"bfloat16": {1: 1e14, 8192: 1e14}}, attention_bps=1e12, kv_decode_bps=1e11,
-                                    dequantize_params_per_s={"int4": 1e12}),
+               compute=ComputeRates({"bfloat16": {1: 1e14, 8192: 1e14}}, attention_bps={"bfloat16": 1e12},
+                                    kv_decode_bps=1e11, dequantize_params_per_s={"int4": 1e12}),
                cpu_attention_bps=5e9)
 HW_GPU = replace(HW.profile, gpu=GPU)  # disk reads 1e9 B/s, writes 5e8
 # for the planner's choices: a GPU reaches its peak only with many rows, as real ones do

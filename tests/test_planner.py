@@ -30,7 +30,7 @@ def profile(flops, read=1e9, write=5e8, busy=None, share=1.0, gpu=None, memory=1
     return HardwareProfile("test", memory, ComputeRates(flops, **cpu), disk, gpu)
 
 
-HW = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9))
+HW = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps={"bfloat16": 1e10}, kv_decode_bps=2e9))
 # an OPT-style model: hidden 1024, 8 layers
 CFG = config_from_hf_dict({"model_type": "opt", "vocab_size": 1000, "hidden_size": 1024, "ffn_dim": 4096,
                            "num_hidden_layers": 8, "num_attention_heads": 16, "max_position_embeddings": 2048})
@@ -54,6 +54,21 @@ def test_layer_costs_by_hand():
     assert costs.gen["compute"] == pytest.approx((batch * 2 * params / 1e12 + batch * t * kv / 1e10, 0, 0))
 
 
+
+def test_decode_attention_is_priced_at_the_rate_measured_in_the_runs_dtype():
+    """A CPU without fast bf16 (AVX2 only: bf16 attention measured at 0.86 GB/s, fp32 at 7.6):
+    an fp32 run's decode attention costs its K and V bytes at the fp32 rate, a bf16 run's at
+    the bf16 rate, by hand. Priced at the bf16 rate, an fp32 run's attention was 9x too slow
+    and its decode step predicted 24 s where it took 19."""
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps={"bfloat16": 1e9, "float32": 8e9}))
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2)
+    batch, t = 8, 100 + 11 / 2
+    for dtype, rate in ((torch.float32, 8e9), (torch.bfloat16, 1e9)):
+        kv = 2 * 16 * 64 * dtype.itemsize  # K and V, 16 heads x 64 dims
+        params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+        costs = hw.layer_costs(CFG, FAMILY, dtype, policy, WORK)
+        assert costs.gen["compute"][0] == pytest.approx(batch * 2 * params / 1e12 + batch * t * kv / rate)
+
 def test_a_shared_prefix_is_prefilled_once_per_block():
     """Prompts of 100 tokens whose first 60 all share: an admission computes those once for
     the block, and each sequence's own 40, which attend to the 60 and causally to each
@@ -61,7 +76,7 @@ def test_a_shared_prefix_is_prefilled_once_per_block():
     values, so what is stored is unchanged; the offloading runner reads every row's copy in
     decode, while in memory a step reads each row's own 40 + 5.5 tokens and attends to the
     prefix once, as many-query attention."""
-    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps=1e10, kv_decode_bps=2e9,
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, attention_bps={"bfloat16": 1e10}, kv_decode_bps=2e9,
                           prompt_attention_flops=2.5e11))
     in_memory = Policy(gpu_batch_size=4, num_gpu_batches=2)
     offloaded = replace(in_memory, weights_device=0.5)
@@ -141,7 +156,7 @@ def test_the_prompt_shape_the_planner_is_told():
 
 
 def test_overlapped_io_slows_compute_by_the_measured_share():
-    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, share=0.75, attention_bps=1e10))
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, share=0.75, attention_bps={"bfloat16": 1e10}))
     costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
     alone = HW.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
     for comp, comp_alone, io in ((costs.pre["compute"], alone.pre["compute"], costs.pre["io"]),
@@ -165,7 +180,7 @@ def test_overlapped_reads_use_the_busy_disk_rate(overlap):
 @pytest.mark.parametrize("dequantize_rate,fused_wins", [(1e9, True), (1e12, False)])
 def test_compressed_layer_costs_by_hand(dequantize_rate, fused_wins):
     rates = {"bfloat16": FLAT, "float32": FLAT, "int4": {1: 2.5e11, 2048: 2.5e11}}
-    hw = CpuModel(profile(rates, attention_bps=1e10, kv_decode_bps=2e9,
+    hw = CpuModel(profile(rates, attention_bps={"bfloat16": 1e10}, kv_decode_bps=2e9,
                           dequantize_params_per_s={"int4": dequantize_rate}))
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=True, compress_cache=True)
     costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
@@ -312,7 +327,7 @@ def test_planner_with_compression_returns_compressed_policies_that_fit():
 # this machine's profile, rounded (2-core EPYC, bf16 without AMX)
 EPYC = profile({"bfloat16": {1: 1.69e10, 8: 1.23e11, 32: 2.62e11, 128: 3.73e11, 512: 4.18e11, 2048: 3.97e11},
                 "float32": {1: 1e10, 2048: 1.5e11}},
-               read=1.53e9, write=1.99e9, busy=1.55e9, share=0.844, memory=24 << 30, attention_bps=8.15e9)
+               read=1.53e9, write=1.99e9, busy=1.55e9, share=0.844, memory=24 << 30, attention_bps={"bfloat16": 8.15e9})
 OPT_1_3B = config_from_hf_dict({"model_type": "opt", "vocab_size": 50272, "hidden_size": 2048, "ffn_dim": 8192,
                                 "num_hidden_layers": 24, "num_attention_heads": 32,
                                 "max_position_embeddings": 2048})
@@ -354,13 +369,13 @@ def test_compute_rates_follow_a_spot_check_of_current_speed(monkeypatch):
     from flexbatch import profiling as hardware
 
     then = profile({"bfloat16": {1: 1e10, 512: 4e11}, "int4": {512: 1.6e11}},
-                   attention_bps=1e10, dequantize_params_per_s={"int4": 1e9})
+                   attention_bps={"bfloat16": 1e10}, dequantize_params_per_s={"int4": 1e9})
     monkeypatch.setattr(hardware, "measure_matmul", lambda dtype, rows_list: {rows_list[0]: 3.2e11})
     now = hardware.at_current_speed(then, torch.bfloat16)
     assert now.cpu.matmul_flops == {"bfloat16": {1: pytest.approx(8e9), 512: pytest.approx(3.2e11)},
                                     "int4": {512: pytest.approx(1.28e11)}}
     assert now.cpu.dequantize_params_per_s == {"int4": pytest.approx(8e8)}
-    assert (now.cpu.attention_bps, now.disk) == (1e10, then.disk)
+    assert (now.cpu.attention_bps, now.disk) == ({"bfloat16": 1e10}, then.disk)
     assert hardware.at_current_speed(then, torch.float16) is then  # no table to compare with
 
 
@@ -392,7 +407,7 @@ def test_the_planner_weighs_kv_cache_compression_and_says_why(kv_decode_bps, com
     from flexbatch.config import COMPRESS_IF_FASTER
     from flexbatch.planner import plan_policy
 
-    slow_disk = profile({"bfloat16": FLAT, "float32": FLAT}, read=1e8, write=1e8, attention_bps=1e10,
+    slow_disk = profile({"bfloat16": FLAT, "float32": FLAT}, read=1e8, write=1e8, attention_bps={"bfloat16": 1e10},
                         kv_decode_bps=kv_decode_bps)
     work = Workload(prompt_len=100, gen_len=200)
     tight = budget(0.35)
@@ -423,7 +438,7 @@ def test_the_planner_weighs_kv_cache_compression_and_says_why(kv_decode_bps, com
 def test_a_forced_setting_names_the_faster_one_it_forgoes():
     from flexbatch.planner import plan_policy
 
-    slow_disk = profile({"bfloat16": FLAT, "float32": FLAT}, read=1e8, write=1e8, attention_bps=1e10,
+    slow_disk = profile({"bfloat16": FLAT, "float32": FLAT}, read=1e8, write=1e8, attention_bps={"bfloat16": 1e10},
                         kv_decode_bps=1e12)
     plan = plan_policy(CFG, FAMILY, torch.bfloat16, torch.device("cpu"), slow_disk, Workload(100, 200), budget(0.35),
                        block_size=64)
@@ -435,8 +450,8 @@ def test_a_forced_setting_names_the_faster_one_it_forgoes():
 def test_decode_kv_reads_are_priced_at_the_rate_of_their_own_pattern():
     """Decode reads each K or V prefix in one large request, one in flight: those bytes cost
     the profile's KV read rate; weight reads keep the busy rate of several 4 MiB requests."""
-    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, read=1e9, write=5e8, busy=8e8, attention_bps=1e10,
-                          kv_read_busy_bps=2.5e8))
+    hw = CpuModel(profile({"bfloat16": FLAT, "float32": FLAT}, read=1e9, write=5e8, busy=8e8,
+                          attention_bps={"bfloat16": 1e10}, kv_read_busy_bps=2.5e8))
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_device=0.0, cache_device=0.0)
     costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, policy, WORK)
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024

@@ -138,7 +138,7 @@ def decode_attention_seconds(cfg: ModelConfig, dtype: torch.dtype, cpu: ComputeR
     in_memory = policy.all_in_memory("cpu")
     batch, t = policy.block_size, work.computed_prompt_len(True) + work.gen_len / 2
     shared = work.shared_prefix if in_memory else 0
-    seconds = batch * (t - shared) * kv_dense / cpu.attention_bps
+    seconds = batch * (t - shared) * kv_dense / cpu.attention_rate(dtype)
     if shared:
         # each row's queries over the prefix: scores and weighted values
         seconds += cpu.attention_seconds(dtype, policy.gpu_batch_size, batch * 4 * shared * cfg.attention_width)

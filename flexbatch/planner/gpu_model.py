@@ -158,10 +158,10 @@ class GpuModel(MachineModel):
             # queries go to the CPU (keys and values are the stored rows) and outputs come back
             crossing = {"to_gpu": B * cfg.hidden_size * element_size(dtype) * C_OFF / H,
                         "to_host": B * cfg.hidden_size * element_size(dtype) * C_OFF / G}
-            compute = compute + attended * (C_GPU / rates.attention_bps + C_OFF / gpu.cpu_attention_bps) \
+            compute = compute + attended * (C_GPU / rates.attention_rate(dtype) + C_OFF / gpu.cpu_attention_bps) \
                 + crossing["to_gpu"] + crossing["to_host"]
         else:
-            compute = compute + attended * ONE / rates.attention_bps
+            compute = compute + attended * ONE / rates.attention_rate(dtype)
         gen = _lanes(weight_in, cache_in, gen_store, compute, crossing)
         return LayerCosts(pre, gen, THREAD_LANES)
 

@@ -42,8 +42,9 @@ class ComputeRates:
     # "int4" for torch's fused kernel on 4-bit weights (absent where torch has none)
     matmul_flops: dict[str, dict[int, float]]
     # decode attention as the engine computes it (on a CPU, the C kernel that reads only the
-    # keys each query sees): bytes of visible K and V (compute dtype) per second
-    attention_bps: float = INF
+    # keys each query sees): bytes of visible K and V per second, by compute dtype (as
+    # matmul_flops: a CPU without fast bf16 attends ~9x faster in fp32)
+    attention_bps: dict[str, float] = field(default_factory=dict)
     kv_decode_bps: float = INF  # a compressed KV cache dequantized, bytes of the compute dtype per second
     # compressed weights: parameters dequantized per second, by format ("int4", "int8")
     dequantize_params_per_s: dict[str, float] = field(default_factory=dict)
@@ -61,6 +62,12 @@ class ComputeRates:
         dequantize = {name: v * factor for name, v in self.dequantize_params_per_s.items()}
         prompt_attention = self.prompt_attention_flops and self.prompt_attention_flops * factor
         return ComputeRates(flops, self.attention_bps, self.kv_decode_bps, dequantize, prompt_attention)
+
+    def attention_rate(self, dtype: torch.dtype) -> float:
+        """Decode attention's bytes/s in `dtype`; without a measurement in it, float32's or
+        the one there is (a GPU's, in its compute dtype); unpriced (INF) without any."""
+        rates = self.attention_bps
+        return rates.get(str(dtype).removeprefix("torch.")) or rates.get("float32") or next(iter(rates.values()), INF)
 
     def attention_seconds(self, dtype: torch.dtype, rows: int, flop: float) -> float:
         """Seconds of `flop` of many-query attention over `rows` query rows at a time."""

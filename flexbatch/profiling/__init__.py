@@ -27,7 +27,7 @@ from .cpu import (
 )
 
 # bump when what is measured changes (11: probes read into huge pages; 12: reads while computing
-# timed by the reads): cached profiles are measured again
+# timed by the reads, and attention in both dtypes): cached profiles are measured again
 PROFILE_VERSION = 12
 
 __all__ = ["at_current_speed", "hardware_profile", "load_or_measure", "measure"]
@@ -96,7 +96,8 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     dequantize = {f"int{bits}": measure_dequantize(bits) for bits in (4, 8)}
     log("measuring attention and KV cache dequantization...")
     kernel = native_kernels()
-    attention = measure_attention(torch.bfloat16, kernel=kernel)
+    attention = {str(dtype).removeprefix("torch."): measure_attention(dtype, kernel=kernel)
+                 for dtype in (torch.bfloat16, torch.float32)}
     kv_decode = measure_kv_decode(torch.bfloat16, fused_ops=kernel and kernel.fused)
     prompt_attention = measure_prompt_attention(torch.bfloat16, kernel=kernel)
     cpu = ComputeRates(flops, attention, kv_decode, dequantize, prompt_attention)

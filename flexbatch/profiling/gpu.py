@@ -76,7 +76,7 @@ def measure_gpu(log=lambda msg: None) -> GpuRates:
     log("measuring GPU matmul, attention and dequantization speed...")
     flops = {str(dtype).removeprefix("torch."): measure_matmul(dtype, 4096, rows_list=GPU_MATMUL_ROWS, device=gpu)}
     dequantize = {f"int{bits}": measure_dequantize(bits, 4096, device=gpu) for bits in (4, 8)}
-    attention = measure_attention(dtype, batch=64, device=gpu)
+    attention = {str(dtype).removeprefix("torch."): measure_attention(dtype, batch=64, device=gpu)}
     kv_decode = measure_kv_decode(dtype, batch=64, device=gpu)
     prompt_attention = measure_prompt_attention(dtype, batch=64, device=gpu)
     log("measuring CPU attention over host-RAM rows and the engine's per-operation time...")
