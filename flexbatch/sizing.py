@@ -144,11 +144,13 @@ def kv_stored_bytes(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, tokens
 
 
 def working_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, prompt_width: int, capacity: int) -> int:
-    """Activations of the whole block and the temporaries of one GPU batch's layer compute."""
+    """Activations of the whole block and the temporaries of one layer compute: a GPU batch's
+    prompts, or a decode step's whole block (on a CPU it computes all B rows at once)."""
     elt = torch.empty((), dtype=dtype).element_size()
     block, gbs = policy.block_size, policy.gpu_batch_size
     hidden = block * prompt_width * cfg.hidden_size * elt
-    temporaries = gbs * prompt_width * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elt
+    rows = max(gbs * prompt_width, block)
+    temporaries = rows * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elt
     scores = gbs * cfg.num_heads * prompt_width * capacity * 4
     logits = block * cfg.vocab_size * 4 * 2
     return hidden + temporaries + scores + logits

@@ -89,6 +89,9 @@ def test_weights_are_placed_by_fraction(tiny_model, tmp_path, fractions):
 
 
 def test_schedule_loads_before_use_and_modes_do_the_same_work(tiny_model, tmp_path):
+    """The executor's trace: prefill computes each (layer, GPU batch) on its own; a decode
+    step computes each layer once for the whole block, its attention reaching each GPU
+    batch's cache between that cache's load and its store."""
     folder, _ = tiny_model("opt_pre_ln")
     traces = {}
     for overlap in (True, False):
@@ -98,21 +101,30 @@ def test_schedule_loads_before_use_and_modes_do_the_same_work(tiny_model, tmp_pa
             llm.runner.executor.trace = []
             llm.generate(PROMPTS[:6], SamplingParams(max_new_tokens=3, ignore_eos=True))
             traces[overlap] = llm.runner.executor.trace
-    num_layers = 3
+    num_layers, uses = 3, (OpKind.COMPUTE, OpKind.ATTEND)
     for overlap, steps in traces.items():
         assert len(steps) == 3
         carried = []  # weight loads issued by the previous step for this one
-        for ops in steps:
+        for i, ops in enumerate(steps):
+            computes = [op for op in ops if op.kind is OpKind.COMPUTE]
+            # the prompts' step per GPU batch, the two decode steps once per layer for the block
+            assert [op.batch for op in computes] == ([0, 1, 2] if i == 0 else [None]) * num_layers
             for n, op in enumerate(ops):
+                before = carried + [o for o in ops[:n] if o.token == 0]
                 if op.kind is OpKind.COMPUTE:
-                    before = carried + [o for o in ops[:n] if o.token == 0]
                     assert Op(OpKind.LOAD_WEIGHT, op.layer) in before
+                if op.kind is OpKind.ATTEND:  # inside its layer's compute of the block
+                    assert [o for o in before if o.kind is OpKind.COMPUTE][-1] == Op(OpKind.COMPUTE, op.layer)
+                if op.kind in uses and op.batch is not None:
                     assert Op(OpKind.LOAD_CACHE, op.layer, op.batch) in before
                     assert Op(OpKind.STORE_CACHE, op.layer, op.batch) in ops[n + 1:]
             # one weight load per layer per token, reused by all three GPU batches
             loads = carried + [o for o in ops if o.kind is OpKind.LOAD_WEIGHT and o.token == 0]
             assert sorted(o.layer for o in loads) == list(range(num_layers))
-            assert sum(op.kind is OpKind.COMPUTE for op in ops) == num_layers * 3
+            reached = [(o.layer, o.batch) for o in ops if o.kind in uses and o.batch is not None]
+            assert sorted(reached) == [(j, k) for j in range(num_layers) for k in range(3)]
+            for kind in (OpKind.LOAD_CACHE, OpKind.STORE_CACHE):
+                assert sorted((o.layer, o.batch) for o in ops if o.kind is kind) == sorted(reached)
             carried = [replace(o, token=0) for o in ops if o.token == 1]
         # the overlapped order loads the next token's first layer during the last layer
         assert carried == ([Op(OpKind.LOAD_WEIGHT, 0)] if overlap else [])

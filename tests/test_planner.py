@@ -69,6 +69,20 @@ def test_decode_attention_is_priced_at_the_rate_measured_in_the_runs_dtype():
         costs = hw.layer_costs(CFG, FAMILY, dtype, policy, WORK)
         assert costs.gen["compute"][0] == pytest.approx(batch * 2 * params / 1e12 + batch * t * kv / rate)
 
+
+def test_decode_matmuls_are_priced_at_the_whole_blocks_rows():
+    """A decode step multiplies all the block's rows by each weight at once (the engine's
+    BlockDecodeStep), so its matmuls cost their FLOPs at the rate measured at B rows, not at
+    a GPU batch's: here 4 x 2 sequences, a matmul of 4 rows at 1e11 FLOP/s, of 8 at 4e11
+    (fp32 [2048 x 8192] on 2 AVX2 cores: 31 GFLOP/s at 32 rows, 85 at 256)."""
+    rows_rates = {1: 2.5e10, 4: 1e11, 8: 4e11, 2048: 4e11}
+    hw = CpuModel(profile({"bfloat16": rows_rates}, attention_bps={"bfloat16": 1e10}))
+    costs = hw.layer_costs(CFG, FAMILY, torch.bfloat16, Policy(gpu_batch_size=4, num_gpu_batches=2), WORK)
+    params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
+    batch, t, kv = 8, 100 + 11 / 2, 2 * 16 * 64 * 2
+    assert costs.gen["compute"][0] == pytest.approx(batch * 2 * params / 4e11 + batch * t * kv / 1e10)
+
+
 def test_a_shared_prefix_is_prefilled_once_per_block():
     """Prompts of 100 tokens whose first 60 all share: an admission computes those once for
     the block, and each sequence's own 40, which attend to the 60 and causally to each

@@ -70,26 +70,42 @@ class RecordingHome:
 
 
 class RecordingStep:
+    """Records computes; a compute of the whole block (batch None) reads its caches' stream
+    and records each GPU batch it reaches. Counts the caches loaded and not yet stored."""
+
     def __init__(self, token: int, events: list):
         self.token, self.events = token, events
+        self.held, self.most_held = set(), 0
+        self._lock = threading.Lock()
 
     def load_cache(self, layer, batch):
+        with self._lock:
+            self.held.add((layer, batch))
+            self.most_held = max(self.most_held, len(self.held))
         return (layer, batch)
 
     def compute(self, layer, batch, weights, cache):
-        assert weights[0] == layer and cache == (layer, batch)
-        self.events.append(("compute", self.token, layer, batch, weights))
+        assert weights[0] == layer
+        if batch is not None:
+            assert cache == (layer, batch)
+            self.events.append(("compute", self.token, layer, batch, weights))
+            return
+        for k, reached in enumerate(cache.caches()):
+            assert reached == (layer, k)
+            self.events.append(("compute", self.token, layer, k, weights))
 
     def store_cache(self, layer, batch):
-        pass
+        with self._lock:
+            self.held.remove((layer, batch))  # KeyError if stored twice or never loaded
 
 
-def run_tokens(io, overlap: bool, num_layers: int = 3, num_gpu_batches: int = 2, num_tokens: int = 3):
+def run_tokens(io, overlap: bool, num_layers: int = 3, num_gpu_batches: int = 2, num_tokens: int = 3,
+               whole_block: bool = False):
     events: list = []
     home = RecordingHome(events)
     executor = Executor(home, io, CopyStreams(torch.device("cpu")), overlap)
     for token in range(num_tokens):
-        executor.run_step(RecordingStep(token, events), num_layers, num_gpu_batches)
+        executor.run_step(RecordingStep(token, events), num_layers, num_gpu_batches, whole_block)
     executor.drain()
     return events, home
 
@@ -107,13 +123,27 @@ def test_executor_uses_the_first_layer_loaded_by_the_previous_step():
     assert home.most_held == READ_SLOTS
 
 
+@pytest.mark.parametrize("whole_block", [False, True])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_threaded_executor_holds_at_most_the_read_slots(overlap):
+def test_threaded_executor_holds_at_most_the_read_slots(overlap, whole_block):
     with ThreadPoolExecutor(max_workers=3) as pool:
         events, home = run_tokens(pool if overlap else InlineIO(), overlap, num_layers=4, num_gpu_batches=3,
-                                  num_tokens=4)
+                                  num_tokens=4, whole_block=whole_block)
     assert not home.held and home.most_held <= READ_SLOTS
-    assert sum(e[0] == "compute" for e in events) == 4 * 4 * 3
+    reached = [e[1:4] for e in events if e[0] == "compute"]
+    assert reached == [(t, j, k) for t in range(4) for j in range(4) for k in range(3)]  # in order, each once
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_whole_block_compute_holds_one_cache_and_reads_the_next_ahead(overlap):
+    """Streaming a layer's caches to a compute of the whole block keeps no more of them
+    loaded than the per-GPU-batch schedule: the one attended and, overlapped, the next."""
+    step = RecordingStep(0, [])
+    executor = Executor(RecordingHome([]), InlineIO(), CopyStreams(torch.device("cpu")), overlap)
+    executor.run_step(step, 3, 4, whole_block=True)
+    executor.drain()
+    assert not step.held and step.most_held == (2 if overlap else 1)
+    assert len(step.events) == 3 * 4
 
 
 def test_a_failed_step_gives_its_read_slots_back():

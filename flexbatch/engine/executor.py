@@ -8,6 +8,10 @@ stores, so the next step's loads see this step's cache rows. Layer weights come 
 `WeightHome`-like object (load -> a held load, release); cache loads, compute and stores
 from the step's `StepWork`. The overlapped schedule loads the next step's first layer
 during this step's last (schedule.py): the executor keeps that load across steps.
+
+In a step over the whole block (`schedule.block_schedule`), a layer's one compute is handed
+a `BlockCaches` (a `kernels.CacheStream`), which loads, hands over and stores back the GPU
+batches' caches one after another as the layer's attention reaches them.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ class StepWork(Protocol):
 
     def load_cache(self, layer: int, batch: int) -> Any: ...
 
-    def compute(self, layer: int, batch: int, weights: Any, cache: Any) -> None: ...
+    def compute(self, layer: int, batch: int | None, weights: Any, cache: Any) -> None:
+        """batch None: the whole block, its caches a `BlockCaches`."""
 
     def store_cache(self, layer: int, batch: int) -> None: ...
 
@@ -50,17 +55,18 @@ class Executor:
         self.trace: list[list[Op]] | None = None  # set to a list to record each step's operations
         self._next_first: Future | None = None  # the next step's first layer, loaded ahead
 
-    def run_step(self, work: StepWork, num_layers: int, num_gpu_batches: int) -> float:
-        """Run one token step; returns the seconds compute waited for loads (I/O not hidden)."""
-        ops = token_schedule(num_layers, num_gpu_batches, self.overlap, self._next_first is not None)
+    def run_step(self, work: StepWork, num_layers: int, num_gpu_batches: int, whole_block: bool = False) -> float:
+        """Run one token step (`whole_block`: one compute per layer for all GPU batches);
+        returns the seconds compute waited for loads (I/O not hidden)."""
+        ops = token_schedule(num_layers, num_gpu_batches, self.overlap, self._next_first is not None, whole_block)
+        step = _Step(self, work, num_layers, num_gpu_batches)
         if self.trace is not None:
-            self.trace.append(ops)
-        step = _Step(self, work, num_gpu_batches)
+            self.trace.append(step.done)
         if self._next_first is not None:
             step.weights[0], self._next_first = self._next_first, None
         try:
             for op in ops:
-                step.handlers[op.kind](op)
+                step.run(op)
         finally:
             step.release_held()  # only after an error: a finished step holds none
             for future in step.stores:
@@ -83,14 +89,27 @@ class Executor:
 class _Step:
     """The state of one step's run: loads in flight, stores to wait for, time spent waiting."""
 
-    def __init__(self, executor: Executor, work: StepWork, num_gpu_batches: int):
-        self.executor, self.work, self.last_batch = executor, work, num_gpu_batches - 1
+    def __init__(self, executor: Executor, work: StepWork, num_layers: int, num_gpu_batches: int):
+        self.executor, self.work = executor, work
+        self.num_layers, self.last_batch = num_layers, num_gpu_batches - 1
         self.weights: dict[int, Future] = {}
         self.caches: dict[tuple[int, int], Future] = {}
         self.stores: list[Future] = []
         self.waited = 0.0
+        self.done: list[Op] = []  # the operations run, in order (the executor's trace)
         self.handlers = {OpKind.LOAD_WEIGHT: self.load_weight, OpKind.LOAD_CACHE: self.load_cache,
-                         OpKind.COMPUTE: self.compute, OpKind.STORE_CACHE: self.store_cache}
+                         OpKind.COMPUTE: self.compute, OpKind.STORE_CACHE: self.store_cache,
+                         OpKind.ATTEND: lambda op: None}
+
+    def run(self, op: Op) -> None:
+        self.done.append(op)
+        self.handlers[op.kind](op)
+
+    def wait(self, future: Future) -> Any:
+        began = time.perf_counter()
+        result = future.result()
+        self.waited += time.perf_counter() - began
+        return result
 
     def load_weight(self, op: Op) -> None:
         future = self.executor.submit(self.executor.weights.load, op.layer)
@@ -103,12 +122,11 @@ class _Step:
         self.caches[op.layer, op.batch] = self.executor.submit(self.work.load_cache, op.layer, op.batch)
 
     def compute(self, op: Op) -> None:
-        began = time.perf_counter()
-        cache = self.caches.pop((op.layer, op.batch)).result()
-        weights = self.weights[op.layer].result()
-        self.waited += time.perf_counter() - began
+        whole = op.batch is None
+        cache = BlockCaches(self, op.layer) if whole else self.wait(self.caches.pop((op.layer, op.batch)))
+        weights = self.wait(self.weights[op.layer])
         self.work.compute(op.layer, op.batch, weights, cache)
-        if op.batch == self.last_batch:  # every GPU batch has used this layer's weights
+        if whole or op.batch == self.last_batch:  # every GPU batch has used this layer's weights
             self.executor.weights.release(self.weights.pop(op.layer).result())
 
     def release_held(self) -> None:
@@ -122,3 +140,28 @@ class _Step:
         # issued after the compute that wrote the rows it stores (the mark orders it on a GPU)
         after = self.executor.streams.mark()
         self.stores.append(self.executor.submit(self.work.store_cache, op.layer, op.batch, after=after))
+
+
+class BlockCaches:
+    """The caches of one layer's GPU batches for a compute over the whole block, as a
+    `kernels.CacheStream`: each is waited for when attention reaches it (loaded then, in the
+    sequential mode), and stored back once attention asks for the next. Overlapped, reaching
+    one issues the load of the next (after the last: the next layer's first), so one cache
+    is read while the one before is attended, and the next layer's first during this layer's
+    matmuls after attention."""
+
+    def __init__(self, step: _Step, layer: int):
+        self.step, self.layer = step, layer
+
+    def caches(self):
+        step, layer, overlap = self.step, self.layer, self.step.executor.overlap
+        for batch in range(step.last_batch + 1):
+            if not overlap:
+                step.run(Op(OpKind.LOAD_CACHE, layer, batch))
+            cache = step.wait(step.caches.pop((layer, batch)))
+            following = (layer, batch + 1) if batch < step.last_batch else (layer + 1, 0)
+            if overlap and following[0] < step.num_layers:
+                step.run(Op(OpKind.LOAD_CACHE, *following))
+            step.run(Op(OpKind.ATTEND, layer, batch))
+            yield cache
+            step.run(Op(OpKind.STORE_CACHE, layer, batch))

@@ -49,7 +49,7 @@ from ..weights.source import TensorSource
 from .executor import Executor, InlineIO
 from .kv_cache import BatchKV, KVFormat, block_pools
 from .memory import detect_budget
-from .offload_steps import AdmitStep, PrefillOnlyStep, TokenStep, cache_parts
+from .offload_steps import AdmitStep, BlockDecodeStep, PrefillOnlyStep, TokenStep, cache_parts
 from .runner import Runner, family_recomputes_at, make_context, packed_context, shift_slots
 from .scoring import PackedRows
 from .streams import CopyStreams
@@ -209,11 +209,24 @@ class OffloadRunner(Runner):
     def step_hidden(self, inputs: list[torch.Tensor], key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Hidden states after this runner's layers, one tensor per GPU batch, of inputs [b, S]
         appended at cache slot `start`."""
+        end = start + inputs[0].shape[1]
+        if self._whole_block(inputs):
+            ctx = make_context(self.cfg, self.family, key_valid, start, self.dtype, self.device,
+                               self.policy.attn_sparsity, self.kv_rotation, self.decode)
+            hidden = self._run([torch.cat(inputs)], [ctx], lambda h: BlockDecodeStep(self, h, ctx, start, end),
+                               whole_block=True)
+            return list(hidden[0].split([b.stop - b.start for b in self.batches]))
         ctxs = [make_context(self.cfg, self.family, key_valid[b], start, self.dtype, self.device,
                              self.policy.attn_sparsity, self.kv_rotation, self.decode)
                 for b in self.batches]
-        end = start + inputs[0].shape[1]
         return self._run(inputs, ctxs, lambda h: TokenStep(self, h, ctxs, start, end))
+
+    def _whole_block(self, inputs: list[torch.Tensor]) -> bool:
+        """Whether a step computes each layer once for the whole block (`BlockDecodeStep`):
+        decode steps of several GPU batches on a CPU, where a matmul over all the block's rows
+        is faster than one per GPU batch. A GPU keeps one compute per GPU batch: its copy
+        streams' ordering (streams.py) is not wired through a `BlockCaches`."""
+        return self.unified and len(self.batches) > 1 and all(x.shape[1] == 1 for x in inputs)
 
     @torch.inference_mode()
     def admit_hidden(self, rows: list[int], inputs: list[torch.Tensor], key_valid: torch.Tensor, end: int,
@@ -274,15 +287,17 @@ class OffloadRunner(Runner):
     def _hidden(self, input_ids: torch.Tensor, key_valid: torch.Tensor, start: int) -> list[torch.Tensor]:
         return self.step_hidden(self.step_inputs(input_ids), key_valid, start)
 
-    def _run(self, inputs: list[torch.Tensor], ctxs: list, work_of) -> list[torch.Tensor]:
+    def _run(self, inputs: list[torch.Tensor], ctxs: list, work_of, whole_block: bool = False) -> list[torch.Tensor]:
         """Each GPU batch's inputs through this runner's layers (input ids are embedded
-        first); work_of(hidden) is the step's cache and compute operations (a `StepWork`)."""
+        first); work_of(hidden) is the step's cache and compute operations (a `StepWork`).
+        `whole_block`: the one input is the whole block's, computed once per layer."""
         if self.layers.start == 0:
             hidden = [self.family.embed(self.cfg, self.home.globals, ids.to(self.device), ctx)
                       for ids, ctx in zip(inputs, ctxs)]
         else:
             hidden = [h.to(self.device, self.dtype) for h in inputs]
-        self.wait_seconds += self.executor.run_step(work_of(hidden), len(self.layers), len(inputs))
+        batches = len(self.batches) if whole_block else len(inputs)
+        self.wait_seconds += self.executor.run_step(work_of(hidden), len(self.layers), batches, whole_block)
         return hidden
 
 

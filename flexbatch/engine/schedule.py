@@ -7,6 +7,10 @@ complete in the background; the executor waits on a load only when its compute s
 The overlapped order also reaches across token steps: during the last layer it loads the
 next step's first layer (an Op with `token` 1), so the next step starts with its weights
 already read and the time between steps (sampling, the next call) hides that read too.
+
+A decode step on a CPU computes each layer once for the whole block (`block_schedule`): its
+weight matmuls run over every row at once, and attention reaches the GPU batches' caches one
+after another (`Executor`'s `BlockCaches` loads and stores them as it goes).
 """
 from __future__ import annotations
 
@@ -19,13 +23,14 @@ class OpKind(enum.Enum):
     LOAD_CACHE = "load_cache"
     COMPUTE = "compute"
     STORE_CACHE = "store_cache"
+    ATTEND = "attend"  # recorded only: attention over one GPU batch's cache in a block compute
 
 
 @dataclass(frozen=True)
 class Op:
     kind: OpKind
     layer: int
-    batch: int | None = None  # None for weight loads
+    batch: int | None = None  # None for weight loads and a compute of the whole block
     token: int = 0  # 0: this token step; 1: a weight load for the next one
 
 
@@ -55,7 +60,25 @@ def overlapped_schedule(num_layers: int, num_gpu_batches: int, first_layer_loade
     return ops
 
 
-def token_schedule(num_layers: int, num_gpu_batches: int, overlap: bool, first_layer_loaded: bool = False) -> list[Op]:
+def block_schedule(num_layers: int, overlap: bool, first_layer_loaded: bool = False) -> list[Op]:
+    """One compute per layer for the whole block; its caches are loaded and stored as its
+    attention reaches them. Overlapped, the next layer's weights (after the last layer: the
+    next token's first) load during this layer, and the first cache before the first compute."""
+    if not overlap:
+        return [op for j in range(num_layers) for op in (Op(OpKind.LOAD_WEIGHT, j), Op(OpKind.COMPUTE, j))]
+    ops = [] if first_layer_loaded else [Op(OpKind.LOAD_WEIGHT, 0)]
+    ops.append(Op(OpKind.LOAD_CACHE, 0, 0))
+    for j in range(num_layers):
+        ops.append(Op(OpKind.LOAD_WEIGHT, j + 1) if j + 1 < num_layers else Op(OpKind.LOAD_WEIGHT, 0, token=1))
+        ops.append(Op(OpKind.COMPUTE, j))
+    return ops
+
+
+def token_schedule(num_layers: int, num_gpu_batches: int, overlap: bool, first_layer_loaded: bool = False,
+                   whole_block: bool = False) -> list[Op]:
+    """`whole_block`: one compute per layer (`block_schedule`), else one per (layer, GPU batch)."""
+    if whole_block:
+        return block_schedule(num_layers, overlap, first_layer_loaded)
     if overlap:
         return overlapped_schedule(num_layers, num_gpu_batches, first_layer_loaded)
     return sequential_schedule(num_layers, num_gpu_batches)

@@ -8,10 +8,11 @@ kernel cannot know from its inputs, such as which 4-bit kernel is faster on this
 is handed to it (`KernelChoice`), never measured or read from the environment here.
 """
 from . import fused
-from .attention import AttentionStep, CacheSegments, SharedKeys, cached_attention, grouped_attention
+from .attention import AttentionStep, CacheSegments, CacheStream, SharedKeys, cached_attention, grouped_attention
 from .choice import KernelChoice
 from .linear import dequantize_for_block, linear
 from .native import DecodeKernel, NativeBuildError, build_decode_kernel
 
-__all__ = ["fused", "AttentionStep", "CacheSegments", "DecodeKernel", "KernelChoice", "NativeBuildError", "SharedKeys",
-           "build_decode_kernel", "cached_attention", "dequantize_for_block", "grouped_attention", "linear"]
+__all__ = ["fused", "AttentionStep", "CacheSegments", "CacheStream", "DecodeKernel", "KernelChoice", "NativeBuildError",
+           "SharedKeys", "build_decode_kernel", "cached_attention", "dequantize_for_block", "grouped_attention",
+           "linear"]

@@ -1,5 +1,6 @@
-"""Attention over a KV cache: a cache in one tensor, or split by sequence into segments that
-live on different devices (`CacheSegments`), plain or rotated (a compressed cache).
+"""Attention over a KV cache: a cache in one tensor, split by sequence into segments that
+live on different devices (`CacheSegments`), or handed over a GPU batch at a time as attention
+reaches it (`CacheStream`); plain or rotated (a compressed cache).
 
 Shapes in comments: B batch, S new tokens this step, T keys (cache length after this step),
 H query heads, Hkv key/value heads, D head dim.
@@ -7,6 +8,7 @@ H query heads, Hkv key/value heads, D head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,19 @@ class CacheSegments:
     part of the cache is in host RAM): only queries, new keys and values, and outputs move."""
 
     parts: list[torch.Tensor]
+
+
+@runtime_checkable
+class CacheStream(Protocol):
+    """K and V of a block's sequences, handed over in order of their rows, one group of
+    consecutive sequences at a time: the caller (the offloading engine) loads each group
+    when attention reaches it and stores it back once attention asks for the next, so a
+    decode step multiplies the whole block by each weight at once while its cache streams
+    through memory a GPU batch at a time. Passed as both k_cache and v_cache."""
+
+    def caches(self) -> Iterator[tuple]:
+        """Each group's (K, V): tensors [n, Hkv, capacity, D] or `CacheSegments`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -60,8 +75,17 @@ class AttentionStep:
     shared: SharedKeys | None = None  # with `decode`: keys read once for many sequences
 
     def for_rows(self, rows: slice) -> "AttentionStep":
-        """The step for a slice of the batch (a mask shared by all sequences stays shared)."""
-        return self if self.mask.shape[0] == 1 else replace(self, mask=self.mask[rows])
+        """The step for a slice of the batch (a mask shared by all sequences stays shared).
+        On a CPU it starts at the slice's own first visible key: a decode step over the whole
+        block gets the block's first, and reading fewer keys is less work and rounds as a
+        step over that slice alone does."""
+        if self.mask.shape[0] == 1:
+            return self
+        mask = self.mask[rows]
+        if mask.is_cuda:  # attention there reads every key anyway (`_attend_cache`)
+            return replace(self, mask=mask)
+        visible = (mask > torch.finfo(mask.dtype).min).flatten(0, 2).any(0)
+        return replace(self, mask=mask, first=max(self.first, int(visible.int().argmax())))
 
 
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache, v_cache,
@@ -89,7 +113,9 @@ def _times(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 
 def _attend_cache(q, k_new, v_new, k_cache, v_cache, step: AttentionStep) -> torch.Tensor:
     if isinstance(k_cache, CacheSegments):
-        return _attend_segments(q, k_new, v_new, k_cache, v_cache, step)
+        return _attend_segments(q, k_new, v_new, zip(k_cache.parts, v_cache.parts), step)
+    if isinstance(k_cache, CacheStream):
+        return _attend_segments(q, k_new, v_new, _stream_segments(k_cache), step)
     if step.decode is not None and k_cache is not None and step.keep == 1.0 and step.decode.supports(q, k_cache):
         return _decode(q, k_new, v_new, k_cache, v_cache, step)
     assert step.rows is None, "only the decode kernel computes a subset of a cache's rows"
@@ -163,11 +189,21 @@ def _attend_shared(q: torch.Tensor, shared: SharedKeys, step: AttentionStep) -> 
     return unfold(out[0].float()), unfold(lse[0].unsqueeze(-1)).squeeze(-1)
 
 
-def _attend_segments(q, k_new, v_new, k_cache: CacheSegments, v_cache: CacheSegments,
+def _stream_segments(stream: CacheStream) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A stream's groups as (K, V) tensors of consecutive sequences, in order."""
+    for keys, values in stream.caches():
+        if isinstance(keys, CacheSegments):
+            yield from zip(keys.parts, values.parts)
+        else:
+            yield keys, values
+
+
+def _attend_segments(q, k_new, v_new, segments: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      step: AttentionStep) -> torch.Tensor:
+    """Attention over (K, V) segments of consecutive sequences, each where it lives."""
     out, first = torch.empty_like(q), 0
     end = step.start + q.shape[2]
-    for keys, values in zip(k_cache.parts, v_cache.parts):
+    for keys, values in segments:
         rows = slice(first, first + keys.shape[0])
         first = rows.stop
         part_step = step.for_rows(rows)

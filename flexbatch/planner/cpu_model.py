@@ -10,7 +10,7 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
     io_gen  = w_disk * W / R + c_disk * B * t * K / Rkv + c_disk * B * K / Wr,   t = s + n / 2
     (a compressed cache keeps its last cache_window tokens at Kd as well: sizing.kv_stored_bytes)
     comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / Fa + cpu_io * io_pre
-    comp_gen = B * 2 * P / Fw(gbs) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
+    comp_gen = B * 2 * P / Fw(B) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
 
 (with a prompt prefix of p tokens that every sequence shares, prefill computes it once and
 each sequence's s - p others over it, terms.prefill_seconds; in memory a decode step reads
@@ -25,7 +25,9 @@ prefix), F(rows): measured matmul FLOP/s at that many rows, Fw: the same with th
 as stored (compressed weights cost the cheaper of the fused int4 kernel, measured, and one
 measured dequantization per layer load plus dense matmuls).
 
-Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
+A decode step multiplies the whole block by each weight at once (the engine computes each
+layer once for all its GPU batches on a CPU), hence Fw(B); a prompt's rows go a GPU batch at
+a time. Two terms go beyond FlexGen's, both measured by the profile because a CPU is not a GPU:
 decode attention is bound by memory, not FLOPs, so it costs the cache's bytes over the
 measured attention rate A of the engine's kernel (and, for a compressed cache, over the
 measured dequantization rate Dq); and overlapped disk reads slow the matmuls on the same
@@ -83,11 +85,12 @@ class CpuModel(MachineModel):
         return replace(policy, weights_device=w_mem, weights_host=0.0, cache_device=c_mem, cache_host=0.0)
 
     def batch_sizes(self, dtype: torch.dtype, sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        """GPU batch sizes at which decode matmuls run below MIN_MATMUL_EFFICIENCY of the
-        machine's peak are tried only when no larger one fits: there, per-operation costs
-        this model does not price (many small loads, stores and kernel calls per layer)
-        dominate, and predictions were measured to be optimistic (8 x 8 sequences ran 32%
-        below its prediction on the planner benchmark, while 64 x 1 was within 4%)."""
+        """GPU batch sizes at which a matmul of that many rows runs below
+        MIN_MATMUL_EFFICIENCY of the machine's peak are tried only when no larger one fits:
+        there, per-operation costs this model does not price (many small loads, stores and
+        kernel calls per layer) dominate, and predictions were measured to be optimistic (8 x
+        8 sequences ran 32% below its prediction on the planner benchmark, while 64 x 1 was
+        within 4%; measured before decode steps multiplied the whole block at once)."""
         peak = max(self.rates.flops(dtype, rows) for rows in (1 << p for p in range(14)))
         efficient = [g for g in sizes if self.rates.flops(dtype, g) >= MIN_MATMUL_EFFICIENCY * peak]
         return efficient, [g for g in sizes if g not in efficient]
@@ -122,7 +125,8 @@ class CpuModel(MachineModel):
             attention += batch * (t - dense_window(policy, t)) * kv_dense / cpu.kv_decode_bps
         comp_pre = prefill_seconds(cpu, dtype, bits, params, active, cfg.attention_width, batch, gpu_batch_size, work,
                                    policy.all_in_memory("cpu"))
-        comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, gpu_batch_size, 1, active) + attention
+        # a decode step's matmuls take the whole block's rows at once (engine/offload_steps.py)
+        comp_gen = weight_matmul_seconds(cpu, dtype, bits, params, batch, batch, 1, active) + attention
         io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
         return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre},
                           gen={"io": io_gen, "compute": comp_gen * ONE + io_cpu * io_gen},
