@@ -161,3 +161,16 @@ def test_a_failed_step_gives_its_read_slots_back():
     executor.drain()
     assert not home.held
     executor.run_step(RecordingStep(1, events), 3, 2)  # the slots are free for the next batch
+
+
+def test_a_whole_block_compute_that_skips_caches_is_an_error():
+    """A layer that did not attend every GPU batch's cache would leave it unstored (its new
+    token lost, its buffers never freed): the executor says so instead of going on."""
+    class SkipsLast(RecordingStep):
+        def compute(self, layer, batch, weights, cache):
+            for k, _ in zip(range(1), cache.caches()):
+                pass
+
+    with pytest.raises(RuntimeError, match="did not attend every GPU batch's cache"):
+        Executor(RecordingHome([]), InlineIO(), CopyStreams(torch.device("cpu")), True).run_step(
+            SkipsLast(0, []), 3, 2, whole_block=True)

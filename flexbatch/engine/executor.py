@@ -126,6 +126,8 @@ class _Step:
         cache = BlockCaches(self, op.layer) if whole else self.wait(self.caches.pop((op.layer, op.batch)))
         weights = self.wait(self.weights[op.layer])
         self.work.compute(op.layer, op.batch, weights, cache)
+        if whole and not cache.finished:  # its last caches would never be stored nor their buffers freed
+            raise RuntimeError(f"layer {op.layer}'s compute of the whole block did not attend every GPU batch's cache")
         if whole or op.batch == self.last_batch:  # every GPU batch has used this layer's weights
             self.executor.weights.release(self.weights.pop(op.layer).result())
 
@@ -152,6 +154,7 @@ class BlockCaches:
 
     def __init__(self, step: _Step, layer: int):
         self.step, self.layer = step, layer
+        self.finished = False  # every cache handed over and stored
 
     def caches(self):
         step, layer, overlap = self.step, self.layer, self.step.executor.overlap
@@ -165,3 +168,4 @@ class BlockCaches:
             step.run(Op(OpKind.ATTEND, layer, batch))
             yield cache
             step.run(Op(OpKind.STORE_CACHE, layer, batch))
+        self.finished = True
