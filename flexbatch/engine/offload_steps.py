@@ -31,15 +31,21 @@ class TokenStep:
         return self.runner.kv[layer][batch].load(self.start)
 
     def compute(self, layer: int, batch: int, loaded: LayerLoad, cache) -> None:
-        r, (k_cache, v_cache) = self.runner, cache
-        r.streams.claim(_tensors_of([k_cache, v_cache, *loaded.weights.values()]))
-        if batch == 0:
+        k_cache, v_cache = cache
+        self.runner.streams.claim(_tensors_of([k_cache, v_cache, *loaded.weights.values()]))
+        self._advance(layer, batch, loaded, k_cache, v_cache)
+
+    def _advance(self, layer: int, index: int, loaded: LayerLoad, k_cache, v_cache) -> None:
+        """hidden[index] through `layer` over the given caches; the first of the step's
+        computes of a layer dequantizes its weights for the block, the last drops them."""
+        r, last = self.runner, index == len(self.hidden) - 1
+        if index == 0:
             dequantize_for_block(loaded.weights.values(), self.rows)
-        self.hidden[batch] = r.family.layer(r.cfg, loaded.weights, self.hidden[batch], self.ctxs[batch],
+        self.hidden[index] = r.family.layer(r.cfg, loaded.weights, self.hidden[index], self.ctxs[index],
                                             k_cache, v_cache, r.layers[layer])
-        if batch == len(self.hidden) - 1:
+        if last:
             _drop_dense_copies(loaded.weights)
-        if self.hidden[batch].shape[1] > 1 or batch == len(self.hidden) - 1:
+        if self.hidden[index].shape[1] > 1 or last:
             # freed heap fragments (malloc.py): a prompt's temporaries come in many sizes, and a
             # decode step's grow by a token each step, so last step's freed blocks rarely fit
             give_back_freed_memory()
@@ -59,12 +65,7 @@ class BlockDecodeStep(TokenStep):
         super().__init__(runner, hidden, [ctx], start, end)
 
     def compute(self, layer: int, batch: None, loaded: LayerLoad, cache) -> None:
-        r = self.runner
-        dequantize_for_block(loaded.weights.values(), self.rows)
-        self.hidden[0] = r.family.layer(r.cfg, loaded.weights, self.hidden[0], self.ctxs[0], cache, cache,
-                                        r.layers[layer])
-        _drop_dense_copies(loaded.weights)
-        give_back_freed_memory()  # attention's temporaries grow by a token each step (TokenStep)
+        self._advance(layer, 0, loaded, cache, cache)  # the one hidden tensor: first and last
 
 
 class PrefillOnlyStep(TokenStep):
