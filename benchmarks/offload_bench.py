@@ -6,7 +6,9 @@ after the page cache is dropped, so neither profits from the OS caching the mode
 are random, in a published OPT shape (benchmarks/dummy_model.py). Metric (FlexGen's):
 generated tokens / (prefill time + decode time). The roofline is the time the hardware
 needs at least for the flexbatch policy: per step, the larger of the disk time (bytes read /
-measured O_DIRECT bandwidth) and the compute time (FLOPs / measured matmul FLOP/s). Both
+measured O_DIRECT bandwidth) and the compute time (FLOPs / measured matmul FLOP/s); the
+contended roofline counts how much reading slows the matmuls on this machine (its profile's
+compute share during reads: compute + (1 - share) x disk time when compute is longer). Both
 systems compute in --dtype: bfloat16, or float32 on a CPU without fast bf16 (AVX2 only),
 where a bf16 matmul runs several times slower than fp32.
 
@@ -265,7 +267,8 @@ def main() -> None:
     bandwidth = disk_read_bandwidth(work)
     from flexbatch.profiling import hardware_profile
 
-    hardware_profile(work, log=print)  # measured here, outside the memory limit, and cached for the children
+    # measured here, outside the memory limit, and cached for the children
+    compute_share = hardware_profile(work, log=print).disk.compute_share_during_reads
     print(f"model {args.shape}: {sum(f.stat().st_size for f in model.glob('*.safetensors')) / 2**30:.2f} GiB, "
           f"memory limit {memory / 2**30:.2f} GiB, disk O_DIRECT read {bandwidth / 1e9:.2f} GB/s")
     common = {"model": str(model), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "memory": memory,
@@ -287,7 +290,7 @@ def main() -> None:
                 gbs, ngb = r["policy"]["gpu_batch_size"], f"{r['policy']['num_gpu_batches']} (plan)"
             if "error" not in r:
                 r.update(probes)
-                r.update(run_figures(cfg, r, args.prompt_len, args.gen_len, args.dtype))
+                r.update(run_figures(cfg, r, args.prompt_len, args.gen_len, args.dtype, compute_share))
             results["flexbatch"].append({"gbs": gbs, "ngb": ngb, "compress": compress, **r})
             print_row("flexbatch", f"{gbs}x{ngb}" + ("" if compress == "none" else f" {compress}"), r)
     for batch in [int(b) for b in args.hf_batches.split(",") if b]:
@@ -317,7 +320,9 @@ def print_row(system: str, batch: str, r: dict) -> None:
     if "roofline_fraction" in r:
         extra = (f", disk {r['disk_read_GBps']:.2f} GB/s read + {r['disk_write_GBps']:.2f} written "
                  f"({100 * r['disk_share_of_probe']:.0f}% of the probe), "
-                 f"{100 * r['roofline_fraction']:.0f}% of roofline")
+                 f"{100 * r['roofline_fraction']:.0f}% of roofline, "
+                 f"{100 * r['roofline_fraction_contended']:.0f}% of the roofline of matmuls at "
+                 f"{100 * r['compute_share_during_reads']:.0f}% speed while the disk reads")
     if "prediction_error" in r:
         extra += f", planner predicted {r['predicted_throughput']:.2f} tok/s ({100 * r['prediction_error']:+.0f}%)"
     if r.get("roofline_fraction_at_run_disk"):

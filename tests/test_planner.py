@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flexbatch.config import Policy
+from flexbatch.devices import default_dtype
 from flexbatch.errors import ConfigError
 from flexbatch.models import get_family
 from flexbatch.models.spec import config_from_hf_dict
@@ -370,9 +371,12 @@ def test_disk_only_refresh_keeps_the_rest_of_the_profile(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "measure", lambda folder, log: replace(EPYC, fingerprint="this machine"))
     first = hardware.load_or_measure(cache, tmp_path)
     monkeypatch.setattr(hardware, "measure", lambda folder, log: pytest.fail("the whole profile was measured again"))
-    monkeypatch.setattr(hardware, "measure_disk", lambda folder: (1e9, 2e9, 5e8, 0.5))
+    probed = []
+    monkeypatch.setattr(hardware, "measure_disk", lambda folder, dtype: probed.append(dtype) or (1e9, 2e9, 5e8, 0.5))
     refreshed = hardware.load_or_measure(cache, tmp_path, disk_only=True)
     assert refreshed.disk == DiskRates(1e9, 2e9, 5e8, 0.5)
+    # the reads overlap matmuls in the dtype the engine computes in here (fp32 without fast bf16)
+    assert probed == [default_dtype(torch.device("cpu"))]
     assert refreshed.cpu == first.cpu
     assert hardware.load_or_measure(cache, tmp_path) == refreshed  # and it is what later plans read
 

@@ -27,8 +27,9 @@ from .cpu import (
 )
 
 # bump when what is measured changes (11: probes read into huge pages; 12: reads while computing
-# timed by the reads, and attention in both dtypes): cached profiles are measured again
-PROFILE_VERSION = 12
+# timed by the reads, and attention in both dtypes; 13: reads while computing in the CPU's
+# compute dtype): cached profiles are measured again
+PROFILE_VERSION = 13
 
 __all__ = ["at_current_speed", "hardware_profile", "load_or_measure", "measure"]
 
@@ -84,7 +85,7 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     import psutil
 
     log("measuring disk bandwidth (O_DIRECT)...")
-    disk = DiskRates(*measure_disk(folder))
+    disk = measure_disk_rates(folder)
     flops = {}
     for dtype in (torch.bfloat16, torch.float32):
         log(f"measuring {str(dtype).removeprefix('torch.')} matmul throughput...")
@@ -109,6 +110,15 @@ def measure(folder: Path, log=lambda msg: None) -> HardwareProfile:
     return HardwareProfile(fingerprint(folder), psutil.virtual_memory().total, cpu, disk, gpu)
 
 
+def measure_disk_rates(folder: Path) -> DiskRates:
+    """The disk's rates, its reads overlapped with matmuls in the dtype the engine computes
+    in on this CPU by default (`devices.default_dtype`): how much the reads slow the matmuls
+    depends on the dtype, and the planner prices overlapped reads with it."""
+    from ..devices import default_dtype
+
+    return DiskRates(*measure_disk(folder, dtype=default_dtype(torch.device("cpu"))))
+
+
 def native_kernels():
     """The C kernels the engine computes attention with on this machine, as it builds them
     (model_policy.decode_kernel, whose folder this is), or None where they cannot be built:
@@ -131,7 +141,7 @@ def load_or_measure(cache_file: Path, offload_folder: Path, force: bool = False,
     if disk_only and cache_file.is_file():
         profile = load_or_measure(cache_file, offload_folder, log=log)
         log("measuring disk bandwidth (O_DIRECT)...")
-        profile = replace(profile, disk=DiskRates(*measure_disk(offload_folder)))
+        profile = replace(profile, disk=measure_disk_rates(offload_folder))
         cache_file.write_text(json.dumps(profile.to_json(), indent=1))
         return profile
     if cache_file.is_file() and not force:

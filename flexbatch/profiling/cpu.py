@@ -23,11 +23,14 @@ DRIFT_PROBE_BYTES = 256 << 20
 ATTENTION_BYTES = 512 << 20  # K and V a decode attention probe reads: more than any L3 here (480 MiB on one)
 
 
-def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float, float]:
+def measure_disk(folder: Path, nbytes: int = PROBE_BYTES,
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[float, float, float, float, float]:
     """(read, write, read while computing) bytes/s with O_DIRECT, 4 MiB requests, 4 in
-    flight, as the engine reads weights; the third with bf16 matmuls running on the main
+    flight, as the engine reads weights; the third with `dtype` matmuls running on the main
     thread, whose speed then, as a share of their speed alone, is the fourth. The fifth:
-    reads while computing as decode reads the KV cache, KV_REQUEST at a time, one in flight."""
+    reads while computing as decode reads the KV cache, KV_REQUEST at a time, one in flight.
+    The share depends on the dtype: on an AVX2-only CPU fp32 matmuls lose 38% to the reads,
+    bf16 ones (emulated, 5x slower) 30%."""
     from ..storage.aligned import aligned_bytes
     from ..storage.disk import DiskFile
 
@@ -37,6 +40,7 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float,
     buf.fill_(1)
     file = DiskFile(path, nbytes)
     chunks = range(0, nbytes, CHUNK)
+    multiply = _probe_multiply(dtype)
     try:
         with ThreadPoolExecutor(4) as pool:
             start = time.perf_counter()
@@ -46,9 +50,9 @@ def measure_disk(folder: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float,
             start = time.perf_counter()
             list(pool.map(lambda s: file.read_into(buf, s, s + CHUNK), chunks))
             read = nbytes / (time.perf_counter() - start)
-            busy, share = _read_while_computing(pool, file, buf, nbytes, CHUNK)
+            busy, share = _read_while_computing(pool, file, buf, nbytes, CHUNK, multiply=multiply)
         with ThreadPoolExecutor(1) as one:
-            kv_busy, _ = _read_while_computing(one, file, buf, nbytes, KV_REQUEST, passes=1)
+            kv_busy, _ = _read_while_computing(one, file, buf, nbytes, KV_REQUEST, passes=1, multiply=multiply)
     finally:
         file.close()
         path.unlink(missing_ok=True)
@@ -79,18 +83,20 @@ def disk_read_now(folder: Path, nbytes: int = DRIFT_PROBE_BYTES) -> float | None
         return None
 
 
-def _read_while_computing(pool, file, buf, nbytes: int, request: int, passes: int = 3,
-                          multiply=None) -> tuple[float, float]:
+def _probe_multiply(dtype: torch.dtype):
+    """A [512, 2048] x [2048, 8192] matmul in `dtype`: it releases the GIL and keeps every
+    core busy, as a layer's matmuls do."""
+    x = torch.randn(512, 2048, dtype=dtype)
+    w = torch.randn(8192, 2048, dtype=dtype)
+    return lambda: torch.nn.functional.linear(x, w)
+
+
+def _read_while_computing(pool, file, buf, nbytes: int, request: int, multiply, passes: int = 3) -> tuple[float, float]:
     """Read the probe `passes` times over in `request`-byte reads on `pool` while the main
     thread multiplies matrices; the matmul rate is compared with its rate alone, measured
     just before and just after. The reads are timed to the last one's end: one multiply can
     outlast them all (a bf16 [512, 2048] x [2048, 8192] takes 0.9 s on an AVX2-only CPU,
     where 512 MiB read in 0.2 s), so timing them by the multiplies measured those instead."""
-    if multiply is None:
-        x = torch.randn(512, 2048, dtype=torch.bfloat16)
-        w = torch.randn(8192, 2048, dtype=torch.bfloat16)
-        multiply = lambda: torch.nn.functional.linear(x, w)  # releases the GIL, keeps the cores busy
-
     def rate(until) -> float:
         start, count = time.perf_counter(), 0
         while not until(time.perf_counter() - start):
