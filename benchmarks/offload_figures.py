@@ -71,9 +71,10 @@ def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: 
     larger of the disk time (its weights' and KV cache's bytes on disk, read and written,
     over the measured O_DIRECT read bandwidth) and the compute time (FLOPs at the dtype's
     matmul speed for the whole block, even for compressed weights: a lower bound).
-    compute_share < 1: the matmuls run at that share of their speed while the disk reads
-    (the profile's `compute_share_during_reads`; 0.62 for fp32 on this 2-core AVX2 VM), so
-    a step computing longer than it reads takes its compute plus (1 - share) x its reads."""
+    `roofline_contended_s`: the same where the matmuls run at `compute_share` of their speed
+    while the disk reads (the profile's `compute_share_during_reads`; 0.62-0.67 for fp32 on
+    this 2-core AVX2 VM), so a step computing longer than it reads takes its compute plus
+    (1 - share) x its reads."""
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     batch = policy["gpu_batch_size"] * policy["num_gpu_batches"]
     layer_params = 12 * h * h + 9 * h
@@ -94,15 +95,17 @@ def roofline(cfg: dict, policy: dict, prompt_len: int, gen_len: int, bandwidth: 
     f_decode = matmul_flops(batch, h, dtype)
     head = 2 * cfg["vocab_size"] * h
     prefill_flops = batch * prompt_len * (2 * layer_params * layers + 2 * prompt_len * h * layers) + batch * head
-    step = lambda io, compute: max(io, compute + (1 - compute_share) * io)
-    prefill = step(weight_io + cache_io(prompt_len), prefill_flops / f_prefill)
-    decode = 0.0
+    # (disk, compute) seconds of the prefill, then of each decode step
+    steps = [(weight_io + cache_io(prompt_len), prefill_flops / f_prefill)]
     for i in range(1, gen_len):
         ctx = prompt_len + i
         flops = batch * (2 * layer_params * layers + 4 * ctx * h * layers + head)
-        decode += step(weight_io + cache_io(ctx), flops / f_decode)
+        steps.append((weight_io + cache_io(ctx), flops / f_decode))
+    prefill, decode = max(steps[0]), sum(max(step) for step in steps[1:])
+    contended = sum(max(io, compute + (1 - compute_share) * io) for io, compute in steps)
     return {"roofline_s": prefill + decode, "roofline_prefill_s": prefill, "roofline_decode_s": decode,
-            "weight_io_s_per_step": weight_io, "flops_prefill": f_prefill, "flops_decode": f_decode}
+            "roofline_contended_s": contended, "weight_io_s_per_step": weight_io, "flops_prefill": f_prefill,
+            "flops_decode": f_decode}
 
 
 def run_figures(cfg: dict, r: dict, prompt_len: int, gen_len: int, dtype: str = "bfloat16",
@@ -114,11 +117,10 @@ def run_figures(cfg: dict, r: dict, prompt_len: int, gen_len: int, dtype: str = 
     also the roofline of a machine whose reads slow its matmuls that much (`_contended`)."""
     seconds = r["prefill_s"] + r["decode_s"]
     around = (r["probe_before_Bps"] + r["probe_after_Bps"]) / 2
-    out = roofline(cfg, r["policy"], prompt_len, gen_len, around, dtype)
-    contended = roofline(cfg, r["policy"], prompt_len, gen_len, around, dtype, compute_share)["roofline_s"]
+    out = roofline(cfg, r["policy"], prompt_len, gen_len, around, dtype, compute_share)
     out.update(disk_figures(r, around), roofline_fraction=out["roofline_s"] / seconds,
-               compute_share_during_reads=compute_share, roofline_contended_s=contended,
-               roofline_fraction_contended=contended / seconds,
+               compute_share_during_reads=compute_share,
+               roofline_fraction_contended=out["roofline_contended_s"] / seconds,
                prediction_error=r["predicted_throughput"] / r["throughput"] - 1)
     if out["disk_busy_GBps"]:
         at_run = roofline(cfg, r["policy"], prompt_len, gen_len, out["disk_busy_GBps"] * 1e9, dtype)["roofline_s"]

@@ -20,6 +20,9 @@ from .storage.tiers import Tier
 
 GiB = 1 << 30
 KV_IN_FLIGHT = 4  # (layer, GPU batch) caches in flight: computing, loading next, two storing
+# A decode step over the whole block (engine.schedule.block_schedule) reads this many caches
+# ahead of the one attention is at, out of the same buffers: a read waits for a lagging store.
+CACHES_READ_AHEAD = KV_IN_FLIGHT - 1
 # Memory a run takes beyond its tensors: allocator arenas of the I/O threads, torch's
 # temporaries and first-use caches. Measured growth beyond the tensors was 35-50 MiB.
 RUNTIME_OVERHEAD = 64 << 20

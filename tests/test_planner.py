@@ -20,7 +20,7 @@ from flexbatch.models.spec import config_from_hf_dict
 from flexbatch.planner import ComputeRates, DiskRates, HardwareProfile, Workload, evaluate, search
 from flexbatch.planner.cpu_model import CpuModel
 from flexbatch.planner.terms import term_value
-from flexbatch.sizing import MemoryBudget, run_memory
+from flexbatch.sizing import CACHES_READ_AHEAD, MemoryBudget, run_memory
 
 FLAT = {r: 1e12 for r in (1, 2048)}
 
@@ -85,28 +85,28 @@ def test_decode_matmuls_are_priced_at_the_whole_blocks_rows():
     assert costs.gen["compute"][0] == pytest.approx(batch * 2 * params / 4e11 + batch * t * kv / 1e10)
 
 
-def test_a_decode_step_reads_all_but_the_first_cache_behind_attention():
-    """A decode step over 4 GPU batches of 2 (weights and cache on disk): only GPU batch 0's
-    cache is read during the matmuls; each later one is read once attention reaches the one
-    before. By hand: matmuls 1 s (1.6e10 FLOPs at 1.6e10), attention 0.4 s, cache reads 2 s
-    (1e9 B/s), weights 0.5 s, 80% of matmul speed left while reading: the window is
-    1 + 0.4 / 4 + 0.2 x (0.5 + 2 / 4) + 3/4 x 2 = 2.8 s, longer than reads (2.5 s plus the
-    write) and compute (1.4 + 0.2 x 2.5). One GPU batch of 8 reads its cache ahead: its
-    step takes its reads."""
+def test_a_decode_step_reads_caches_behind_attention_beyond_the_first_few():
+    """A decode step over 8 GPU batches of 1 (weights and cache on disk): the first
+    a = CACHES_READ_AHEAD caches are read during the matmuls; each later one once attention
+    reaches the one a before it. By hand: matmuls 1 s (1.6e10 FLOPs at 1.6e10), attention
+    0.4 s, cache reads 2 s (1e9 B/s), weights 0.5 s, 80% of matmul speed left while reading:
+    the window is 1 + 0.4 a / 8 + 0.2 x (0.5 + 2 a / 8) + (8 - a) / 8 x 2 (2.65 s at a = 3),
+    longer than the reads (2.5 s plus the write) and compute (1.4 + 0.2 x 2.5). A step of
+    no more GPU batches than it reads ahead reads them all during the matmuls."""
     params = 4 * (1024 * 1024 + 1024) + (4096 * 1024 + 4096) + (1024 * 4096 + 1024) + 4 * 1024
-    batch, t, kv = 8, 100 + 11 / 2, 2 * 16 * 64 * 2
+    batch, t, kv, a = 8, 100 + 11 / 2, 2 * 16 * 64 * 2, CACHES_READ_AHEAD
     flops = batch * 2 * params  # a decode step's matmuls, one layer
     cache_bytes = batch * t * kv
     hw = CpuModel(profile({"bfloat16": {1: flops, 2048: flops}}, read=2 * params / 0.5, write=1e12,
                           kv_read_busy_bps=cache_bytes / 2, share=0.8, attention_bps={"bfloat16": cache_bytes / 0.4}))
-    disk = Policy(gpu_batch_size=2, num_gpu_batches=4, weights_device=0, cache_device=0)
+    disk = Policy(gpu_batch_size=1, num_gpu_batches=8, weights_device=0, cache_device=0)
     x = CpuModel.placement(hw, disk)
     gen = hw.layer_costs(CFG, FAMILY, torch.bfloat16, disk, WORK).gen
-    assert term_value(gen["attention_window"], x) == pytest.approx(1 + 0.1 + 0.2 * 1.0 + 1.5)
-    assert max(term_value(lane, x) for lane in gen.values()) == term_value(gen["attention_window"], x)
-    one = hw.layer_costs(CFG, FAMILY, torch.bfloat16, replace(disk, gpu_batch_size=8, num_gpu_batches=1), WORK).gen
-    assert "attention_window" not in one
-    assert max(term_value(lane, x) for lane in one.values()) == pytest.approx(2.5 + batch * kv / 1e12)
+    window = 1 + 0.4 * a / 8 + 0.2 * (0.5 + 2 * a / 8) + (8 - a) / 8 * 2
+    assert term_value(gen["attention_window"], x) == pytest.approx(window)
+    assert max(term_value(lane, x) for lane in gen.values()) == pytest.approx(max(window, 2.5 + batch * kv / 1e12))
+    few = replace(disk, gpu_batch_size=batch // a, num_gpu_batches=a)
+    assert "attention_window" not in hw.layer_costs(CFG, FAMILY, torch.bfloat16, few, WORK).gen
 
 
 def test_a_shared_prefix_is_prefilled_once_per_block():

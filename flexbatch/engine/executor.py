@@ -19,7 +19,8 @@ import time
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from .schedule import Op, OpKind, token_schedule
+from ..sizing import CACHES_READ_AHEAD
+from .schedule import Op, OpKind, block_cache, token_schedule
 from .streams import CopyStreams
 
 
@@ -148,9 +149,9 @@ class BlockCaches:
     """The caches of one layer's GPU batches for a compute over the whole block, as a
     `kernels.CacheStream`: each is waited for when attention reaches it (loaded then, in the
     sequential mode), and stored back once attention asks for the next. Overlapped, reaching
-    one issues the load of the next (after the last: the next layer's first), so one cache
-    is read while the one before is attended, and the next layer's first during this layer's
-    matmuls after attention."""
+    one issues the load of the one CACHES_READ_AHEAD further (into the next layer's after
+    this layer's last), so several are read while one is attended, and the next layer's
+    first ones during this layer's matmuls after attention."""
 
     def __init__(self, step: _Step, layer: int):
         self.step, self.layer = step, layer
@@ -158,13 +159,14 @@ class BlockCaches:
 
     def caches(self):
         step, layer, overlap = self.step, self.layer, self.step.executor.overlap
-        for batch in range(step.last_batch + 1):
+        n = step.last_batch + 1
+        for batch in range(n):
             if not overlap:
                 step.run(Op(OpKind.LOAD_CACHE, layer, batch))
             cache = step.wait(step.caches.pop((layer, batch)))
-            following = (layer, batch + 1) if batch < step.last_batch else (layer + 1, 0)
-            if overlap and following[0] < step.num_layers:
-                step.run(Op(OpKind.LOAD_CACHE, *following))
+            ahead = block_cache(layer * n + batch + CACHES_READ_AHEAD, n)
+            if overlap and ahead[0] < step.num_layers:
+                step.run(Op(OpKind.LOAD_CACHE, *ahead))
             step.run(Op(OpKind.ATTEND, layer, batch))
             yield cache
             step.run(Op(OpKind.STORE_CACHE, layer, batch))

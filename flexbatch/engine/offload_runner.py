@@ -33,6 +33,7 @@ from ..kernels.packed import free_dense_buffers
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..sizing import (
+    CACHES_READ_AHEAD,
     KV_IN_FLIGHT,
     MemoryBudget,
     kv_bytes_per_token,
@@ -82,7 +83,8 @@ class OffloadRunner(Runner):
                               * layer_weight_bytes(cfg, family, dtype, policy.weight_quant), "the weights kept on disk")
         self.home = WeightHome(cfg, family, source, policy, dtype, device, self.offload_dir / "weights", kernels,
                                self.layers)
-        self.io = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flexbatch-io")
+        # the next layer's weight load, the caches read ahead, a store
+        self.io = ThreadPoolExecutor(max_workers=CACHES_READ_AHEAD + 2, thread_name_prefix="flexbatch-io")
         self.streams = CopyStreams(device)
         self.executor = Executor(self.home, self.io if policy.overlap else InlineIO(), self.streams, policy.overlap)
         self.kv: list[list[BatchKV]] = []  # [layer][GPU batch]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ..sizing import CACHES_READ_AHEAD
+
 
 class OpKind(enum.Enum):
     LOAD_WEIGHT = "load_weight"
@@ -60,14 +62,22 @@ def overlapped_schedule(num_layers: int, num_gpu_batches: int, first_layer_loade
     return ops
 
 
-def block_schedule(num_layers: int, overlap: bool, first_layer_loaded: bool = False) -> list[Op]:
+def block_cache(position: int, num_gpu_batches: int) -> tuple[int, int]:
+    """The (layer, GPU batch) of a whole-block step's `position`-th cache, in the order its
+    attention reaches them: layer by layer, GPU batch by GPU batch."""
+    return divmod(position, num_gpu_batches)
+
+
+def block_schedule(num_layers: int, num_gpu_batches: int, overlap: bool, first_layer_loaded: bool = False) -> list[Op]:
     """One compute per layer for the whole block; its caches are loaded and stored as its
     attention reaches them. Overlapped, the next layer's weights (after the last layer: the
-    next token's first) load during this layer, and the first cache before the first compute."""
+    next token's first) load during this layer, and the first CACHES_READ_AHEAD caches before
+    the first compute."""
     if not overlap:
         return [op for j in range(num_layers) for op in (Op(OpKind.LOAD_WEIGHT, j), Op(OpKind.COMPUTE, j))]
     ops = [] if first_layer_loaded else [Op(OpKind.LOAD_WEIGHT, 0)]
-    ops.append(Op(OpKind.LOAD_CACHE, 0, 0))
+    ahead = min(CACHES_READ_AHEAD, num_layers * num_gpu_batches)
+    ops += [Op(OpKind.LOAD_CACHE, *block_cache(p, num_gpu_batches)) for p in range(ahead)]
     for j in range(num_layers):
         ops.append(Op(OpKind.LOAD_WEIGHT, j + 1) if j + 1 < num_layers else Op(OpKind.LOAD_WEIGHT, 0, token=1))
         ops.append(Op(OpKind.COMPUTE, j))
@@ -78,7 +88,7 @@ def token_schedule(num_layers: int, num_gpu_batches: int, overlap: bool, first_l
                    whole_block: bool = False) -> list[Op]:
     """`whole_block`: one compute per layer (`block_schedule`), else one per (layer, GPU batch)."""
     if whole_block:
-        return block_schedule(num_layers, overlap, first_layer_loaded)
+        return block_schedule(num_layers, num_gpu_batches, overlap, first_layer_loaded)
     if overlap:
         return overlapped_schedule(num_layers, num_gpu_batches, first_layer_loaded)
     return sequential_schedule(num_layers, num_gpu_batches)

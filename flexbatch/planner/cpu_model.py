@@ -5,17 +5,17 @@ Time of one block of B = gpu_batch_size * num_gpu_batches sequences, prompt s, n
 
     T = L * T_pre + L * (n - 1) * T_gen                      (per-layer terms, L layers)
     T_pre = max(io_pre, comp_pre)   (sum instead of max without overlap)
-    T_gen = max(io_gen, comp_gen)   (one GPU batch; with more, see the window below)
+    T_gen = max(io_gen, comp_gen)   (few GPU batches; with more, see the window below)
     io_pre  = w_disk * W / R + c_disk * B * s * K / Wr
     io_gen  = w_disk * W / R + c_disk * B * t * K / Rkv + c_disk * B * K / Wr,   t = s + n / 2
     (a compressed cache keeps its last cache_window tokens at Kd as well: sizing.kv_stored_bytes)
     comp_pre = B * s * 2 * P / Fw(gbs * s) + B * 2 * s^2 * C / Fa + cpu_io * io_pre
     comp_gen = B * 2 * P / Fw(B) + B * t * Kd / A [+ B * t * Kd / Dq] + cpu_io * io_gen
-    T_gen = max(io_gen, comp_gen, window)   with n = num_gpu_batches > 1 GPU batches, where
-    window = B * 2 * P / Fw(B) + attention / n + (n - 1) / n * kv_in
-             + cpu_io * (w_disk * W / R + kv_in / n),   kv_in = c_disk * B * t * K / Rkv
-    (a decode step reads the GPU batches' caches one at a time as attention reaches them:
-    only the first overlaps the matmuls; `attention_window`)
+    T_gen = max(io_gen, comp_gen, window)   with n = num_gpu_batches > a GPU batches, where
+    window = B * 2 * P / Fw(B) + attention * a / n + (n - a) / n * kv_in
+             + cpu_io * (w_disk * W / R + kv_in * a / n),   kv_in = c_disk * B * t * K / Rkv
+    (a decode step reads the GPU batches' caches a = CACHES_READ_AHEAD ahead of the one
+    attention is at: only the first a overlap the matmuls; `attention_window`)
 
 (with a prompt prefix of p tokens that every sequence shares, prefill computes it once and
 each sequence's s - p others over it, terms.prefill_seconds; in memory a decode step reads
@@ -56,6 +56,7 @@ from ..config import Policy
 from ..models.family import Family
 from ..models.spec import ModelConfig
 from ..sizing import (
+    CACHES_READ_AHEAD,
     active_layer_params,
     dense_window,
     kv_bytes_per_token,
@@ -135,7 +136,7 @@ class CpuModel(MachineModel):
         matmuls = weight_matmul_seconds(cpu, dtype, bits, params, batch, batch, 1, active)
         io_cpu = (1 - disk.compute_share_during_reads) if policy.overlap else 0.0
         gen = {"io": io_gen, "compute": (matmuls + attention) * ONE + io_cpu * io_gen}
-        if policy.num_gpu_batches > 1:
+        if policy.num_gpu_batches > CACHES_READ_AHEAD:
             gen["attention_window"] = attention_window(matmuls, attention, cache_in, weight_io, io_cpu,
                                                        policy.num_gpu_batches)
         return LayerCosts(pre={"io": io_pre, "compute": comp_pre * ONE + io_cpu * io_pre}, gen=gen,
@@ -144,14 +145,15 @@ class CpuModel(MachineModel):
 
 def attention_window(matmuls: float, attention: float, cache_in: np.ndarray, weight_io: np.ndarray,
                      io_cpu: float, num_gpu_batches: int) -> np.ndarray:
-    """A decode layer over the whole block as the executor runs it (`BlockCaches`): only the
-    first GPU batch's cache is read during the matmuls (with the weights); each later one is
-    read once attention reaches the one before, so the other (n - 1) / n of the cache reads
-    queue behind attention. On a disk slower than attention that window, not the longest
-    lane, sets the pace: 16 x 16 ran 28% below a prediction without it, 64 x 4 9% above."""
-    n = num_gpu_batches
-    during_matmuls = weight_io + cache_in / n
-    return (matmuls + attention / n) * ONE + io_cpu * during_matmuls + (n - 1) / n * cache_in
+    """A decode layer over the whole block as the executor runs it (`BlockCaches`): the first
+    a = CACHES_READ_AHEAD of its n GPU batches' caches are read during the matmuls (with the
+    weights); each later one once attention reaches the one a before it, so (n - a) / n of
+    the cache reads queue behind attention. On a disk slower than attention that window,
+    not the longest lane, sets the pace (reading one cache ahead, 16 x 16 ran 28% below a
+    prediction without it, 64 x 4 9% above)."""
+    n, a = num_gpu_batches, CACHES_READ_AHEAD
+    during_matmuls = weight_io + cache_in * a / n
+    return (matmuls + attention * a / n) * ONE + io_cpu * during_matmuls + (n - a) / n * cache_in
 
 
 def decode_attention_seconds(cfg: ModelConfig, dtype: torch.dtype, cpu: ComputeRates, policy: Policy, work: Workload,
