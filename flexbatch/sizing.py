@@ -19,7 +19,7 @@ from .models.spec import ModelConfig
 from .storage.tiers import Tier
 
 GiB = 1 << 30
-KV_IN_FLIGHT = 4  # (layer, GPU batch) caches in flight: computing, loading next, two storing
+KV_IN_FLIGHT = 4  # (layer, GPU batch) caches whose buffers are held at once: computed, loading ahead, storing
 # A decode step over the whole block (engine.schedule.block_schedule) reads this many caches
 # ahead of the one attention is at, out of the same buffers: a read waits for a lagging store.
 CACHES_READ_AHEAD = KV_IN_FLIGHT - 1
