@@ -116,7 +116,7 @@ def measure_disk_rates(folder: Path) -> DiskRates:
     depends on the dtype, and the planner prices overlapped reads with it."""
     from ..devices import default_dtype
 
-    return DiskRates(*measure_disk(folder, dtype=default_dtype(torch.device("cpu"))))
+    return DiskRates(*measure_disk(folder, default_dtype(torch.device("cpu"))))
 
 
 def native_kernels():

@@ -23,8 +23,8 @@ DRIFT_PROBE_BYTES = 256 << 20
 ATTENTION_BYTES = 512 << 20  # K and V a decode attention probe reads: more than any L3 here (480 MiB on one)
 
 
-def measure_disk(folder: Path, nbytes: int = PROBE_BYTES,
-                 dtype: torch.dtype = torch.bfloat16) -> tuple[float, float, float, float, float]:
+def measure_disk(folder: Path, dtype: torch.dtype,
+                 nbytes: int = PROBE_BYTES) -> tuple[float, float, float, float, float]:
     """(read, write, read while computing) bytes/s with O_DIRECT, 4 MiB requests, 4 in
     flight, as the engine reads weights; the third with `dtype` matmuls running on the main
     thread, whose speed then, as a share of their speed alone, is the fourth. The fifth:
